@@ -46,7 +46,10 @@ SCHEMA = pa.schema([
 ])
 
 # ---------------------------------------------------------------- patterns
-HTML_TAG = re.compile(r"</?[a-zA-Z][a-zA-Z0-9]*(?:\s[^<>]*)?/?>")
+# Attributes must look like attributes, so that "a<b и b>c" is not a tag.
+HTML_TAG = re.compile(
+    r"</?[a-zA-Z][a-zA-Z0-9]*(?:\s+[a-zA-Z_:][-a-zA-Z0-9_:.]*"
+    r"(?:\s*=\s*(?:\"[^\"]*\"|'[^']*'|[^\s\"'=<>`]+))?)*\s*/?>")
 HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
 HTML_ENTITY = re.compile(r"&(?:#\d{1,6}|#x[0-9a-fA-F]{1,6}|[a-zA-Z]{2,8});")
 

@@ -1,0 +1,230 @@
+"""A fake Telegram Bot API server on loopback, for end-to-end tests of tg_bot.py.
+
+It speaks the few methods the bot uses (getMe, getUpdates with long polling and
+offsets, sendMessage, sendChatAction, plus a plain "ok" for anything else),
+hands out the updates a test queues, and records what the bot sent. A test can
+make the next call of a method fail (a 429 with retry_after, a 400) or slow.
+
+    with FakeBotApi(token) as api:
+        start the bot with --api-url api.url
+        api.push_text(chat_id=1, text="Привет")
+        [reply] = api.wait_for_messages(1, count=1)
+"""
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+BOT_USER = {"id": 424242, "is_bot": True, "first_name": "Tiny", "username": "tiny_test_bot"}
+MAX_LONG_POLL_SECONDS = 5.0  # whatever the bot asks, so a test never waits on a poll for long
+
+
+class FakeBotApi:
+    def __init__(self, token):
+        self.token = token
+        self.lock = threading.Condition()
+        self.updates = []             # queued, not yet confirmed by an offset
+        self.next_update_id = 1000
+        self.next_message_id = 1
+        self.chats = {}               # chat id -> chat object of the updates pushed
+        self.sent = []                # sendMessage calls answered with success
+        self.actions = []             # sendChatAction calls
+        self.calls = []               # (method, time, HTTP status) of every call
+        self.failures = {}            # method -> [(status, body)] for its next calls
+        self.delays = {}              # method -> [seconds] for its next calls
+        self.arrivals = []            # (method, chat id, time) as a request comes in, before any delay
+        self.bad_tokens = 0
+        self.closing = False
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1},
+                                       name="fake-bot-api", daemon=True)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        with self.lock:
+            self.closing = True
+            self.lock.notify_all()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # --- what a test does
+    def _push(self, message):
+        with self.lock:
+            self.chats[message["chat"]["id"]] = message["chat"]
+            self.updates.append({"update_id": self.next_update_id, "message": message})
+            self.next_update_id += 1
+            self.lock.notify_all()
+        return message["message_id"]
+
+    def _message(self, chat_id, user_id, chat_type="private", **content):
+        with self.lock:
+            message_id = self.next_message_id
+            self.next_message_id += 1
+        chat = {"id": chat_id, "type": chat_type}
+        if chat_type == "private":
+            chat["first_name"] = f"user{user_id}"
+        else:
+            chat["title"] = f"group {chat_id}"
+        user = {"id": user_id, "is_bot": False, "first_name": f"user{user_id}"}
+        return {"message_id": message_id, "date": int(time.time()), "chat": chat, "from": user, **content}
+
+    def push_text(self, chat_id, text, user_id=None, chat_type="private", reply_to=None):
+        """Queue a text message; reply_to is a message the bot sent (a dict from `sent`)."""
+        message = self._message(chat_id, user_id or chat_id, chat_type, text=text)
+        if reply_to is not None:
+            message["reply_to_message"] = {"message_id": reply_to["message_id"], "date": int(time.time()),
+                                           "chat": message["chat"], "from": BOT_USER, "text": reply_to["text"]}
+        return self._push(message)
+
+    def push_sticker(self, chat_id, user_id=None):
+        sticker = {"file_id": "sticker-1", "file_unique_id": "s1", "type": "regular", "width": 512,
+                   "height": 512, "is_animated": False, "is_video": False}
+        return self._push(self._message(chat_id, user_id or chat_id, sticker=sticker))
+
+    def fail_next(self, method, status, description, retry_after=None):
+        body = {"ok": False, "error_code": status, "description": description}
+        if retry_after is not None:
+            body["parameters"] = {"retry_after": retry_after}
+        with self.lock:
+            self.failures.setdefault(method, []).append((status, body))
+
+    def delay_next(self, method, seconds):
+        with self.lock:
+            self.delays.setdefault(method, []).append(seconds)
+
+    def wait_for(self, condition, timeout=30.0):
+        """Wait until condition() (called under the lock) is true; its value, or AssertionError."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while True:
+                value = condition()
+                if value:
+                    return value
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"fake Bot API: condition not met within {timeout} s; sent so far: "
+                                         f"{[(m['chat_id'], m['text'][:40]) for m in self.sent]}")
+                self.lock.wait(min(left, 0.2))
+
+    def messages_to(self, chat_id):
+        with self.lock:
+            return [m for m in self.sent if m["chat_id"] == chat_id]
+
+    def wait_for_messages(self, chat_id, count, timeout=30.0):
+        """The first `count` messages sent to a chat, once that many have arrived."""
+        def enough():
+            mine = [m for m in self.sent if m["chat_id"] == chat_id]
+            return mine[:count] if len(mine) >= count else None
+
+        return self.wait_for(enough, timeout)
+
+    # --- the HTTP side
+    def _handler_class(self):
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep the test output quiet
+                pass
+
+            def do_GET(self):
+                self._serve()
+
+            def do_POST(self):
+                self._serve()
+
+            def _serve(self):
+                parts = urlsplit(self.path)
+                params = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    body = self.rfile.read(length).decode("utf-8")
+                    if self.headers.get("Content-Type", "").startswith("application/json"):
+                        params.update(json.loads(body))
+                    else:
+                        params.update({k: v[-1] for k, v in parse_qs(body).items()})
+                segments = parts.path.strip("/").split("/")
+                if len(segments) != 2 or segments[0] != "bot" + api.token:
+                    api.bad_tokens += 1
+                    return self._reply(401, {"ok": False, "error_code": 401, "description": "Unauthorized"})
+                status, body = api.answer(segments[1], params)
+                self._reply(status, body)
+
+            def _reply(self, status, body):
+                data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the bot went away mid-poll
+
+        return Handler
+
+    def answer(self, method, params):
+        chat_id = int(params["chat_id"]) if "chat_id" in params else None
+        with self.lock:
+            self.arrivals.append((method, chat_id, time.monotonic()))
+            self.lock.notify_all()
+            delay = self.delays.get(method, []).pop(0) if self.delays.get(method) else 0
+            failure = self.failures.get(method, []).pop(0) if self.failures.get(method) else None
+        if delay:
+            time.sleep(delay)
+        if failure is not None:
+            status, body = failure
+        elif method == "getUpdates":
+            status, body = 200, {"ok": True, "result": self._get_updates(params)}
+        else:
+            status, body = 200, {"ok": True, "result": self._result(method, params, chat_id)}
+        with self.lock:
+            self.calls.append((method, time.monotonic(), status))
+            self.lock.notify_all()
+        return status, body
+
+    def _get_updates(self, params):
+        offset = int(params.get("offset", 0))
+        limit = int(params.get("limit", 100))
+        wait = min(float(params.get("timeout", 0)), MAX_LONG_POLL_SECONDS)
+        deadline = time.monotonic() + wait
+        with self.lock:
+            # As Telegram does: an offset confirms (forgets) every update below it.
+            self.updates = [u for u in self.updates if u["update_id"] >= offset]
+            while not self.updates and not self.closing and time.monotonic() < deadline:
+                self.lock.wait(deadline - time.monotonic())
+            return self.updates[:limit]
+
+    def _result(self, method, params, chat_id):
+        if method == "getMe":
+            return BOT_USER
+        if method == "sendChatAction":
+            with self.lock:
+                self.actions.append({"chat_id": chat_id, "action": params.get("action"), "time": time.monotonic()})
+            return True
+        if method == "sendMessage":
+            reply = json.loads(params["reply_parameters"]) if params.get("reply_parameters") else {}
+            with self.lock:
+                message = {"message_id": self.next_message_id, "chat_id": chat_id, "text": params["text"],
+                           "reply_to": reply.get("message_id"), "time": time.monotonic()}
+                self.next_message_id += 1
+                self.sent.append(message)
+                chat = self.chats.get(chat_id, {"id": chat_id, "type": "private", "first_name": "user"})
+            return {"message_id": message["message_id"], "date": int(time.time()), "chat": chat,
+                    "from": BOT_USER, "text": message["text"]}
+        return True

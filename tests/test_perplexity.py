@@ -1,0 +1,191 @@
+"""perplexity.py: token-weighted perplexity of the answer and of the sequence,
+checked against an independent computation on a tiny random model."""
+import json
+import math
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+
+import perplexity
+from tiny_model import CHAT_CONFIG, build_tiny_model
+
+torch.set_num_threads(1)
+
+# Dialogue rows of the context split: the turns before the answer (the question last) and the answer.
+ROWS = [
+    (1, ["Привет! Как дела?"], "Привет, всё хорошо, спасибо."),
+    (1, ["Привет! Как дела?", "Привет, всё хорошо, спасибо.", "Что делаешь вечером?"],
+     "Собираюсь в кино с друзьями, потом домой."),
+    (2, ["Какая завтра погода?"], "Обещают дождь."),
+    (3, ["Что приготовить на ужин?", "Сделай макароны с сыром.", "А ещё что-нибудь?", "Можно салат.",
+         "Какой салат?"], "Греческий: огурцы, помидоры, сыр и маслины. Быстро и вкусно."),
+    (4, ["Как перезагрузить телефон?"], "Зажми кнопку питания на десять секунд."),
+]
+PERSONA = CHAT_CONFIG["persona"]
+
+
+def write_split(folder, rows, split="test"):
+    folder.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame([{"dialogue_id": d, "context": c, "answer": a} for d, c, a in rows],
+                         columns=["dialogue_id", "context", "answer"])
+    frame.to_parquet(folder / f"context_{split}.parquet")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "m")
+
+
+def expected_prompt(turns):
+    """The contract's prompt, spelled out by hand: persona, turns labelled back from the answer."""
+    lines = ["Вопрос: " + PERSONA["question"], "Ответ: " + PERSONA["answer"]]
+    for back, turn in enumerate(reversed(turns)):
+        lines.insert(2, ("Вопрос: " if back % 2 == 0 else "Ответ: ") + turn)
+    return "\n".join(lines) + "\nОтвет: "
+
+
+def independent_answer_nll(folder, rows):
+    """Per row: (sum of NLL of answer + EOS, count), one unpadded sequence at a time via the model's own loss."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    out = []
+    for _, turns, answer in rows:
+        prompt = tokenizer(expected_prompt(turns))["input_ids"]  # every row fits the 192-token budget whole
+        target = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = torch.tensor([prompt + target])
+        labels = torch.tensor([[-100] * len(prompt) + target])
+        with torch.no_grad():
+            mean_loss = model(input_ids=ids, labels=labels).loss.item()  # mean over the len(target) labels
+        out.append((mean_loss * len(target), len(target)))
+    return out
+
+
+def test_prompt_constants_match_the_contract():
+    assert (perplexity.QUESTION_LABEL, perplexity.ANSWER_LABEL, perplexity.TURN_SEPARATOR) == (
+        "Вопрос: ", "Ответ: ", "\n")
+    assert perplexity.neutralise("Ответ: да. вопрос :нет") == "Ответ - да. вопрос -нет"
+    assert perplexity.prepare_turn("  Ответ: две\nстроки ") == "Ответ - две строки"  # one turn, one line
+
+
+def test_prompt_labels_count_back_from_the_answer(tiny):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    _, _, _, settings = perplexity.load_model(tiny, "cpu")
+    turns = ["Привет!", "Привет, как дела?", "Хорошо. Что делаешь?"]
+    ids, persona_tokens = perplexity.prompt_ids(tokenizer, turns, settings, budget=1000)
+    assert tokenizer.decode(ids) == expected_prompt(turns)
+    assert persona_tokens == len(tokenizer(expected_prompt([])[:-len("Ответ: ")])["input_ids"])
+
+
+def test_perplexity_equals_exp_of_token_weighted_mean_nll(tiny, tmp_path):
+    data = write_split(tmp_path / "data", ROWS)
+    report = perplexity.evaluate_perplexity(tiny, data, rows=0, batch_size=3, progress=False)
+    per_row = independent_answer_nll(tiny, ROWS)
+    total_nll = sum(n for n, _ in per_row)
+    total_tokens = sum(c for _, c in per_row)
+    assert report["answer_tokens"] == total_tokens
+    assert report["answer_perplexity"] == pytest.approx(math.exp(total_nll / total_tokens), rel=1e-5)
+    chars = sum(len(a) + 1 for _, _, a in ROWS)
+    assert report["answer_chars"] == chars
+    assert report["bits_per_char"] == pytest.approx(total_nll / math.log(2) / chars, rel=1e-5)
+    # The research's way (a mean of per-row means) gives a different number on rows of unequal length.
+    per_row_mean = math.exp(sum(n / c for n, c in per_row) / len(per_row))
+    assert abs(per_row_mean - report["answer_perplexity"]) > 1e-3 * report["answer_perplexity"]
+
+
+def test_padding_and_batch_size_do_not_change_the_figures(tiny, tmp_path):
+    data = write_split(tmp_path / "data", ROWS)
+    one = perplexity.evaluate_perplexity(tiny, data, rows=0, batch_size=1, progress=False)
+    many = perplexity.evaluate_perplexity(tiny, data, rows=0, batch_size=5, progress=False)
+    for key in ("answer_perplexity", "sequence_perplexity", "bits_per_char"):
+        assert one[key] == pytest.approx(many[key], rel=1e-5)
+
+
+def test_answer_perplexity_ignores_the_prompt_tokens(tiny, tmp_path):
+    short = write_split(tmp_path / "short", ROWS)
+    reworded = [(d, c[:-1] + [c[-1] + " Ответь, пожалуйста, подробно и не торопясь, мне очень важно."], a)
+                for d, c, a in ROWS]
+    long = write_split(tmp_path / "long", reworded)
+    a = perplexity.evaluate_perplexity(tiny, short, rows=0, progress=False)
+    b = perplexity.evaluate_perplexity(tiny, long, rows=0, progress=False)
+    assert a["answer_tokens"] == b["answer_tokens"]
+    assert a["answer_chars"] == b["answer_chars"]
+    assert b["sequence_tokens"] > a["sequence_tokens"]  # the sequence figure does count the question
+
+
+def test_sequence_figure_leaves_the_persona_out(tiny, tmp_path):
+    data = write_split(tmp_path / "data", ROWS)
+    with_persona = perplexity.evaluate_perplexity(tiny, data, rows=0, progress=False)
+    without = perplexity.evaluate_perplexity(tiny, data, rows=0, progress=False, use_persona=False)
+    # Without a persona the first dialogue token cannot be scored (nothing precedes it): one token a row.
+    assert with_persona["sequence_tokens"] == without["sequence_tokens"] + len(ROWS)
+    assert with_persona["answer_tokens"] == without["answer_tokens"]
+
+
+def test_newest_complete_checkpoint_is_used(tmp_path):
+    folder = tmp_path / "run"
+    build_tiny_model(folder / "checkpoint-5", seed=1)
+    build_tiny_model(folder / "checkpoint-10", seed=2)
+    (folder / "checkpoint-20").mkdir()  # an interrupted save: no weights
+    shutil.copy(folder / "checkpoint-10" / "chat_config.json", folder / "chat_config.json")
+    data = write_split(tmp_path / "data", ROWS)
+    via_folder = perplexity.evaluate_perplexity(folder, data, rows=0, progress=False)
+    direct = perplexity.evaluate_perplexity(folder / "checkpoint-10", data, rows=0, progress=False)
+    assert via_folder["weights"] == str(folder / "checkpoint-10")
+    assert via_folder["answer_perplexity"] == pytest.approx(direct["answer_perplexity"], rel=1e-6)
+    assert direct["model"] == "run-checkpoint-10"
+
+
+def test_main_writes_json_and_markdown(tiny, tmp_path, capsys):
+    data = write_split(tmp_path / "data", ROWS)
+    reports = tmp_path / "reports"
+    code = perplexity.main(["--model", str(tiny), "--data-dir", str(data), "--output", str(reports),
+                            "--rows", "3", "--device", "cpu"])
+    assert code == 0
+    report = json.loads((reports / "perplexity_m.json").read_text(encoding="utf-8"))
+    assert report["rows_scored"] == 3 and report["answer_perplexity"] > 1
+    md = (reports / "perplexity_m.md").read_text(encoding="utf-8")
+    assert f"{report['answer_perplexity']:.2f}" in md
+    out = capsys.readouterr().out
+    assert "answer perplexity" in out and "reading:" in out
+
+
+def check_user_error(capsys, argv, *fragments):
+    code = perplexity.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(err) == 1 and err[0].startswith("perplexity.py: error: ")
+    for fragment in fragments:
+        assert fragment in err[0]
+
+
+def test_bad_inputs_give_one_line_and_write_nothing(tiny, tmp_path, capsys):
+    data = write_split(tmp_path / "data", ROWS)
+    reports = tmp_path / "reports"
+    common = ["--data-dir", str(data), "--output", str(reports), "--device", "cpu"]
+
+    check_user_error(capsys, ["--model", str(tmp_path / "nowhere")] + common, "nowhere", "no such model folder")
+
+    no_tokenizer = tmp_path / "no_tok"
+    shutil.copytree(tiny, no_tokenizer)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (no_tokenizer / name).unlink(missing_ok=True)
+    check_user_error(capsys, ["--model", str(no_tokenizer)] + common, str(no_tokenizer), "tokenizer")
+
+    lstm = tmp_path / "lstm"
+    lstm.mkdir()
+    (lstm / "config.json").write_text('{"kit_model": "lstm_pytorch", "format_version": 1}', encoding="utf-8")
+    check_user_error(capsys, ["--model", str(lstm)] + common, str(lstm), "LSTM")
+
+    empty = write_split(tmp_path / "empty", [])
+    check_user_error(capsys, ["--model", str(tiny), "--data-dir", str(empty), "--output", str(reports)],
+                     "context_test.parquet", "empty")
+    check_user_error(capsys, ["--model", str(tiny), "--data-dir", str(tmp_path / "nodata"), "--output",
+                              str(reports)], "context_test.parquet", "not found")
+    assert not reports.exists()

@@ -1,0 +1,806 @@
+"""
+A Telegram bot that talks with a trained model folder and remembers each chat.
+
+Every chat's history lives in SQLite (--db), so a restart or a crash loses
+nothing; a chat idle longer than --idle-minutes starts afresh, and /reset
+forgets on request. The prompt holds the persona and as many of the latest
+turns as fit in the model's context budget. Replies are generated off the
+polling thread in a bounded pool of workers, one request at a time per chat.
+
+Run it (CPU, a small server):
+    export TELEGRAM_BOT_TOKEN=123456:ABC...      # from @BotFather; never put it in code
+    python tg_bot.py --model rugpt3_50k
+or keep the token in a file readable by the bot's user only:
+    python tg_bot.py --model rugpt3_medium_CLEAN_model --token-file /etc/chat-kit/token --workers 2
+on a GPU:
+    python tg_bot.py --model rugpt3_medium_CLEAN_model --device cuda --workers 4
+against a self-hosted Bot API server (also what the tests do with a fake one):
+    python tg_bot.py --api-url http://127.0.0.1:8081 --model rugpt3_50k
+A systemd unit and an env file for a server are in deploy/ (see deploy/README.md).
+
+Commands in the chat: /start, /help, /reset. SIGTERM (or Ctrl+C) stops polling,
+finishes the replies already taken and closes the database.
+"""
+import argparse
+import contextlib
+import copy
+import html
+import json
+import logging
+import os
+import re
+import signal
+import sqlite3
+import sys
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import quote
+
+import telebot
+import torch
+from telebot import apihelper, types, util
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, StopStringCriteria,
+                          StoppingCriteriaList, set_seed)
+
+# -----------------------------------------------------------------------------
+# defaults (every one is also a flag; the model folder's chat_config.json wins over
+# the built-in generation values, a flag wins over both)
+DEFAULT_MODEL = "rugpt3_50k"
+DEFAULT_DEVICE = "auto"
+DEFAULT_DB = "bot_history.sqlite3"
+DEFAULT_WORKERS = 2             # generations at once; more only helps with spare cores or a GPU
+DEFAULT_IDLE_MINUTES = 60.0     # a chat silent this long starts a fresh conversation
+DEFAULT_MAX_INPUT_CHARS = 1000  # longer messages keep their last this many characters
+DEFAULT_POLL_SECONDS = 20       # getUpdates long-poll; SIGTERM takes effect within this
+DEFAULT_SEED = 42
+MAX_PENDING_PER_CHAT = 5        # messages of one chat waiting for the model; more are turned away
+TYPING_EVERY_SECONDS = 4.0      # Telegram shows "typing…" for about 5 s per action
+SEND_ATTEMPTS = 5
+MAX_RETRY_AFTER_SECONDS = 300
+HISTORY_ROWS_LOADED = 2000      # far beyond any context budget; only bounds the database read
+TOKEN_ENV = "TELEGRAM_BOT_TOKEN"
+API_URL_ENV = "TELEGRAM_API_URL"
+
+# What the bot says to people.
+START_TEXT = ("Привет! Я бот-собеседник. Пишите мне обычным текстом — я помню, о чём мы говорили. "
+              "/reset — начать разговор заново, /help — подсказка.")
+HELP_TEXT = ("Просто напишите сообщение, и я отвечу. Я помню наш разговор, пока он помещается в мою память, "
+             "а после долгой паузы начинаю заново.\n/reset — забыть разговор и начать сначала.")
+RESET_TEXT = "Хорошо, начнём с чистого листа. О чём поговорим?"
+UNKNOWN_COMMAND_TEXT = "Такой команды я не знаю. Список команд — /help."
+NON_TEXT_TEXT = "Я понимаю только текст. Напишите, пожалуйста, словами."
+EMPTY_TEXT = "Кажется, сообщение пустое. Напишите, что вас интересует."
+NOT_ALLOWED_TEXT = "Извините, это закрытый бот: у вас нет к нему доступа."
+BUSY_TEXT = "Я ещё отвечаю на предыдущие сообщения. Подождите немного, пожалуйста."
+APOLOGY_TEXT = "Простите, что-то пошло не так. Попробуйте ещё раз чуть позже."
+# -----------------------------------------------------------------------------
+
+log = logging.getLogger("tg_bot")
+
+
+# --- mirrored in system_prompt.py and tg_bot.py (tests/test_system_prompt.py checks they agree)
+QUESTION_LABEL = "Вопрос: "
+ANSWER_LABEL = "Ответ: "
+TURN_SEPARATOR = "\n"
+CHAT_CONFIG_NAME = "chat_config.json"
+FALLBACK_REPLY = "Простите, не понял вопрос. Можете сказать иначе?"
+DEFAULT_PERSONA = {"question": "Кто ты?", "answer": "Я дружелюбный помощник. Отвечаю коротко и по делу."}
+DEFAULT_GENERATION = {"max_new_tokens": 64, "do_sample": True, "temperature": 0.7, "top_p": 0.9,
+                      "top_k": 50, "repetition_penalty": 1.15, "no_repeat_ngram_size": 3}
+MIN_QUESTION_TOKENS = 16  # a budget that leaves less room than this for the user's words is a misconfiguration
+LABEL_PATTERN = re.compile(r"(?i)\b(вопрос|ответ)\s*:")
+LEADING_LABELS = re.compile(r"^(?:\s*ответ\s*:)+", re.IGNORECASE)
+MARKDOWN_LINK = re.compile(r"!?\[([^\]\n]*)\]\([^)\n]*\)")
+HTML_TAG = re.compile(r"</?[A-Za-z!|][^<>\n]{0,200}>")
+URL = re.compile(r"(?i)\b(?:https?://|ftp://|www\.|t\.me/)\S+")
+MARKUP_RUNS = re.compile(r"(\*\*|__|~~|```|`|^#{1,6}\s|^>\s?)", re.MULTILINE)
+
+
+class UserError(Exception):
+    """A mistake in the user's input: reported as one line, exit code 1."""
+
+
+def neutralise_labels(text):
+    # "Ответ:" inside a user's text would otherwise start a fake turn in the prompt.
+    return LABEL_PATTERN.sub(lambda m: m.group(1) + " -", text)
+
+
+def prepare_turn(text):
+    # A newline separates turns in the prompt, so a turn must be one line.
+    return " ".join(neutralise_labels(text).split())
+
+
+def turn_label(index, count):
+    # Counted backwards from the answer: the turn right before it is always a question.
+    return QUESTION_LABEL if (count - 1 - index) % 2 == 0 else ANSWER_LABEL
+
+
+def render_prompt(persona, turns):
+    """The prompt text for prepared turns (oldest first, the last one the user's)."""
+    lines = []
+    if persona:
+        lines += [QUESTION_LABEL + prepare_turn(persona["question"]), ANSWER_LABEL + prepare_turn(persona["answer"])]
+    lines += [turn_label(i, len(turns)) + turn for i, turn in enumerate(turns)]
+    return TURN_SEPARATOR.join(lines) + TURN_SEPARATOR + ANSWER_LABEL
+
+
+def count_tokens(tokenizer, text):
+    # The same call generate_reply makes, so the count is what the model will see.
+    return len(tokenizer(text)["input_ids"])
+
+
+def fit_latest_turn(turn, persona, tokenizer, budget):
+    """The user's new turn, cut to what the budget leaves beside the persona.
+    The end is kept: people tend to put the question after the material."""
+    if count_tokens(tokenizer, render_prompt(persona, [turn])) <= budget:
+        return turn
+    room = budget - count_tokens(tokenizer, render_prompt(persona, [""]))
+    ids = tokenizer(turn, add_special_tokens=False)["input_ids"]
+    while room > 0:
+        # A cut can split a multi-byte character; drop the broken piece.
+        text = tokenizer.decode(ids[-room:], skip_special_tokens=True).replace("\ufffd", "").strip()
+        if count_tokens(tokenizer, render_prompt(persona, [text])) <= budget:
+            return text
+        room -= 1
+    return ""
+
+
+def build_prompt(history, persona, tokenizer, budget):
+    """The prompt for `history` (turns oldest first, alternating user/bot, the last
+    the user's new message): the persona plus as many of the latest turns as fit in
+    `budget` tokens, counted with the model's own tokenizer."""
+    turns = [prepare_turn(turn) for turn in history]
+    turns[-1] = fit_latest_turn(turns[-1], persona, tokenizer, budget)
+    used = count_tokens(tokenizer, render_prompt(persona, turns[-1:]))
+    start = len(turns) - 1
+    while start > 0:
+        line = turn_label(start - 1, len(turns)) + turns[start - 1] + TURN_SEPARATOR
+        cost = count_tokens(tokenizer, line)
+        if used + cost > budget:
+            break
+        used += cost
+        start -= 1
+    if (len(turns) - start) % 2 == 0:
+        start += 1  # begin at a user's turn, so a question follows the persona's answer
+    prompt = render_prompt(persona, turns[start:])
+    # Per-line counts can differ from the whole when the tokenizer merges across lines.
+    while count_tokens(tokenizer, prompt) > budget and start < len(turns) - 1:
+        start += 2
+        prompt = render_prompt(persona, turns[start:])
+    return prompt
+
+
+def clean_reply(text, eos_token=None):
+    """The model's raw continuation made fit to show: cut at EOS or at the next
+    label, stripped of markup, links and label leakage; a fallback when empty."""
+    if eos_token and eos_token in text:
+        text = text[:text.index(eos_token)]
+    text = LEADING_LABELS.sub("", text)  # the model echoing "Ответ:" before its answer
+    label = LABEL_PATTERN.search(text)
+    if label:
+        text = text[:label.start()]  # the model went on to write the next turn itself
+    text = html.unescape(text)
+    text = MARKDOWN_LINK.sub(r"\1", text)
+    text = HTML_TAG.sub(" ", text)
+    text = URL.sub(" ", text)
+    text = MARKUP_RUNS.sub("", text)
+    # Undecodable bytes and control characters are noise from a cut multi-byte token.
+    text = "".join(ch if ch.isprintable() and ch != "\ufffd" else " " for ch in text)
+    text = " ".join(text.split())
+    return text if any(ch.isalnum() for ch in text) else FALLBACK_REPLY
+
+
+def find_weights_folder(folder):
+    """The folder's own weights, else its newest complete checkpoint-N/."""
+    def complete(path):
+        return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+    if complete(folder):
+        return folder
+    checkpoints = []
+    for path in folder.glob("checkpoint-*"):
+        step = path.name.split("-", 1)[1]
+        if step.isdigit() and path.is_dir() and complete(path):
+            checkpoints.append((int(step), path))
+    if not checkpoints:
+        raise UserError(f"{folder}: no model weights (config.json + model.safetensors) "
+                        f"at its top level or in a complete checkpoint-N/ folder")
+    return max(checkpoints)[1]
+
+
+def read_chat_config(folder, weights):
+    """chat_config.json from the weights' folder or, for a checkpoint, its parent."""
+    for path in (weights / CHAT_CONFIG_NAME, folder / CHAT_CONFIG_NAME):
+        if path.is_file():
+            break
+    else:
+        print(f"warning: no {CHAT_CONFIG_NAME} in {folder}; using the kit's default persona and "
+              f"generation settings", file=sys.stderr)
+        return {"persona": DEFAULT_PERSONA, "generation": dict(DEFAULT_GENERATION)}, None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path}: not a UTF-8 JSON file ({error})") from None
+    if not isinstance(config, dict) or config.get("format_version") != 1:
+        raise UserError(f"{path}: expected a JSON object with \"format_version\": 1")
+    for key, ours in (("question_label", QUESTION_LABEL), ("answer_label", ANSWER_LABEL),
+                      ("turn_separator", TURN_SEPARATOR)):
+        if key in config and config[key] != ours:
+            raise UserError(f"{path}: {key} {config[key]!r} differs from the kit's prompt format {ours!r}")
+    return config, path
+
+
+def open_model_folder(model_dir, device):
+    """Tokenizer, model config and chat settings of a kit model folder: all that the
+    settings are checked against, before the slow part (load_weights)."""
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: model folder not found")
+    if (folder / "config.json").is_file():
+        try:
+            kind = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("kit_model")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            kind = None
+        if kind:
+            raise UserError(f"{folder}: this is an LSTM folder ({kind}); talk to it with its own script's chat mode")
+    weights = find_weights_folder(folder)
+    chat_config, config_path = read_chat_config(folder, weights)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here")
+    tokenizer_dir = weights if (weights / "tokenizer_config.json").is_file() else folder
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        config = AutoConfig.from_pretrained(weights)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{weights}: cannot load the model config or the tokenizer ({error})") from None
+    if tokenizer.eos_token is None:
+        raise UserError(f"{tokenizer_dir}: the tokenizer has no eos_token")
+    n_positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 2048
+    return {"tokenizer": tokenizer, "device": device, "chat_config": chat_config, "config_path": config_path,
+            "weights": weights, "n_positions": n_positions}
+
+
+def load_weights(chat):
+    """The model itself, and the criterion that stops it at the next label."""
+    try:
+        chat["model"] = AutoModelForCausalLM.from_pretrained(chat["weights"]).to(chat["device"]).eval()
+    except (OSError, ValueError) as error:
+        raise UserError(f"{chat['weights']}: cannot load the model weights ({error})") from None
+    # Built once: the criterion is stateless, and building it scans the whole vocabulary.
+    chat["stop"] = StoppingCriteriaList([StopStringCriteria(chat["tokenizer"],
+                                                            [QUESTION_LABEL.strip(), ANSWER_LABEL.strip()])])
+    return chat
+
+
+def resolve_settings(args, chat):
+    """Generation settings and the prompt budget: flags over chat_config.json over defaults."""
+    generation = dict(DEFAULT_GENERATION)
+    generation.update(chat["chat_config"].get("generation") or {})
+    source = {key: f"{chat['config_path'] or 'default'} generation.{key}" for key in generation}
+    for key in ("max_new_tokens", "temperature", "top_p", "repetition_penalty"):
+        if getattr(args, key) is not None:
+            generation[key] = getattr(args, key)
+            source[key] = "--" + key.replace("_", "-")
+    if generation["repetition_penalty"] < 1.0:
+        raise UserError(f"{source['repetition_penalty']}: repetition penalty {generation['repetition_penalty']} "
+                        f"must be >= 1.0 (below 1 it rewards repetition)")
+    if int(generation["max_new_tokens"]) < 1:
+        raise UserError(f"{source['max_new_tokens']}: must be at least 1")
+    if generation["do_sample"] and not generation["temperature"] > 0:
+        raise UserError(f"{source['temperature']}: must be > 0")
+    if generation["do_sample"] and not 0 < generation["top_p"] <= 1:
+        raise UserError(f"{source['top_p']}: must be in (0, 1]")
+    persona = chat["chat_config"].get("persona")
+    if args.no_persona:
+        persona = None
+    elif args.persona is not None:
+        persona = {"question": (persona or DEFAULT_PERSONA)["question"], "answer": args.persona}
+    room = chat["n_positions"] - int(generation["max_new_tokens"])
+    budget = args.context_tokens or chat["chat_config"].get("context_tokens") or room
+    budget = min(int(budget), room)
+    spare = budget - count_tokens(chat["tokenizer"], render_prompt(persona, [""]))
+    if spare < MIN_QUESTION_TOKENS:
+        raise UserError(f"a prompt budget of {budget} tokens (--context-tokens or context_tokens of "
+                        f"{chat['config_path'] or 'the defaults'}, at most the model's {chat['n_positions']} "
+                        f"positions minus {generation['max_new_tokens']} new tokens) leaves {spare} tokens beside "
+                        f"the persona; at least {MIN_QUESTION_TOKENS} are needed")
+    return {"generation": generation, "persona": persona, "budget": budget}
+
+
+def generate_reply(chat, settings, prompt):
+    """The model's cleaned answer to a prompt."""
+    tokenizer, generation = chat["tokenizer"], settings["generation"]
+    inputs = tokenizer(prompt, return_tensors="pt").to(chat["device"])
+    options = {"max_new_tokens": int(generation["max_new_tokens"]), "do_sample": bool(generation["do_sample"]),
+               "repetition_penalty": float(generation["repetition_penalty"]),
+               "no_repeat_ngram_size": int(generation.get("no_repeat_ngram_size") or 0),
+               "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+               "stopping_criteria": chat["stop"]}
+    if options["do_sample"]:
+        options.update(temperature=float(generation["temperature"]), top_p=float(generation["top_p"]),
+                       top_k=int(generation.get("top_k") or 0))
+    with torch.inference_mode():
+        output = chat["model"].generate(**inputs, **options)
+    new_ids = output[0, inputs["input_ids"].shape[1]:].tolist()
+    if tokenizer.eos_token_id in new_ids:
+        new_ids = new_ids[:new_ids.index(tokenizer.eos_token_id)]
+    return clean_reply(tokenizer.decode(new_ids, skip_special_tokens=True), tokenizer.eos_token)
+# --- end of the mirrored part
+
+
+# --- secrets and logging
+class RedactingFormatter(logging.Formatter):
+    """Formats as usual, then blanks every secret: libraries put request URLs, and
+    with them the token, into exception messages."""
+
+    def __init__(self, fmt, secrets):
+        super().__init__(fmt)
+        self.secrets = [s for secret in secrets if secret for s in {secret, quote(secret, safe="")}]
+
+    def format(self, record):
+        return redact(super().format(record), self.secrets)
+
+
+def redact(text, secrets):
+    for secret in secrets:
+        text = text.replace(secret, "<token>")
+    return text
+
+
+def setup_logging(level, token):
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", [token]))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # telebot brings its own stderr handler; route its records through ours instead.
+    telebot.logger.handlers.clear()
+    telebot.logger.propagate = True
+    telebot.logger.setLevel(level)
+    # Uncaught errors would otherwise print raw tracebacks past the redaction.
+    threading.excepthook = lambda hook: log.error("uncaught error in thread %s", hook.thread and hook.thread.name,
+                                                  exc_info=(hook.exc_type, hook.exc_value, hook.exc_traceback))
+    sys.excepthook = lambda kind, value, trace: log.critical("crashed", exc_info=(kind, value, trace))
+
+
+def read_token(token_file):
+    """The bot token from --token-file or TELEGRAM_BOT_TOKEN; never echoed."""
+    if token_file:
+        path = Path(token_file)
+        try:
+            token, source = path.read_text(encoding="utf-8").strip(), str(path)
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserError(f"{path}: cannot read the token file ({type(error).__name__})") from None
+    else:
+        token, source = os.environ.get(TOKEN_ENV, "").strip(), TOKEN_ENV
+        if not token:
+            raise UserError(f"no bot token: set {TOKEN_ENV} or pass --token-file FILE (get one from @BotFather)")
+    try:
+        util.validate_token(token)
+    except ValueError:
+        raise UserError(f"{source}: the bot token is malformed (expected <digits>:<secret>)") from None
+    return token
+
+
+def api_url_template(url):
+    """telebot's request URL template from --api-url: a full template with {0} (token)
+    and {1} (method) as is, else a server's base address."""
+    if "{0}" in url and "{1}" in url:
+        return url
+    return url.rstrip("/") + "/bot{0}/{1}"
+
+
+# --- history
+class HistoryStore:
+    """Each chat's turns in SQLite, committed one exchange at a time."""
+
+    def __init__(self, path):
+        self.path = path
+        self.lock = threading.Lock()
+        try:
+            self.db = sqlite3.connect(path, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                            "chat_id INTEGER NOT NULL, role TEXT NOT NULL, text TEXT NOT NULL, "
+                            "created REAL NOT NULL)")
+            self.db.execute("CREATE INDEX IF NOT EXISTS messages_chat ON messages (chat_id, id)")
+            self.db.commit()
+        except sqlite3.Error as error:
+            raise UserError(f"{path}: cannot open the history database ({error})") from None
+
+    def turns(self, chat_id):
+        with self.lock:
+            rows = self.db.execute("SELECT text FROM messages WHERE chat_id = ? ORDER BY id DESC LIMIT ?",
+                                   (chat_id, HISTORY_ROWS_LOADED)).fetchall()
+        turns = [text for (text,) in reversed(rows)]
+        return turns[1:] if len(turns) % 2 else turns  # whole exchanges only
+
+    def last_activity(self, chat_id):
+        with self.lock:
+            row = self.db.execute("SELECT MAX(created) FROM messages WHERE chat_id = ?", (chat_id,)).fetchone()
+        return row[0]
+
+    def add_exchange(self, chat_id, question, answer, now=None):
+        now = time.time() if now is None else now
+        with self.lock, self.db:
+            self.db.executemany("INSERT INTO messages (chat_id, role, text, created) VALUES (?, ?, ?, ?)",
+                                [(chat_id, "user", question, now), (chat_id, "bot", answer, now)])
+
+    def clear(self, chat_id):
+        with self.lock, self.db:
+            self.db.execute("DELETE FROM messages WHERE chat_id = ?", (chat_id,))
+
+    def close(self):
+        with self.lock:
+            self.db.close()
+
+
+# --- sending
+def call_with_retry(method, *args, **kwargs):
+    """A Bot API call that waits out Telegram's 429 "retry after N" and tries again."""
+    for attempt in range(1, SEND_ATTEMPTS + 1):
+        try:
+            return method(*args, **kwargs)
+        except apihelper.ApiTelegramException as error:
+            if error.error_code != 429 or attempt == SEND_ATTEMPTS:
+                raise
+            parameters = (error.result_json or {}).get("parameters") or {}
+            wait = min(max(float(parameters.get("retry_after", 1)), 0.0), MAX_RETRY_AFTER_SECONDS)
+            log.warning("Telegram asked to slow down (429): retrying in %.0f s", wait)
+            time.sleep(wait)
+
+
+def send_reply(bot, chat_id, text, reply_to=None):
+    """Send text, split at Telegram's 4096-character limit; in groups the first
+    part answers the message it replies to."""
+    for number, part in enumerate(util.smart_split(text, util.MAX_MESSAGE_LENGTH)):
+        reply = None
+        if reply_to is not None and number == 0:
+            reply = types.ReplyParameters(reply_to, allow_sending_without_reply=True)
+        call_with_retry(bot.send_message, chat_id, part, reply_parameters=reply)
+
+
+@contextlib.contextmanager
+def keep_typing(send_action, every=TYPING_EVERY_SECONDS):
+    """Show "typing…" while the body runs, refreshed before Telegram lets it lapse."""
+    done = threading.Event()
+
+    def refresh():
+        while True:
+            try:
+                send_action()
+            except Exception as error:  # a missed "typing…" is cosmetic
+                log.debug("typing action failed: %s", error)
+            if done.wait(every):
+                return
+
+    thread = threading.Thread(target=refresh, name="typing", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=10)
+
+
+# --- one request at a time per chat, a bounded pool for all
+class ChatDispatcher:
+    """Runs handle(item) on a pool of workers so that items of one chat run in
+    order, one at a time, while other chats proceed in parallel."""
+
+    def __init__(self, workers, handle, max_pending=MAX_PENDING_PER_CHAT):
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reply")
+        self.handle, self.max_pending = handle, max_pending
+        self.queues = {}  # chat id -> items; the first one is being handled
+        self.idle = threading.Condition()
+
+    def submit(self, chat_id, item):
+        """Queue an item; False when that chat already has too many waiting."""
+        with self.idle:
+            queue = self.queues.get(chat_id)
+            if queue is not None:
+                if len(queue) >= self.max_pending:
+                    return False
+                queue.append(item)
+                return True
+            self.queues[chat_id] = deque([item])
+        self.pool.submit(self._run_next, chat_id)
+        return True
+
+    def _run_next(self, chat_id):
+        with self.idle:
+            item = self.queues[chat_id][0]
+        try:
+            self.handle(item)
+        except Exception:
+            log.exception("unhandled error in chat %s", chat_id)
+        with self.idle:
+            queue = self.queues[chat_id]
+            queue.popleft()
+            if not queue:
+                del self.queues[chat_id]
+                self.idle.notify_all()
+                return
+        # Back of the line: a chat with many messages does not hold a worker for all of them.
+        self.pool.submit(self._run_next, chat_id)
+
+    def close(self):
+        """Wait until every queued item is handled, then stop the workers."""
+        with self.idle:
+            self.idle.wait_for(lambda: not self.queues)
+        self.pool.shutdown(wait=True)
+
+
+# --- the bot
+class ChatBot:
+    """The bot's behaviour: which messages it takes, and what it answers."""
+
+    def __init__(self, bot, me, store, chat, settings, args):
+        self.bot, self.me, self.store, self.chat, self.settings = bot, me, store, chat, settings
+        self.allowed = args.allowed_users
+        self.idle_seconds = args.idle_minutes * 60
+        self.max_input_chars = args.max_input_chars
+        self.log_prompts = args.log_prompts
+        self.mention = re.compile(r"@" + re.escape(me.username or "") + r"\b", re.IGNORECASE) if me.username else None
+        self.dispatcher = ChatDispatcher(args.workers, self.handle)
+        self.local = threading.local()
+
+    def worker_chat(self):
+        """The model bundle with this worker's own tokenizer: a fast tokenizer is one
+        Rust object whose settings calls mutate, and sharing it across threads can
+        fail with "Already borrowed"."""
+        if not hasattr(self.local, "chat"):
+            self.local.chat = dict(self.chat, tokenizer=copy.deepcopy(self.chat["tokenizer"]))
+        return self.local.chat
+
+    # Runs on the polling thread: decide quickly, leave the work to the pool.
+    def on_message(self, message):
+        try:
+            if message.chat.type == "channel" or message.content_type in util.content_type_service:
+                return
+            if message.chat.type in ("group", "supergroup") and not self.addressed_to_me(message):
+                return
+            if not self.dispatcher.submit(message.chat.id, message):
+                log.warning("chat %s: too many messages waiting, one turned away", message.chat.id)
+                self.safe_send(message.chat.id, BUSY_TEXT)
+        except Exception:
+            log.exception("cannot take message in chat %s", message.chat.id)
+
+    def addressed_to_me(self, message):
+        replied = message.reply_to_message
+        if replied is not None and replied.from_user is not None and replied.from_user.id == self.me.id:
+            return True
+        text = message.text or message.caption or ""
+        if util.is_command(text):
+            target = text.split()[0].partition("@")[2]
+            return not target or target.lower() == (self.me.username or "").lower()
+        return bool(self.mention and self.mention.search(text))
+
+    # Runs on a worker, one message of a chat at a time.
+    def handle(self, message):
+        chat_id = message.chat.id
+        try:
+            user = message.from_user
+            if self.allowed and (user is None or user.id not in self.allowed):
+                log.info("chat %s: refused user %s (not on --allowed-users)", chat_id, user and user.id)
+                self.send(message, NOT_ALLOWED_TEXT)
+            elif message.content_type != "text":
+                self.send(message, NON_TEXT_TEXT)
+            else:
+                self.handle_text(message)
+        except Exception:
+            log.exception("chat %s: reply failed", chat_id)
+            self.safe_send(chat_id, APOLOGY_TEXT)
+
+    def handle_text(self, message):
+        chat_id = message.chat.id
+        text = message.text or ""
+        if self.mention:
+            text = self.mention.sub(" ", text)
+        text = text.strip()
+        command = util.extract_command(text)
+        if command == "start":
+            self.send(message, START_TEXT)
+        elif command == "help":
+            self.send(message, HELP_TEXT)
+        elif command == "reset":
+            self.store.clear(chat_id)
+            log.info("chat %s: history reset", chat_id)
+            self.send(message, RESET_TEXT)
+        elif command is not None:
+            self.send(message, UNKNOWN_COMMAND_TEXT)
+        elif not text:
+            self.send(message, EMPTY_TEXT)
+        else:
+            self.answer(message, text)
+
+    def answer(self, message, text):
+        chat_id = message.chat.id
+        if len(text) > self.max_input_chars:
+            text = text[-self.max_input_chars:]  # the end usually holds the question
+        last = self.store.last_activity(chat_id)
+        if last is not None and self.idle_seconds > 0 and time.time() - last > self.idle_seconds:
+            self.store.clear(chat_id)
+            log.info("chat %s: idle for %.0f min, starting afresh", chat_id, (time.time() - last) / 60)
+        history = self.store.turns(chat_id) + [text]
+        chat = self.worker_chat()
+        prompt = build_prompt(history, self.settings["persona"], chat["tokenizer"], self.settings["budget"])
+        if self.log_prompts:
+            log.info("prompt chat=%s: %s", chat_id, json.dumps(prompt, ensure_ascii=False))
+        with keep_typing(lambda: self.bot.send_chat_action(chat_id, "typing")):
+            reply = generate_reply(chat, self.settings, prompt)
+        self.send(message, reply)
+        # Stored once it reached the user, so a failed send leaves no exchange they never saw.
+        self.store.add_exchange(chat_id, text, reply)
+
+    def send(self, message, text):
+        in_group = message.chat.type in ("group", "supergroup")
+        send_reply(self.bot, message.chat.id, text, reply_to=message.message_id if in_group else None)
+
+    def safe_send(self, chat_id, text):
+        try:
+            call_with_retry(self.bot.send_message, chat_id, text)
+        except Exception as error:
+            log.error("chat %s: cannot send a message either: %s", chat_id, error)
+
+
+def poll(bot, stopping, poll_seconds):
+    """Long-poll getUpdates until `stopping` is set; returns the next offset."""
+    offset, backoff = None, 1.0
+    while not stopping.is_set():
+        try:
+            updates = bot.get_updates(offset=offset, timeout=poll_seconds + 10, long_polling_timeout=poll_seconds,
+                                      allowed_updates=["message"])
+        except Exception as error:  # the network or Telegram having a bad moment: wait, try again
+            if isinstance(error, apihelper.ApiTelegramException) and error.error_code == 409:
+                log.error("getUpdates conflict (409): a webhook is set or another copy of the bot is polling")
+            else:
+                log.error("getUpdates failed: %s", error)
+            stopping.wait(backoff)
+            backoff = min(backoff * 2, 60.0)
+            continue
+        backoff = 1.0
+        if updates:
+            offset = updates[-1].update_id + 1
+            try:
+                bot.process_new_updates(updates)
+            except Exception:
+                log.exception("cannot process updates")
+    return offset
+
+
+def confirm_updates(bot, offset):
+    # Telegram forgets updates below the offset only on the next getUpdates; without
+    # this call the messages answered last would come again after a restart.
+    if offset is None:
+        return
+    try:
+        bot.get_updates(offset=offset, limit=1, timeout=10, long_polling_timeout=1)
+    except Exception as error:
+        log.warning("could not confirm the last updates: %s", error)
+
+
+def parse_user_ids(text):
+    if not text:
+        return frozenset()
+    try:
+        return frozenset(int(part) for part in re.split(r"[,\s]+", text.strip()) if part)
+    except ValueError:
+        raise UserError(f"--allowed-users {text!r}: expected Telegram user ids (numbers) separated by commas") from None
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="Telegram bot that talks with a trained model folder.")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="model folder (its newest complete checkpoint-N/ when it has no weights of its own)")
+    parser.add_argument("--device", default=DEFAULT_DEVICE, choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--persona", help="the bot's answer to the persona question (default: chat_config.json)")
+    parser.add_argument("--no-persona", action="store_true", help="no persona exchange in the prompt")
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--repetition-penalty", type=float, help="must be >= 1.0")
+    parser.add_argument("--context-tokens", type=int, help="prompt budget in tokens (default: chat_config.json)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    parser.add_argument("--token-file", help=f"file holding the bot token (default: ${TOKEN_ENV})")
+    parser.add_argument("--api-url", default=os.environ.get(API_URL_ENV),
+                        help=f"self-hosted Bot API server, e.g. http://127.0.0.1:8081 (default: ${API_URL_ENV}, "
+                             f"else Telegram's own)")
+    parser.add_argument("--db", default=DEFAULT_DB, help="SQLite file of the chats' history")
+    parser.add_argument("--idle-minutes", type=float, default=DEFAULT_IDLE_MINUTES,
+                        help="a chat silent this long starts afresh (0: never)")
+    parser.add_argument("--allowed-users", help="comma-separated Telegram user ids; others are refused (default: all)")
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="replies generated at once")
+    parser.add_argument("--max-input-chars", type=int, default=DEFAULT_MAX_INPUT_CHARS,
+                        help="a longer message keeps its last this many characters")
+    parser.add_argument("--poll-seconds", type=int, default=DEFAULT_POLL_SECONDS, help="getUpdates long-poll time")
+    parser.add_argument("--log-prompts", action="store_true",
+                        help="log every prompt given to the model (holds users' words: for debugging only)")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return parser.parse_args(argv)
+
+
+def check_args(args):
+    if args.repetition_penalty is not None and args.repetition_penalty < 1.0:
+        raise UserError(f"--repetition-penalty: {args.repetition_penalty} must be >= 1.0 "
+                        f"(below 1 it rewards repetition)")
+    if args.workers < 1:
+        raise UserError("--workers must be at least 1")
+    if args.max_input_chars < 1:
+        raise UserError("--max-input-chars must be at least 1")
+    if args.poll_seconds < 1:
+        raise UserError("--poll-seconds must be at least 1")
+    args.allowed_users = parse_user_ids(args.allowed_users)
+
+
+def connect(token, api_url):
+    """The telebot client and the bot's own user (for mentions in groups)."""
+    if api_url:
+        apihelper.API_URL = api_url_template(api_url)
+    where = (apihelper.API_URL or "https://api.telegram.org/bot{0}/{1}").format("<token>", "getMe")
+    bot = telebot.TeleBot(token, threaded=False, parse_mode=None)
+    try:
+        me = bot.get_me()
+    except apihelper.ApiTelegramException as error:
+        raise UserError(f"{where}: the Bot API refused the token ({error.error_code} {error.description})") from None
+    except Exception as error:
+        raise UserError(f"{where}: cannot reach the Bot API ({type(error).__name__})") from None
+    return bot, me
+
+
+def run(args, token):
+    bot, me = connect(token, args.api_url)
+    chat = open_model_folder(args.model, args.device)
+    settings = resolve_settings(args, chat)
+    # Opened only once the settings are known to be good, so a mistake leaves no new file behind.
+    store = HistoryStore(args.db)
+    try:
+        load_weights(chat)
+    except UserError:
+        store.close()
+        raise
+    if chat["device"] == "cpu":
+        # Workers share the cores; each generation using all of them would only thrash.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))
+    set_seed(args.seed)
+    chat_bot = ChatBot(bot, me, store, chat, settings, args)
+    bot.register_message_handler(chat_bot.on_message, func=lambda message: True,
+                                 content_types=util.content_type_media + util.content_type_service)
+    stopping = threading.Event()
+
+    def stop(signum, frame):
+        log.info("%s received: finishing the replies in flight", signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("bot @%s is up: model %s, prompt budget %d tokens, %d worker(s), history in %s",
+             me.username, chat["weights"], settings["budget"], args.workers, args.db)
+    offset = poll(bot, stopping, args.poll_seconds)
+    confirm_updates(bot, offset)
+    chat_bot.dispatcher.close()
+    store.close()
+    log.info("stopped cleanly")
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    token = None
+    try:
+        check_args(args)
+        token = read_token(args.token_file)
+        setup_logging(args.log_level, token)
+        return run(args, token)
+    except UserError as error:
+        print("tg_bot.py: error: " + redact(str(error), [token] if token else []), file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

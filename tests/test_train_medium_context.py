@@ -1,0 +1,165 @@
+"""train_medium_context.py: the same prompt as train_transformer.py, context cut
+from the oldest turn with the answer kept, the parquet input, a tiny run."""
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import train_medium_context as tm
+import train_transformer as tt
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, above all on a CPU shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+DIALOGUES = [
+    ["Привет! Как дела?", "Привет, нормально. Только с работы пришёл.", "Устал, наверное?",
+     "Есть немного. А ты чем занимаешься?", "Да ничего особенного, сериал смотрю."],
+    ["Какая завтра погода, не знаешь?", "Обещают дождь.", "Значит, зонт брать."],
+    ["Что приготовить на ужин?", "Может, макароны? Быстро и сытно.", "Фарш есть, давай."],
+    ["Ты сделал домашку по алгебре?", "Почти. Последняя задача не получается.", "Там надо через дискриминант.",
+     "А, точно. Спасибо!"],
+    ["Завтра едем к бабушке, не забудь.", "Помню. Во сколько выезжаем?", "Поезд в 7:15, не опоздай.",
+     "Поставлю два будильника."],
+    ["Кажется, я заболел.", "Температура есть?", "Тридцать семь и пять.", "Лежи и пей чай с лимоном."],
+]
+
+TINY = ["--from-scratch", "--device", "cpu", "--n-layer", "2", "--n-head", "2", "--n-embd", "32",
+        "--vocab-size", "400", "--n-positions", "128", "--seed", "0"]
+
+
+def context_rows(dialogues, max_turns=4):
+    ids, contexts, answers = [], [], []
+    for i, turns in enumerate(dialogues):
+        for k in range(1, len(turns)):
+            ids.append(i)
+            contexts.append(turns[max(0, k - max_turns):k])
+            answers.append(turns[k])
+    return pa.table({"dialogue_id": pa.array(ids, pa.int64()),
+                     "context": pa.array(contexts, pa.list_(pa.string())),
+                     "answer": pa.array(answers, pa.string())})
+
+
+def write_context(folder, dialogues=DIALOGUES):
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        pq.write_table(context_rows(dialogues), folder / f"context_{split}.parquet")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [tm.build_prompt(t[:-1]) + t[-1] for t in DIALOGUES]
+    return tm.train_tokenizer(texts, vocab_size=400, model_max_length=128)
+
+
+def test_both_scripts_spell_the_prompt_the_same(tokenizer):
+    for name in ("QUESTION_LABEL", "ANSWER_LABEL", "TURN_SEPARATOR", "IGNORE_INDEX", "SPECIAL_TOKENS"):
+        assert getattr(tm, name) == getattr(tt, name), name
+    assert (tm.QUESTION_LABEL, tm.ANSWER_LABEL, tm.TURN_SEPARATOR) == ("Вопрос: ", "Ответ: ", "\n")
+    for turns in (["Как дела?"], ["Ответ: да", "вопрос: нет"], DIALOGUES[0][:4]):
+        assert tm.build_prompt(turns) == tt.build_prompt(turns)
+        assert tm.build_prompt(turns, tm.PERSONA) == tt.build_prompt(turns, tt.PERSONA)
+    single = tt.encode_example(tokenizer, ["Как дела?"], "Хорошо.", 64)
+    assert tm.encode_example(tokenizer, ["Как дела?"], "Хорошо.", 64) == single
+    assert tokenizer.decode(single["input_ids"]) == "Вопрос: Как дела?\nОтвет: Хорошо.</s>"
+
+
+def test_multi_turn_prompt_ends_with_a_question_before_the_answer(tokenizer):
+    example = tm.encode_example(tokenizer, DIALOGUES[3][:3], DIALOGUES[3][3], 128)
+    assert tokenizer.decode(example["input_ids"]) == (
+        "Вопрос: Ты сделал домашку по алгебре?\nОтвет: Почти. Последняя задача не получается.\n"
+        "Вопрос: Там надо через дискриминант.\nОтвет: А, точно. Спасибо!</s>")
+
+
+def answer_part(tokenizer, example):
+    return tokenizer.decode([x for x in example["labels"] if x != -100])
+
+
+def test_cut_context_loses_the_oldest_turns_and_keeps_the_answer(tokenizer):
+    turns = ["Первая реплика, очень длинная, " * 4, "Вторая реплика.", "Третья реплика.", "Где ключи?"]
+    answer = "На полке у двери, рядом с зонтом."
+    full = tm.encode_example(tokenizer, turns, answer, 512)
+    limit = len(full["input_ids"]) - 5
+    cut = tm.encode_example(tokenizer, turns, answer, limit)
+    assert len(cut["input_ids"]) <= limit
+    prompt = tokenizer.decode([t for t, x in zip(cut["input_ids"], cut["labels"]) if x == -100])
+    assert prompt == tm.build_prompt(turns[1:])            # only the oldest turn went
+    assert answer_part(tokenizer, cut) == answer + "</s>"
+
+
+def test_when_only_the_question_is_left_its_start_is_cut_not_the_answer(tokenizer):
+    turns = ["Раньше было так.", "Потом иначе.", "Слушай, " * 30 + "а где ключи?"]
+    answer = "На полке у двери."
+    cut = tm.encode_example(tokenizer, turns, answer, 48)
+    assert len(cut["input_ids"]) <= 48
+    prompt = tokenizer.decode([t for t, x in zip(cut["input_ids"], cut["labels"]) if x == -100])
+    assert prompt.startswith("Вопрос: ") and prompt.endswith("а где ключи?\nОтвет: ")
+    assert "Раньше" not in prompt and "Потом" not in prompt
+    assert answer_part(tokenizer, cut) == answer + "</s>"
+
+
+def test_reads_the_last_max_turns_and_skips_rows_without_context(tmp_path):
+    table = pa.table({"dialogue_id": pa.array([1, 2], pa.int64()),
+                      "context": pa.array([["a", "b", "c", "d", "e"], []], pa.list_(pa.string())),
+                      "answer": ["f", "first turn"]})
+    pq.write_table(table, tmp_path / "c.parquet")
+    assert tm.read_context(str(tmp_path / "c.parquet"), max_turns=2) == [(["d", "e"], "f")]
+
+
+def test_tiny_run_writes_a_context_model_folder(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = write_context(tmp_path / "data")
+    out = tmp_path / "model"
+    assert tm.main(TINY + ["--data-dir", str(data), "--output", str(out), "--max-steps", "6",
+                           "--eval-steps", "3", "--batch-size", "4", "--max-turns", "3"]) == 0
+    config = json.loads((out / "chat_config.json").read_text(encoding="utf-8"))
+    assert config["max_turns"] == 3 and config["context_tokens"] == 64
+    assert (out / "training_curves.png").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id == model.generation_config.eos_token_id
+
+
+def one_line_error(capfd):
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("train_medium_context.py: error: ")
+    return err[0]
+
+
+def test_bad_data_files_give_one_line_and_exit_1(tmp_path, capfd):
+    out = tmp_path / "m"
+    assert tm.main(TINY + ["--data-dir", str(tmp_path / "none"), "--output", str(out)]) == 1
+    assert "context_train.parquet: data file not found" in one_line_error(capfd)
+    data = write_context(tmp_path / "data")
+    (data / "context_train.parquet").write_text("dialogue_id,question,answer\n1,a,b\n", encoding="utf-8")
+    assert tm.main(TINY + ["--data-dir", str(data), "--output", str(out)]) == 1
+    assert "context_train.parquet: not a parquet file" in one_line_error(capfd)
+    pq.write_table(pa.table({"sample": [["a", "b"]]}), data / "context_train.parquet")
+    assert tm.main(TINY + ["--data-dir", str(data), "--output", str(out)]) == 1
+    assert "no column answer, context" in one_line_error(capfd)
+    pq.write_table(pa.table({"context": ["a"], "answer": ["b"]}), data / "context_train.parquet")
+    assert tm.main(TINY + ["--data-dir", str(data), "--output", str(out)]) == 1
+    assert "column context is string, expected list<string>" in one_line_error(capfd)
+    assert not out.exists()
+
+
+def test_unreachable_hub_and_resume_with_nothing(tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = write_context(tmp_path / "data")
+    out = tmp_path / "m"
+    assert tm.main(["--data-dir", str(data), "--output", str(out), "--device", "cpu"]) == 1
+    line = one_line_error(capfd)
+    assert "ai-forever/rugpt3medium_based_on_gpt2" in line and "unreachable" in line and "--from-scratch" in line
+    assert tm.main(TINY + ["--data-dir", str(data), "--output", str(out), "--resume"]) == 1
+    assert "--resume found no complete checkpoint" in one_line_error(capfd)
+    assert not out.exists()

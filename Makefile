@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test test-all demo bench clean
+.PHONY: install test demo demo-data demo-lstm demo-transformers demo-eval demo-chat bench clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +21,37 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-demo: $(STAMP)
+# The demo: tiny models trained for a few minutes on the bundled sample, so the
+# figures show that every stage works, not what a real run reaches.
+demo: demo-data demo-lstm demo-transformers demo-eval demo-chat
+
+demo-data: $(STAMP)
 	$(BIN)/python parser_dataset.py --input data/sample_dialogues.jsonl
 	$(BIN)/python cleaner_text.py
 	$(BIN)/python create_dataset.py
 
+demo-lstm: $(STAMP)
+	$(BIN)/python pytorch_chatbot.py train --epochs 5 --emb-dim 64 --hidden 128
+	$(BIN)/python pytorch_chatbot.py eval
+	$(BIN)/python tensorflow_chatbot.py train --epochs 5 --emb-dim 64 --hidden 128
+	$(BIN)/python tensorflow_chatbot.py eval
+
+demo-transformers: $(STAMP)
+	$(BIN)/python train_transformer.py --from-scratch --n-layer 2 --n-embd 128 --max-steps 120 --eval-steps 40
+	$(BIN)/python train_medium_context.py --from-scratch --n-layer 2 --n-embd 128 --max-steps 120 --eval-steps 40
+
+demo-eval: $(STAMP)
+	$(BIN)/python perplexity.py --model rugpt3_50k
+	$(BIN)/python evaluate.py --model rugpt3_50k rugpt3_medium_CLEAN_model lstm_pytorch lstm_keras
+	cat reports/comparison.md
+
+demo-chat: $(STAMP)
+	$(BIN)/python system_prompt.py --model rugpt3_medium_CLEAN_model --script data/demo_chat.txt
+
+bench: $(STAMP)
+	$(BIN)/python bench/data_stages.py
+	$(BIN)/python bench/train_throughput.py
+
 clean:
-	rm -rf .pytest_cache data/*.parquet data/*.csv data/clean_report.json
+	rm -rf .pytest_cache reports lstm_pytorch lstm_keras rugpt3_50k rugpt3_medium_CLEAN_model \
+	       data/*.parquet data/*.csv data/clean_report.json

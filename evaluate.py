@@ -118,8 +118,10 @@ def corpus_bleu4(replies, references):
 
 
 def unigram_f1(reply, reference):
-    """Bag-of-words overlap of one reply with its reference."""
-    hyp, ref = words(reply), words(reference)
+    """Bag-of-words overlap of one reply with its reference. Words only: a reply of
+    bare punctuation would otherwise score on the reference's full stop."""
+    hyp = [w for w in words(reply) if w[0].isalnum() or w[0] == "_"]
+    ref = [w for w in words(reference) if w[0].isalnum() or w[0] == "_"]
     common = sum((Counter(hyp) & Counter(ref)).values())
     if common == 0:
         return float(not hyp and not ref)
@@ -715,7 +717,8 @@ def markdown_table(result):
         "",
         "How each figure is measured: BLEU-4 is corpus BLEU (nltk, SmoothingFunction()."
         f"{BLEU_SMOOTHING}), 0..1; BLEU, F1, distinct-n and words/reply use one word tokeniser for all "
-        "models (lower-case, `\\w+|[^\\w\\s]`). Tokens/s counts each model's own tokens (BPE pieces or "
+        "models (lower-case, `\\w+|[^\\w\\s]`); F1 and words/reply count words only, not "
+        "punctuation. Tokens/s counts each model's own tokens (BPE pieces or "
         "LSTM words), so it compares runs of one model better than models. Answer PPL is per model "
         "token (token-weighted: total NLL / total tokens, answer + EOS, prompt excluded); bits/char "
         "(NLL / ln 2 / characters of the references, +1 each for the end) is the figure that compares "

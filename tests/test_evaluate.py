@@ -105,6 +105,7 @@ def test_unigram_f1_and_distinct_n():
     # reply: да да нет (3), reference: да нет нет нет (4); overlap 2 -> P 2/3, R 2/4
     assert evaluate.unigram_f1("да да нет", "да нет нет нет") == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
     assert evaluate.unigram_f1("кот", "пёс") == 0.0
+    assert evaluate.unigram_f1(". . !", "Да, конечно.") == 0.0
     replies = ["да да да", "да нет"]
     assert evaluate.distinct_n(replies, 1) == pytest.approx(2 / 5)
     assert evaluate.distinct_n(replies, 2) == pytest.approx(2 / 3)  # (да,да) x2 + (да,нет); none across replies

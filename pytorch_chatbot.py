@@ -422,6 +422,9 @@ def decoding_options(args, bot):
 
 # ---- evaluation ------------------------------------------------------------
 def unigram_f1(hypothesis, reference):
+    # Words only: a reply of bare punctuation would otherwise score on the full stop.
+    hypothesis = [t for t in hypothesis if t[0].isalnum() or t[0] == "_"]
+    reference = [t for t in reference if t[0].isalnum() or t[0] == "_"]
     common = sum((Counter(hypothesis) & Counter(reference)).values())
     if common == 0:
         return float(not hypothesis and not reference)

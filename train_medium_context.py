@@ -91,6 +91,7 @@ class UserError(Exception):
     """A mistake in the user's input: reported as one line, exit code 1."""
 
 
+# --- mirrored in train_transformer.py and train_medium_context.py (tests/test_train_medium_context.py checks they agree)
 # ----------------------------------------------------------------------------
 # prompts and examples
 
@@ -175,6 +176,9 @@ def encode_examples(tokenizer, rows, max_length, desc):
 # ----------------------------------------------------------------------------
 # data
 
+# --- end of the mirrored part
+
+
 def read_context(path, max_turns, limit=None):
     """[(turns, answer)] from a context_*.parquet file, keeping the last `max_turns` turns.
 
@@ -218,6 +222,7 @@ def load_splits(data_dir, rows, val_rows, max_turns):
 # ----------------------------------------------------------------------------
 # model and tokenizer
 
+# --- mirrored in train_transformer.py and train_medium_context.py (tests/test_train_medium_context.py checks they agree)
 def first_line(exc):
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -641,6 +646,9 @@ def add_common_arguments(parser, output, model, max_length=MAX_LENGTH):
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     parser.add_argument("--no-persona", action="store_true", help="write persona: null into chat_config.json")
     parser.add_argument("--seed", type=int, default=SEED)
+
+
+# --- end of the mirrored part
 
 
 def parse_args(argv):

@@ -86,6 +86,7 @@ class UserError(Exception):
     """A mistake in the user's input: reported as one line, exit code 1."""
 
 
+# --- mirrored in train_transformer.py and train_medium_context.py (tests/test_train_medium_context.py checks they agree)
 # ----------------------------------------------------------------------------
 # prompts and examples
 
@@ -170,6 +171,9 @@ def encode_examples(tokenizer, rows, max_length, desc):
 # ----------------------------------------------------------------------------
 # data
 
+# --- end of the mirrored part
+
+
 def read_pairs(path, limit=None):
     """[(turns, answer)] from a pairs_*.csv file; turns is [question]."""
     import pandas as pd
@@ -201,6 +205,7 @@ def load_splits(data_dir, rows, val_rows):
 # ----------------------------------------------------------------------------
 # model and tokenizer
 
+# --- mirrored in train_transformer.py and train_medium_context.py (tests/test_train_medium_context.py checks they agree)
 def first_line(exc):
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -624,6 +629,9 @@ def add_common_arguments(parser, output, model, max_length=MAX_LENGTH):
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     parser.add_argument("--no-persona", action="store_true", help="write persona: null into chat_config.json")
     parser.add_argument("--seed", type=int, default=SEED)
+
+
+# --- end of the mirrored part
 
 
 def parse_args(argv):

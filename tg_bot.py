@@ -4,16 +4,23 @@ A Telegram bot that talks with a trained model folder and remembers each chat.
 Every chat's history lives in SQLite (--db), so a restart or a crash loses
 nothing; a chat idle longer than --idle-minutes starts afresh, and /reset
 forgets on request. The prompt holds the persona and as many of the latest
-turns as fit in the model's context budget. Replies are generated off the
-polling thread in a bounded pool of workers, one request at a time per chat.
+turns as fit in the model's context budget. Messages are handled off the
+polling thread in a bounded pool of workers, one message at a time per chat;
+one model thread writes the replies, and the prompts of chats that write while
+it is busy are generated together as one batch (--max-batch), so throughput
+grows with the load while a lone message starts at once. On a CPU the model runs
+with int8 linear layers on one thread per physical core (--quantize, --threads).
+bench/generation.py and bench/bot_load.py measure both.
 
 Run it (CPU, a small server):
     export TELEGRAM_BOT_TOKEN=123456:ABC...      # from @BotFather; never put it in code
     python tg_bot.py --model rugpt3_50k
 or keep the token in a file readable by the bot's user only:
-    python tg_bot.py --model rugpt3_medium_CLEAN_model --token-file /etc/chat-kit/token --workers 2
+    python tg_bot.py --model rugpt3_medium_CLEAN_model --token-file /etc/chat-kit/token --max-batch 4
+one reply at a time, plain fp32 weights (what the kit did before batching):
+    python tg_bot.py --model rugpt3_50k --max-batch 1 --quantize none
 on a GPU:
-    python tg_bot.py --model rugpt3_medium_CLEAN_model --device cuda --workers 4
+    python tg_bot.py --model rugpt3_medium_CLEAN_model --device cuda --max-batch 16
 against a self-hosted Bot API server (also what the tests do with a fake one):
     python tg_bot.py --api-url http://127.0.0.1:8081 --model rugpt3_50k
 A systemd unit and an env file for a server are in deploy/ (see deploy/README.md).
@@ -28,12 +35,14 @@ import html
 import json
 import logging
 import os
+import queue
 import re
 import signal
 import sqlite3
 import sys
 import threading
 import time
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,8 +51,10 @@ from urllib.parse import quote
 import telebot
 import torch
 from telebot import apihelper, types, util
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, StopStringCriteria,
-                          StoppingCriteriaList, set_seed)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList,
+                          StopStringCriteria, StoppingCriteriaList, set_seed)
+from transformers.activations import NewGELUActivation
+from transformers.pytorch_utils import Conv1D
 
 # -----------------------------------------------------------------------------
 # defaults (every one is also a flag; the model folder's chat_config.json wins over
@@ -51,11 +62,15 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, StopS
 DEFAULT_MODEL = "rugpt3_50k"
 DEFAULT_DEVICE = "auto"
 DEFAULT_DB = "bot_history.sqlite3"
-DEFAULT_WORKERS = 2             # generations at once; more only helps with spare cores or a GPU
+DEFAULT_MAX_BATCH = 16          # replies generated together; beyond this a 2-4 core CPU gains little
+DEFAULT_MAX_BATCH_TOKENS = 8192  # rows x (longest prompt + reply): ~600 MB of key/value cache for ruGPT-3 small
+DEFAULT_BATCH_WAIT_MS = 100.0   # the most a batch waits for messages already being prepared
+DEFAULT_QUANTIZE = "auto"       # int8 linear layers on a CPU, plain weights on a GPU
 DEFAULT_IDLE_MINUTES = 60.0     # a chat silent this long starts a fresh conversation
 DEFAULT_MAX_INPUT_CHARS = 1000  # longer messages keep their last this many characters
 DEFAULT_POLL_SECONDS = 20       # getUpdates long-poll; SIGTERM takes effect within this
 DEFAULT_SEED = 42
+TOKENIZER_COPIES = 4            # for building prompts, a millisecond each: more would only take memory
 MAX_PENDING_PER_CHAT = 5        # messages of one chat waiting for the model; more are turned away
 TYPING_EVERY_SECONDS = 4.0      # Telegram shows "typing…" for about 5 s per action
 SEND_ATTEMPTS = 5
@@ -260,17 +275,99 @@ def open_model_folder(model_dir, device):
         raise UserError(f"{weights}: cannot load the model config or the tokenizer ({error})") from None
     if tokenizer.eos_token is None:
         raise UserError(f"{tokenizer_dir}: the tokenizer has no eos_token")
+    if tokenizer.pad_token is None:
+        # Only to pad a batch: padded positions are masked out and a reply ends at its EOS.
+        tokenizer.pad_token = tokenizer.eos_token
     n_positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 2048
     return {"tokenizer": tokenizer, "device": device, "chat_config": chat_config, "config_path": config_path,
             "weights": weights, "n_positions": n_positions}
 
 
-def load_weights(chat):
-    """The model itself, and the criterion that stops it at the next label."""
+def physical_cores():
+    """Cores this process may run on, SMT siblings counted once: generation is bound
+    by memory bandwidth, which a sibling thread shares rather than adds to."""
     try:
-        chat["model"] = AutoModelForCausalLM.from_pretrained(chat["weights"]).to(chat["device"]).eval()
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+        try:
+            cores.add(siblings.read_text(encoding="utf-8").strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+def choose_quantization(quantize, device):
+    """What --quantize (auto, int8, none) means on this device: int8 or none."""
+    available = hasattr(torch.ao.quantization, "quantize_dynamic") and torch.backends.quantized.engine != "none"
+    if quantize == "auto":
+        return "int8" if device == "cpu" and available else "none"
+    if quantize == "int8" and device != "cpu":
+        raise UserError(f"--quantize int8 runs on the CPU only; with --device {device} use --quantize none or auto")
+    if quantize == "int8" and not available:
+        raise UserError(f"--quantize int8: this torch {torch.__version__} has no dynamic int8 quantization; "
+                        f"use --quantize none")
+    return quantize
+
+
+def conv1d_to_linear(model):
+    """GPT-2 keeps its block weights in transformers' Conv1D (in x out), a layer the
+    int8 quantizer passes over; the same layer as nn.Linear (out x in) it takes."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, Conv1D):
+                linear = torch.nn.Linear(child.nx, child.nf, device=child.weight.device)
+                with torch.no_grad():
+                    linear.weight.copy_(child.weight.t())
+                    linear.bias.copy_(child.bias)
+                setattr(module, name, linear)
+    return model
+
+
+def quantize_int8(model):
+    """Every linear layer (the output layer too) with int8 weights, one scale per
+    output row, and activations quantized on the fly: a quarter of the weight
+    bytes that each generated token must read, which is what bounds a CPU."""
+    model = conv1d_to_linear(model)
+    with warnings.catch_warnings():
+        # torch 2.13 ships this API but marks it deprecated in favour of the torchao
+        # package (see deploy/README.md); choose_quantization falls back where it is gone.
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(
+            model, {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, inplace=True)
+
+
+def fuse_gelu(model):
+    """GPT-2's tanh GELU as torch's fused kernel: the same formula in one pass over
+    the activations instead of five, which shows in batches."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, NewGELUActivation):
+                setattr(module, name, torch.nn.GELU(approximate="tanh"))
+    return model
+
+
+def fast_path(model):
+    """The model as the fast path runs it on a CPU."""
+    return quantize_int8(fuse_gelu(model))
+
+
+def load_weights(chat, quantize="auto", threads=0):
+    """The model itself (int8 on a CPU unless told otherwise), the threads it runs
+    on, and the criterion that stops it at the next label."""
+    chat["quantize"] = choose_quantization(quantize, chat["device"])
+    try:
+        model = AutoModelForCausalLM.from_pretrained(chat["weights"]).to(chat["device"]).eval()
     except (OSError, ValueError) as error:
         raise UserError(f"{chat['weights']}: cannot load the model weights ({error})") from None
+    chat["model"] = fast_path(model) if chat["quantize"] == "int8" else model
+    # torch starts one thread per logical CPU, SMT siblings included.
+    chat["threads"] = threads or physical_cores()
+    if chat["device"] == "cpu":
+        torch.set_num_threads(chat["threads"])
     # Built once: the criterion is stateless, and building it scans the whole vocabulary.
     chat["stop"] = StoppingCriteriaList([StopStringCriteria(chat["tokenizer"],
                                                             [QUESTION_LABEL.strip(), ANSWER_LABEL.strip()])])
@@ -312,24 +409,62 @@ def resolve_settings(args, chat):
     return {"generation": generation, "persona": persona, "budget": budget}
 
 
-def generate_reply(chat, settings, prompt):
-    """The model's cleaned answer to a prompt."""
+class TopKTopPSampler(LogitsProcessor):
+    """Sampling as transformers does it (temperature, then top-k, then top-p), drawn
+    among the top k only: transformers sorts and draws over the whole vocabulary at
+    every step, a quarter of the time of a batched step on a CPU. The drawn token is
+    left the only finite score, so generate's greedy search takes it."""
+
+    def __init__(self, temperature, top_k, top_p):
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+
+    def __call__(self, input_ids, scores):
+        top, index = (scores / self.temperature).topk(min(self.top_k or scores.shape[-1], scores.shape[-1]))
+        probs = top.softmax(-1)
+        top = top.masked_fill(probs.cumsum(-1) - probs >= self.top_p, float("-inf"))  # keeps the first always
+        token = index.gather(-1, torch.multinomial(top.softmax(-1), 1))
+        return torch.full_like(scores, float("-inf")).scatter_(-1, token, 0.0)
+
+
+def generate_ids(chat, settings, prompts):
+    """The new token ids for each prompt, generated as one batch, each row cut at
+    its own EOS. Prompts are padded on the left so that all of them end where
+    generation starts; a row that is done gets pad tokens while the others go on."""
     tokenizer, generation = chat["tokenizer"], settings["generation"]
-    inputs = tokenizer(prompt, return_tensors="pt").to(chat["device"])
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(chat["device"])
     options = {"max_new_tokens": int(generation["max_new_tokens"]), "do_sample": bool(generation["do_sample"]),
                "repetition_penalty": float(generation["repetition_penalty"]),
                "no_repeat_ngram_size": int(generation.get("no_repeat_ngram_size") or 0),
                "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
                "stopping_criteria": chat["stop"]}
+    if generation.get("min_new_tokens"):
+        options["min_new_tokens"] = int(generation["min_new_tokens"])  # fixed-length replies, for benchmarks
     if options["do_sample"]:
-        options.update(temperature=float(generation["temperature"]), top_p=float(generation["top_p"]),
-                       top_k=int(generation.get("top_k") or 0))
+        sampler = TopKTopPSampler(float(generation["temperature"]), int(generation.get("top_k") or 0),
+                                  float(generation["top_p"]))
+        options.update(do_sample=False, logits_processor=LogitsProcessorList([sampler]))
     with torch.inference_mode():
         output = chat["model"].generate(**inputs, **options)
-    new_ids = output[0, inputs["input_ids"].shape[1]:].tolist()
-    if tokenizer.eos_token_id in new_ids:
-        new_ids = new_ids[:new_ids.index(tokenizer.eos_token_id)]
-    return clean_reply(tokenizer.decode(new_ids, skip_special_tokens=True), tokenizer.eos_token)
+    rows = []
+    for row in output[:, inputs["input_ids"].shape[1]:].tolist():
+        if tokenizer.eos_token_id in row:
+            row = row[:row.index(tokenizer.eos_token_id)]
+        rows.append(row)
+    return rows
+
+
+def decode_reply(tokenizer, ids):
+    return clean_reply(tokenizer.decode(ids, skip_special_tokens=True), tokenizer.eos_token)
+
+
+def generate_replies(chat, settings, prompts):
+    """The model's cleaned answers to prompts, generated together."""
+    return [decode_reply(chat["tokenizer"], ids) for ids in generate_ids(chat, settings, prompts)]
+
+
+def generate_reply(chat, settings, prompt):
+    """The model's cleaned answer to a prompt."""
+    return generate_replies(chat, settings, [prompt])[0]
 # --- end of the mirrored part
 
 
@@ -488,14 +623,135 @@ def keep_typing(send_action, every=TYPING_EVERY_SECONDS):
         thread.join(timeout=10)
 
 
+# --- one model, many chats: requests that meet at the model are generated together
+class TokenizerPool:
+    """Copies of the tokenizer, lent to one thread at a time: a fast tokenizer is one
+    Rust object whose settings every call mutates, and sharing it across threads
+    can fail with "Already borrowed". A copy takes a fifth of a second and a few MB,
+    so a few are made at the start rather than one in every worker."""
+
+    def __init__(self, tokenizer, copies):
+        self.free = queue.SimpleQueue()
+        for _ in range(copies):
+            self.free.put(copy.deepcopy(tokenizer))
+
+    @contextlib.contextmanager
+    def borrow(self):
+        tokenizer = self.free.get()
+        try:
+            yield tokenizer
+        finally:
+            self.free.put(tokenizer)
+
+
+class ReplyRequest:
+    """A prompt waiting for the model, and then its reply (or the error instead)."""
+
+    def __init__(self, prompt, tokens):
+        self.prompt, self.tokens, self.arrived = prompt, tokens, time.monotonic()
+        self.reply = self.error = None
+        self.done = threading.Event()
+
+    def result(self):
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.reply
+
+
+class ReplyBatcher:
+    """The one thread that runs the model. A request that finds it idle starts at
+    once; requests that come while it is busy wait, then go together as one
+    batch: at most max_batch of them, and at most max_tokens tokens counting every
+    row at the longest prompt plus the reply (the key/value cache a batch holds).
+    A batch that is not full waits up to max_wait seconds, from its oldest
+    request, for messages announced as on their way, never for ones that may not
+    come: so a lone message never waits."""
+
+    def __init__(self, generate, max_batch, max_wait, max_tokens=None, reply_tokens=0):
+        self.generate, self.max_batch, self.max_wait = generate, max_batch, max_wait
+        self.max_tokens, self.reply_tokens = max_tokens, reply_tokens
+        self.pending = deque()
+        self.coming = 0           # announced and not yet submitted or withdrawn
+        self.closing = False
+        self.changed = threading.Condition()
+        self.thread = threading.Thread(target=self._run, name="model", daemon=True)
+        self.thread.start()
+
+    def announce(self):
+        """A message that may need the model is on its way to a worker."""
+        with self.changed:
+            self.coming += 1
+
+    def withdraw(self):
+        """...and it did not need it (a command, an error): nobody should wait for it."""
+        with self.changed:
+            self.coming -= 1
+            self.changed.notify_all()
+
+    def submit(self, prompt, tokens=0, announced=False):
+        request = ReplyRequest(prompt, tokens)
+        with self.changed:
+            self.coming -= bool(announced)
+            self.pending.append(request)
+            self.changed.notify_all()
+        return request
+
+    def reply(self, prompt, tokens=0):
+        return self.submit(prompt, tokens).result()
+
+    def _fitting(self):
+        """How many of the pending requests, oldest first, the next batch can take."""
+        count, longest = 0, 0
+        for request in self.pending:
+            longest = max(longest, request.tokens + self.reply_tokens)
+            if count == self.max_batch or (count and self.max_tokens and (count + 1) * longest > self.max_tokens):
+                break
+            count += 1
+        return count
+
+    def _next_batch(self):
+        with self.changed:
+            self.changed.wait_for(lambda: self.pending or self.closing)
+            if not self.pending:
+                return None
+            deadline = self.pending[0].arrived + self.max_wait
+            while self._fitting() == len(self.pending) < self.max_batch and self.coming > 0 and not self.closing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.changed.wait(left)
+            return [self.pending.popleft() for _ in range(self._fitting())]
+
+    def _run(self):
+        while (batch := self._next_batch()) is not None:
+            try:
+                replies = self.generate([request.prompt for request in batch])
+                for request, reply in zip(batch, replies, strict=True):
+                    request.reply = reply
+            except Exception as error:  # every waiting worker answers its chat with an apology
+                for request in batch:
+                    request.error = error
+            for request in batch:
+                request.done.set()
+
+    def close(self):
+        """Finish what is queued, then stop the thread."""
+        with self.changed:
+            self.closing = True
+            self.changed.notify_all()
+        self.thread.join()
+
+
 # --- one request at a time per chat, a bounded pool for all
 class ChatDispatcher:
     """Runs handle(item) on a pool of workers so that items of one chat run in
     order, one at a time, while other chats proceed in parallel."""
 
-    def __init__(self, workers, handle, max_pending=MAX_PENDING_PER_CHAT):
+    def __init__(self, workers, handle, max_pending=MAX_PENDING_PER_CHAT, on_ready=None):
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reply")
         self.handle, self.max_pending = handle, max_pending
+        self.on_ready = on_ready or (lambda chat_id: None)  # told when an item is handed to the pool
         self.queues = {}  # chat id -> items; the first one is being handled
         self.idle = threading.Condition()
 
@@ -509,6 +765,7 @@ class ChatDispatcher:
                 queue.append(item)
                 return True
             self.queues[chat_id] = deque([item])
+        self.on_ready(chat_id)
         self.pool.submit(self._run_next, chat_id)
         return True
 
@@ -527,6 +784,7 @@ class ChatDispatcher:
                 self.idle.notify_all()
                 return
         # Back of the line: a chat with many messages does not hold a worker for all of them.
+        self.on_ready(chat_id)
         self.pool.submit(self._run_next, chat_id)
 
     def close(self):
@@ -540,23 +798,20 @@ class ChatDispatcher:
 class ChatBot:
     """The bot's behaviour: which messages it takes, and what it answers."""
 
-    def __init__(self, bot, me, store, chat, settings, args):
+    def __init__(self, bot, me, store, chat, settings, args, batcher):
         self.bot, self.me, self.store, self.chat, self.settings = bot, me, store, chat, settings
+        self.batcher = batcher
         self.allowed = args.allowed_users
         self.idle_seconds = args.idle_minutes * 60
         self.max_input_chars = args.max_input_chars
         self.log_prompts = args.log_prompts
         self.mention = re.compile(r"@" + re.escape(me.username or "") + r"\b", re.IGNORECASE) if me.username else None
-        self.dispatcher = ChatDispatcher(args.workers, self.handle)
+        # A message handed to a worker is announced to the model thread, so that a batch
+        # can wait the few milliseconds its prompt takes rather than leave without it.
+        self.dispatcher = ChatDispatcher(args.workers or 2 * args.max_batch, self.handle,
+                                         on_ready=lambda chat_id: batcher.announce())
         self.local = threading.local()
-
-    def worker_chat(self):
-        """The model bundle with this worker's own tokenizer: a fast tokenizer is one
-        Rust object whose settings calls mutate, and sharing it across threads can
-        fail with "Already borrowed"."""
-        if not hasattr(self.local, "chat"):
-            self.local.chat = dict(self.chat, tokenizer=copy.deepcopy(self.chat["tokenizer"]))
-        return self.local.chat
+        self.tokenizers = TokenizerPool(chat["tokenizer"], TOKENIZER_COPIES)
 
     # Runs on the polling thread: decide quickly, leave the work to the pool.
     def on_message(self, message):
@@ -584,6 +839,7 @@ class ChatBot:
     # Runs on a worker, one message of a chat at a time.
     def handle(self, message):
         chat_id = message.chat.id
+        self.local.announced = True  # by the dispatcher; withdrawn below unless it reaches the model
         try:
             user = message.from_user
             if self.allowed and (user is None or user.id not in self.allowed):
@@ -596,6 +852,10 @@ class ChatBot:
         except Exception:
             log.exception("chat %s: reply failed", chat_id)
             self.safe_send(chat_id, APOLOGY_TEXT)
+        finally:
+            if self.local.announced:
+                self.local.announced = False
+                self.batcher.withdraw()
 
     def handle_text(self, message):
         chat_id = message.chat.id
@@ -628,12 +888,15 @@ class ChatBot:
             self.store.clear(chat_id)
             log.info("chat %s: idle for %.0f min, starting afresh", chat_id, (time.time() - last) / 60)
         history = self.store.turns(chat_id) + [text]
-        chat = self.worker_chat()
-        prompt = build_prompt(history, self.settings["persona"], chat["tokenizer"], self.settings["budget"])
+        with self.tokenizers.borrow() as tokenizer:
+            prompt = build_prompt(history, self.settings["persona"], tokenizer, self.settings["budget"])
+            tokens = count_tokens(tokenizer, prompt)
         if self.log_prompts:
             log.info("prompt chat=%s: %s", chat_id, json.dumps(prompt, ensure_ascii=False))
         with keep_typing(lambda: self.bot.send_chat_action(chat_id, "typing")):
-            reply = generate_reply(chat, self.settings, prompt)
+            request = self.batcher.submit(prompt, tokens, announced=True)
+            self.local.announced = False
+            reply = request.result()
         self.send(message, reply)
         # Stored once it reached the user, so a failed send leaves no exchange they never saw.
         self.store.add_exchange(chat_id, text, reply)
@@ -647,6 +910,21 @@ class ChatBot:
             call_with_retry(self.bot.send_message, chat_id, text)
         except Exception as error:
             log.error("chat %s: cannot send a message either: %s", chat_id, error)
+
+
+def model_thread_generate(chat, settings):
+    """generate(prompts) -> replies for the model thread, with its own tokenizer
+    (the workers' copies are busy building prompts)."""
+    chat = dict(chat, tokenizer=copy.deepcopy(chat["tokenizer"]))
+
+    def generate(prompts):
+        start = time.monotonic()
+        rows = generate_ids(chat, settings, prompts)
+        log.debug("batch of %d: %s new tokens in %.2f s", len(rows), ",".join(str(len(row)) for row in rows),
+                  time.monotonic() - start)
+        return [decode_reply(chat["tokenizer"], row) for row in rows]
+
+    return generate
 
 
 def poll(bot, stopping, poll_seconds):
@@ -715,7 +993,20 @@ def parse_args(argv):
     parser.add_argument("--idle-minutes", type=float, default=DEFAULT_IDLE_MINUTES,
                         help="a chat silent this long starts afresh (0: never)")
     parser.add_argument("--allowed-users", help="comma-separated Telegram user ids; others are refused (default: all)")
-    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="replies generated at once")
+    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                        help="replies generated together when chats write at once (1: one at a time)")
+    parser.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
+                        help="a batch holds at most this many tokens, each row counted at the longest prompt plus "
+                             "the reply: bounds the memory of its key/value cache")
+    parser.add_argument("--batch-wait-ms", type=float, default=DEFAULT_BATCH_WAIT_MS,
+                        help="the most a batch waits for messages already being prepared; a lone message never waits")
+    parser.add_argument("--quantize", default=DEFAULT_QUANTIZE, choices=("auto", "int8", "none"),
+                        help="int8 weights for the linear layers: about 2x faster on a CPU (auto: int8 on a CPU, "
+                             "none on a GPU)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for the model (default: physical cores)")
+    parser.add_argument("--workers", type=int,
+                        help="messages handled at once; each waits while the model writes its reply "
+                             "(default: 2 x --max-batch, so the next batch is ready when the model frees)")
     parser.add_argument("--max-input-chars", type=int, default=DEFAULT_MAX_INPUT_CHARS,
                         help="a longer message keeps its last this many characters")
     parser.add_argument("--poll-seconds", type=int, default=DEFAULT_POLL_SECONDS, help="getUpdates long-poll time")
@@ -729,8 +1020,16 @@ def check_args(args):
     if args.repetition_penalty is not None and args.repetition_penalty < 1.0:
         raise UserError(f"--repetition-penalty: {args.repetition_penalty} must be >= 1.0 "
                         f"(below 1 it rewards repetition)")
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         raise UserError("--workers must be at least 1")
+    if args.max_batch < 1:
+        raise UserError("--max-batch must be at least 1")
+    if args.max_batch_tokens < 1:
+        raise UserError("--max-batch-tokens must be at least 1")
+    if args.batch_wait_ms < 0:
+        raise UserError("--batch-wait-ms must be 0 or more")
+    if args.threads < 0:
+        raise UserError("--threads must be 0 (physical cores) or more")
     if args.max_input_chars < 1:
         raise UserError("--max-input-chars must be at least 1")
     if args.poll_seconds < 1:
@@ -760,15 +1059,17 @@ def run(args, token):
     # Opened only once the settings are known to be good, so a mistake leaves no new file behind.
     store = HistoryStore(args.db)
     try:
-        load_weights(chat)
+        load_weights(chat, args.quantize, args.threads)
     except UserError:
         store.close()
         raise
-    if chat["device"] == "cpu":
-        # Workers share the cores; each generation using all of them would only thrash.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))
     set_seed(args.seed)
-    chat_bot = ChatBot(bot, me, store, chat, settings, args)
+    if args.workers is not None and args.workers < args.max_batch:
+        log.warning("--workers %d: at most %d replies can be generated together, not --max-batch %d",
+                    args.workers, args.workers, args.max_batch)
+    batcher = ReplyBatcher(model_thread_generate(chat, settings), args.max_batch, args.batch_wait_ms / 1000,
+                           args.max_batch_tokens, int(settings["generation"]["max_new_tokens"]))
+    chat_bot = ChatBot(bot, me, store, chat, settings, args, batcher)
     bot.register_message_handler(chat_bot.on_message, func=lambda message: True,
                                  content_types=util.content_type_media + util.content_type_service)
     stopping = threading.Event()
@@ -779,11 +1080,14 @@ def run(args, token):
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info("bot @%s is up: model %s, prompt budget %d tokens, %d worker(s), history in %s",
-             me.username, chat["weights"], settings["budget"], args.workers, args.db)
+    log.info("bot @%s is up: model %s (%s, %s), prompt budget %d tokens, up to %d replies at once, "
+             "history in %s", me.username, chat["weights"], "int8" if chat["quantize"] == "int8" else "plain weights",
+             f"{chat['threads']} threads" if chat["device"] == "cpu" else chat["device"], settings["budget"],
+             args.max_batch, args.db)
     offset = poll(bot, stopping, args.poll_seconds)
     confirm_updates(bot, offset)
     chat_bot.dispatcher.close()
+    batcher.close()
     store.close()
     log.info("stopped cleanly")
     return 0

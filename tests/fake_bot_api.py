@@ -1,4 +1,5 @@
-"""A fake Telegram Bot API server on loopback, for end-to-end tests of tg_bot.py.
+"""A fake Telegram Bot API server on loopback, for end-to-end tests of tg_bot.py,
+and LiveBot, the real bot process talking to it (tests and bench/bot_load.py).
 
 It speaks the few methods the bot uses (getMe, getUpdates with long polling and
 offsets, sendMessage, sendChatAction, plus a plain "ok" for anything else),
@@ -11,11 +12,17 @@ make the next call of a method fail (a 429 with retry_after, a 400) or slow.
         [reply] = api.wait_for_messages(1, count=1)
 """
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+REPO = Path(__file__).resolve().parent.parent
 BOT_USER = {"id": 424242, "is_bot": True, "first_name": "Tiny", "username": "tiny_test_bot"}
 MAX_LONG_POLL_SECONDS = 5.0  # whatever the bot asks, so a test never waits on a poll for long
 
@@ -228,3 +235,52 @@ class FakeBotApi:
             return {"message_id": message["message_id"], "date": int(time.time()), "chat": chat,
                     "from": BOT_USER, "text": message["text"]}
         return True
+
+
+class LiveBot:
+    """tg_bot.py as a subprocess against a FakeBotApi, started with `args` after
+    --api-url; every run's output goes to its own log file in workdir."""
+
+    def __init__(self, api, token, workdir, args):
+        self.api, self.token, self.workdir, self.args = api, token, Path(workdir), list(args)
+        self.logs, self.process, self.exit_codes = [], None, []
+
+    def start(self, timeout=120):
+        log_path = self.workdir / f"bot-{len(self.logs)}.log"
+        self.logs.append(log_path)
+        env = dict(os.environ, TELEGRAM_BOT_TOKEN=self.token, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        env.pop("TELEGRAM_API_URL", None)
+        command = [sys.executable, str(REPO / "tg_bot.py"), "--api-url", self.api.url] + self.args
+        with open(log_path, "w", encoding="utf-8") as log:
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
+        self.wait_for_log("is up", timeout=timeout)
+
+    def stop(self, timeout=30):
+        if self.process is None:
+            return None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait(10)
+        self.process = None
+        self.exit_codes.append(code)
+        return code
+
+    def log_text(self):
+        return "".join(path.read_text(encoding="utf-8") for path in self.logs)
+
+    def wait_for_log(self, needle, timeout=30):
+        deadline = time.monotonic() + timeout
+        while needle not in self.logs[-1].read_text(encoding="utf-8"):
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError(f"the bot exited ({self.process.returncode}):\n{self.log_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{needle!r} not in the bot's log within {timeout} s")
+            time.sleep(0.1)
+
+    def prompts(self, chat_id):
+        """Every prompt the bot gave the model in this chat, from its --log-prompts lines."""
+        marker = f"prompt chat={chat_id}: "
+        return [json.loads(line.split(marker, 1)[1]) for line in self.log_text().splitlines() if marker in line]

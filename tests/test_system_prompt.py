@@ -19,7 +19,9 @@ torch.set_num_threads(1)
 PERSONA = tiny_model.CHAT_CONFIG["persona"]
 MIRRORED_FUNCTIONS = ["neutralise_labels", "prepare_turn", "turn_label", "render_prompt", "count_tokens",
                       "fit_latest_turn", "build_prompt", "clean_reply", "find_weights_folder", "read_chat_config",
-                      "open_model_folder", "load_weights", "resolve_settings", "generate_reply"]
+                      "open_model_folder", "physical_cores", "choose_quantization", "conv1d_to_linear",
+                      "quantize_int8", "fuse_gelu", "fast_path", "load_weights", "resolve_settings", "TopKTopPSampler", "generate_ids", "decode_reply",
+                      "generate_replies", "generate_reply"]
 MIRRORED_CONSTANTS = ["QUESTION_LABEL", "ANSWER_LABEL", "TURN_SEPARATOR", "CHAT_CONFIG_NAME", "FALLBACK_REPLY",
                       "DEFAULT_PERSONA", "DEFAULT_GENERATION", "MIN_QUESTION_TOKENS"]
 

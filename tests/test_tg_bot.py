@@ -2,13 +2,9 @@
 per-chat order, history), then the real bot process end to end with the real
 telebot client against a fake Bot API server (tests/fake_bot_api.py) and a tiny
 random model."""
-import json
 import logging
-import os
-import signal
 import socket
 import sqlite3
-import subprocess
 import sys
 import threading
 import time
@@ -22,13 +18,12 @@ from telebot import apihelper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_model  # noqa: E402  (lead-owned helper in tests/)
-from fake_bot_api import BOT_USER, FakeBotApi  # noqa: E402
+from fake_bot_api import BOT_USER, FakeBotApi, LiveBot  # noqa: E402
 
 import tg_bot  # noqa: E402
 
 torch.set_num_threads(1)
 TOKEN = "987654:TEST-s3cret_token-value"
-REPO = Path(tg_bot.__file__).resolve().parent
 PERSONA = tiny_model.CHAT_CONFIG["persona"]
 ALLOWED_USERS = list(range(100, 200))
 STRANGER = 555
@@ -167,56 +162,10 @@ def test_history_survives_reopening(tmp_path):
 
 
 # --- the real bot process against the fake server
-class LiveBot:
-    """The bot as a subprocess; every run's output goes to its own log file."""
-
-    def __init__(self, api, model_dir, workdir):
-        self.api, self.model_dir, self.workdir = api, model_dir, workdir
-        self.db = workdir / "history.sqlite3"
-        self.logs, self.process, self.exit_codes = [], None, []
-
-    def start(self):
-        log_path = self.workdir / f"bot-{len(self.logs)}.log"
-        self.logs.append(log_path)
-        env = dict(os.environ, TELEGRAM_BOT_TOKEN=TOKEN, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        env.pop(tg_bot.API_URL_ENV, None)
-        command = [sys.executable, str(REPO / "tg_bot.py"), "--api-url", self.api.url, "--model", str(self.model_dir),
-                   "--db", str(self.db), "--max-new-tokens", str(MAX_NEW_TOKENS), "--poll-seconds", "1",
-                   "--workers", "3", "--max-input-chars", str(MAX_INPUT_CHARS), "--log-prompts",
-                   "--log-level", "DEBUG", "--allowed-users", ",".join(map(str, ALLOWED_USERS))]
-        with open(log_path, "w", encoding="utf-8") as log:
-            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
-        self.wait_for_log("is up", timeout=120)
-
-    def stop(self, timeout=30):
-        if self.process is None:
-            return None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            code = self.process.wait(10)
-        self.process = None
-        self.exit_codes.append(code)
-        return code
-
-    def log_text(self):
-        return "".join(path.read_text(encoding="utf-8") for path in self.logs)
-
-    def wait_for_log(self, needle, timeout=30):
-        deadline = time.monotonic() + timeout
-        while needle not in self.logs[-1].read_text(encoding="utf-8"):
-            if self.process is not None and self.process.poll() is not None:
-                raise AssertionError(f"the bot exited ({self.process.returncode}):\n{self.log_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{needle!r} not in the bot's log within {timeout} s")
-            time.sleep(0.1)
-
-    def prompts(self, chat_id):
-        """Every prompt the bot gave the model in this chat, from its --log-prompts lines."""
-        marker = f"prompt chat={chat_id}: "
-        return [json.loads(line.split(marker, 1)[1]) for line in self.log_text().splitlines() if marker in line]
+def bot_args(model_dir, db):
+    return ["--model", str(model_dir), "--db", str(db), "--max-new-tokens", str(MAX_NEW_TOKENS), "--poll-seconds", "1",
+            "--workers", "3", "--max-input-chars", str(MAX_INPUT_CHARS), "--log-prompts", "--log-level", "DEBUG",
+            "--allowed-users", ",".join(map(str, ALLOWED_USERS))]
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +173,8 @@ def live(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("bot")
     model_dir = tiny_model.build_tiny_model(workdir / "model")
     api = FakeBotApi(TOKEN).start()
-    bot = LiveBot(api, model_dir, workdir)
+    bot = LiveBot(api, TOKEN, workdir, bot_args(model_dir, workdir / "history.sqlite3"))
+    bot.model_dir, bot.db = model_dir, workdir / "history.sqlite3"
     try:
         bot.start()
         yield bot

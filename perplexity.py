@@ -91,7 +91,8 @@ def resolve_weights(folder):
     if has_weights(folder):
         return folder
     checkpoints = [p for p in folder.glob("checkpoint-*")
-                   if p.is_dir() and p.name.split("-")[-1].isdigit() and has_weights(p)]
+                   if p.is_dir() and p.name.split("-")[-1].isdigit() and has_weights(p)
+                   and (p / "trainer_state.json").is_file()]  # written last by Trainer
     if not checkpoints:
         raise UserError(f"{folder}: no model here (config.json + model.safetensors at the top level "
                         f"or in a checkpoint-N/ folder)")

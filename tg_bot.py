@@ -211,14 +211,16 @@ def clean_reply(text, eos_token=None):
 def find_weights_folder(folder):
     """The folder's own weights, else its newest complete checkpoint-N/."""
     def complete(path):
-        return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+        return (path / "config.json").is_file() and (
+            (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file())
 
     if complete(folder):
         return folder
     checkpoints = []
     for path in folder.glob("checkpoint-*"):
         step = path.name.split("-", 1)[1]
-        if step.isdigit() and path.is_dir() and complete(path):
+        # Trainer writes trainer_state.json last: without it the save was cut short.
+        if step.isdigit() and path.is_dir() and complete(path) and (path / "trainer_state.json").is_file():
             checkpoints.append((int(step), path))
     if not checkpoints:
         raise UserError(f"{folder}: no model weights (config.json + model.safetensors) "

@@ -95,18 +95,24 @@ def neutralise_labels(text):
     return LABEL_RE.sub(lambda m: m.group(1) + " -", text)
 
 
+def prepare_turn(text):
+    # A newline separates turns in the prompt, so a turn must be one line
+    # (the chat scripts prepare turns the same way).
+    return " ".join(neutralise_labels(text).split())
+
+
 def build_prompt(turns, persona=None):
     """The prompt for context turns (oldest first), ending in the answer label.
 
     Labels are counted back from the answer, so the last turn is always a question."""
     lines = []
     if persona:
-        lines += [QUESTION_LABEL + neutralise_labels(persona["question"]),
-                  ANSWER_LABEL + neutralise_labels(persona["answer"])]
+        lines += [QUESTION_LABEL + prepare_turn(persona["question"]),
+                  ANSWER_LABEL + prepare_turn(persona["answer"])]
     n = len(turns)
     for i, turn in enumerate(turns):
         label = QUESTION_LABEL if (n - 1 - i) % 2 == 0 else ANSWER_LABEL
-        lines.append(label + neutralise_labels(turn))
+        lines.append(label + prepare_turn(turn))
     return TURN_SEPARATOR.join(lines) + TURN_SEPARATOR + ANSWER_LABEL
 
 
@@ -114,53 +120,54 @@ def encode_text(tokenizer, text):
     return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
 
-def fit_question(tokenizer, question, budget):
+def fit_question(tokenizer, question, budget, persona=None):
     """The longest end of `question` whose prompt fits in `budget` tokens (None if not even an empty one fits).
 
     The end is kept because the words nearest the answer matter most to it."""
-    if len(encode_text(tokenizer, build_prompt([""]))) > budget:
+    if len(encode_text(tokenizer, build_prompt([""], persona))) > budget:
         return None
     lo, hi = 0, len(question)           # invariant: question[hi:] fits
     while lo < hi:
         mid = (lo + hi) // 2
-        if len(encode_text(tokenizer, build_prompt([question[mid:]]))) <= budget:
+        if len(encode_text(tokenizer, build_prompt([question[mid:]], persona))) <= budget:
             hi = mid
         else:
             lo = mid + 1
     return question[hi:].lstrip()
 
 
-def encode_example(tokenizer, turns, answer, max_length):
+def encode_example(tokenizer, turns, answer, max_length, persona=None):
     """input_ids/attention_mask/labels for one example, or None when the answer alone is too long.
 
     Prompt and answer are tokenised apart, as at chat time the prompt ends with
     the label and the model continues from there. Overlong examples lose their
-    oldest turns first, then the start of the question; the answer is never cut."""
-    answer_ids = encode_text(tokenizer, neutralise_labels(answer)) + [tokenizer.eos_token_id]
+    oldest turns first, then the start of the question; the answer is never cut.
+    The persona, when the model folder has one, leads every prompt as it will in chat."""
+    answer_ids = encode_text(tokenizer, prepare_turn(answer)) + [tokenizer.eos_token_id]
     budget = max_length - len(answer_ids)
     turns = list(turns)
-    prompt_ids = encode_text(tokenizer, build_prompt(turns))
+    prompt_ids = encode_text(tokenizer, build_prompt(turns, persona))
     while len(prompt_ids) > budget:
         if len(turns) > 1:
             turns = turns[1:]
         else:
-            question = fit_question(tokenizer, turns[-1], budget)
+            question = fit_question(tokenizer, turns[-1], budget, persona)
             if question is None:
                 return None
             turns = [question]
-        prompt_ids = encode_text(tokenizer, build_prompt(turns))
+        prompt_ids = encode_text(tokenizer, build_prompt(turns, persona))
     input_ids = prompt_ids + answer_ids
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids),
             "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids}
 
 
-def encode_examples(tokenizer, rows, max_length, desc):
+def encode_examples(tokenizer, rows, max_length, desc, persona=None):
     """Encode (turns, answer) rows; returns the examples and how many were skipped."""
     from tqdm.auto import tqdm
 
     examples, skipped = [], 0
     for turns, answer in tqdm(rows, desc=desc, unit="ex", mininterval=2, disable=len(rows) < 5000):
-        example = encode_example(tokenizer, turns, answer, max_length)
+        example = encode_example(tokenizer, turns, answer, max_length, persona)
         if example is None:
             skipped += 1
         else:
@@ -544,8 +551,8 @@ def run(args, train_rows, val_rows, max_turns, persona):
             raise UserError(f"{args.output}: --resume found no complete checkpoint-N/ folder to continue from")
     model, tokenizer, source = prepare_model(args, train_rows)
     max_length = min(args.max_length, context_size(model.config))
-    train_set, train_skipped = encode_examples(tokenizer, train_rows, max_length, "encoding train")
-    val_set, val_skipped = encode_examples(tokenizer, val_rows, max_length, "encoding val")
+    train_set, train_skipped = encode_examples(tokenizer, train_rows, max_length, "encoding train", persona)
+    val_set, val_skipped = encode_examples(tokenizer, val_rows, max_length, "encoding val", persona)
     if not train_set or not val_set:
         raise UserError(f"no {'training' if not train_set else 'validation'} example fits in "
                         f"--max-length {max_length} tokens; raise --max-length")

@@ -132,7 +132,10 @@ def test_newest_complete_checkpoint_is_used(tmp_path):
     folder = tmp_path / "run"
     build_tiny_model(folder / "checkpoint-5", seed=1)
     build_tiny_model(folder / "checkpoint-10", seed=2)
+    for step in (5, 10):
+        (folder / f"checkpoint-{step}" / "trainer_state.json").write_text("{}", encoding="utf-8")
     (folder / "checkpoint-20").mkdir()  # an interrupted save: no weights
+    build_tiny_model(folder / "checkpoint-30", seed=3)  # weights, but no trainer_state.json (written last)
     shutil.copy(folder / "checkpoint-10" / "chat_config.json", folder / "chat_config.json")
     data = write_split(tmp_path / "data", ROWS)
     via_folder = perplexity.evaluate_perplexity(folder, data, rows=0, progress=False)

@@ -127,8 +127,12 @@ def test_newest_complete_checkpoint_is_used(tmp_path):
     tiny_model.build_tiny_model(run / "checkpoint-5", seed=1)
     tiny_model.build_tiny_model(run / "checkpoint-20", seed=2)
     shutil.move(str(run / "checkpoint-20" / "chat_config.json"), run / "chat_config.json")
+    for step in (5, 20):
+        (run / f"checkpoint-{step}" / "trainer_state.json").write_text("{}", encoding="utf-8")
     (run / "checkpoint-30").mkdir()
     (run / "checkpoint-30" / "config.json").write_text("{}", encoding="utf-8")  # still being written
+    # Weights in place but no trainer_state.json, which Trainer writes last: cut short.
+    tiny_model.build_tiny_model(run / "checkpoint-40", seed=3)
     assert sp.find_weights_folder(run) == run / "checkpoint-20"
     chat = sp.open_model_folder(run, "cpu")
     assert chat["weights"] == run / "checkpoint-20"

@@ -58,7 +58,7 @@ def write_pairs(folder, train, val=None):
 
 def greedy_reply(model, tokenizer, question, max_new_tokens=40):
     """(reply text, whether it ended with EOS) for greedy decoding of one question."""
-    inputs = tokenizer(tt.build_prompt([question]), add_special_tokens=False, return_tensors="pt")
+    inputs = tokenizer(tt.build_prompt([question], tt.PERSONA), add_special_tokens=False, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -363,3 +363,22 @@ def test_a_tokenizer_without_eos_is_refused():
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(broken), n_positions=64, n_embd=32, n_layer=1, n_head=2))
     with pytest.raises(tt.UserError, match="no eos_token"):
         tt.fix_special_tokens(model, broken, "somewhere")
+
+
+def test_training_prompt_is_the_prompt_the_chat_builds():
+    """The model is trained on exactly the text system_prompt.py will show it."""
+    import system_prompt as sp
+
+    turns = ["Привет!\nКак  дела?", "Ответ: нормально", "А у тебя?"]
+    for persona in (None, tt.PERSONA):
+        chat = sp.render_prompt(persona, [sp.prepare_turn(t) for t in turns])
+        assert tt.build_prompt(turns, persona) == chat
+
+
+def test_persona_leads_the_training_prompt_and_is_not_scored():
+    tokenizer = tt.train_tokenizer([tt.build_prompt([q], tt.PERSONA) + a for q, a in PAIRS], 400, 128)
+    example = tt.encode_example(tokenizer, ["Как дела?"], "Хорошо.", 128, tt.PERSONA)
+    prompt_len = len(tt.encode_text(tokenizer, tt.build_prompt(["Как дела?"], tt.PERSONA)))
+    assert tokenizer.decode(example["input_ids"][:prompt_len]).startswith("Вопрос: Кто ты?")
+    assert example["labels"][:prompt_len] == [tt.IGNORE_INDEX] * prompt_len
+    assert example["labels"][prompt_len:] == example["input_ids"][prompt_len:]

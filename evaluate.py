@@ -394,6 +394,7 @@ def load_model(folder, device):
 
 
 # ---------------------------------------------------------------- prompts (as system_prompt.py builds them)
+# --- mirrored in evaluate.py and perplexity.py (tests/test_evaluate.py checks they agree)
 def neutralise(text):
     """'Ответ:' inside a user's text would fake a turn; it becomes 'Ответ -'."""
     return LABEL_PATTERN.sub(lambda m: m.group(1) + " -", text)
@@ -467,6 +468,9 @@ def prompt_ids(tokenizer, turns, settings, budget):
 
 def answer_ids(tokenizer, answer):
     return tokenizer(neutralise(answer), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+# --- end of the mirrored part
 
 
 def build_scoring_examples(tokenizer, examples, settings):

@@ -293,3 +293,10 @@ def test_prompt_constants_match_the_contract():
     assert (evaluate.QUESTION_LABEL, evaluate.ANSWER_LABEL, evaluate.TURN_SEPARATOR) == (
         perplexity.QUESTION_LABEL, perplexity.ANSWER_LABEL, perplexity.TURN_SEPARATOR) == ("Вопрос: ", "Ответ: ", "\n")
     assert evaluate.LABEL_PATTERN.pattern == perplexity.LABEL_PATTERN.pattern == r"(?i)\b(вопрос|ответ)\s*:"
+
+
+def test_prompt_code_is_mirrored_unchanged_in_perplexity_py(repo_root):
+    pattern = r"# --- mirrored in evaluate\.py and perplexity\.py.*?\n(.*?)# --- end of the mirrored part"
+    ours = re.findall(pattern, (repo_root / "evaluate.py").read_text(encoding="utf-8"), flags=re.S)
+    theirs = re.findall(pattern, (repo_root / "perplexity.py").read_text(encoding="utf-8"), flags=re.S)
+    assert len(ours) == 1 and ours == theirs and "def prompt_ids" in ours[0]

@@ -4,12 +4,17 @@ Reads data/russian_dialogues.parquet (columns sample, dialogue_id, source),
 writes data/clean_dialogues.parquet with the same columns and
 data/clean_report.json with what every rule did.
 
-Each rule either repairs a turn in place (HTML, links, markup, timestamps,
-forwarded headers, chat-log name prefixes, [id|name] and @username, repeated
-punctuation, white space) or, where nothing usable is left of a turn or it is
-outside the length window, cuts the dialogue around that turn: the longest run
-of clean turns survives when it still has --min-turns turns. Dropping a whole
-long dialogue for one bad line would waste data. Exact duplicate dialogues go.
+Each rule repairs a turn in place (white space, forwarded headers, chat-log
+timestamps and name prefixes, HTML, forum markup, links, [id|name] and
+@username, runs of punctuation, the space around punctuation) or splits a turn
+that holds two speakers' lines. The rules are written to keep what a person
+wrote on purpose: emoticons ("Привет :)"), dialogue dashes ("спать! - ?"),
+emphasis ("???" stays; longer runs shorten to three), emoji sequences joined by
+U+200D, a one-letter answer ("Я"), a label that is the answer ("Минусы: 5").
+Where nothing usable is left of a turn or it is outside the length window, the
+dialogue is cut around it: the longest run of clean turns survives when it
+still has --min-turns turns. Exact duplicate dialogues go. A second pass over
+the output changes nothing.
 
 Run it:
     python cleaner_text.py
@@ -24,6 +29,7 @@ import json
 import os
 import re
 import sys
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
@@ -34,7 +40,7 @@ import pyarrow.parquet as pq
 DEFAULT_INPUT = "data/russian_dialogues.parquet"
 DEFAULT_OUTPUT = "data/clean_dialogues.parquet"
 DEFAULT_REPORT = "data/clean_report.json"
-MIN_CHARS = 2          # shorter turns carry nothing to learn ("а", ")")
+MIN_CHARS = 1          # "Я" is a whole answer to "Кто забил?"
 MAX_CHARS = 500        # longer turns are monologues or pasted text, not chat
 MIN_TURNS = 2
 BATCH_ROWS = 10_000
@@ -46,6 +52,14 @@ SCHEMA = pa.schema([
 ])
 
 # ---------------------------------------------------------------- patterns
+# U+200D glues emoji into one picture (👨‍👩‍👧, 🏃‍♀️), so it stays between two
+# pictographs; anywhere else it is as invisible as the rest of this list.
+PICTO = "\u00a9\u00ae\u203c-\u2bff\u3030\u303d\u3297\u3299\ufe0f\U0001f000-\U0001faff"
+INVISIBLE = re.compile(rf"[\u00ad\u200b\u200c\u200e\u200f\u2060\ufeff]"
+                       rf"|(?<![{PICTO}])\u200d|\u200d(?![{PICTO}])")
+SPACES = re.compile(r"\s+")
+EMPTY_BRACKETS = re.compile(r"\(\s*\)|\[\s*\]")
+
 # Attributes must look like attributes, so that "a<b и b>c" is not a tag.
 HTML_TAG = re.compile(
     r"</?[a-zA-Z][a-zA-Z0-9]*(?:\s+[a-zA-Z_:][-a-zA-Z0-9_:.]*"
@@ -59,6 +73,8 @@ LINK = re.compile(
     rf"(?:https?://|ftp://|www\.){LINK_TAIL}"
     rf"|\b(?:t\.me|vk\.com|youtu\.be|[\w-]+\.(?:ru|com|org|net|рф|su|io|info|me))/{LINK_TAIL}",
     re.IGNORECASE)
+# What may sit between a link and the end of its sentence.
+SENTENCE_END = re.compile(r"\s*(?:[.!?…]|$)")
 
 QUOTE_BLOCK = re.compile(r"\[quote(?:=[^\]]*)?\](.*?)\[/quote\]", re.IGNORECASE | re.DOTALL)
 FORUM_TAG = re.compile(r"\[/?(?:b|i|u|s|url|img|code|spoiler|size|color|quote|center)(?:=[^\]]*)?\]",
@@ -66,32 +82,67 @@ FORUM_TAG = re.compile(r"\[/?(?:b|i|u|s|url|img|code|spoiler|size|color|quote|ce
 
 VK_MENTION = re.compile(r"\[(?:id|club|public)\d+\|([^\]]*)\]")
 AT_USERNAME = re.compile(r"(?<![\w.@])@[A-Za-z][A-Za-z0-9_]{2,31}\b")
+# "@olga, привет": the comma addressed the name that is gone.
+LEADING_ADDRESS = re.compile(r"^\s*@[A-Za-z][A-Za-z0-9_]{2,31}\b\s*[,:]?\s*")
 
 # A timestamp only counts at the very start of a turn, and only in the shapes
 # that chat logs use: "[12:45]", "15:40:12" (seconds) or a full date with time.
 # "10:30 у метро" and "в 7:15" are natural text and stay.
 DATE_TIME = r"\d{1,2}\.\d{1,2}\.\d{2,4},?\s+\d{1,2}:\d{2}(?::\d{2})?"
-TIMESTAMP_PREFIX = re.compile(
-    rf"^\s*(?:\[(?:{DATE_TIME}|\d{{1,2}}:\d{{2}}(?::\d{{2}})?)\]|{DATE_TIME}|\d{{1,2}}:\d{{2}}:\d{{2}})\s*")
+ONE_TIMESTAMP = rf"(?:\[(?:{DATE_TIME}|\d{{1,2}}:\d{{2}}(?::\d{{2}})?)\]|{DATE_TIME}|\d{{1,2}}:\d{{2}}:\d{{2}})"
+TIMESTAMP_PREFIX = re.compile(rf"^\s*(?:{ONE_TIMESTAMP}\s*)+")
 
 # "Иван Петров, [12.05.2023 15:40]" heads every forwarded message in Telegram.
-FORWARD_HEADER = re.compile(rf"^\s*[^\n,\[\]]{{1,60}},\s*\[{DATE_TIME}\]\s*")
+FORWARD_HEADER = re.compile(rf"^\s*(?:[^\n,\[\]]{{1,60}},\s*\[{DATE_TIME}\]\s*)+")
 
 # "Маша: ..." chat-log prefixes. A capitalised word and a colon is also how
-# Russian opens a remark ("Смотри: ...", "Как Олимпиада: ..."), so a prefix only
-# counts when it is a role word or when two or more turns carry such prefixes.
-NAME_PREFIX = re.compile(r"^\s*([А-ЯЁA-Z][а-яёa-z]{1,20}(?:\s[А-ЯЁA-Z][а-яёa-z]{1,20})?):\s+")
-ROLE_WORDS = {"пользователь", "бот", "админ", "администратор", "модератор", "оператор", "клиент",
-              "собеседник", "user", "bot", "admin", "я", "он", "она"}
+# Russian opens a remark ("Смотри: ...") or gives an answer ("Минусы: 5",
+# "Шофер: весь день людей возит..."), so a prefix only goes when the dialogue
+# shows it is a speaker: the line came with a chat-log timestamp, or a label
+# heads two or more turns, or every label is a word for a speaker.
+NAME_PREFIX = re.compile(r"^([А-ЯЁA-Z][а-яёa-z]{1,20}(?:\s[А-ЯЁA-Z][а-яёa-z]{1,20})?):\s+(?=\S)")
+SPEAKER_WORDS = {"пользователь", "бот", "админ", "администратор", "модератор", "оператор",
+                 "клиент", "собеседник", "ассистент", "user", "bot", "admin", "assistant",
+                 "я", "он", "она", "муж", "жена", "мать", "отец", "мама", "папа", "сын", "дочь",
+                 "доктор", "врач", "пациент"}
+# "Первый: ..." is a speaker beside "Второй: ...", and "the first question" alone.
+ORDINAL_WORDS = {"первый", "второй", "третий", "первая", "вторая", "третья"}
+# "Циле: - Туфли у тебя от кого?", "Подтвердил Виторган: - Она тоже...": a
+# name (or the tail of the author's words) in one or two capitalised words, a
+# colon and a dialogue dash open the line a speaker says. Without the capitals
+# it is the speaker's own words ("Скажи честно: - я красивая?", "Как обычно:
+# - ...", "Бабушка: - не бегай, говорит, ..." answering "who said so?").
+SPEAKER_DASH = re.compile(r"^[А-ЯЁA-Z][\w-]*(?:\s[А-ЯЁA-Z][\w-]*)?:\s*[-–—]\s+(?=[А-ЯЁA-Z])")
 
+# Two speakers' lines in one turn: "Есть. - А черная?". The split needs the
+# end of a sentence, a dash, a space and no lowercase word after the dash, and
+# the turn must have no author's words, where the dash does not change the
+# speaker: "- Иди сюда, - сказал он.", "Нет! - Отвечает девушка", "Да срал я
+# на ваши законы! - Сбрасывается с моста." A word that looks like a verb in
+# the third person or the past after a dash marks them ("- Бывает." then
+# stays merged too: a lost split, not a wrong one).
+MERGED_TURNS = re.compile(r"(?<=[.!?…])\s*[-–—]\s+(?=[^\s\-–—a-zа-яё])")
+AUTHOR_WORDS = re.compile(
+    r"[,.!?…]\s*[-–—]\s*[a-zа-яё]"
+    r"|[-–—]\s*[А-ЯЁа-яё]+(?:[аяуе]ет|ит|[аяеи]тся|[уюая]тся|[аяие]л|[аяие]ла)\b(?!\s*[?!])")
+
+# Runs of one mark: three keep the emphasis a person meant ("а как же я???!!!"),
+# more is noise.
 REPEATED = [
-    (re.compile(r"!{2,}"), "!"),
-    (re.compile(r"\?{2,}"), "?"),
+    (re.compile(r"!{4,}"), "!!!"),
+    (re.compile(r"\?{4,}"), "???"),
     (re.compile(r"\.{4,}"), "..."),
+    (re.compile(r"…{2,}"), "…"),
     (re.compile(r",{2,}"), ","),
 ]
-INVISIBLE = re.compile(r"[\u200b-\u200f\u2060\ufeff]")
-SPACES = re.compile(r"\s+")
+
+# Russian sets no space before , . ! ? ; : or …; but a space before an
+# emoticon (":)", ";-)") or after a dash ("спать! - ?") is part of the writing,
+# so the space goes only after a word and before a mark that ends there.
+SPACE_BEFORE_PUNCT = re.compile(
+    r"(?<=[\w»\"”])\s+(?=(?:[.!?…]+|;)(?:$|[»\"”]|\s(?!\s*[.!?…]))|:\s+\w)"
+    r"|(?<=[\w»\"”.])\s+(?=,)")
+NO_SPACE_AFTER_COMMA = re.compile(r",(?=[^\W\d_])")
 
 
 class UserError(Exception):
@@ -99,23 +150,43 @@ class UserError(Exception):
 
 
 # ---------------------------------------------------------------- repair rules
-# Each rule takes a turn and returns it, changed or not.
+# Each rule takes a turn and returns it, changed or not. A rule that removes
+# something tidies the space it leaves, so that its own leftovers count as its
+# own change and no later rule has to guess.
+
+def tidy(text):
+    text = EMPTY_BRACKETS.sub("", text)
+    return SPACES.sub(" ", text).strip()
+
+
+def normalise_space(text):
+    text = INVISIBLE.sub("", text)
+    return SPACES.sub(" ", text).strip()
+
+
+def remove_forward_header(text):
+    return FORWARD_HEADER.sub("", text, count=1)
+
+
+def remove_timestamps(text):
+    return TIMESTAMP_PREFIX.sub("", text, count=1)
+
 
 def fix_html(text):
     if "<" not in text and "&" not in text:
         return text
-    text = HTML_BREAK.sub(" ", text)
-    text = HTML_TAG.sub("", text)
-    # Entities can be double-escaped ("&amp;nbsp;") in scraped data.
-    for _ in range(2):
-        if not HTML_ENTITY.search(text):
+    # Scraped text is sometimes escaped twice ("&amp;lt;b&amp;gt;"), and
+    # unescaping can reveal a tag: repeat until nothing changes.
+    for _ in range(4):
+        new = HTML_BREAK.sub(" ", text)
+        new = HTML_TAG.sub("", new)
+        if HTML_ENTITY.search(new):
+            new = html.unescape(new)
+        new = new.replace("\xa0", " ")
+        if new == text:
             break
-        text = html.unescape(text)
-    return text.replace("\xa0", " ")
-
-
-def remove_links(text):
-    return LINK.sub("", text)
+        text = new
+    return tidy(text)
 
 
 def remove_forum_markup(text):
@@ -128,21 +199,31 @@ def remove_forum_markup(text):
         rest = (text[:match.start()] + text[match.end():]).strip()
         return "" if rest else match.group(1)
 
-    text = QUOTE_BLOCK.sub(quote, text)
-    return FORUM_TAG.sub("", text)
+    new = FORUM_TAG.sub("", QUOTE_BLOCK.sub(quote, text))
+    return tidy(new) if new != text else text
+
+
+def remove_links(text):
+    """Drop links; a turn where a link stood inside a sentence ("Читай тут:
+    <link>, там всё") makes no sense without it and becomes empty, so the
+    dialogue is cut there instead of learning a broken sentence."""
+    matches = list(LINK.finditer(text))
+    if not matches:
+        return text
+    for match in matches:
+        before = text[:match.start()]
+        after = text[match.end():]
+        if (any(ch.isalnum() for ch in before) and any(ch.isalnum() for ch in after)
+                and not SENTENCE_END.match(after)):
+            return ""
+    return tidy(LINK.sub("", text))
 
 
 def replace_mentions(text):
-    text = VK_MENTION.sub(lambda m: m.group(1), text)
-    return AT_USERNAME.sub("", text)
-
-
-def remove_timestamps(text):
-    return TIMESTAMP_PREFIX.sub("", text, count=1)
-
-
-def remove_forward_header(text):
-    return FORWARD_HEADER.sub("", text, count=1)
+    new = VK_MENTION.sub(lambda m: m.group(1), text)
+    new = LEADING_ADDRESS.sub("", new, count=1)
+    new = AT_USERNAME.sub("", new)
+    return tidy(new) if new != text else text
 
 
 def collapse_punctuation(text):
@@ -151,60 +232,111 @@ def collapse_punctuation(text):
     return text
 
 
-def normalise_space(text):
-    text = INVISIBLE.sub("", text)
-    # Removing a mention or a link leaves "()", ", привет" or "смотри  ." behind.
-    text = re.sub(r"\(\s*\)|\[\s*\]", "", text)
-    text = SPACES.sub(" ", text).strip()
-    text = re.sub(r"\s+([,.!?;:])", r"\1", text)
-    return text.lstrip(",;: ").strip()
+def remove_space_before_punctuation(text):
+    return SPACE_BEFORE_PUNCT.sub("", text)
 
 
-# Order matters: headers and timestamps are found at the start of the raw
-# turn; HTML goes before links so that <a href="..."> does not leave a link.
-TURN_RULES = [
+def add_space_after_comma(text):
+    return NO_SPACE_AFTER_COMMA.sub(", ", text)
+
+
+# Order matters: white space first, so every later rule sees one-line turns;
+# headers and timestamps are found at the start of the raw turn; HTML goes
+# before links so that <a href="..."> does not leave a link.
+MARKUP_RULES = [
+    ("whitespace", normalise_space),
     ("forwarded_header", remove_forward_header),
     ("timestamp", remove_timestamps),
     ("html", fix_html),
     ("forum_markup", remove_forum_markup),
     ("link", remove_links),
     ("mention", replace_mentions),
-    ("repeated_punctuation", collapse_punctuation),
 ]
+PUNCTUATION_RULES = [
+    ("repeated_punctuation", collapse_punctuation),
+    ("space_before_punctuation", remove_space_before_punctuation),
+    ("space_after_comma", add_space_after_comma),
+]
+DIALOGUE_RULES = ["merged_turns", "speaker_prefix", "name_prefix"]
+RULE_NAMES = [name for name, _ in MARKUP_RULES] + DIALOGUE_RULES + [name for name, _ in PUNCTUATION_RULES]
+CUT_REASONS = ("empty_after_cleaning", "too_short", "too_long")
 
 
-def strip_name_prefixes(turns):
-    """Remove 'Name:' prefixes where the dialogue looks like a chat log."""
+def remove_speaker_dash(text):
+    return SPEAKER_DASH.sub("", text, count=1)
+
+
+def split_merged_turns(turns):
+    """[(turn, [pieces])] for turns that hold two or more speakers' lines."""
+    out = []
+    for turn in turns:
+        pieces = [turn]
+        if MERGED_TURNS.search(turn) and not AUTHOR_WORDS.search(turn):
+            pieces = [p for p in MERGED_TURNS.split(turn) if p]
+            # "Бегал. - ..." : a silence is a turn that says nothing, and the
+            # cut it would cause loses the rest of the dialogue; leave it be.
+            if not all(has_content(p) for p in pieces):
+                pieces = [turn]
+        out.append((turn, pieces))
+    return out
+
+
+def is_speaker_dialogue(labels):
+    """Whether the 'Name:' labels heading these turns are speakers' names."""
+    if not labels:
+        return False
+    counts = Counter(labels)
+    if max(counts.values()) >= 2:
+        return True
+    words = {label.lower() for label in labels}
+    if words <= SPEAKER_WORDS | ORDINAL_WORDS:
+        return bool(words & SPEAKER_WORDS) or len(words) >= 2
+    return False
+
+
+def strip_name_prefixes(turns, logged):
+    """Remove 'Name:' prefixes where the dialogue shows they name speakers.
+    `logged[i]` says turn i came with a chat-log timestamp. Returns the turns
+    and the indexes changed. A label followed by no words ("Минусы: 5") is
+    the content of the turn, not a speaker."""
     matches = [NAME_PREFIX.match(turn) for turn in turns]
-    prefixed = sum(1 for m in matches if m)
-    out, changed = [], 0
-    for turn, match in zip(turns, matches):
-        if match and (prefixed >= 2 or match.group(1).lower() in ROLE_WORDS):
+    labelled = [m and any(ch.isalpha() for ch in turns[i][m.end():]) for i, m in enumerate(matches)]
+    speakers = is_speaker_dialogue([m.group(1) for m, ok in zip(matches, labelled) if ok])
+    out, changed = [], []
+    for i, (turn, match) in enumerate(zip(turns, matches)):
+        if labelled[i] and (speakers or logged[i]):
             turn = turn[match.end():]
-            changed += 1
+            changed.append(i)
         out.append(turn)
     return out, changed
 
 
 # ---------------------------------------------------------------- dialogue
 class Report:
-    def __init__(self, thresholds):
+    """Counts of what each rule did. `trace`, when set, is called with
+    (rule, before, after) for every change (bench/clean_precision.py)."""
+
+    def __init__(self, thresholds, trace=None):
         self.thresholds = thresholds
+        self.trace = trace
         self.turns_changed = Counter()
         self.dialogues_changed = Counter()
         self.dialogues_cut = Counter()
         self.dialogues_dropped = Counter()
         self.counts = Counter()
 
+    def changed(self, rule, before, after, dialogue_rules):
+        self.turns_changed[rule] += 1
+        dialogue_rules.add(rule)
+        if self.trace:
+            self.trace(rule, before, after)
+
     def as_dict(self, input_path, output_path):
-        rules = {}
-        for name, _ in TURN_RULES + [("name_prefix", None), ("whitespace", None)]:
-            rules[name] = {"turns_changed": self.turns_changed[name],
-                           "dialogues_changed": self.dialogues_changed[name]}
-        cuts = {}
-        for reason in ("empty_after_cleaning", "too_short", "too_long"):
-            cuts[reason] = {"dialogues_cut": self.dialogues_cut[reason],
-                            "dialogues_dropped": self.dialogues_dropped[reason]}
+        rules = {name: {"turns_changed": self.turns_changed[name],
+                        "dialogues_changed": self.dialogues_changed[name]} for name in RULE_NAMES}
+        rules["merged_turns"]["turns_added"] = self.counts["turns_added"]
+        cuts = {reason: {"dialogues_cut": self.dialogues_cut[reason],
+                         "dialogues_dropped": self.dialogues_dropped[reason]} for reason in CUT_REASONS}
         return {"input": str(input_path), "output": str(output_path),
                 "dialogues_in": self.counts["dialogues_in"], "dialogues_out": self.counts["dialogues_out"],
                 "turns_in": self.counts["turns_in"], "turns_out": self.counts["turns_out"],
@@ -213,34 +345,56 @@ class Report:
                 "thresholds": self.thresholds}
 
 
+def apply_turn_rules(turn, rules, report, dialogue_rules):
+    """The turn after `rules`, and the names of the rules that changed it."""
+    fired = set()
+    for name, rule in rules:
+        new = rule(turn)
+        if new != turn:
+            report.changed(name, turn, new, dialogue_rules)
+            fired.add(name)
+            turn = new
+    return turn, fired
+
+
 def repair_turns(turns, report):
-    changed_here = set()
-    turns, n = strip_name_prefixes(list(turns))
-    if n:
-        report.turns_changed["name_prefix"] += n
-        changed_here.add("name_prefix")
-    repaired = []
+    """Every repair rule over one dialogue's turns; counts each changed turn
+    once per rule that changed it."""
+    dialogue_rules = set()
+    repaired, logged = [], []
     for turn in turns:
-        for name, rule in TURN_RULES:
-            new = rule(turn)
-            if new != turn:
-                report.turns_changed[name] += 1
-                changed_here.add(name)
-                turn = new
-        new = normalise_space(turn)
-        # Only count white space that a person would call dirt, not the
-        # leftovers of the rules above.
-        if new != turn and not changed_here:
-            report.turns_changed["whitespace"] += 1
-            changed_here.add("whitespace")
-        repaired.append(new)
-    for name in changed_here:
+        turn, fired = apply_turn_rules(turn, MARKUP_RULES, report, dialogue_rules)
+        repaired.append(turn)
+        logged.append("timestamp" in fired)
+
+    split, split_logged = [], []
+    for (turn, pieces), was_logged in zip(split_merged_turns(repaired), logged):
+        if len(pieces) > 1:
+            report.changed("merged_turns", turn, " ‖ ".join(pieces), dialogue_rules)
+            report.counts["turns_added"] += len(pieces) - 1
+        split.extend(pieces)
+        split_logged.extend([was_logged] + [False] * (len(pieces) - 1))
+
+    split = [apply_turn_rules(turn, [("speaker_prefix", remove_speaker_dash)], report, dialogue_rules)[0]
+             for turn in split]
+    stripped, changed = strip_name_prefixes(split, split_logged)
+    for i in changed:
+        report.changed("name_prefix", split[i], stripped[i], dialogue_rules)
+
+    out = [apply_turn_rules(turn, PUNCTUATION_RULES, report, dialogue_rules)[0] for turn in stripped]
+    for name in dialogue_rules:
         report.dialogues_changed[name] += 1
-    return repaired
+    return out
+
+
+def has_content(turn):
+    """A turn says something when it has a letter, a digit, a "?" or "!"
+    (a reply of "???" is an answer) or a pictograph such as 👍."""
+    return any(ch.isalnum() or ch in "?!¿¡" or unicodedata.category(ch) == "So" for ch in turn)
 
 
 def turn_fault(turn, min_chars, max_chars):
-    if not turn or not any(ch.isalnum() for ch in turn):
+    if not turn or not has_content(turn):
         return "empty_after_cleaning"
     if len(turn) < min_chars:
         return "too_short"
@@ -268,11 +422,12 @@ def clean_dialogue(turns, report, min_chars, max_chars, min_turns):
         return turns
     kept = longest_clean_run(turns, faults)
     first_fault = next(f for f in faults if f)
-    if len(kept) >= min_turns:
-        report.dialogues_cut[first_fault] += 1
-        return kept
-    report.dialogues_dropped[first_fault] += 1
-    return None
+    if len(kept) < min_turns:
+        kept = None
+    (report.dialogues_cut if kept else report.dialogues_dropped)[first_fault] += 1
+    if report.trace:
+        report.trace(f"cut:{first_fault}", " ‖ ".join(turns), " ‖ ".join(kept) if kept else "(dropped)")
+    return kept
 
 
 def dialogue_key(turns):
@@ -291,10 +446,15 @@ def open_input(path):
         parquet = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise UserError(f"{path}: not a readable parquet file ({exc})") from None
-    missing = {"sample", "dialogue_id"} - set(parquet.schema_arrow.names)
+    schema = parquet.schema_arrow
+    missing = {"sample", "dialogue_id"} - set(schema.names)
     if missing:
         raise UserError(f"{path}: missing column(s) {', '.join(sorted(missing))} "
                         "(expected the output of parser_dataset.py)")
+    sample_type = schema.field("sample").type
+    if not (pa.types.is_list(sample_type) or pa.types.is_large_list(sample_type)):
+        raise UserError(f"{path}: column 'sample' holds {sample_type}, not a list of turns "
+                        "(run parser_dataset.py on it first)")
     return parquet
 
 
@@ -307,11 +467,11 @@ def atomic_write_text(path, text):
 
 
 def clean_file(input_path, output_path, report_path, min_chars=MIN_CHARS, max_chars=MAX_CHARS,
-               min_turns=MIN_TURNS, dedupe=True):
+               min_turns=MIN_TURNS, dedupe=True, trace=None):
     parquet = open_input(input_path)
     thresholds = {"min_chars": min_chars, "max_chars": max_chars, "min_turns": min_turns,
                   "dedupe": dedupe}
-    report = Report(thresholds)
+    report = Report(thresholds, trace)
     seen = set()
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
@@ -391,12 +551,14 @@ def main(argv=None):
           f"({summary['turns_out']} of {summary['turns_in']} turns) -> {args.output}")
     for name, row in summary["repair_rules"].items():
         if row["turns_changed"]:
-            print(f"  {name:22s} repaired {row['turns_changed']} turns in {row['dialogues_changed']} dialogues")
+            added = f", {row['turns_added']} turns added" if row.get("turns_added") else ""
+            print(f"  {name:24s} repaired {row['turns_changed']} turns in "
+                  f"{row['dialogues_changed']} dialogues{added}")
     for name, row in summary["cut_rules"].items():
         if row["dialogues_cut"] or row["dialogues_dropped"]:
-            print(f"  {name:22s} cut {row['dialogues_cut']} dialogues, dropped {row['dialogues_dropped']}")
+            print(f"  {name:24s} cut {row['dialogues_cut']} dialogues, dropped {row['dialogues_dropped']}")
     if summary["duplicates_dropped"]:
-        print(f"  {'duplicates':22s} dropped {summary['duplicates_dropped']} dialogues")
+        print(f"  {'duplicates':24s} dropped {summary['duplicates_dropped']} dialogues")
     print(f"report: {args.report}")
     return 0
 

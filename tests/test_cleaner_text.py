@@ -1,5 +1,8 @@
-"""cleaner_text.py: each rule changes what it must and keeps its near-miss;
-on the 100-row sample it removes exactly the dirty lines it should."""
+"""cleaner_text.py: each rule changes what it must and keeps its near-miss
+(emoticons, dialogue dashes, emphasis, emoji sequences, a one-letter answer, a
+label that is the answer); a second pass changes nothing; the report counts
+every change; on the 100-row sample it removes exactly the dirty lines it
+should."""
 import json
 
 import pyarrow as pa
@@ -16,23 +19,46 @@ def clean_turn(text):
     return ct.repair_turns([text], report)[0]
 
 
+def clean_turns(*turns):
+    return ct.repair_turns(list(turns), ct.Report({}))
+
+
 @pytest.mark.parametrize("dirty, expected", [
     ("Смотри: <b>сырники</b>&nbsp;за 15 минут", "Смотри: сырники за 15 минут"),
     ("Включи &quot;Не беспокоить&quot;<br>Помоги", 'Включи "Не беспокоить" Помоги'),
-    ("Читай тут: https://example.ru/a?b=1, там всё", "Читай тут:, там всё"),
-    ("Канал t.me/gory_vmeste и www.example.ru/x.", "Канал и."),
+    ("Вот &amp;lt;b&amp;gt;жирный&amp;lt;/b&amp;gt; шрифт", "Вот жирный шрифт"),
+    ("https://kino.example.ru вот список", "вот список"),
+    ("Смотри, что нашёл: https://example.ru/a?b=1", "Смотри, что нашёл:"),
+    ("Смотри https://example.ru/x. Классно?", "Смотри. Классно?"),
     ("[quote]Кто идёт?[/quote] Я иду", "Я иду"),
     ("[b]Какой клей?[/b] [url=http://x.example.ru]форум[/url]", "Какой клей? форум"),
     ("[12:45] На улице ливень", "На улице ливень"),
+    ("[12:45] [12:46] Ты где?", "Ты где?"),
     ("15:40:12 Ты где?", "Ты где?"),
     ("12.05.2023 15:43 Давай быстрее", "Давай быстрее"),
+    ("[12:45] Маша: привет", "привет"),
     ("Иван Петров, [12.05.2023 15:40]\nСовещание в десять", "Совещание в десять"),
     ("[id123456|Катя], привет!", "Катя, привет!"),
     ("@olga_knit привет!", "привет!"),
-    ("Видела!!!!! Цены??????", "Видела! Цены?"),
+    ("@olga_knit, привет!", "привет!"),
+    ("Видела!!!!! Цены??????", "Видела!!! Цены???"),
     ("Ну ладно......", "Ну ладно..."),
+    ("Ну,,, ладно", "Ну, ладно"),
     ("Пользователь: Привет", "Привет"),
+    ("Циле: - Туфли у тебя от кого?", "Туфли у тебя от кого?"),
+    ("Подтвердил Виторган: - Она тоже собралась!", "Она тоже собралась!"),
     ("  много   пробелов\u200b ", "много пробелов"),
+    ("Озеро в области\u200d!", "Озеро в области!"),
+    ("Спишите долги !", "Спишите долги!"),
+    ("Как похудеть ?", "Как похудеть?"),
+    ("Ну , батенька, вы даёте", "Ну, батенька, вы даёте"),
+    ("Это и т. д. , и т. п.", "Это и т. д., и т. п."),
+    ("Нормально ...", "Нормально..."),
+    ("Маша протянула ноги ... в хорошие руки.", "Маша протянула ноги... в хорошие руки."),
+    ("Ответ : да", "Ответ: да"),
+    ("Нет,просто так", "Нет, просто так"),
+    ("Да,Лена,я думаю", "Да, Лена, я думаю"),
+    ("Когда у вас выпускной ,все оденут чёрное", "Когда у вас выпускной, все оденут чёрное"),
 ])
 def test_rule_repairs_dirty_turn(dirty, expected):
     assert clean_turn(dirty) == expected
@@ -51,16 +77,99 @@ def test_rule_repairs_dirty_turn(dirty, expected):
     "Стоит 1 500 ₽, недорого",
     "Если a<b и b>c, то что?",
     "Это [обычный] текст в скобках",
+    # emoticons: the space before them and a leading ":" are part of them
+    "Привет :)",
+    "Ну ты даёшь ;-)",
+    ":) ну ты даёшь",
+    ":D",
+    ";)",
+    "Опять дождь :(",
+    "Спасибо! :)",
+    # emphasis: up to three marks are what the person meant
+    "а как же я???!!!",
+    "Ну!!!",
+    "Что?!",
+    "ГДЕ?!?!?!",
+    # emoji sequences joined by U+200D stay one picture
+    "👨\u200d👩\u200d👧",
+    "Бегу 🏃\u200d♀️ уже",
+    "🏳️\u200d🌈 флаг",
+    # dashes: a reply of a dash and a mark, author's words, a silence
+    "А ты - ?",
+    "Ну ! ...",
+    "Иди сюда, - сказал он. - Быстро!",
+    "Нет! - Отвечает девушка, целуя его в ушко.",
+    "Да срал я на ваши законы! - Сбрасывается с моста.",
+    "Бегал. - ...",
+    "Топ, топ . . и заблудился.",
+    # a label that is the answer, a remark opened by a word and a colon
+    "Минусы: 5",
+    "Смотри: вот он",
+    "Вопрос: как называется столица Перу?",
+    # the speaker's own words before a colon and a dash
+    "Скажи честно: - я красивая?",
+    "Бабушка: - не бегай, говорит, по грядкам",
+    "Пиши: -Подлец. Не ищи меня.",
+    # digits after a comma, a comma after a question
+    "Это 3,5 литра",
+    "Я",
 ])
 def test_near_miss_is_kept(natural):
     assert clean_turn(natural) == natural
 
 
-def test_name_prefix_needs_a_chat_log_or_a_role_word():
+def test_two_speakers_in_one_turn_become_two_turns():
     report = ct.Report({})
-    assert ct.repair_turns(["Маша: Привет", "Петя: Здорово"], report) == ["Привет", "Здорово"]
-    assert ct.repair_turns(["Смотри: вот он", "Где?"], report) == ["Смотри: вот он", "Где?"]
-    assert ct.repair_turns(["Бот: Чем помочь?", "Ничем"], report) == ["Чем помочь?", "Ничем"]
+    turns = ct.repair_turns(["У вас есть белая?", "Есть. - А черная?", "Нет."], report)
+    assert turns == ["У вас есть белая?", "Есть.", "А черная?", "Нет."]
+    assert report.turns_changed["merged_turns"] == 1 and report.counts["turns_added"] == 1
+    assert clean_turns("Три! - Нет! - Три!") == ["Три!", "Нет!", "Три!"]
+    assert clean_turns("Сколько стоит?- 700 рублей.") == ["Сколько стоит?", "700 рублей."]
+    # the bewildered reply of marks only is a turn of its own, shortened to three
+    assert clean_turns("Спать!!!!! - ??????") == ["Спать!!!", "???"]
+
+
+@pytest.mark.parametrize("turns, expected", [
+    # a chat log: a label heads two or more turns
+    (["Маша: Привет", "Петя: Здорово", "Маша: Как дела?"], ["Привет", "Здорово", "Как дела?"]),
+    # every label a word for a speaker
+    (["Жена: Ты где был?", "Муж: На работе."], ["Ты где был?", "На работе."]),
+    (["Бот: Чем помочь?", "Ничем"], ["Чем помочь?", "Ничем"]),
+    (["Первый: Убили.", "Второй: Не успели."], ["Убили.", "Не успели."]),
+    # chat-log timestamps prove a log line, whatever the name
+    (["[12:45] Маша: привет", "[12:46] Петя: здорово"], ["привет", "здорово"]),
+    # labels that carry the meaning stay
+    (["Минусы: 5", "Плюсы: 2"], ["Минусы: 5", "Плюсы: 2"]),
+    (["Кто самые глупые?", "Шофер: весь день людей возит, а сам пешком.", "Учитель: все знает, а спрашивает."],
+     ["Кто самые глупые?", "Шофер: весь день людей возит, а сам пешком.", "Учитель: все знает, а спрашивает."]),
+    (["Слышали: он вернулся?", "Правильно: давно пора."], ["Слышали: он вернулся?", "Правильно: давно пора."]),
+    (["США: День Сурка", "Россия: Выборы Сурка"], ["США: День Сурка", "Россия: Выборы Сурка"]),
+    (["Давай вопросы.", "Первый: у тебя есть юрист?"], ["Давай вопросы.", "Первый: у тебя есть юрист?"]),
+    (["Смотри: вот он", "Где?"], ["Смотри: вот он", "Где?"]),
+])
+def test_name_prefix_goes_only_where_it_names_a_speaker(turns, expected):
+    assert clean_turns(*turns) == expected
+
+
+def test_one_letter_answer_and_a_reaction_are_kept():
+    report = ct.Report({})
+    assert ct.clean_dialogue(["Кто забил?", "Я"], report, ct.MIN_CHARS, ct.MAX_CHARS, ct.MIN_TURNS) == \
+        ["Кто забил?", "Я"]
+    assert ct.clean_dialogue(["Я женюсь!", "???", "Шучу"], report, ct.MIN_CHARS, ct.MAX_CHARS, 2) == \
+        ["Я женюсь!", "???", "Шучу"]
+    assert ct.clean_dialogue(["Как тебе?", "👍"], report, ct.MIN_CHARS, ct.MAX_CHARS, 2) == ["Как тебе?", "👍"]
+    assert not report.dialogues_cut and not report.dialogues_dropped
+
+
+def test_a_link_inside_a_sentence_takes_the_turn_with_it():
+    # "Читай тут:, там всё" and "Канал и." are what removing the link alone leaves.
+    assert clean_turn("Читай тут: https://example.ru/a?b=1, там всё") == ""
+    assert clean_turn("Канал t.me/gory_vmeste и www.example.ru/x.") == ""
+    report = ct.Report({})
+    kept = ct.clean_dialogue(["Где искать?", "Посмотри на www.example.ru/x, там много.", "Спасибо", "Пожалуйста"],
+                             report, 1, 500, 2)
+    assert kept == ["Спасибо", "Пожалуйста"]
+    assert report.dialogues_cut["empty_after_cleaning"] == 1
 
 
 def test_cut_keeps_longest_clean_run_and_drops_short_leftovers():
@@ -74,6 +183,28 @@ def test_cut_keeps_longest_clean_run_and_drops_short_leftovers():
     kept = ct.clean_dialogue(["https://example.ru/x", "Что это?", "Ссылка"], report, 2, 500, 2)
     assert kept == ["Что это?", "Ссылка"]
     assert report.dialogues_cut["empty_after_cleaning"] == 1
+    # --min-chars still cuts where a user asks for it
+    assert ct.clean_dialogue(["Кто?", "Я", "Молодец"], report, 2, 500, 2) is None
+    assert report.dialogues_dropped["too_short"] == 1
+
+
+def test_report_counts_every_changed_turn(tmp_path):
+    """Two dirty turns in one dialogue count twice, and white space counts even
+    where another rule changed the same dialogue."""
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({
+        "sample": [["Привет  ,  как дела ?", "Нормально   ,  а у тебя ?", "[12:45] Тоже  ."],
+                   ["Ты  где?", "Дома"]],
+        "dialogue_id": pa.array([0, 1], pa.int64())}), src)
+    out = tmp_path / "out.parquet"
+    assert ct.main(["--input", str(src), "--output", str(out)]) == 0
+    report = json.loads((tmp_path / "clean_report.json").read_text(encoding="utf-8"))
+    rules = report["repair_rules"]
+    assert rules["whitespace"] == {"turns_changed": 4, "dialogues_changed": 2}
+    assert rules["timestamp"] == {"turns_changed": 1, "dialogues_changed": 1}
+    assert rules["space_before_punctuation"] == {"turns_changed": 3, "dialogues_changed": 1}
+    assert pq.read_table(out).to_pydict()["sample"] == [
+        ["Привет, как дела?", "Нормально, а у тебя?", "Тоже."], ["Ты где?", "Дома"]]
 
 
 def test_thresholds_are_flags(tmp_path):
@@ -86,6 +217,44 @@ def test_thresholds_are_flags(tmp_path):
     report = json.loads((tmp_path / "clean_report.json").read_text(encoding="utf-8"))
     assert report["cut_rules"]["too_long"]["dialogues_dropped"] == 1
     assert report["thresholds"]["max_chars"] == 10
+
+
+def clean_twice(folder, raw):
+    once, twice = folder / "once.parquet", folder / "twice.parquet"
+    assert ct.main(["--input", str(raw), "--output", str(once), "--report", str(folder / "r1.json")]) == 0
+    assert ct.main(["--input", str(once), "--output", str(twice), "--report", str(folder / "r2.json")]) == 0
+    first = pq.read_table(once).to_pydict()
+    second = pq.read_table(twice).to_pydict()
+    report = json.loads((folder / "r2.json").read_text(encoding="utf-8"))
+    return first, second, report
+
+
+def test_second_pass_changes_nothing(tmp_path, sample_path):
+    raw = tmp_path / "raw.parquet"
+    dirty = [["[12:45] Маша: Привет  !!!!", "[12:46] Петя: Есть. - А черная ?", "Маша: Нет,дорогая :)"],
+             ["Видела!!!!!", "Вот &amp;lt;b&amp;gt;это&amp;lt;/b&amp;gt;", "[12:45] [12:46] Ну ...."],
+             ["@olga, привет", "Иван, [12.05.2023 15:40]\nЖена: Ты где?", "Муж: Тут."]]
+    pq.write_table(pa.table({"sample": dirty, "dialogue_id": pa.array([0, 1, 2], pa.int64())}), raw)
+    first, second, report = clean_twice(tmp_path, raw)
+    assert first == second
+    assert all(row["turns_changed"] == 0 for row in report["repair_rules"].values())
+    assert first["sample"][0] == ["Привет!!!", "Есть.", "А черная?", "Нет, дорогая :)"]
+    raw_sample = tmp_path / "sample.parquet"
+    assert parser_dataset.main(["--input", str(sample_path), "--output", str(raw_sample)]) == 0
+    first, second, report = clean_twice(tmp_path, raw_sample)
+    assert first == second and report["dialogues_in"] == report["dialogues_out"]
+
+
+@pytest.mark.shared_data
+def test_second_pass_over_the_real_corpus_changes_nothing(tmp_path, shared_data):
+    raw = tmp_path / "raw.parquet"
+    assert parser_dataset.main(["--input", str(shared_data / "anekdot_dialogues.parquet"),
+                                "--output", str(raw)]) == 0
+    first, second, report = clean_twice(tmp_path, raw)
+    assert len(first["sample"]) > 80_000
+    assert first == second
+    assert all(row["turns_changed"] == 0 for row in report["repair_rules"].values())
+    assert report["duplicates_dropped"] == 0
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +273,7 @@ def cleaned_sample(tmp_path_factory, sample_path):
 
 def looks_dirty(turn):
     markers = ["<", "&nbsp;", "&quot;", "&amp;", "http", "www.", "t.me/", "[quote", "[b]", "[url",
-               "[id", "@", "!!", "??", "....", "Пользователь:", "Админ:"]
+               "[id", "@", "!!!!", "????", "....", "Пользователь:", "Админ:", " ,", " ?", " !"]
     return any(m in turn for m in markers) or turn[:1] == "[" or len(turn) > ct.MAX_CHARS
 
 
@@ -117,9 +286,10 @@ def test_sample_slice_loses_exactly_the_dirt(cleaned_sample):
     # Dialogues with no dirt at all come through untouched.
     untouched = [i for i, turns in raw.items() if not any(looks_dirty(t) for t in turns)
                  and not any(t[:1].isdigit() or ", [" in t or ": " in t[:15] for t in turns)]
-    for i in untouched:
-        if i in clean:
-            assert clean[i] == raw[i]
+    kept = [i for i in untouched if i in clean]  # the rest are later copies of a duplicate
+    assert len(kept) > 50
+    for i in kept:
+        assert clean[i] == raw[i]
     # Exact duplicates: only the first copy of each survives.
     seen = set()
     for turns in clean.values():
@@ -154,3 +324,10 @@ def test_bad_input(tmp_path, capsys):
     assert not out.exists()
     assert ct.main(["--input", str(tmp_path / "none.parquet"), "--output", str(out)]) == 1
     assert "no such file" in capsys.readouterr().err
+    # a `sample` of strings would be cleaned letter by letter
+    strings = tmp_path / "strings.parquet"
+    pq.write_table(pa.table({"sample": ["Привет\nПока"], "dialogue_id": pa.array([0], pa.int64())}), strings)
+    assert ct.main(["--input", str(strings), "--output", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "strings.parquet" in err[0] and "'sample'" in err[0] and "list" in err[0]
+    assert not out.exists()

@@ -23,8 +23,14 @@ distributed launch; run one process per experiment instead.
 
 For evaluate.py, eval also answers a JSONL file of questions:
     python tensorflow_chatbot.py eval --model lstm_keras --questions q.jsonl --predictions p.jsonl
+
+In a notebook (Jupyter, Colab): paste this whole file into one cell, set MODE
+and the rest in the defaults block below, and run the cell (chat mode asks
+for your lines in the cell; «выход» ends it). `%run tensorflow_chatbot.py train
+--epochs 3` and `!python tensorflow_chatbot.py train --epochs 3` take flags as above.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -38,16 +44,21 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
+from tqdm.auto import tqdm  # a notebook gets its own kind of bar
 
 SCRIPT = "tensorflow_chatbot.py"
 KIT_MODEL = "lstm_keras"
 FORMAT_VERSION = 1
 
-# ---- defaults --------------------------------------------------------------
-DATA_DIR = "data"
-MODEL_DIR = "lstm_keras"
+# ---- defaults: every flag's default; in a notebook cell, set them here -----
+MODE = "train"           # what a pasted notebook cell runs: "train", "chat" or "eval" (a command line names it)
+DATA_DIR = "data"        # pairs_{train,val,test}.csv from create_dataset.py
+MODEL_DIR = "lstm_keras"  # train writes it, chat and eval read it
 REPORT_DIR = "reports"
+DEVICE = "auto"          # "auto", "cpu" or "gpu" ("cuda" means "gpu")
+THREADS = 0              # CPU threads for TensorFlow (0: its default)
+QUIET = False            # True: no progress bars or per-epoch lines
+ROWS = None              # read at most this many rows of each split (None: all)
 EPOCHS = 10
 BATCH_SIZE = 64          # as in the research
 EMB_DIM = 128
@@ -57,8 +68,15 @@ MAX_LEN = 20             # tokens per question and per answer (incl. <EOS>); cov
 LEARNING_RATE = 1e-3
 CLIP_NORM = 1.0
 PATIENCE = 3             # epochs without a better validation loss before stopping
+MAX_MINUTES = None       # stop training after this wall time, keeping the best weights (None: no limit)
+CHAT_DECODING = "sample"  # "sample" or "greedy"
+EVAL_DECODING = "greedy"
 TEMPERATURE = 0.7        # as in the research
-TOP_K = 50
+TOP_K = 50               # sample among the k likeliest words (0: all)
+REPLY_MAX_LEN = None     # reply length cap in tokens (None: the model's MAX_LEN)
+CHAT_SCRIPT = None       # chat: answer each line of this UTF-8 file instead of asking (None: ask)
+QUESTIONS = None         # eval: a JSONL of questions to answer instead of the test split (evaluate.py's way)
+PREDICTIONS = None       # eval: the JSONL the replies to QUESTIONS go to
 SEED = 1337
 
 # ---- tokenisation: spelled out identically in pytorch_chatbot.py ------------
@@ -72,6 +90,8 @@ TOKEN_RE = re.compile(TOKEN_PATTERN)
 NO_SPACE_BEFORE = re.compile(r"(?<=(\S)) ([.,!?;:…%»)\]}])")
 NO_SPACE_AFTER = re.compile(r"([«(\[{]) ")
 QUIT_WORD = "выход"
+DEVICES = ("auto", "cpu", "cuda", "gpu")  # "gpu" is the Keras script's word, "cuda" this one's: both work in both
+DECODINGS = ("greedy", "sample")
 
 
 class UserError(Exception):
@@ -154,7 +174,8 @@ def pairs_to_arrays(pairs, stoi, max_len):
 # ---- TensorFlow, imported late so that --help and errors are quick ---------
 def import_tensorflow(device):
     """Import TF with the device choice applied: `cpu` hides every GPU before TF sees one."""
-    if device == "cpu" and "tensorflow" not in sys.modules:
+    # Not in a notebook kernel: the variable would hide the GPU from every later cell, torch's too.
+    if device == "cpu" and "tensorflow" not in sys.modules and "ipykernel" not in sys.modules:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
@@ -269,7 +290,8 @@ def train_model(args, train_pairs, val_pairs):
     deadline = make_deadline_callback(args.max_minutes) if args.max_minutes else None
     if deadline:
         callbacks.append(deadline)
-    verbose = 0 if args.quiet else (1 if sys.stdout.isatty() else 2)
+    # Keras's live bar on a terminal or in a notebook; one line an epoch into a log file.
+    verbose = 0 if args.quiet else (1 if sys.stdout.isatty() or "ipykernel" in sys.modules else 2)
     started = time.monotonic()
     stopped = "epochs"
     history = None
@@ -632,6 +654,9 @@ def run_chat(args):
         except (EOFError, KeyboardInterrupt):
             print()
             return
+        except NotImplementedError:  # IPython's answer where no person can type (nbconvert, papermill)
+            raise UserError("chat: this run cannot ask for input; "
+                            "set CHAT_SCRIPT (--script) to a file of lines") from None
         if line.strip().lower() == QUIT_WORD:
             return
         if line.strip():
@@ -654,19 +679,20 @@ def parse_args(argv):
     modes = parser.add_subparsers(dest="mode", required=True)
     common = argparse.ArgumentParser(add_help=False)
     # "cuda" is accepted as a synonym of "gpu" so that one word works for both LSTM scripts.
-    common.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu", "cuda"])
+    common.add_argument("--device", default=DEVICE, choices=DEVICES)
     common.add_argument("--seed", type=int, default=SEED)
-    common.add_argument("--threads", type=int, default=0, help="CPU threads for TensorFlow (0: its default)")
-    common.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    common.add_argument("--threads", type=int, default=THREADS, help="CPU threads for TensorFlow (0: its default)")
+    common.add_argument("--quiet", action="store_true", default=QUIET, help="no progress bars or per-epoch lines")
     decoding = argparse.ArgumentParser(add_help=False)
     decoding.add_argument("--model", default=MODEL_DIR, help="model folder made by `train`")
     decoding.add_argument("--temperature", type=float, default=TEMPERATURE)
     decoding.add_argument("--top-k", type=int, default=TOP_K, help="sample among the k likeliest words (0: all)")
-    decoding.add_argument("--max-len", type=int, default=None, help="reply length cap in tokens (default: the model's)")
+    decoding.add_argument("--max-len", type=int, default=REPLY_MAX_LEN,
+                          help="reply length cap in tokens (default: the model's)")
 
     train = modes.add_parser("train", parents=[common], help="train on pairs_train.csv, validate on pairs_val.csv")
     train.add_argument("--data-dir", default=DATA_DIR)
-    train.add_argument("--rows", type=int, default=None, help="read at most this many rows of each split")
+    train.add_argument("--rows", type=int, default=ROWS, help="read at most this many rows of each split")
     train.add_argument("--epochs", type=int, default=EPOCHS)
     train.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     train.add_argument("--emb-dim", type=int, default=EMB_DIM)
@@ -675,20 +701,23 @@ def parse_args(argv):
     train.add_argument("--max-len", type=int, default=MAX_LEN, help="tokens kept per question and per answer")
     train.add_argument("--lr", type=float, default=LEARNING_RATE)
     train.add_argument("--patience", type=int, default=PATIENCE)
-    train.add_argument("--max-minutes", type=float, default=None, help="stop after this wall time, keeping the best weights")
+    train.add_argument("--max-minutes", type=float, default=MAX_MINUTES,
+                       help="stop after this wall time, keeping the best weights")
     train.add_argument("--output", default=MODEL_DIR)
 
     chat = modes.add_parser("chat", parents=[common, decoding], help="console chat, or answer a file of lines")
-    chat.add_argument("--decoding", default="sample", choices=["greedy", "sample"])
-    chat.add_argument("--script", help="answer each line of this UTF-8 file, one reply a line, and exit")
+    chat.add_argument("--decoding", default=CHAT_DECODING, choices=DECODINGS)
+    chat.add_argument("--script", default=CHAT_SCRIPT,
+                      help="answer each line of this UTF-8 file, one reply a line, and exit")
 
     evaluate = modes.add_parser("eval", parents=[common, decoding], help="metrics on pairs_test.csv")
-    evaluate.add_argument("--decoding", default="greedy", choices=["greedy", "sample"])
+    evaluate.add_argument("--decoding", default=EVAL_DECODING, choices=DECODINGS)
     evaluate.add_argument("--data-dir", default=DATA_DIR)
-    evaluate.add_argument("--rows", type=int, default=None, help="evaluate on at most this many test rows")
+    evaluate.add_argument("--rows", type=int, default=ROWS, help="evaluate on at most this many test rows")
     evaluate.add_argument("--report-dir", default=REPORT_DIR)
-    evaluate.add_argument("--questions", help="JSONL of questions (evaluate.py interface); no report then")
-    evaluate.add_argument("--predictions", help="JSONL to write the replies to, with --questions")
+    evaluate.add_argument("--questions", default=QUESTIONS,
+                          help="JSONL of questions (evaluate.py interface); no report then")
+    evaluate.add_argument("--predictions", default=PREDICTIONS, help="JSONL to write the replies to, with --questions")
     args = parser.parse_args(argv)
     if args.device == "cuda":
         args.device = "gpu"
@@ -704,6 +733,10 @@ def check_args(args):
         raise UserError(f"--vocab-size {args.vocab_size}: leaves no room for words beside the 4 special tokens")
     if getattr(args, "temperature", 1.0) <= 0:
         raise UserError(f"--temperature {args.temperature}: must be above 0 (use --decoding greedy instead)")
+    # argparse checks choices only on the command line; a notebook sets these in the defaults block.
+    for name, allowed in (("device", DEVICES), ("decoding", DECODINGS)):
+        if getattr(args, name, allowed[0]) not in allowed:
+            raise UserError(f"--{name} {getattr(args, name)!r}: must be one of {', '.join(allowed)}")
 
 
 def main(argv=None):
@@ -718,4 +751,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if "__file__" in globals():  # `python <script> ...` or `%run <script> ...`: the flags given there
+        sys.exit(main())
+    # Pasted into a notebook cell, which has no __file__: the settings of the defaults block, never the
+    # kernel's own argv, and no SystemExit, which a notebook shows as an exception (argparse prints why it stops).
+    with contextlib.suppress(SystemExit):
+        main([MODE])

@@ -11,9 +11,16 @@ at batch size one, and the metrics are computed here, once, for all of them:
   probe (data/memory_probe.jsonl): short dialogues whose last question can only
   be answered from a fact given two or more turns earlier.
 
-Transformers folders are loaded here. LSTM folders are run through their own
-script's prediction interface (`pytorch_chatbot.py eval --questions ...`), and
-this script scores what they return.
+Transformers folders are loaded here and given their prompts by the kit's one
+prompt rule (the code the trainers and the chat share): the persona and the
+newest turns within the turn window and token budget the model was trained with
+(chat_config.json; --max-turns / --context-tokens change them, with a warning
+where the model was not trained on that), as token ids, user text taken as
+plain text. The chat's repetition penalty and n-gram blocking apply to the
+reply only, never to the prompt, as in the chat. The answer perplexity is
+perplexity.py's, row for row. LSTM folders are run through their own script's
+prediction interface (`pytorch_chatbot.py eval --questions ...`), and this
+script scores what they return.
 
 Run it:
   python evaluate.py --model rugpt3_50k lstm_pytorch lstm_keras            # CPU
@@ -36,6 +43,7 @@ import sys
 import tempfile
 import time
 import traceback
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
@@ -54,13 +62,7 @@ REPO_ROOT = Path(__file__).resolve().parent
 LSTM_SCRIPTS = {"lstm_pytorch": REPO_ROOT / "pytorch_chatbot.py",
                 "lstm_keras": REPO_ROOT / "tensorflow_chatbot.py"}
 
-# The prompt format of the kit (DESIGN.md); every script spells it out.
-QUESTION_LABEL = "Вопрос: "
-ANSWER_LABEL = "Ответ: "
-TURN_SEPARATOR = "\n"
-DEFAULT_GEN_MAX_NEW_TOKENS = 64
-LABEL_PATTERN = re.compile(r"(?i)\b(вопрос|ответ)\s*:")
-LEADING_LABELS = re.compile(r"^(?:\s*ответ\s*:)+", re.IGNORECASE)
+DEFAULT_MAX_NEW_TOKENS = 64   # the chat's reply room where a folder's chat_config.json does not say
 
 CONTEXT_COLUMNS = ("dialogue_id", "context", "answer")
 PAIRS_COLUMNS = ("dialogue_id", "question", "answer")
@@ -101,6 +103,212 @@ CHART_KEYS = ["bleu4", "unigram_f1", "distinct_2", "eos_share", "memory_probe", 
 
 class UserError(Exception):
     """A mistake in the user's input: reported as one line naming the file."""
+
+
+# --- prompt rule: the same block in train_transformer.py, train_medium_context.py, system_prompt.py, tg_bot.py, perplexity.py and evaluate.py (tests/test_prompt_rule.py checks)
+# One rule for every prompt the model sees, in training, chat, perplexity and evaluation:
+#
+#     Вопрос: <persona question>          the persona, when there is one
+#     Ответ: <persona answer>
+#     Вопрос: Что ты обо мне знаешь?      what the bot knows about the user, when it knows something
+#     Ответ: <facts>
+#     Ответ: <older turn>                 turns labelled counting back from the answer, so
+#     Вопрос: <the user's question>       the turn before the answer is always a question
+#     Ответ:                              the prompt ends at the colon ...
+#      <answer><EOS>                      ... and the answer keeps its first word's space
+#
+# GPT-2's byte-level BPE spells a word inside a sentence with its space (" Привет"),
+# so the space goes with the answer, not with the prompt. No BOS is added anywhere:
+# a prompt starts with its first label in training and in chat alike, whatever the
+# tokenizer's add_bos_token says. Text is tokenized as plain text: "</s>" typed by
+# a user is five characters, never the EOS id.
+PROMPT_RULE = 2                # chat_config.json "prompt_rule": the rule a model folder was trained with
+QUESTION_LABEL = "Вопрос: "
+ANSWER_LABEL = "Ответ: "
+TURN_SEPARATOR = "\n"
+FACTS_QUESTION = "Что ты обо мне знаешь?"
+DEFAULT_MAX_TURNS = 16         # the turn window of a model folder whose chat_config.json records none
+LABEL_PATTERN = re.compile(r"(?i)\b(вопрос|ответ)\s*:")
+
+
+def prepare_turn(text):
+    """A turn as a prompt holds it: Unicode NFC, one line with single spaces (a newline
+    separates turns), and a label inside it ("Ответ:") made "Ответ -", so that a user
+    cannot start a turn of their own."""
+    text = " ".join(unicodedata.normalize("NFC", text).split())
+    return LABEL_PATTERN.sub(lambda m: m.group(1) + " -", text)
+
+
+def header_text(persona=None, facts=None):
+    """The exchanges every prompt starts with: the persona, then what the bot knows about the user."""
+    lines = []
+    if persona:
+        lines += [QUESTION_LABEL + prepare_turn(persona["question"]), ANSWER_LABEL + prepare_turn(persona["answer"])]
+    if facts:
+        lines += [QUESTION_LABEL + FACTS_QUESTION, ANSWER_LABEL + prepare_turn(facts)]
+    return "".join(line + TURN_SEPARATOR for line in lines)
+
+
+def prompt_text(turns, persona=None, facts=None):
+    """The prompt for turns (oldest first, the user's question last), ending at the answer label's colon."""
+    count = len(turns)
+    lines = [(QUESTION_LABEL if (count - 1 - i) % 2 == 0 else ANSWER_LABEL) + prepare_turn(turn)
+             for i, turn in enumerate(turns)]
+    return header_text(persona, facts) + "".join(line + TURN_SEPARATOR for line in lines) + ANSWER_LABEL.rstrip()
+
+
+def encode_text(tokenizer, text):
+    """Token ids of text, taken as plain text: nothing added (no BOS, no EOS), and the spelling
+    of a special token ("</s>") tokenized as the characters it is."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+
+
+def answer_ids(tokenizer, answer):
+    """The answer as the model learns to write it after a prompt: its first word with its
+    leading space, then the tokenizer's own EOS."""
+    return encode_text(tokenizer, " " + prepare_turn(answer)) + [tokenizer.eos_token_id]
+
+
+def first_fitting(starts, fits):
+    """The smallest of the sorted starts that fits (a later start leaves less text), else None."""
+    lo, hi = 0, len(starts)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(starts[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return starts[lo] if lo < len(starts) else None
+
+
+def fit_question(tokenizer, question, budget, persona=None, facts=None):
+    """The longest end of the (prepared) question whose prompt fits in budget tokens, cut
+    before a word where one fits; None when not even an empty question fits. The end is
+    kept: people ask after the material."""
+    def fits(start):
+        return len(encode_text(tokenizer, prompt_text([question[start:]], persona, facts))) <= budget
+
+    if fits(0):
+        return question
+    if not fits(len(question)):
+        return None
+    word_starts = [i for i in range(1, len(question)) if question[i - 1] == " "]
+    start = first_fitting(word_starts, fits)
+    if start is None:  # not even the last word fits: keep the end of it
+        start = first_fitting(list(range((word_starts or [0])[-1] + 1, len(question) + 1)), fits)
+    return question[start:]
+
+
+def fit_prompt(tokenizer, turns, max_turns, budget, persona=None, facts=None):
+    """Prompt ids for a conversation (turns oldest first, the user's question last): the
+    persona, the facts when they fit beside it, the question (its end, if it alone is too
+    long), and the newest earlier turns that fit the turn window (max_turns turns, the
+    question included) and budget tokens; the oldest go first. None when not even the
+    persona and an empty question fit."""
+    turns = [prepare_turn(turn) for turn in turns[-max_turns:]]
+    if facts and len(encode_text(tokenizer, prompt_text([""], persona, facts))) > budget:
+        facts = None
+    whole = encode_text(tokenizer, prompt_text(turns, persona, facts))
+    if len(whole) <= budget:
+        return whole
+    question = fit_question(tokenizer, turns[-1], budget, persona, facts)
+    if question is None:
+        return None
+    earlier = turns[:-1]
+
+    def encoded(count):  # the prompt with the newest `count` earlier turns
+        return encode_text(tokenizer, prompt_text(earlier[len(earlier) - count:] + [question], persona, facts))
+
+    lo, hi = 0, len(earlier) - 1  # the prompt with lo earlier turns fits (all of them did not)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(encoded(mid)) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return encoded(lo)
+
+
+def encode_exchange(tokenizer, turns, answer, max_turns, context_tokens, max_length, persona=None, facts=None):
+    """(prompt ids, answer ids) of one exchange, as training learns it and perplexity.py and
+    evaluate.py score it; None when the answer leaves no room for a prompt. The answer is
+    never cut: the prompt gets context_tokens, or less where a long answer leaves less of
+    max_length."""
+    target = answer_ids(tokenizer, answer)
+    prompt = fit_prompt(tokenizer, turns, max_turns, min(context_tokens, max_length - len(target)), persona, facts)
+    return None if prompt is None else (prompt, target)
+
+
+def prompt_window(chat_config, n_positions, max_new_tokens, max_turns=None, context_tokens=None):
+    """(turn window, prompt budget in tokens, warning lines) for a model folder: what training
+    recorded in chat_config.json, or what --max-turns / --context-tokens ask for (a warning
+    where that is more than the model was trained on). The budget leaves max_new_tokens of
+    the model's positions for the reply."""
+    config = chat_config or {}
+    notes = []
+    rule = config.get("prompt_rule")
+    if chat_config is not None and rule is None:
+        notes.append("chat_config.json records no prompt_rule: the model was trained by an older kit, on "
+                        "prompts that end in 'Ответ: ' with a space; retrain it for the prompts it is given now")
+    elif chat_config is not None and rule != PROMPT_RULE:
+        notes.append(f"chat_config.json has prompt_rule {rule!r}, this kit builds prompts by rule "
+                        f"{PROMPT_RULE}: they may differ from the ones the model was trained on")
+    trained_turns = int(config.get("max_turns") or DEFAULT_MAX_TURNS)
+    trained_tokens = int(config.get("context_tokens") or n_positions - max_new_tokens)
+    turns, tokens = int(max_turns or trained_turns), int(context_tokens or trained_tokens)
+    if turns > trained_turns:
+        notes.append(f"--max-turns {turns}: the model was trained on at most {trained_turns} turns before "
+                        f"the answer")
+    if tokens > trained_tokens:
+        notes.append(f"--context-tokens {tokens}: the model was trained on prompts of at most "
+                        f"{trained_tokens} tokens")
+    return turns, min(tokens, n_positions - max_new_tokens), notes
+# --- end of the prompt rule
+
+
+# --- decoding: the same block in system_prompt.py, tg_bot.py and evaluate.py (tests/test_prompt_rule.py checks)
+LEADING_LABELS = re.compile(r"^(?:\s*ответ\s*:)+", re.IGNORECASE)
+NEXT_TURN = re.compile(r"(?im)^[ \t]*(?:вопрос|ответ)[ \t]*:")
+# the model going on to write the next turn itself: a label that starts a line
+STOP_STRINGS = [TURN_SEPARATOR + QUESTION_LABEL.strip(), TURN_SEPARATOR + ANSWER_LABEL.strip()]
+
+
+class OnReplyOnly:
+    """A transformers logits processor that sees the reply's tokens only, input_ids[:, prompt_length:].
+
+    transformers' n-gram blocking looks at the whole sequence, prompt included, so it
+    bans the question's words and the name a user gave, which an answer on topic and a
+    bot that remembers must repeat. Rows of a left-padded batch share prompt_length."""
+
+    def __init__(self, processor, prompt_length):
+        self.processor, self.prompt_length = processor, prompt_length
+
+    def __call__(self, input_ids, scores):
+        return self.processor(input_ids[:, self.prompt_length:], scores)
+
+
+def reply_processors(generation, prompt_length):
+    """Repetition penalty and n-gram blocking of the generation settings (chat_config.json),
+    applied to the reply being generated and never to the prompt."""
+    from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+    processors = []
+    penalty = float(generation.get("repetition_penalty") or 1.0)
+    if penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=prompt_length))
+    size = int(generation.get("no_repeat_ngram_size") or 0)
+    if size > 0:
+        processors.append(OnReplyOnly(NoRepeatNGramLogitsProcessor(size), prompt_length))
+    return processors
+
+
+def cut_at_next_turn(text):
+    """The reply without an echoed answer label, cut where the model went on to write the
+    next turn itself: at a label that starts a line, never at "вопрос:" inside a sentence."""
+    text = LEADING_LABELS.sub("", text)
+    label = NEXT_TURN.search(text)
+    return text[:label.start()] if label else text
+# --- end of the decoding block
 
 
 # ---------------------------------------------------------------- metrics
@@ -193,55 +401,6 @@ def probe_metrics(probe, replies):
 
 
 # ---------------------------------------------------------------- data
-def load_split(data_dir, split, rows, seed):
-    """Test rows as dicts {dialogue_id, turns (oldest first, the question last), answer}.
-
-    context_<split>.parquet is preferred (it carries the earlier turns);
-    pairs_<split>.csv is the fallback, with the question as the only turn."""
-    import pandas as pd
-
-    data_dir = Path(data_dir)
-    context_path = data_dir / f"context_{split}.parquet"
-    pairs_path = data_dir / f"pairs_{split}.csv"
-    if context_path.is_file():
-        path, columns = context_path, CONTEXT_COLUMNS
-        try:
-            frame = pd.read_parquet(path)
-        except Exception as exc:
-            raise UserError(f"{path}: cannot read parquet ({exc.__class__.__name__})") from None
-    elif pairs_path.is_file():
-        path, columns = pairs_path, PAIRS_COLUMNS
-        try:
-            frame = pd.read_csv(path, encoding="utf-8", keep_default_na=False)
-        except pd.errors.EmptyDataError:
-            raise UserError(f"{path}: the {split} split is empty (an empty file)") from None
-        except UnicodeDecodeError:
-            raise UserError(f"{path}: not UTF-8") from None
-        except Exception as exc:
-            raise UserError(f"{path}: cannot read CSV ({exc.__class__.__name__})") from None
-    else:
-        raise UserError(f"{context_path}: not found (nor {pairs_path.name}); run create_dataset.py first")
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise UserError(f"{path}: missing column(s) {', '.join(missing)}")
-    examples = []
-    for row in frame.itertuples(index=False):
-        if columns is CONTEXT_COLUMNS:
-            turns = [str(t) for t in (row.context if row.context is not None else [])]
-        else:
-            turns = [str(row.question)]
-        answer = row.answer if isinstance(row.answer, str) else ""
-        if turns and turns[-1].strip() and answer.strip():
-            examples.append({"dialogue_id": int(row.dialogue_id), "turns": turns, "answer": answer})
-    if not examples:
-        raise UserError(f"{path}: the {split} split is empty (no row with a question and an answer)")
-    if rows and rows < len(examples):
-        # A seeded sample kept in file order: the same rows for every script given the same seed.
-        picked = sorted(random.Random(seed).sample(range(len(examples)), rows))
-        examples = [examples[i] for i in picked]
-    return examples, path
-
-
 def load_probe(path):
     """The memory probe: {"id", "turns": [user, bot, ..., final question], "fact": [accepted forms]}."""
     path = Path(path)
@@ -326,20 +485,6 @@ def model_kind(folder):
     return "transformers"
 
 
-def read_chat_config(folder, weights_dir):
-    for candidate in (weights_dir, folder, weights_dir.parent):
-        path = candidate / "chat_config.json"
-        if path.is_file():
-            config = read_json(path)
-            persona = config.get("persona") if isinstance(config, dict) else None
-            if not isinstance(config, dict) or (persona is not None and not (
-                    isinstance(persona, dict) and {"question", "answer"} <= persona.keys())):
-                raise UserError(f"{path}: not a chat_config of the kit (a JSON object; persona null or "
-                                f"{{question, answer}})")
-            return config
-    return None
-
-
 def pick_device(name):
     import torch
 
@@ -350,7 +495,7 @@ def pick_device(name):
     return name
 
 
-def load_model(folder, device):
+def load_model(folder, device, max_turns=None, context_tokens=None):
     """Model, tokenizer and prompt settings of a transformers folder of the kit."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -374,123 +519,124 @@ def load_model(folder, device):
         raise UserError(f"{weights_dir}: cannot load the model ({exc.__class__.__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     model.to(device).eval()
-    chat = read_chat_config(folder, weights_dir) or {}
+    chat = read_chat_config(folder, weights_dir)
     n_positions = (getattr(model.config, "max_position_embeddings", None)
                    or getattr(model.config, "n_positions", None) or 1024)
-    generation = chat.get("generation") or {}
-    max_new = int(generation.get("max_new_tokens", DEFAULT_GEN_MAX_NEW_TOKENS))
-    settings = {
-        "question_label": chat.get("question_label", QUESTION_LABEL),
-        "answer_label": chat.get("answer_label", ANSWER_LABEL),
-        "turn_separator": chat.get("turn_separator", TURN_SEPARATOR),
-        "persona": chat.get("persona"),
-        "context_tokens": int(chat.get("context_tokens") or n_positions - max_new),
-        "max_turns": None,  # like the chat: the budget alone decides how many turns fit
-        "n_positions": int(n_positions),
-        "has_chat_config": bool(chat),
-        "generation": generation,
-    }
+    settings = prompt_settings(chat, int(n_positions), max_turns, context_tokens)
+    settings["generation"] = (chat or {}).get("generation") or {}
     return model, tokenizer, weights_dir, settings
 
 
-# ---------------------------------------------------------------- prompts (as system_prompt.py builds them)
+# ---------------------------------------------------------------- data, prompts and scoring
 # --- mirrored in evaluate.py and perplexity.py (tests/test_evaluate.py checks they agree)
-def neutralise(text):
-    """'Ответ:' inside a user's text would fake a turn; it becomes 'Ответ -'."""
-    return LABEL_PATTERN.sub(lambda m: m.group(1) + " -", text)
+def read_chat_config(folder, weights_dir):
+    """chat_config.json beside the weights, in the folder or above a checkpoint; None where there is none."""
+    for candidate in (weights_dir, folder, weights_dir.parent):
+        path = candidate / "chat_config.json"
+        if path.is_file():
+            config = read_json(path)
+            persona = config.get("persona") if isinstance(config, dict) else None
+            if not isinstance(config, dict) or (persona is not None and not (
+                    isinstance(persona, dict) and {"question", "answer"} <= persona.keys())):
+                raise UserError(f"{path}: not a chat_config of the kit (a JSON object; persona null or "
+                                f"{{question, answer}})")
+            for key, ours in (("question_label", QUESTION_LABEL), ("answer_label", ANSWER_LABEL),
+                              ("turn_separator", TURN_SEPARATOR)):
+                if key in config and config[key] != ours:
+                    raise UserError(f"{path}: {key} {config[key]!r} differs from the kit's prompt rule {ours!r}")
+            return config
+    return None
 
 
-def prepare_turn(text):
-    # The separator between turns is a newline, so a turn must be a single line.
-    return " ".join(neutralise(text).split())
+def prompt_settings(chat, n_positions, max_turns=None, context_tokens=None):
+    """How prompts are built for a model folder, the way its chat builds them: persona, turn
+    window and budget from chat_config.json (--max-turns / --context-tokens may change the
+    window, with a warning where the model was not trained on it), and the example length
+    training used, which caps the prompt after a long answer as training did."""
+    config = chat or {}
+    max_new = int((config.get("generation") or {}).get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+    max_turns, budget, notes = prompt_window(chat, n_positions, max_new, max_turns, context_tokens)
+    return {"persona": config.get("persona"), "facts": None, "max_turns": max_turns, "context_tokens": budget,
+            "max_length": min(int(config.get("max_length") or n_positions), n_positions),
+            "n_positions": n_positions, "has_chat_config": chat is not None, "warnings": notes}
 
 
-def render_prompt(turns, settings):
-    """Persona exchange, then prepared turns labelled counting back from the answer (the last
-    turn is always a question), then the answer label the model continues from."""
-    q, a, sep = settings["question_label"], settings["answer_label"], settings["turn_separator"]
-    lines = []
-    if settings.get("persona"):
-        lines += [q + prepare_turn(settings["persona"]["question"]), a + prepare_turn(settings["persona"]["answer"])]
-    n = len(turns)
-    lines += [(q if (n - 1 - i) % 2 == 0 else a) + turn for i, turn in enumerate(turns)]
-    return sep.join(lines) + sep + a
+def load_split(data_dir, split, rows, seed):
+    """Test rows as dicts {dialogue_id, turns (oldest first, the question last), answer}.
 
+    context_<split>.parquet is preferred (it carries the earlier turns);
+    pairs_<split>.csv is the fallback, with the question as the only turn."""
+    import random
 
-def persona_block(settings):
-    """The persona's lines with their separator: the prefix every prompt starts with."""
-    return render_prompt([], settings)[:-len(settings["answer_label"])] if settings.get("persona") else ""
+    import pandas as pd
 
-
-def fit_question(tokenizer, question, settings, budget):
-    """The end of the question that fits beside the persona (people ask after the material)."""
-    def fits(text):
-        return len(tokenizer(render_prompt([text], settings))["input_ids"]) <= budget
-
-    if fits(question):
-        return question
-    ids = tokenizer(question, add_special_tokens=False)["input_ids"]
-    room = budget - len(tokenizer(render_prompt([""], settings))["input_ids"])
-    while room > 0:
-        # A cut can split a multi-byte character; the broken piece is dropped.
-        text = tokenizer.decode(ids[-room:], skip_special_tokens=True).replace("\ufffd", "").strip()
-        if fits(text):
-            return text
-        room -= 1
-    return ""
-
-
-def prompt_ids(tokenizer, turns, settings, budget):
-    """Token ids of the prompt system_prompt.py would build: the persona and as many of the
-    newest turns as fit in `budget` tokens, starting at a question where turns were dropped.
-
-    Returns (ids, persona_tokens)."""
-    turns = [prepare_turn(t) for t in turns]
-    if settings.get("max_turns"):
-        turns = turns[-settings["max_turns"]:]
-    turns[-1] = fit_question(tokenizer, turns[-1], settings, budget)
-
-    def encode(start):
-        return tokenizer(render_prompt(turns[start:], settings))["input_ids"]
-
-    start, ids = 0, encode(0)
-    while len(ids) > budget and start < len(turns) - 1:
-        start += 1
-        ids = encode(start)
-    if 0 < start < len(turns) - 1 and (len(turns) - start) % 2 == 0:
-        start += 1  # after the persona's answer a question must follow
-        ids = encode(start)
-    if len(ids) > budget:  # not even the persona fits: keep the newest tokens
-        return ids[-budget:] if budget > 0 else [], 0
-    persona = persona_block(settings)
-    return ids, (len(tokenizer(persona)["input_ids"]) if persona else 0)
-
-
-def answer_ids(tokenizer, answer):
-    return tokenizer(neutralise(answer), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-
-
-# --- end of the mirrored part
+    data_dir = Path(data_dir)
+    context_path = data_dir / f"context_{split}.parquet"
+    pairs_path = data_dir / f"pairs_{split}.csv"
+    if context_path.is_file():
+        path, columns = context_path, CONTEXT_COLUMNS
+        try:
+            frame = pd.read_parquet(path)
+        except Exception as exc:
+            raise UserError(f"{path}: cannot read parquet ({exc.__class__.__name__})") from None
+    elif pairs_path.is_file():
+        path, columns = pairs_path, PAIRS_COLUMNS
+        try:
+            frame = pd.read_csv(path, encoding="utf-8", keep_default_na=False)
+        except pd.errors.EmptyDataError:
+            raise UserError(f"{path}: the {split} split is empty (an empty file)") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not UTF-8") from None
+        except Exception as exc:
+            raise UserError(f"{path}: cannot read CSV ({exc.__class__.__name__})") from None
+    else:
+        raise UserError(f"{context_path}: not found (nor {pairs_path.name}); run create_dataset.py first")
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)}")
+    examples = []
+    for row in frame.itertuples(index=False):
+        if columns is CONTEXT_COLUMNS:
+            turns = [str(t) for t in (row.context if row.context is not None else [])]
+        else:
+            turns = [str(row.question)]
+        answer = row.answer if isinstance(row.answer, str) else ""
+        if turns and turns[-1].strip() and answer.strip():
+            examples.append({"dialogue_id": int(row.dialogue_id), "turns": turns, "answer": answer})
+    if not examples:
+        raise UserError(f"{path}: the {split} split is empty (no row with a question and an answer)")
+    if rows and rows < len(examples):
+        # A seeded sample kept in file order: the same rows for every script given the same seed.
+        picked = sorted(random.Random(seed).sample(range(len(examples)), rows))
+        examples = [examples[i] for i in picked]
+    return examples, path
 
 
 def build_scoring_examples(tokenizer, examples, settings):
-    """Token ids of prompt + answer + EOS with the spans to score; rows that cannot fit are skipped."""
+    """Token ids of prompt + answer + EOS, exactly as training encodes the exchange, with the
+    spans to score; None for a row whose answer leaves no room (and a count of those)."""
+    header = len(encode_text(tokenizer, header_text(settings["persona"], settings["facts"])))
     built, skipped = [], 0
     for example in examples:
-        target = answer_ids(tokenizer, example["answer"])
-        budget = min(settings["context_tokens"], settings["n_positions"] - len(target))
-        if budget < 2:
+        exchange = encode_exchange(tokenizer, example["turns"], example["answer"], settings["max_turns"],
+                                   settings["context_tokens"], settings["max_length"], settings["persona"],
+                                   settings["facts"])
+        if exchange is None:
             skipped += 1
             built.append(None)
             continue
-        prompt, persona_tokens = prompt_ids(tokenizer, example["turns"], settings, budget)
-        built.append({"ids": prompt + target, "answer_start": len(prompt),
-                      "sequence_start": max(1, persona_tokens), "chars": len(example["answer"]) + 1})
+        prompt, target = exchange
+        built.append({"ids": prompt + target, "answer_start": len(prompt), "sequence_start": max(1, header),
+                      "chars": len(example["answer"]) + 1})
     return built, skipped
 
 
 def score(model, built, batch_size, device, pad_id=0, progress=True):
-    """Per-row sums of NLL (nats) over the answer span (the same computation as perplexity.py)."""
+    """Per-row sums of NLL (nats) over the answer span (answer + EOS) and over the sequence
+    span (all but the persona and facts), with their token counts.
+
+    The batch is right-padded; each target token is scored from the logits one position
+    earlier, so padding never enters a sum."""
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
@@ -512,71 +658,91 @@ def score(model, built, batch_size, device, pad_id=0, progress=True):
                                   reduction="none").cpu()  # nll[:, j-1] scores token j
             for row, i in enumerate(batch):
                 length = len(built[i]["ids"])
-                a0 = built[i]["answer_start"]
-                results[i] = {"nll": float(nll[row, a0 - 1:length - 1].double().sum()),
-                              "tokens": length - a0, "chars": built[i]["chars"]}
+                token_nll = nll[row, :length - 1].double()
+                a0, s0 = built[i]["answer_start"], built[i]["sequence_start"]
+                results[i] = {"answer_nll": float(token_nll[a0 - 1:].sum()), "answer_tokens": length - a0,
+                              "sequence_nll": float(token_nll[s0 - 1:].sum()), "sequence_tokens": length - s0,
+                              "chars": built[i]["chars"]}
     return results
 
 
+# --- end of the mirrored part
+
+
 # ---------------------------------------------------------------- running the models
-def generate_reply(model, tokenizer, ids, generation_config, settings, device):
-    """One greedy reply at batch size one: (text, ended_with_eos, ms, new tokens without EOS)."""
+def generate_reply(model, tokenizer, ids, generation_config, kit_generation, stop, device):
+    """One greedy reply at batch size one: (text, ended_with_eos, ms, new tokens without EOS).
+
+    The chat's repetition penalty and n-gram blocking look at the reply only, as in the chat."""
     import torch
+    from transformers import LogitsProcessorList
 
     started = time.perf_counter()
     input_ids = torch.tensor([ids], device=device)
+    processors = LogitsProcessorList(reply_processors(kit_generation, len(ids)))
     with torch.no_grad():
         output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                generation_config=generation_config)
+                                generation_config=generation_config, logits_processor=processors,
+                                stopping_criteria=stop)
     if device == "cuda":
         torch.cuda.synchronize()
     new = output[0, len(ids):].tolist()
     ended = tokenizer.eos_token_id in new
     if ended:
         new = new[:new.index(tokenizer.eos_token_id)]
-    text = tokenizer.decode(new, skip_special_tokens=True)
     # As the chat shows it: an echoed answer label dropped, and a model that goes on to write the
     # next turn itself (instead of ending) cut at that label.
-    text = LEADING_LABELS.sub("", text)
-    label = LABEL_PATTERN.search(text)
-    if label:
-        text = text[:label.start()]
+    text = cut_at_next_turn(tokenizer.decode(new, skip_special_tokens=True))
     text = " ".join(text.replace("\ufffd", "").split())  # a cut multi-byte piece is noise, not a word
     ms = (time.perf_counter() - started) * 1000
     return text, ended, ms, len(new)
 
 
+def reply_prompt(tokenizer, turns, settings, budget):
+    """The prompt ids a reply is generated from: the chat's (system_prompt.chat_prompt_ids)
+    for the same conversation, window and budget."""
+    return fit_prompt(tokenizer, turns, settings["max_turns"], budget, settings["persona"], settings["facts"])
+
+
 def run_transformers(folder, examples, probe, options):
     import torch
     from tqdm.auto import tqdm
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, StoppingCriteriaList, StopStringCriteria
 
     device = options["device"]
-    model, tokenizer, weights_dir, settings = load_model(folder, device)
-    if options.get("max_turns"):
-        settings["max_turns"] = options["max_turns"]
+    model, tokenizer, weights_dir, settings = load_model(folder, device, options.get("max_turns"),
+                                                         options.get("context_tokens"))
+    for note in settings["warnings"]:
+        print(f"evaluate.py: warning: {folder}: {note}", file=sys.stderr)
     max_new = options["max_new_tokens"]
     budget = min(settings["context_tokens"], settings["n_positions"] - max_new)
     if budget < 2:
         raise UserError(f"{folder}: --max-new-tokens {max_new} leaves no room for a prompt in "
                         f"{settings['n_positions']} positions")
-    kit_generation = settings["generation"]
-    # Greedy, but with the bot's own deterministic guards against loops (chat_config.json).
+    # Greedy, with the bot's own guards against loops (chat_config.json), on the reply only:
+    # transformers' own ones, which would look at the prompt too, stay off.
     generation_config = GenerationConfig(
-        max_new_tokens=max_new, do_sample=False, num_beams=1,
-        repetition_penalty=float(kit_generation.get("repetition_penalty", 1.0)),
-        no_repeat_ngram_size=int(kit_generation.get("no_repeat_ngram_size", 0)),
+        max_new_tokens=max_new, do_sample=False, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    stop = StoppingCriteriaList([StopStringCriteria(tokenizer, STOP_STRINGS)])
     torch.manual_seed(options["seed"])
     random.seed(options["seed"])
 
-    prompts = [prompt_ids(tokenizer, e["turns"], settings, budget)[0] for e in examples]
-    generate_reply(model, tokenizer, prompts[0], generation_config, settings, device)  # warm-up, not timed
+    def prompt(turns):
+        ids = reply_prompt(tokenizer, turns, settings, budget)
+        if ids is None:
+            raise UserError(f"{folder}: the persona alone does not fit the prompt budget of {budget} tokens")
+        return ids
+
+    prompts = [prompt(e["turns"]) for e in examples]
+    kit_generation = settings["generation"]
+    generate_reply(model, tokenizer, prompts[0], generation_config, kit_generation, stop, device)  # warm-up, untimed
     records = []
     for example, ids in zip(tqdm(examples, desc=f"{Path(folder).name} replies", disable=not options["progress"]),
                             prompts):
-        reply, ended, ms, n_tokens = generate_reply(model, tokenizer, ids, generation_config, settings, device)
+        reply, ended, ms, n_tokens = generate_reply(model, tokenizer, ids, generation_config, kit_generation, stop,
+                                                    device)
         records.append({"reply": reply, "reference": example["answer"], "ended_with_eos": ended, "ms": ms,
                         "reply_tokens": n_tokens})
     built, _ = build_scoring_examples(tokenizer, examples, settings)
@@ -584,13 +750,13 @@ def run_transformers(folder, examples, probe, options):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     scores = iter(score(model, kept, options["batch_size"], device, pad_id, options["progress"]))
     for record, b in zip(records, built):
-        s = next(scores) if b is not None else {"nll": None, "tokens": None, "chars": None}
-        record.update(reference_nll=s["nll"], reference_tokens=s["tokens"], reference_chars=s["chars"])
-    probe_replies = [generate_reply(model, tokenizer, prompt_ids(tokenizer, item["turns"], settings, budget)[0],
-                                    generation_config, settings, device)[0] for item in probe]
+        s = next(scores) if b is not None else {"answer_nll": None, "answer_tokens": None, "chars": None}
+        record.update(reference_nll=s["answer_nll"], reference_tokens=s["answer_tokens"], reference_chars=s["chars"])
+    probe_replies = [generate_reply(model, tokenizer, prompt(item["turns"]), generation_config, kit_generation, stop,
+                                    device)[0] for item in probe]
     info = {"weights": str(weights_dir), "persona": bool(settings["persona"]), "max_turns": settings["max_turns"],
-            "tokens": "model BPE tokens", "decoding": "greedy (chat_config repetition_penalty, "
-                                                      "no_repeat_ngram_size kept)"}
+            "context_tokens": budget, "tokens": "model BPE tokens",
+            "decoding": "greedy (chat_config repetition_penalty, no_repeat_ngram_size on the reply only)"}
     return records, probe_replies, info
 
 
@@ -729,12 +895,14 @@ def markdown_table(result):
         "(NLL / ln 2 / characters of the references, +1 each for the end) is the figure that compares "
         "across tokenizers. An LSTM maps out-of-vocabulary words to <UNK> and is scored on that token, "
         "which flatters its perplexity and bits/char. Transformers replies are greedy with the model's "
-        "chat_config repetition_penalty and no_repeat_ngram_size; LSTM replies are plain greedy.",
+        "chat_config repetition_penalty and no_repeat_ngram_size, which look at the reply only, as in the chat; "
+        "LSTM replies are plain greedy.",
         "",
         "The memory probe counts a reply as a hit if it names the fact given two or more turns earlier "
         "(stem match, case-insensitive). Each model gets the conversation as its chat would: "
-        "transformers the persona and the newest turns that fit the prompt budget (as system_prompt.py "
-        "builds it), LSTMs the turns joined and cut to their last max_len tokens.",
+        "transformers the persona and the newest turns within the turn window and prompt budget they were "
+        "trained with (the kit's prompt rule), LSTMs the turns joined and cut to their last max_len tokens. "
+        "A model trained on single exchanges (max_turns 1) cannot see the fact.",
         "",
     ]
     by_distance = result.get("probe_by_distance") or {}
@@ -841,13 +1009,17 @@ def parse_args(argv):
     parser.add_argument("--device", default=DEVICE, choices=["auto", "cpu", "cuda"])
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     parser.add_argument("--max-turns", type=int, default=None,
-                        help="keep at most this many turns before the answer, question included (default: all "
-                             "that fit, as the chat does)")
+                        help="keep at most this many turns before the answer, question included (default: "
+                             "transformers take their chat_config.json window, the one they were trained with; "
+                             "LSTMs get every turn)")
+    parser.add_argument("--context-tokens", type=int, default=None,
+                        help="prompt budget of transformers models in tokens (default: chat_config.json)")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="batch of the perplexity scoring")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    if args.rows < 0 or args.batch_size < 1 or args.max_new_tokens < 1 or (args.max_turns or 1) < 1:
-        parser.error("--rows must be >= 0; --batch-size, --max-new-tokens and --max-turns >= 1")
+    if args.rows < 0 or args.batch_size < 1 or args.max_new_tokens < 1 or (args.max_turns or 1) < 1 \
+            or (args.context_tokens or 1) < 1:
+        parser.error("--rows must be >= 0; --batch-size, --max-new-tokens, --max-turns and --context-tokens >= 1")
     return args
 
 
@@ -861,7 +1033,8 @@ def main(argv=None, scripts=None):
         print(f"evaluate.py: error: {exc}", file=sys.stderr)
         return 1
     options = {"device": device, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
-               "max_turns": args.max_turns, "batch_size": args.batch_size, "progress": not args.quiet,
+               "max_turns": args.max_turns, "context_tokens": args.context_tokens, "batch_size": args.batch_size,
+               "progress": not args.quiet,
                "scripts": scripts or LSTM_SCRIPTS, "data": str(data_path), "probe": str(args.probe)}
     result = compare(args.model, examples, probe, options)
     failed = [row for row in result["models"] if row["status"] != "ok"]

@@ -1,13 +1,19 @@
 """Perplexity of a transformers chat model on the held-out test split.
 
-Reads a model folder of the kit (or any of its checkpoint-N/ folders), builds
-each test row into the prompt the chat would give the model (system_prompt.py:
-the chat_config persona + the newest context turns that fit the budget +
-"Ответ: "), and scores the reference answer plus EOS under teacher forcing.
-The trainers' validation loss is measured without the persona; --no-persona
-gives that setting here (from context_<split>.parquet, or pairs_<split>.csv
-when it is absent). Three figures come out, all weighted by tokens (the total
-negative log-likelihood over the total count, never a mean of per-row means):
+Reads a model folder of the kit (or any of its checkpoint-N/ folders) and scores
+each test row as training encoded it and as the chat shows it, by the kit's one
+prompt rule (the same code in the trainers, system_prompt.py and tg_bot.py): the
+chat_config persona, then the newest context turns within the turn window and
+the token budget the model was trained with (chat_config.json max_turns and
+context_tokens; --max-turns / --context-tokens change them, with a warning where
+the model was not trained on that), ending at "Ответ:". The reference answer
+(its first word with its space) and EOS are scored under teacher forcing, from
+the token ids a training example of that row has. The rows come from
+context_<split>.parquet, or pairs_<split>.csv when it is absent (the question
+alone). --no-persona leaves the persona out. Three figures come out, all
+weighted by tokens (the total negative log-likelihood over the total count, never
+a mean of per-row or per-batch means), so that the answer figure on the
+validation split is the one the trainers print at the end:
 
   answer perplexity   - over the answer tokens and EOS only: what a chatbot is
                         judged on, given the prompt it will really see;
@@ -17,10 +23,14 @@ negative log-likelihood over the total count, never a mean of per-row means):
                         for the end): unlike perplexity per token it compares
                         models with different tokenizers, LSTMs included.
 
+A folder trained by an older kit (no "prompt_rule" in chat_config.json) is
+scored all the same, with a warning: its prompts had a space after "Ответ:".
+
 Run it:
   python perplexity.py --model rugpt3_50k                       # CPU or GPU, whichever is there
   python perplexity.py --model rugpt3_medium_CLEAN_model --device cuda --batch-size 16 --rows 0
   python perplexity.py --model rugpt3_50k/checkpoint-500 --rows 500
+  python perplexity.py --model rugpt3_50k --split val --rows 0  # the trainer's closing figure
 
 Writes reports/perplexity_<model>.json and .md, and prints the figures with a
 one-line reading.
@@ -31,6 +41,7 @@ import math
 import os
 import re
 import sys
+import unicodedata
 from pathlib import Path
 
 # ---------------------------------------------------------------- defaults
@@ -42,12 +53,7 @@ BATCH_SIZE = 8
 DEVICE = "auto"
 SEED = 0
 
-# The prompt format of the kit (DESIGN.md); every script spells it out.
-QUESTION_LABEL = "Вопрос: "
-ANSWER_LABEL = "Ответ: "
-TURN_SEPARATOR = "\n"
-DEFAULT_MAX_NEW_TOKENS = 64
-LABEL_PATTERN = re.compile(r"(?i)\b(вопрос|ответ)\s*:")
+DEFAULT_MAX_NEW_TOKENS = 64   # the reply's room where a folder's chat_config.json does not say
 
 CONTEXT_COLUMNS = ("dialogue_id", "context", "answer")
 PAIRS_COLUMNS = ("dialogue_id", "question", "answer")
@@ -65,6 +71,167 @@ READINGS = [
 
 class UserError(Exception):
     """A mistake in the user's input: reported as one line, exit code 1."""
+
+
+# --- prompt rule: the same block in train_transformer.py, train_medium_context.py, system_prompt.py, tg_bot.py, perplexity.py and evaluate.py (tests/test_prompt_rule.py checks)
+# One rule for every prompt the model sees, in training, chat, perplexity and evaluation:
+#
+#     Вопрос: <persona question>          the persona, when there is one
+#     Ответ: <persona answer>
+#     Вопрос: Что ты обо мне знаешь?      what the bot knows about the user, when it knows something
+#     Ответ: <facts>
+#     Ответ: <older turn>                 turns labelled counting back from the answer, so
+#     Вопрос: <the user's question>       the turn before the answer is always a question
+#     Ответ:                              the prompt ends at the colon ...
+#      <answer><EOS>                      ... and the answer keeps its first word's space
+#
+# GPT-2's byte-level BPE spells a word inside a sentence with its space (" Привет"),
+# so the space goes with the answer, not with the prompt. No BOS is added anywhere:
+# a prompt starts with its first label in training and in chat alike, whatever the
+# tokenizer's add_bos_token says. Text is tokenized as plain text: "</s>" typed by
+# a user is five characters, never the EOS id.
+PROMPT_RULE = 2                # chat_config.json "prompt_rule": the rule a model folder was trained with
+QUESTION_LABEL = "Вопрос: "
+ANSWER_LABEL = "Ответ: "
+TURN_SEPARATOR = "\n"
+FACTS_QUESTION = "Что ты обо мне знаешь?"
+DEFAULT_MAX_TURNS = 16         # the turn window of a model folder whose chat_config.json records none
+LABEL_PATTERN = re.compile(r"(?i)\b(вопрос|ответ)\s*:")
+
+
+def prepare_turn(text):
+    """A turn as a prompt holds it: Unicode NFC, one line with single spaces (a newline
+    separates turns), and a label inside it ("Ответ:") made "Ответ -", so that a user
+    cannot start a turn of their own."""
+    text = " ".join(unicodedata.normalize("NFC", text).split())
+    return LABEL_PATTERN.sub(lambda m: m.group(1) + " -", text)
+
+
+def header_text(persona=None, facts=None):
+    """The exchanges every prompt starts with: the persona, then what the bot knows about the user."""
+    lines = []
+    if persona:
+        lines += [QUESTION_LABEL + prepare_turn(persona["question"]), ANSWER_LABEL + prepare_turn(persona["answer"])]
+    if facts:
+        lines += [QUESTION_LABEL + FACTS_QUESTION, ANSWER_LABEL + prepare_turn(facts)]
+    return "".join(line + TURN_SEPARATOR for line in lines)
+
+
+def prompt_text(turns, persona=None, facts=None):
+    """The prompt for turns (oldest first, the user's question last), ending at the answer label's colon."""
+    count = len(turns)
+    lines = [(QUESTION_LABEL if (count - 1 - i) % 2 == 0 else ANSWER_LABEL) + prepare_turn(turn)
+             for i, turn in enumerate(turns)]
+    return header_text(persona, facts) + "".join(line + TURN_SEPARATOR for line in lines) + ANSWER_LABEL.rstrip()
+
+
+def encode_text(tokenizer, text):
+    """Token ids of text, taken as plain text: nothing added (no BOS, no EOS), and the spelling
+    of a special token ("</s>") tokenized as the characters it is."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+
+
+def answer_ids(tokenizer, answer):
+    """The answer as the model learns to write it after a prompt: its first word with its
+    leading space, then the tokenizer's own EOS."""
+    return encode_text(tokenizer, " " + prepare_turn(answer)) + [tokenizer.eos_token_id]
+
+
+def first_fitting(starts, fits):
+    """The smallest of the sorted starts that fits (a later start leaves less text), else None."""
+    lo, hi = 0, len(starts)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(starts[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return starts[lo] if lo < len(starts) else None
+
+
+def fit_question(tokenizer, question, budget, persona=None, facts=None):
+    """The longest end of the (prepared) question whose prompt fits in budget tokens, cut
+    before a word where one fits; None when not even an empty question fits. The end is
+    kept: people ask after the material."""
+    def fits(start):
+        return len(encode_text(tokenizer, prompt_text([question[start:]], persona, facts))) <= budget
+
+    if fits(0):
+        return question
+    if not fits(len(question)):
+        return None
+    word_starts = [i for i in range(1, len(question)) if question[i - 1] == " "]
+    start = first_fitting(word_starts, fits)
+    if start is None:  # not even the last word fits: keep the end of it
+        start = first_fitting(list(range((word_starts or [0])[-1] + 1, len(question) + 1)), fits)
+    return question[start:]
+
+
+def fit_prompt(tokenizer, turns, max_turns, budget, persona=None, facts=None):
+    """Prompt ids for a conversation (turns oldest first, the user's question last): the
+    persona, the facts when they fit beside it, the question (its end, if it alone is too
+    long), and the newest earlier turns that fit the turn window (max_turns turns, the
+    question included) and budget tokens; the oldest go first. None when not even the
+    persona and an empty question fit."""
+    turns = [prepare_turn(turn) for turn in turns[-max_turns:]]
+    if facts and len(encode_text(tokenizer, prompt_text([""], persona, facts))) > budget:
+        facts = None
+    whole = encode_text(tokenizer, prompt_text(turns, persona, facts))
+    if len(whole) <= budget:
+        return whole
+    question = fit_question(tokenizer, turns[-1], budget, persona, facts)
+    if question is None:
+        return None
+    earlier = turns[:-1]
+
+    def encoded(count):  # the prompt with the newest `count` earlier turns
+        return encode_text(tokenizer, prompt_text(earlier[len(earlier) - count:] + [question], persona, facts))
+
+    lo, hi = 0, len(earlier) - 1  # the prompt with lo earlier turns fits (all of them did not)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(encoded(mid)) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return encoded(lo)
+
+
+def encode_exchange(tokenizer, turns, answer, max_turns, context_tokens, max_length, persona=None, facts=None):
+    """(prompt ids, answer ids) of one exchange, as training learns it and perplexity.py and
+    evaluate.py score it; None when the answer leaves no room for a prompt. The answer is
+    never cut: the prompt gets context_tokens, or less where a long answer leaves less of
+    max_length."""
+    target = answer_ids(tokenizer, answer)
+    prompt = fit_prompt(tokenizer, turns, max_turns, min(context_tokens, max_length - len(target)), persona, facts)
+    return None if prompt is None else (prompt, target)
+
+
+def prompt_window(chat_config, n_positions, max_new_tokens, max_turns=None, context_tokens=None):
+    """(turn window, prompt budget in tokens, warning lines) for a model folder: what training
+    recorded in chat_config.json, or what --max-turns / --context-tokens ask for (a warning
+    where that is more than the model was trained on). The budget leaves max_new_tokens of
+    the model's positions for the reply."""
+    config = chat_config or {}
+    notes = []
+    rule = config.get("prompt_rule")
+    if chat_config is not None and rule is None:
+        notes.append("chat_config.json records no prompt_rule: the model was trained by an older kit, on "
+                        "prompts that end in 'Ответ: ' with a space; retrain it for the prompts it is given now")
+    elif chat_config is not None and rule != PROMPT_RULE:
+        notes.append(f"chat_config.json has prompt_rule {rule!r}, this kit builds prompts by rule "
+                        f"{PROMPT_RULE}: they may differ from the ones the model was trained on")
+    trained_turns = int(config.get("max_turns") or DEFAULT_MAX_TURNS)
+    trained_tokens = int(config.get("context_tokens") or n_positions - max_new_tokens)
+    turns, tokens = int(max_turns or trained_turns), int(context_tokens or trained_tokens)
+    if turns > trained_turns:
+        notes.append(f"--max-turns {turns}: the model was trained on at most {trained_turns} turns before "
+                        f"the answer")
+    if tokens > trained_tokens:
+        notes.append(f"--context-tokens {tokens}: the model was trained on prompts of at most "
+                        f"{trained_tokens} tokens")
+    return turns, min(tokens, n_positions - max_new_tokens), notes
+# --- end of the prompt rule
 
 
 # ---------------------------------------------------------------- model folders
@@ -99,20 +266,6 @@ def resolve_weights(folder):
     return max(checkpoints, key=lambda p: int(p.name.split("-")[-1]))
 
 
-def read_chat_config(folder, weights_dir):
-    for candidate in (weights_dir, folder, weights_dir.parent):
-        path = candidate / "chat_config.json"
-        if path.is_file():
-            config = read_json(path)
-            persona = config.get("persona") if isinstance(config, dict) else None
-            if not isinstance(config, dict) or (persona is not None and not (
-                    isinstance(persona, dict) and {"question", "answer"} <= persona.keys())):
-                raise UserError(f"{path}: not a chat_config of the kit (a JSON object; persona null or "
-                                f"{{question, answer}})")
-            return config
-    return None
-
-
 def model_name(folder):
     folder = Path(folder).resolve()
     if folder.name.startswith("checkpoint-") and folder.parent.name:
@@ -130,7 +283,7 @@ def pick_device(name):
     return name
 
 
-def load_model(folder, device):
+def load_model(folder, device, max_turns=None, context_tokens=None):
     """Model, tokenizer and prompt settings of a transformers folder of the kit."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -157,29 +310,53 @@ def load_model(folder, device):
         raise UserError(f"{weights_dir}: cannot load the model ({exc.__class__.__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     model.to(device).eval()
-    chat = read_chat_config(folder, weights_dir) or {}
     n_positions = (getattr(model.config, "max_position_embeddings", None)
                    or getattr(model.config, "n_positions", None) or 1024)
-    max_new = int((chat.get("generation") or {}).get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
-    settings = {
-        "question_label": chat.get("question_label", QUESTION_LABEL),
-        "answer_label": chat.get("answer_label", ANSWER_LABEL),
-        "turn_separator": chat.get("turn_separator", TURN_SEPARATOR),
-        "persona": chat.get("persona"),
-        "context_tokens": int(chat.get("context_tokens") or n_positions - max_new),
-        "max_turns": None,  # like the chat: the budget alone decides how many turns fit
-        "n_positions": int(n_positions),
-        "has_chat_config": bool(chat),
-    }
+    settings = prompt_settings(read_chat_config(folder, weights_dir), int(n_positions), max_turns, context_tokens)
     return model, tokenizer, weights_dir, settings
 
 
-# ---------------------------------------------------------------- data
+# ---------------------------------------------------------------- data, prompts and scoring
+# --- mirrored in evaluate.py and perplexity.py (tests/test_evaluate.py checks they agree)
+def read_chat_config(folder, weights_dir):
+    """chat_config.json beside the weights, in the folder or above a checkpoint; None where there is none."""
+    for candidate in (weights_dir, folder, weights_dir.parent):
+        path = candidate / "chat_config.json"
+        if path.is_file():
+            config = read_json(path)
+            persona = config.get("persona") if isinstance(config, dict) else None
+            if not isinstance(config, dict) or (persona is not None and not (
+                    isinstance(persona, dict) and {"question", "answer"} <= persona.keys())):
+                raise UserError(f"{path}: not a chat_config of the kit (a JSON object; persona null or "
+                                f"{{question, answer}})")
+            for key, ours in (("question_label", QUESTION_LABEL), ("answer_label", ANSWER_LABEL),
+                              ("turn_separator", TURN_SEPARATOR)):
+                if key in config and config[key] != ours:
+                    raise UserError(f"{path}: {key} {config[key]!r} differs from the kit's prompt rule {ours!r}")
+            return config
+    return None
+
+
+def prompt_settings(chat, n_positions, max_turns=None, context_tokens=None):
+    """How prompts are built for a model folder, the way its chat builds them: persona, turn
+    window and budget from chat_config.json (--max-turns / --context-tokens may change the
+    window, with a warning where the model was not trained on it), and the example length
+    training used, which caps the prompt after a long answer as training did."""
+    config = chat or {}
+    max_new = int((config.get("generation") or {}).get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+    max_turns, budget, notes = prompt_window(chat, n_positions, max_new, max_turns, context_tokens)
+    return {"persona": config.get("persona"), "facts": None, "max_turns": max_turns, "context_tokens": budget,
+            "max_length": min(int(config.get("max_length") or n_positions), n_positions),
+            "n_positions": n_positions, "has_chat_config": chat is not None, "warnings": notes}
+
+
 def load_split(data_dir, split, rows, seed):
     """Test rows as dicts {dialogue_id, turns (oldest first, the question last), answer}.
 
     context_<split>.parquet is preferred (it carries the earlier turns);
     pairs_<split>.csv is the fallback, with the question as the only turn."""
+    import random
+
     import pandas as pd
 
     data_dir = Path(data_dir)
@@ -219,114 +396,36 @@ def load_split(data_dir, split, rows, seed):
         raise UserError(f"{path}: the {split} split is empty (no row with a question and an answer)")
     if rows and rows < len(examples):
         # A seeded sample kept in file order: the same rows for every script given the same seed.
-        import random
-
         picked = sorted(random.Random(seed).sample(range(len(examples)), rows))
         examples = [examples[i] for i in picked]
     return examples, path
 
 
-# ---------------------------------------------------------------- prompts
-# --- mirrored in evaluate.py and perplexity.py (tests/test_evaluate.py checks they agree)
-def neutralise(text):
-    """'Ответ:' inside a user's text would fake a turn; it becomes 'Ответ -'."""
-    return LABEL_PATTERN.sub(lambda m: m.group(1) + " -", text)
-
-
-def prepare_turn(text):
-    # The separator between turns is a newline, so a turn must be a single line.
-    return " ".join(neutralise(text).split())
-
-
-def render_prompt(turns, settings):
-    """Persona exchange, then prepared turns labelled counting back from the answer (the last
-    turn is always a question), then the answer label the model continues from."""
-    q, a, sep = settings["question_label"], settings["answer_label"], settings["turn_separator"]
-    lines = []
-    if settings.get("persona"):
-        lines += [q + prepare_turn(settings["persona"]["question"]), a + prepare_turn(settings["persona"]["answer"])]
-    n = len(turns)
-    lines += [(q if (n - 1 - i) % 2 == 0 else a) + turn for i, turn in enumerate(turns)]
-    return sep.join(lines) + sep + a
-
-
-def persona_block(settings):
-    """The persona's lines with their separator: the prefix every prompt starts with."""
-    return render_prompt([], settings)[:-len(settings["answer_label"])] if settings.get("persona") else ""
-
-
-def fit_question(tokenizer, question, settings, budget):
-    """The end of the question that fits beside the persona (people ask after the material)."""
-    def fits(text):
-        return len(tokenizer(render_prompt([text], settings))["input_ids"]) <= budget
-
-    if fits(question):
-        return question
-    ids = tokenizer(question, add_special_tokens=False)["input_ids"]
-    room = budget - len(tokenizer(render_prompt([""], settings))["input_ids"])
-    while room > 0:
-        # A cut can split a multi-byte character; the broken piece is dropped.
-        text = tokenizer.decode(ids[-room:], skip_special_tokens=True).replace("\ufffd", "").strip()
-        if fits(text):
-            return text
-        room -= 1
-    return ""
-
-
-def prompt_ids(tokenizer, turns, settings, budget):
-    """Token ids of the prompt system_prompt.py would build: the persona and as many of the
-    newest turns as fit in `budget` tokens, starting at a question where turns were dropped.
-
-    Returns (ids, persona_tokens)."""
-    turns = [prepare_turn(t) for t in turns]
-    if settings.get("max_turns"):
-        turns = turns[-settings["max_turns"]:]
-    turns[-1] = fit_question(tokenizer, turns[-1], settings, budget)
-
-    def encode(start):
-        return tokenizer(render_prompt(turns[start:], settings))["input_ids"]
-
-    start, ids = 0, encode(0)
-    while len(ids) > budget and start < len(turns) - 1:
-        start += 1
-        ids = encode(start)
-    if 0 < start < len(turns) - 1 and (len(turns) - start) % 2 == 0:
-        start += 1  # after the persona's answer a question must follow
-        ids = encode(start)
-    if len(ids) > budget:  # not even the persona fits: keep the newest tokens
-        return ids[-budget:] if budget > 0 else [], 0
-    persona = persona_block(settings)
-    return ids, (len(tokenizer(persona)["input_ids"]) if persona else 0)
-
-
-def answer_ids(tokenizer, answer):
-    return tokenizer(neutralise(answer), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-
-
-# --- end of the mirrored part
-
-
 def build_scoring_examples(tokenizer, examples, settings):
-    """Token ids of prompt + answer + EOS with the spans to score; rows that cannot fit are skipped."""
+    """Token ids of prompt + answer + EOS, exactly as training encodes the exchange, with the
+    spans to score; None for a row whose answer leaves no room (and a count of those)."""
+    header = len(encode_text(tokenizer, header_text(settings["persona"], settings["facts"])))
     built, skipped = [], 0
     for example in examples:
-        target = answer_ids(tokenizer, example["answer"])
-        budget = min(settings["context_tokens"], settings["n_positions"] - len(target))
-        if budget < 2:
+        exchange = encode_exchange(tokenizer, example["turns"], example["answer"], settings["max_turns"],
+                                   settings["context_tokens"], settings["max_length"], settings["persona"],
+                                   settings["facts"])
+        if exchange is None:
             skipped += 1
+            built.append(None)
             continue
-        prompt, persona_tokens = prompt_ids(tokenizer, example["turns"], settings, budget)
-        built.append({"ids": prompt + target, "answer_start": len(prompt),
-                      "sequence_start": max(1, persona_tokens), "chars": len(example["answer"]) + 1})
+        prompt, target = exchange
+        built.append({"ids": prompt + target, "answer_start": len(prompt), "sequence_start": max(1, header),
+                      "chars": len(example["answer"]) + 1})
     return built, skipped
 
 
-# ---------------------------------------------------------------- scoring
 def score(model, built, batch_size, device, pad_id=0, progress=True):
-    """Per-row sums of NLL (nats) over the answer span and over the sequence span.
+    """Per-row sums of NLL (nats) over the answer span (answer + EOS) and over the sequence
+    span (all but the persona and facts), with their token counts.
 
-    The batch is right-padded; each target token is scored from the logits one
-    position earlier, so padding never enters a sum."""
+    The batch is right-padded; each target token is scored from the logits one position
+    earlier, so padding never enters a sum."""
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
@@ -356,6 +455,10 @@ def score(model, built, batch_size, device, pad_id=0, progress=True):
     return results
 
 
+# --- end of the mirrored part
+
+
+# ---------------------------------------------------------------- figures
 def summarise(results):
     answer_nll = sum(r["answer_nll"] for r in results)
     answer_tokens = sum(r["answer_tokens"] for r in results)
@@ -379,12 +482,16 @@ def reading(answer_perplexity):
 
 
 def evaluate_perplexity(folder, data_dir=DATA_DIR, split=SPLIT, rows=ROWS, batch_size=BATCH_SIZE,
-                        device="cpu", seed=SEED, use_persona=True, progress=True):
+                        device="cpu", seed=SEED, use_persona=True, progress=True, max_turns=None,
+                        context_tokens=None, warn=None):
     examples, data_path = load_split(data_dir, split, rows, seed)
-    model, tokenizer, weights_dir, settings = load_model(folder, device)
+    model, tokenizer, weights_dir, settings = load_model(folder, device, max_turns, context_tokens)
+    for note in settings["warnings"]:
+        (warn or (lambda line: None))(note)
     if not use_persona:
         settings["persona"] = None
     built, skipped = build_scoring_examples(tokenizer, examples, settings)
+    built = [b for b in built if b is not None]
     if not built:
         raise UserError(f"{data_path}: no row fits the model's {settings['n_positions']}-token window")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -398,6 +505,8 @@ def evaluate_perplexity(folder, data_dir=DATA_DIR, split=SPLIT, rows=ROWS, batch
         "rows_skipped_too_long": skipped,
         "seed": seed,
         "persona": bool(settings["persona"]),
+        "max_turns": settings["max_turns"],
+        "context_tokens": settings["context_tokens"],
         "chat_config_found": settings["has_chat_config"],
         **figures,
         "reading": reading(figures["answer_perplexity"]),
@@ -457,10 +566,14 @@ def parse_args(argv):
     parser.add_argument("--device", default=DEVICE, choices=["auto", "cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=SEED, help="seed of the row sample")
     parser.add_argument("--no-persona", action="store_true", help="leave the chat_config persona out of prompts")
+    parser.add_argument("--max-turns", type=int, help="turns in a prompt, the question included (default: "
+                                                      "chat_config.json, what the model was trained with)")
+    parser.add_argument("--context-tokens", type=int, help="prompt budget in tokens (default: chat_config.json, "
+                                                           "what the model was trained with)")
     parser.add_argument("--output", default=OUTPUT_DIR, help="folder of the reports (default: %(default)s)")
     args = parser.parse_args(argv)
-    if args.rows < 0 or args.batch_size < 1:
-        parser.error("--rows must be >= 0 and --batch-size >= 1")
+    if args.rows < 0 or args.batch_size < 1 or (args.max_turns or 1) < 1 or (args.context_tokens or 1) < 1:
+        parser.error("--rows must be >= 0; --batch-size, --max-turns and --context-tokens >= 1")
     return args
 
 
@@ -469,7 +582,9 @@ def main(argv=None):
     try:
         device = pick_device(args.device)
         report = evaluate_perplexity(args.model, args.data_dir, args.split, args.rows, args.batch_size,
-                                     device, args.seed, use_persona=not args.no_persona)
+                                     device, args.seed, use_persona=not args.no_persona, max_turns=args.max_turns,
+                                     context_tokens=args.context_tokens,
+                                     warn=lambda line: print(f"perplexity.py: warning: {line}", file=sys.stderr))
     except UserError as exc:
         print(f"perplexity.py: error: {exc}", file=sys.stderr)
         return 1

@@ -5,19 +5,31 @@ the answer, oldest first; answer) and writes rugpt3_medium_CLEAN_model/: a
 save_pretrained folder (model, tokenizer, generation config), chat_config.json,
 training_curves.png, trainer_state.json and the checkpoint-N/ folders of the run.
 
-Each row becomes one example of up to --max-turns context turns (prompt format
-of ../shared/DESIGN.md; labels counted back from the answer):
+Each row becomes one example by the kit's prompt rule (../shared/DESIGN.md), the
+same code the chat, perplexity.py and evaluate.py build their prompts with; the
+turns are labelled counting back from the answer:
 
+    Вопрос: Кто ты?
+    Ответ: <persona>
     Вопрос: <turn 1>
     Ответ: <turn 2>
     Вопрос: <turn 3>
     Ответ: <answer><EOS>
 
-The loss covers only the answer and the tokenizer's own EOS, so the model
-learns where to stop; pad is a token of its own (never EOS); batches are padded
-to their longest example and grouped by length instead of padded to a fixed size.
-An example longer than --max-length loses its oldest turns first, then the
-start of the question; the answer is never cut.
+The window is the chat's: up to --max-turns turns (16; all a long conversation
+the chat keeps), within the prompt budget in tokens. A longer context loses its
+oldest turns first, then the start of the question; the answer is never cut. So
+the model learns to use what was said many turns ago, as the chat will ask it to.
+
+The prompt ends at "Ответ:"; the answer's first word keeps its space, as GPT-2's
+tokenizer spells a word inside a sentence. The loss covers only the answer and
+EOS, so the model learns where to stop. EOS, BOS and pad are chosen among the
+tokens the vocabulary already has (printed, with the reason); only a missing
+pad is added, and pad is never EOS. Batches are padded to their longest example
+and grouped by length. chat_config.json records the prompt rule, the turn
+window and the prompt budget, which every reader of the folder uses. The figure
+printed at the end is the validation loss weighted by answer tokens, as
+perplexity.py counts it; early stopping and the best checkpoint go by it too.
 
 Run it:
     # CPU, a tiny model and tokenizer built from the data (no internet needed)
@@ -27,8 +39,8 @@ Run it:
     # several GPUs: the same flags under torchrun or accelerate
     torchrun --nproc_per_node 4 train_medium_context.py --epochs 3
     accelerate launch train_medium_context.py --epochs 3
-    # continue an interrupted run from its newest complete checkpoint:
-    # the first run's flags plus --resume
+    # continue an interrupted run from its newest complete checkpoint (early
+    # stopping's patience included): the first run's flags plus --resume
     python train_medium_context.py --from-scratch --device cpu --max-steps 600 --resume
 """
 import argparse
@@ -38,13 +50,14 @@ import os
 import re
 import shutil
 import sys
+import unicodedata
 
 # ----------------------------------------------------------------------------
 # defaults
 DATA_DIR = "data"
 OUTPUT_DIR = "rugpt3_medium_CLEAN_model"
 MODEL_NAME = "ai-forever/rugpt3medium_based_on_gpt2"
-MAX_LENGTH = 384            # tokens per example: context turns + answer + EOS
+MAX_LENGTH = 384            # tokens per example: context + answer + EOS; prompts get this less MAX_NEW_TOKENS
 EPOCHS = 3.0
 MAX_STEPS = -1              # > 0 overrides --epochs
 BATCH_SIZE = 8
@@ -64,18 +77,16 @@ N_LAYER, N_HEAD, N_EMBD = 4, 4, 256
 VOCAB_SIZE = 8000
 N_POSITIONS = 256
 # chat_config.json
-MAX_NEW_TOKENS = 64
-MAX_TURNS = 4               # context turns before the answer
+MAX_NEW_TOKENS = 64         # the reply's room: prompts (training and chat) get at most MAX_LENGTH less this
+MAX_TURNS = 16              # turns before the answer, the question included: what the chat keeps
 PERSONA = {"question": "Кто ты?", "answer": "Я дружелюбный помощник. Отвечаю коротко и по делу."}
 GENERATION = {"max_new_tokens": MAX_NEW_TOKENS, "do_sample": True, "temperature": 0.7, "top_p": 0.9,
               "top_k": 50, "repetition_penalty": 1.15, "no_repeat_ngram_size": 3}
 # ----------------------------------------------------------------------------
-# prompt contract (the same values in every transformer script; a test checks)
-QUESTION_LABEL = "Вопрос: "
-ANSWER_LABEL = "Ответ: "
-TURN_SEPARATOR = "\n"
-LABEL_RE = re.compile(r"(?i)\b(вопрос|ответ)\s*:")
+# the from-scratch tokenizer's special tokens (ruGPT-3's layout), and what a missing pad is called
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+EOS_CANDIDATES = ("</s>", "<|endoftext|>")   # where the files declare no EOS the vocabulary has, in this order
+BOS_CANDIDATES = ("<s>", "<|endoftext|>")
 IGNORE_INDEX = -100         # label value the loss skips
 
 PROG = "train_medium_context.py"
@@ -91,88 +102,195 @@ class UserError(Exception):
     """A mistake in the user's input: reported as one line, exit code 1."""
 
 
-# --- mirrored in train_transformer.py and train_medium_context.py (tests/test_train_medium_context.py checks they agree)
-# ----------------------------------------------------------------------------
-# prompts and examples
-
-def neutralise_labels(text):
-    """Keep a turn that contains "Ответ:" from passing for a label of the prompt."""
-    return LABEL_RE.sub(lambda m: m.group(1) + " -", text)
+# --- prompt rule: the same block in train_transformer.py, train_medium_context.py, system_prompt.py, tg_bot.py, perplexity.py and evaluate.py (tests/test_prompt_rule.py checks)
+# One rule for every prompt the model sees, in training, chat, perplexity and evaluation:
+#
+#     Вопрос: <persona question>          the persona, when there is one
+#     Ответ: <persona answer>
+#     Вопрос: Что ты обо мне знаешь?      what the bot knows about the user, when it knows something
+#     Ответ: <facts>
+#     Ответ: <older turn>                 turns labelled counting back from the answer, so
+#     Вопрос: <the user's question>       the turn before the answer is always a question
+#     Ответ:                              the prompt ends at the colon ...
+#      <answer><EOS>                      ... and the answer keeps its first word's space
+#
+# GPT-2's byte-level BPE spells a word inside a sentence with its space (" Привет"),
+# so the space goes with the answer, not with the prompt. No BOS is added anywhere:
+# a prompt starts with its first label in training and in chat alike, whatever the
+# tokenizer's add_bos_token says. Text is tokenized as plain text: "</s>" typed by
+# a user is five characters, never the EOS id.
+PROMPT_RULE = 2                # chat_config.json "prompt_rule": the rule a model folder was trained with
+QUESTION_LABEL = "Вопрос: "
+ANSWER_LABEL = "Ответ: "
+TURN_SEPARATOR = "\n"
+FACTS_QUESTION = "Что ты обо мне знаешь?"
+DEFAULT_MAX_TURNS = 16         # the turn window of a model folder whose chat_config.json records none
+LABEL_PATTERN = re.compile(r"(?i)\b(вопрос|ответ)\s*:")
 
 
 def prepare_turn(text):
-    # A newline separates turns in the prompt, so a turn must be one line
-    # (the chat scripts prepare turns the same way).
-    return " ".join(neutralise_labels(text).split())
+    """A turn as a prompt holds it: Unicode NFC, one line with single spaces (a newline
+    separates turns), and a label inside it ("Ответ:") made "Ответ -", so that a user
+    cannot start a turn of their own."""
+    text = " ".join(unicodedata.normalize("NFC", text).split())
+    return LABEL_PATTERN.sub(lambda m: m.group(1) + " -", text)
 
 
-def build_prompt(turns, persona=None):
-    """The prompt for context turns (oldest first), ending in the answer label.
-
-    Labels are counted back from the answer, so the last turn is always a question."""
+def header_text(persona=None, facts=None):
+    """The exchanges every prompt starts with: the persona, then what the bot knows about the user."""
     lines = []
     if persona:
-        lines += [QUESTION_LABEL + prepare_turn(persona["question"]),
-                  ANSWER_LABEL + prepare_turn(persona["answer"])]
-    n = len(turns)
-    for i, turn in enumerate(turns):
-        label = QUESTION_LABEL if (n - 1 - i) % 2 == 0 else ANSWER_LABEL
-        lines.append(label + prepare_turn(turn))
-    return TURN_SEPARATOR.join(lines) + TURN_SEPARATOR + ANSWER_LABEL
+        lines += [QUESTION_LABEL + prepare_turn(persona["question"]), ANSWER_LABEL + prepare_turn(persona["answer"])]
+    if facts:
+        lines += [QUESTION_LABEL + FACTS_QUESTION, ANSWER_LABEL + prepare_turn(facts)]
+    return "".join(line + TURN_SEPARATOR for line in lines)
+
+
+def prompt_text(turns, persona=None, facts=None):
+    """The prompt for turns (oldest first, the user's question last), ending at the answer label's colon."""
+    count = len(turns)
+    lines = [(QUESTION_LABEL if (count - 1 - i) % 2 == 0 else ANSWER_LABEL) + prepare_turn(turn)
+             for i, turn in enumerate(turns)]
+    return header_text(persona, facts) + "".join(line + TURN_SEPARATOR for line in lines) + ANSWER_LABEL.rstrip()
 
 
 def encode_text(tokenizer, text):
-    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    """Token ids of text, taken as plain text: nothing added (no BOS, no EOS), and the spelling
+    of a special token ("</s>") tokenized as the characters it is."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
 
 
-def fit_question(tokenizer, question, budget, persona=None):
-    """The longest end of `question` whose prompt fits in `budget` tokens (None if not even an empty one fits).
+def answer_ids(tokenizer, answer):
+    """The answer as the model learns to write it after a prompt: its first word with its
+    leading space, then the tokenizer's own EOS."""
+    return encode_text(tokenizer, " " + prepare_turn(answer)) + [tokenizer.eos_token_id]
 
-    The end is kept because the words nearest the answer matter most to it."""
-    if len(encode_text(tokenizer, build_prompt([""], persona))) > budget:
-        return None
-    lo, hi = 0, len(question)           # invariant: question[hi:] fits
+
+def first_fitting(starts, fits):
+    """The smallest of the sorted starts that fits (a later start leaves less text), else None."""
+    lo, hi = 0, len(starts)
     while lo < hi:
         mid = (lo + hi) // 2
-        if len(encode_text(tokenizer, build_prompt([question[mid:]], persona))) <= budget:
+        if fits(starts[mid]):
             hi = mid
         else:
             lo = mid + 1
-    return question[hi:].lstrip()
+    return starts[lo] if lo < len(starts) else None
 
 
-def encode_example(tokenizer, turns, answer, max_length, persona=None):
-    """input_ids/attention_mask/labels for one example, or None when the answer alone is too long.
+def fit_question(tokenizer, question, budget, persona=None, facts=None):
+    """The longest end of the (prepared) question whose prompt fits in budget tokens, cut
+    before a word where one fits; None when not even an empty question fits. The end is
+    kept: people ask after the material."""
+    def fits(start):
+        return len(encode_text(tokenizer, prompt_text([question[start:]], persona, facts))) <= budget
 
-    Prompt and answer are tokenised apart, as at chat time the prompt ends with
-    the label and the model continues from there. Overlong examples lose their
-    oldest turns first, then the start of the question; the answer is never cut.
-    The persona, when the model folder has one, leads every prompt as it will in chat."""
-    answer_ids = encode_text(tokenizer, prepare_turn(answer)) + [tokenizer.eos_token_id]
-    budget = max_length - len(answer_ids)
-    turns = list(turns)
-    prompt_ids = encode_text(tokenizer, build_prompt(turns, persona))
-    while len(prompt_ids) > budget:
-        if len(turns) > 1:
-            turns = turns[1:]
+    if fits(0):
+        return question
+    if not fits(len(question)):
+        return None
+    word_starts = [i for i in range(1, len(question)) if question[i - 1] == " "]
+    start = first_fitting(word_starts, fits)
+    if start is None:  # not even the last word fits: keep the end of it
+        start = first_fitting(list(range((word_starts or [0])[-1] + 1, len(question) + 1)), fits)
+    return question[start:]
+
+
+def fit_prompt(tokenizer, turns, max_turns, budget, persona=None, facts=None):
+    """Prompt ids for a conversation (turns oldest first, the user's question last): the
+    persona, the facts when they fit beside it, the question (its end, if it alone is too
+    long), and the newest earlier turns that fit the turn window (max_turns turns, the
+    question included) and budget tokens; the oldest go first. None when not even the
+    persona and an empty question fit."""
+    turns = [prepare_turn(turn) for turn in turns[-max_turns:]]
+    if facts and len(encode_text(tokenizer, prompt_text([""], persona, facts))) > budget:
+        facts = None
+    whole = encode_text(tokenizer, prompt_text(turns, persona, facts))
+    if len(whole) <= budget:
+        return whole
+    question = fit_question(tokenizer, turns[-1], budget, persona, facts)
+    if question is None:
+        return None
+    earlier = turns[:-1]
+
+    def encoded(count):  # the prompt with the newest `count` earlier turns
+        return encode_text(tokenizer, prompt_text(earlier[len(earlier) - count:] + [question], persona, facts))
+
+    lo, hi = 0, len(earlier) - 1  # the prompt with lo earlier turns fits (all of them did not)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(encoded(mid)) <= budget:
+            lo = mid
         else:
-            question = fit_question(tokenizer, turns[-1], budget, persona)
-            if question is None:
-                return None
-            turns = [question]
-        prompt_ids = encode_text(tokenizer, build_prompt(turns, persona))
-    input_ids = prompt_ids + answer_ids
+            hi = mid - 1
+    return encoded(lo)
+
+
+def encode_exchange(tokenizer, turns, answer, max_turns, context_tokens, max_length, persona=None, facts=None):
+    """(prompt ids, answer ids) of one exchange, as training learns it and perplexity.py and
+    evaluate.py score it; None when the answer leaves no room for a prompt. The answer is
+    never cut: the prompt gets context_tokens, or less where a long answer leaves less of
+    max_length."""
+    target = answer_ids(tokenizer, answer)
+    prompt = fit_prompt(tokenizer, turns, max_turns, min(context_tokens, max_length - len(target)), persona, facts)
+    return None if prompt is None else (prompt, target)
+
+
+def prompt_window(chat_config, n_positions, max_new_tokens, max_turns=None, context_tokens=None):
+    """(turn window, prompt budget in tokens, warning lines) for a model folder: what training
+    recorded in chat_config.json, or what --max-turns / --context-tokens ask for (a warning
+    where that is more than the model was trained on). The budget leaves max_new_tokens of
+    the model's positions for the reply."""
+    config = chat_config or {}
+    notes = []
+    rule = config.get("prompt_rule")
+    if chat_config is not None and rule is None:
+        notes.append("chat_config.json records no prompt_rule: the model was trained by an older kit, on "
+                        "prompts that end in 'Ответ: ' with a space; retrain it for the prompts it is given now")
+    elif chat_config is not None and rule != PROMPT_RULE:
+        notes.append(f"chat_config.json has prompt_rule {rule!r}, this kit builds prompts by rule "
+                        f"{PROMPT_RULE}: they may differ from the ones the model was trained on")
+    trained_turns = int(config.get("max_turns") or DEFAULT_MAX_TURNS)
+    trained_tokens = int(config.get("context_tokens") or n_positions - max_new_tokens)
+    turns, tokens = int(max_turns or trained_turns), int(context_tokens or trained_tokens)
+    if turns > trained_turns:
+        notes.append(f"--max-turns {turns}: the model was trained on at most {trained_turns} turns before "
+                        f"the answer")
+    if tokens > trained_tokens:
+        notes.append(f"--context-tokens {tokens}: the model was trained on prompts of at most "
+                        f"{trained_tokens} tokens")
+    return turns, min(tokens, n_positions - max_new_tokens), notes
+# --- end of the prompt rule
+
+
+# --- mirrored in train_transformer.py and train_medium_context.py (tests/test_train_medium_context.py checks they agree)
+# ----------------------------------------------------------------------------
+# examples
+
+def encode_example(tokenizer, turns, answer, window, persona=None):
+    """input_ids/attention_mask/labels for one example, or None when the answer leaves no room.
+
+    The prompt rule builds it (fit_prompt, as the chat does): the persona, then the
+    newest turns within window["max_turns"] and window["context_tokens"], less where a
+    long answer leaves less of window["max_length"]; oldest turns go first, then the
+    start of the question; the answer is never cut."""
+    exchange = encode_exchange(tokenizer, turns, answer, window["max_turns"], window["context_tokens"],
+                               window["max_length"], persona)
+    if exchange is None:
+        return None
+    prompt, target = exchange
+    input_ids = prompt + target
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids),
-            "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids}
+            "labels": [IGNORE_INDEX] * len(prompt) + target}
 
 
-def encode_examples(tokenizer, rows, max_length, desc, persona=None):
+def encode_examples(tokenizer, rows, window, desc, persona=None):
     """Encode (turns, answer) rows; returns the examples and how many were skipped."""
     from tqdm.auto import tqdm
 
     examples, skipped = [], 0
     for turns, answer in tqdm(rows, desc=desc, unit="ex", mininterval=2, disable=len(rows) < 5000):
-        example = encode_example(tokenizer, turns, answer, max_length, persona)
+        example = encode_example(tokenizer, turns, answer, window, persona)
         if example is None:
             skipped += 1
         else:
@@ -291,20 +409,66 @@ def load_pretrained(name):
     return model, tokenizer
 
 
-def fix_special_tokens(model, tokenizer, source):
-    """EOS from the tokenizer itself and a pad token of its own, written into the model's configs.
+def vocabulary(tokenizer):
+    """The tokens of the tokenizer's own files, without those transformers adds while
+    loading: GPT-2's tokenizer class adds its default <|endoftext|> as a new token when the
+    files declare no EOS, and a model would learn to stop on an id it never saw."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return backend.get_vocab(with_added_tokens=False)
+    added = tokenizer.get_added_vocab()
+    return {token: i for token, i in tokenizer.get_vocab().items() if token not in added}
 
-    With pad == EOS the collators mask EOS out of the labels and the model never
-    learns to stop, which is why a separate <pad> is added where it is missing."""
-    eos_id = tokenizer.eos_token_id if tokenizer.eos_token is not None else None
-    if eos_id is None or tokenizer.convert_ids_to_tokens(eos_id) != tokenizer.eos_token:
-        raise UserError(f"{source}: the tokenizer has no eos_token in its vocabulary, so replies could never "
-                        f"end; set eos_token in its tokenizer_config.json")
-    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        tokenizer.add_special_tokens({"pad_token": SPECIAL_TOKENS["pad_token"]})
-        if tokenizer.pad_token_id == tokenizer.eos_token_id:
-            raise UserError(f"{source}: the tokenizer's {SPECIAL_TOKENS['pad_token']} is its eos_token; "
-                            f"pad must differ from EOS")
+
+def choose_special_tokens(tokenizer, embeddings):
+    """{"eos_token": ..., "bos_token": ..., "pad_token": ...} among the tokens the vocabulary
+    already has, and a line for each saying why.
+
+    EOS: the declared one when the vocabulary has it, else </s>, else <|endoftext|>.
+    BOS (never put in a prompt; generation configs name one): likewise with <s>.
+    pad: the declared one when the vocabulary has it and it is not EOS (with pad == EOS the
+    collator masks EOS out of the labels and the model never learns to stop), else <pad>;
+    only where there is none is <pad> added, the one token this may add."""
+    vocab = vocabulary(tokenizer)
+    added = {token: i for token, i in tokenizer.get_added_vocab().items() if i < embeddings}
+
+    def pick(kind, declared, candidates, known=vocab):
+        if declared is not None and declared in known:
+            return declared, f"{kind} {declared!r} id {known[declared]} (declared)"
+        why = f"the tokenizer's {declared!r} is not in its vocabulary" if declared is not None else "none declared"
+        for token in candidates:
+            if token in known:
+                return token, f"{kind} {token!r} id {known[token]} ({why}; the vocabulary has {token!r})"
+        return None, why
+
+    eos, eos_note = pick("EOS", tokenizer.eos_token, EOS_CANDIDATES)
+    if eos is None:
+        raise UserError(f"the tokenizer has no EOS in its vocabulary ({eos_note}, and no "
+                        f"{' or '.join(EOS_CANDIDATES)}), so replies could never end; set eos_token in its "
+                        f"tokenizer_config.json")
+    bos, bos_note = pick("BOS", tokenizer.bos_token, BOS_CANDIDATES)
+    declared_pad = tokenizer.pad_token if tokenizer.pad_token != eos else None
+    pad, pad_note = pick("pad", declared_pad, ("<pad>",), {**vocab, **added})
+    notes = [eos_note, bos_note if bos else f"no BOS ({bos_note}): none is needed, prompts never start with one"]
+    if pad is None:
+        pad = SPECIAL_TOKENS["pad_token"]
+        if pad == eos:
+            raise UserError(f"the tokenizer's EOS is {eos!r}, the name a new pad token would take; pad must "
+                            f"differ from EOS")
+        why = "the declared pad is EOS" if tokenizer.pad_token == eos else pad_note
+        pad_note = f"pad {pad!r} added as a new token ({why}; a pad of its own keeps EOS in the labels)"
+    notes.append(pad_note)
+    chosen = {"eos_token": eos, "pad_token": pad}
+    if bos is not None:
+        chosen["bos_token"] = bos
+    return chosen, notes
+
+
+def fix_special_tokens(model, tokenizer):
+    """The chosen EOS, BOS and pad set on the tokenizer and written into the model's
+    configs; returns the model, the tokenizer and the lines that say what was chosen."""
+    chosen, notes = choose_special_tokens(tokenizer, model.get_input_embeddings().weight.shape[0])
+    tokenizer.add_special_tokens(chosen)
     embeddings = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > embeddings:
         model.resize_token_embeddings(len(tokenizer))
@@ -313,7 +477,7 @@ def fix_special_tokens(model, tokenizer, source):
         cfg.eos_token_id = tokenizer.eos_token_id
         cfg.pad_token_id = tokenizer.pad_token_id
         cfg.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    return model, tokenizer
+    return model, tokenizer, notes
 
 
 def train_tokenizer(texts, vocab_size, model_max_length):
@@ -331,13 +495,18 @@ def train_tokenizer(texts, vocab_size, model_max_length):
     return PreTrainedTokenizerFast(tokenizer_object=bpe, model_max_length=model_max_length, **SPECIAL_TOKENS)
 
 
-def build_from_scratch(train_rows, args):
+def tokenizer_texts(rows, max_turns, persona=None):
+    """The training texts shaped as training feeds them: prompt + " " + answer."""
+    return (prompt_text(turns[-max_turns:], persona) + " " + prepare_turn(answer) for turns, answer in rows)
+
+
+def build_from_scratch(train_rows, args, max_turns, persona=None):
     """A GPT-2 model from a config and a tokenizer trained on the training texts."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     if args.n_embd % args.n_head:
         raise UserError(f"--n-embd {args.n_embd} must be a multiple of --n-head {args.n_head}")
-    texts = (build_prompt(turns) + answer for turns, answer in train_rows)
+    texts = tokenizer_texts(train_rows, max_turns, persona)
     tokenizer = train_tokenizer(texts, args.vocab_size, args.n_positions)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=args.n_positions, n_embd=args.n_embd,
                         n_layer=args.n_layer, n_head=args.n_head, bos_token_id=tokenizer.bos_token_id,
@@ -352,12 +521,23 @@ def context_size(config):
     raise UserError("the model config names no context size (n_positions / max_position_embeddings)")
 
 
-def chat_config(model, max_turns, persona):
-    n_positions = context_size(model.config)
-    max_new = min(MAX_NEW_TOKENS, n_positions // 2)
-    return {"format_version": 1, "question_label": QUESTION_LABEL, "answer_label": ANSWER_LABEL,
-            "turn_separator": TURN_SEPARATOR, "persona": persona, "context_tokens": n_positions - max_new,
-            "max_turns": max_turns, "generation": dict(GENERATION, max_new_tokens=max_new)}
+def training_window(model, max_length, max_turns):
+    """The window every prompt of this model is fitted to, in training and in chat:
+    {"max_turns", "context_tokens", "max_length", "max_new_tokens"}. A prompt gets
+    max_length less the reply's room, so a chat prompt plus its reply fits what training
+    showed the model."""
+    max_length = min(max_length, context_size(model.config))
+    max_new = min(MAX_NEW_TOKENS, max_length // 2)
+    return {"max_turns": max_turns, "context_tokens": max_length - max_new, "max_length": max_length,
+            "max_new_tokens": max_new}
+
+
+def chat_config(window, persona):
+    return {"format_version": 1, "prompt_rule": PROMPT_RULE, "question_label": QUESTION_LABEL,
+            "answer_label": ANSWER_LABEL, "turn_separator": TURN_SEPARATOR, "persona": persona,
+            "max_turns": window["max_turns"], "context_tokens": window["context_tokens"],
+            "max_length": window["max_length"],
+            "generation": dict(GENERATION, max_new_tokens=window["max_new_tokens"])}
 
 
 # ----------------------------------------------------------------------------
@@ -453,7 +633,7 @@ def plot_training_curves(log_history, path):
 
     fig, (ax_loss, ax_grad) = plt.subplots(2, 1, sharex=True, figsize=(8, 6))
     ax_loss.plot(*series("loss"), label="training loss")
-    ax_loss.plot(*series("eval_loss"), "o-", label="validation loss (answers)")
+    ax_loss.plot(*series("eval_answer_loss"), "o-", label="validation loss (answer tokens)")
     ax_loss.set_ylabel("loss")
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
@@ -505,13 +685,14 @@ def training_arguments(args, device, lr):
         save_steps=args.eval_steps,          # the best model must be a saved checkpoint
         save_total_limit=args.save_total_limit,
         load_best_model_at_end=True,
-        metric_for_best_model="eval_loss",
+        metric_for_best_model="answer_loss",  # token-weighted: what perplexity.py reports
         greater_is_better=False,
+        restore_callback_states_from_checkpoint=True,  # --resume keeps early stopping's patience
         logging_steps=args.logging_steps,
         logging_first_step=True,
         train_sampling_strategy="group_by_length",
         include_num_input_tokens_seen="non_padding",
-        prediction_loss_only=True,           # keep eval from storing vocabulary-sized logits
+        prediction_loss_only=False,          # logits go to answer_nll_sums, which keeps two numbers a row
         remove_unused_columns=False,
         report_to="none",
         seed=args.seed,
@@ -531,14 +712,37 @@ def make_collator(tokenizer, device):
                                   pad_to_multiple_of=8 if device == "cuda" else None)
 
 
+def answer_nll_sums(logits, labels):
+    """Per validation row, (sum of the NLL of its answer tokens and EOS, their count):
+    the two numbers a token-weighted loss needs, instead of vocabulary-sized logits."""
+    import torch
+    import torch.nn.functional as F
+
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    sums = []
+    for row_logits, row_labels in zip(logits, labels):  # a row at a time: logits in fp32 are large
+        targets = row_labels[1:]
+        nll = F.cross_entropy(row_logits[:-1].float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        sums.append(torch.stack([nll, (targets != IGNORE_INDEX).sum().float()]))
+    return torch.stack(sums)
+
+
+def token_weighted_loss(prediction):
+    """answer_loss: the total NLL of the answer tokens over their count, as perplexity.py
+    counts it (Trainer's eval_loss is a mean of batch means, which short answers sway)."""
+    sums = prediction.predictions.reshape(-1, 2)
+    return {"answer_loss": float(sums[:, 0].sum() / max(sums[:, 1].sum(), 1.0))}
+
+
 def make_callbacks(args):
     from transformers import EarlyStoppingCallback
 
     return [EarlyStoppingCallback(early_stopping_patience=args.patience)]
 
 
-def prepare_model(args, train_rows):
-    """(model, tokenizer, where they came from) for a fresh run or a resumed one."""
+def prepare_model(args, train_rows, max_turns, persona):
+    """(model, tokenizer, where they came from, lines on the special tokens) for a fresh run or a resumed one."""
     from transformers import set_seed
 
     set_seed(args.seed)
@@ -548,11 +752,12 @@ def prepare_model(args, train_rows):
         model, tokenizer = load_pretrained(source)
     elif args.from_scratch:
         source = "a new model (--from-scratch)"
-        model, tokenizer = build_from_scratch(train_rows, args)
+        model, tokenizer = build_from_scratch(train_rows, args, max_turns, persona)
     else:
         source = args.model
         model, tokenizer = load_pretrained(source)
-    return (*fix_special_tokens(model, tokenizer, source), source)
+    model, tokenizer, notes = fix_special_tokens(model, tokenizer)
+    return model, tokenizer, source, notes
 
 
 def run(args, train_rows, val_rows, max_turns, persona):
@@ -566,31 +771,33 @@ def run(args, train_rows, val_rows, max_turns, persona):
         args.resume_from = complete_checkpoint(args.output)
         if args.resume_from is None:
             raise UserError(f"{args.output}: --resume found no complete checkpoint-N/ folder to continue from")
-    model, tokenizer, source = prepare_model(args, train_rows)
-    max_length = min(args.max_length, context_size(model.config))
-    train_set, train_skipped = encode_examples(tokenizer, train_rows, max_length, "encoding train", persona)
-    val_set, val_skipped = encode_examples(tokenizer, val_rows, max_length, "encoding val", persona)
+    model, tokenizer, source, notes = prepare_model(args, train_rows, max_turns, persona)
+    window = training_window(model, args.max_length, max_turns)
+    train_set, train_skipped = encode_examples(tokenizer, train_rows, window, "encoding train", persona)
+    val_set, val_skipped = encode_examples(tokenizer, val_rows, window, "encoding val", persona)
     if not train_set or not val_set:
         raise UserError(f"no {'training' if not train_set else 'validation'} example fits in "
-                        f"--max-length {max_length} tokens; raise --max-length")
+                        f"--max-length {window['max_length']} tokens; raise --max-length")
     lr = args.lr or (LR_FROM_SCRATCH if args.from_scratch else LR_PRETRAINED)
 
     targs = training_arguments(args, device, lr)
     is_main = targs.process_index == 0
     if is_main:
-        print(f"model: {source}, {model.num_parameters() / 1e6:.1f}M parameters, vocabulary {len(tokenizer)}; "
-              f"pad {tokenizer.pad_token!r} id {tokenizer.pad_token_id}, eos {tokenizer.eos_token!r} id "
-              f"{tokenizer.eos_token_id}", flush=True)
-        print(f"examples: {len(train_set)} train, {len(val_set)} val (max {max_length} tokens; skipped because "
-              f"the answer alone is longer: {train_skipped} train, {val_skipped} val)", flush=True)
+        print(f"model: {source}, {model.num_parameters() / 1e6:.1f}M parameters, vocabulary {len(tokenizer)}",
+              flush=True)
+        print("special tokens: " + "; ".join(notes), flush=True)
+        print(f"examples: {len(train_set)} train, {len(val_set)} val (at most {window['max_length']} tokens, "
+              f"prompts at most {window['context_tokens']} and {window['max_turns']} turns; skipped because the "
+              f"answer leaves no room: {train_skipped} train, {val_skipped} val)", flush=True)
         if not args.resume_from:
             clear_previous_run(args.output)
         os.makedirs(args.output, exist_ok=True)
-        save_tokenizer_and_chat_config(tokenizer, chat_config(model, max_turns, persona), args.output)
+        save_tokenizer_and_chat_config(tokenizer, chat_config(window, persona), args.output)
 
     trainer = Trainer(model=model, args=targs, train_dataset=train_set, eval_dataset=val_set,
                       data_collator=make_collator(tokenizer, device), processing_class=tokenizer,
-                      callbacks=make_callbacks(args))
+                      callbacks=make_callbacks(args), compute_metrics=token_weighted_loss,
+                      preprocess_logits_for_metrics=answer_nll_sums)
     trainer.train(resume_from_checkpoint=args.resume_from)
 
     # every process takes part (sharded models gather here); only the main one writes
@@ -605,7 +812,8 @@ def run(args, train_rows, val_rows, max_turns, persona):
         # the trainer validates at the last step too, so the best metric covers the whole run
         loss = trainer.state.best_metric
         summary = "no validation ran" if loss is None else \
-            f"best validation loss on answers {loss:.4f} (perplexity {math.exp(min(loss, 50)):.2f})"
+            f"best validation loss on answer tokens {loss:.4f} (token-weighted, as perplexity.py counts; " \
+            f"perplexity {math.exp(min(loss, 50)):.2f})"
         print(f"done: step {trainer.state.global_step}, {summary}, from "
               f"{trainer.state.best_model_checkpoint}; model in {args.output}/", flush=True)
     trainer.accelerator.wait_for_everyone()
@@ -658,11 +866,24 @@ def add_common_arguments(parser, output, model, max_length=MAX_LENGTH):
 # --- end of the mirrored part
 
 
+def trained_turns(rows, max_turns):
+    """The turn window the model is trained with, and chat_config.json records for the chat:
+    --max-turns, or fewer where no row of the data holds that many (create_dataset.py
+    --max-turns caps the context it writes), since the model never saw more."""
+    longest = max(len(turns) for turns, _ in rows)
+    if longest < max_turns:
+        print(f"the training data holds at most {longest} turns before an answer (create_dataset.py --max-turns "
+              f"caps them): the model is trained, and the chat set, for {longest}, not --max-turns {max_turns}",
+              flush=True)
+    return min(longest, max_turns)
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog=PROG, description="Fine-tune a causal LM on answers in context.")
     add_common_arguments(parser, OUTPUT_DIR, MODEL_NAME)
     parser.add_argument("--max-turns", type=positive_int, default=MAX_TURNS,
-                        help="context turns before the answer (default %(default)s)")
+                        help="turns before the answer, the question included (default %(default)s); the chat keeps "
+                             "as many")
     return parser.parse_args(argv)
 
 
@@ -670,7 +891,8 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         train_rows, val_rows = load_splits(args.data_dir, args.rows, args.val_rows, args.max_turns)
-        run(args, train_rows, val_rows, args.max_turns, None if args.no_persona else PERSONA)
+        run(args, train_rows, val_rows, trained_turns(train_rows, args.max_turns),
+            None if args.no_persona else PERSONA)
     except UserError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1

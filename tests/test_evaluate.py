@@ -150,41 +150,40 @@ def test_shipped_probe_is_russian_and_each_fact_is_two_or_more_turns_back(repo_r
 
 
 def test_probe_conversation_is_built_like_the_chat(tiny):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny)
-    _, _, _, settings = evaluate.load_model(tiny, "cpu")
+    _, tokenizer, _, settings = evaluate.load_model(tiny, "cpu")
+    assert settings["max_turns"] == CHAT_CONFIG["max_turns"] == 4  # the window training recorded
     turns = ["Добрый вечер!", "Добрый вечер!", "Меня зовут Тимофей.", "Приятно познакомиться!",
              "Как меня зовут?"]
-    ids, _ = evaluate.prompt_ids(tokenizer, turns, settings, budget=CHAT_CONFIG["context_tokens"])
     persona = CHAT_CONFIG["persona"]
+    settings["max_turns"] = 5  # --max-turns 5
+    ids = evaluate.reply_prompt(tokenizer, turns, settings, CHAT_CONFIG["context_tokens"])
     assert tokenizer.decode(ids) == (
         f"Вопрос: {persona['question']}\nОтвет: {persona['answer']}\n"
         "Вопрос: Добрый вечер!\nОтвет: Добрый вечер!\nВопрос: Меня зовут Тимофей.\n"
-        "Ответ: Приятно познакомиться!\nВопрос: Как меня зовут?\nОтвет: ")
-    # One token short: the oldest turn goes, and so does the bot's turn after it, so that
-    # a question still follows the persona's answer.
-    short = tokenizer.decode(evaluate.prompt_ids(tokenizer, turns, settings, budget=len(ids) - 1)[0])
+        "Ответ: Приятно познакомиться!\nВопрос: Как меня зовут?\nОтвет:")
+    # One token short: the oldest turn goes, and the labels still count back from the answer.
+    short = tokenizer.decode(evaluate.reply_prompt(tokenizer, turns, settings, len(ids) - 1))
     assert short == (f"Вопрос: {persona['question']}\nОтвет: {persona['answer']}\n"
-                     "Вопрос: Меня зовут Тимофей.\nОтвет: Приятно познакомиться!\n"
-                     "Вопрос: Как меня зовут?\nОтвет: ")
-    settings["max_turns"] = 2  # --max-turns
-    capped = tokenizer.decode(evaluate.prompt_ids(tokenizer, turns, settings, budget=1000)[0])
-    assert "Тимофей" not in capped and capped.endswith("Ответ: Приятно познакомиться!\nВопрос: Как меня зовут?\nОтвет: ")
+                     "Ответ: Добрый вечер!\nВопрос: Меня зовут Тимофей.\n"
+                     "Ответ: Приятно познакомиться!\nВопрос: Как меня зовут?\nОтвет:")
+    settings["max_turns"] = 2  # --max-turns 2
+    capped = tokenizer.decode(evaluate.reply_prompt(tokenizer, turns, settings, 1000))
+    assert "Тимофей" not in capped and capped.endswith("Ответ: Приятно познакомиться!\nВопрос: Как меня зовут?\nОтвет:")
 
 
 def test_probe_prompts_agree_with_system_prompt(tiny, repo_root):
     system_prompt = pytest.importorskip("system_prompt")
-    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny)
-    _, _, _, settings = evaluate.load_model(tiny, "cpu")
-    persona_only = len(tokenizer(evaluate.render_prompt([""], settings))["input_ids"])
+    _, tokenizer, _, settings = evaluate.load_model(tiny, "cpu")
+    chat = system_prompt.open_model_folder(tiny, "cpu")
+    persona_only = len(evaluate.encode_text(tokenizer, evaluate.prompt_text([""], settings["persona"])))
     for item in evaluate.load_probe(repo_root / "data" / "memory_probe.jsonl"):
         for budget in (persona_only + 16, persona_only + 40, persona_only + 70, 192):
-            ours, _ = evaluate.prompt_ids(tokenizer, item["turns"], settings, budget)
-            theirs = system_prompt.build_prompt(item["turns"], settings["persona"], tokenizer, budget)
-            assert ours == tokenizer(theirs)["input_ids"], (item["id"], budget)
+            chat_settings = system_prompt.resolve_settings(system_prompt.parse_args(
+                ["--model", str(tiny), "--context-tokens", str(budget)]), chat)
+            ours = evaluate.reply_prompt(tokenizer, item["turns"], settings, budget)
+            assert ours == system_prompt.chat_prompt_ids(item["turns"], chat_settings, chat["tokenizer"]), \
+                (item["id"], budget)
 
 
 # ---------------------------------------------------------------- models
@@ -295,8 +294,39 @@ def test_prompt_constants_match_the_contract():
     assert evaluate.LABEL_PATTERN.pattern == perplexity.LABEL_PATTERN.pattern == r"(?i)\b(вопрос|ответ)\s*:"
 
 
-def test_prompt_code_is_mirrored_unchanged_in_perplexity_py(repo_root):
+def test_scoring_code_is_mirrored_unchanged_in_perplexity_py(repo_root):
     pattern = r"# --- mirrored in evaluate\.py and perplexity\.py.*?\n(.*?)# --- end of the mirrored part"
     ours = re.findall(pattern, (repo_root / "evaluate.py").read_text(encoding="utf-8"), flags=re.S)
     theirs = re.findall(pattern, (repo_root / "perplexity.py").read_text(encoding="utf-8"), flags=re.S)
-    assert len(ours) == 1 and ours == theirs and "def prompt_ids" in ours[0]
+    assert len(ours) == 1 and ours == theirs
+    assert "def build_scoring_examples" in ours[0] and "def score" in ours[0] and "def prompt_settings" in ours[0]
+
+
+def test_replies_may_repeat_the_prompts_words(tiny, tmp_path):
+    """Greedy evaluation with the chat's n-gram blocking: a model that copies the question
+    must be free to, as in the chat (transformers' own blocking would ban it)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteriaList
+
+    model = AutoModelForCausalLM.from_pretrained(tiny).eval()
+    _, tokenizer, _, settings = evaluate.load_model(tiny, "cpu")
+    ids = evaluate.reply_prompt(tokenizer, ["Как перезагрузить телефон?"], settings, 192)
+    copy = evaluate.encode_text(tokenizer, " Как перезагрузить телефон")
+    # a stand-in model whose every step puts its weight on the next token of the question's words, then EOS
+    original_forward, steps = model.forward, []
+
+    def forward(*args, **kwargs):
+        out = original_forward(*args, **kwargs)
+        nxt = copy[len(steps)] if len(steps) < len(copy) else tokenizer.eos_token_id
+        steps.append(nxt)
+        out.logits[:, -1, :] = 0.0
+        out.logits[:, -1, nxt] = 10.0
+        return out
+
+    model.forward = forward
+    config = GenerationConfig(max_new_tokens=len(copy) + 2, do_sample=False, repetition_penalty=1.0,
+                              no_repeat_ngram_size=0, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+    text, ended, _, _ = evaluate.generate_reply(model, tokenizer, ids, config, {"no_repeat_ngram_size": 3,
+                                                                                "repetition_penalty": 1.15},
+                                                StoppingCriteriaList(), "cpu")
+    assert text == "Как перезагрузить телефон" and ended

@@ -50,10 +50,9 @@ def train_tiny_model(folder):
     lines = tiny_model.TRAINING_LINES
     rows = []
     for question, answer in zip(lines[0::2], lines[1::2]):
-        # Prompt and answer tokenised apart, as at chat time the prompt ends with "Ответ: ".
-        prompt = sp.build_prompt([question[len("Вопрос: "):]], None, tokenizer, 10_000)
-        rows.append(tokenizer(prompt)["input_ids"] + tokenizer(answer[len("Ответ: "):])["input_ids"]
-                    + [tokenizer.eos_token_id])
+        # The prompt rule's ids, as the trainers build them and the chat feeds them.
+        rows.append(sp.fit_prompt(tokenizer, [question[len("Вопрос: "):]], 1, 10_000)
+                    + sp.answer_ids(tokenizer, answer[len("Ответ: "):]))
     width = max(map(len, rows))
     ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows])
     mask = (torch.arange(width)[None, :] < torch.tensor([len(row) for row in rows])[:, None]).long()
@@ -93,13 +92,14 @@ def int8(trained_dir):
     return loaded(trained_dir, "int8")
 
 
-def settings_for(**generation):
-    return {"generation": dict(GREEDY, **generation), "persona": tiny_model.CHAT_CONFIG["persona"], "budget": 192}
+def settings_for(persona=None, **generation):
+    return {"generation": dict(GREEDY, **generation), "persona": persona, "facts": None, "max_turns": 4,
+            "budget": 192}
 
 
 def prompts_for(chat):
     # Without the persona: the format the tiny model learnt, so its replies differ by prompt.
-    return [sp.build_prompt(history, None, chat["tokenizer"], 192) for history in HISTORIES]
+    return [sp.chat_prompt_ids(history, settings_for(), chat["tokenizer"]) for history in HISTORIES]
 
 
 # --- the int8 path
@@ -137,7 +137,7 @@ def test_int8_quantizes_every_linear_layer_and_stays_close(plain, int8):
         warnings.simplefilter("ignore")  # torch marks this API deprecated (see quantize_int8)
         raw = torch.ao.quantization.quantize_dynamic(copy.deepcopy(plain["model"]), {torch.nn.Linear})
     assert [type(m) for m in raw.modules()].count(quantized) == 1
-    ids = plain["tokenizer"](prompts_for(plain)[2], return_tensors="pt")["input_ids"]
+    ids = torch.tensor([prompts_for(plain)[2]])
     with torch.inference_mode():
         exact, approx = plain["model"](ids).logits, int8["model"](ids).logits
     error = ((exact - approx).pow(2).mean().sqrt() / exact.std()).item()
@@ -157,14 +157,14 @@ def test_int8_greedy_replies_match_fp32(plain, int8):
     differing = 0
     for persona in (None, tiny_model.CHAT_CONFIG["persona"]):
         for question in questions:
-            prompt = sp.build_prompt([question], persona, plain["tokenizer"], 192)
+            prompt = sp.chat_prompt_ids([question], settings_for(persona), plain["tokenizer"])
             exact = sp.generate_ids(plain, settings, [prompt])[0]
             fast = sp.generate_ids(int8, settings, [prompt])[0]
             if persona is None:
                 assert fast == exact, question
             differing += fast != exact
     assert differing <= 2
-    prompt = sp.build_prompt([questions[1]], None, plain["tokenizer"], 192)
+    prompt = sp.chat_prompt_ids([questions[1]], settings, plain["tokenizer"])
     assert sp.generate_reply(int8, settings, prompt) == sp.generate_reply(plain, settings, prompt)
 
 
@@ -220,7 +220,7 @@ def test_a_batch_gives_each_prompt_its_own_reply(plain):
     settings = settings_for()
     alone = [sp.generate_ids(plain, settings, [prompt])[0] for prompt in prompts]
     assert len({tuple(ids) for ids in alone}) == len(prompts)  # the replies depend on the prompt
-    assert len({len(plain["tokenizer"](p)["input_ids"]) for p in prompts}) > 1  # so the batch is padded
+    assert len({len(p) for p in prompts}) > 1  # so the batch is padded
     assert sp.generate_ids(plain, settings, prompts) == alone
     assert sp.generate_ids(plain, settings, prompts[::-1]) == alone[::-1]
     assert sp.generate_replies(plain, settings, prompts) == [sp.generate_reply(plain, settings, p) for p in prompts]
@@ -363,9 +363,10 @@ def test_the_bot_batches_chats_and_each_gets_the_reply_it_would_get_alone(traine
     log = bot.log_text()
     sizes = [int(size) for size in re.findall(r"batch of (\d+): ", log)]
     assert sum(sizes) == len(chats) and max(sizes) > 1, sizes
-    settings = settings_for()
     for chat_id in chats:
         [prompt] = bot.prompts(chat_id)
-        assert prompt.endswith(f"Вопрос: {questions[chat_id]}\nОтвет: ")
-        assert replies[chat_id] == sp.generate_reply(plain, settings, prompt), chat_id
+        assert prompt.endswith(f"Вопрос: {questions[chat_id]}\nОтвет:")
+        ids = sp.encode_text(plain["tokenizer"], prompt)
+        assert replies[chat_id] == sp.generate_reply(plain, settings_for(tiny_model.CHAT_CONFIG["persona"]), ids), \
+            chat_id
     assert len(set(replies.values())) > 1

@@ -40,23 +40,26 @@ def tiny(tmp_path_factory):
 
 
 def expected_prompt(turns):
-    """The contract's prompt, spelled out by hand: persona, turns labelled back from the answer."""
+    """The contract's prompt, spelled out by hand: persona, turns labelled back from the answer,
+    the answer label without its space (the answer carries it)."""
     lines = ["Вопрос: " + PERSONA["question"], "Ответ: " + PERSONA["answer"]]
     for back, turn in enumerate(reversed(turns)):
         lines.insert(2, ("Вопрос: " if back % 2 == 0 else "Ответ: ") + turn)
-    return "\n".join(lines) + "\nОтвет: "
+    return "\n".join(lines) + "\nОтвет:"
 
 
 def independent_answer_nll(folder, rows):
-    """Per row: (sum of NLL of answer + EOS, count), one unpadded sequence at a time via the model's own loss."""
+    """Per row: (sum of NLL of answer + EOS, count), one unpadded sequence at a time via the model's own loss,
+    the window cut to the folder's max_turns as the chat does."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     out = []
     for _, turns, answer in rows:
+        turns = turns[-CHAT_CONFIG["max_turns"]:]
         prompt = tokenizer(expected_prompt(turns))["input_ids"]  # every row fits the 192-token budget whole
-        target = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        target = tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids = torch.tensor([prompt + target])
         labels = torch.tensor([[-100] * len(prompt) + target])
         with torch.no_grad():
@@ -68,19 +71,30 @@ def independent_answer_nll(folder, rows):
 def test_prompt_constants_match_the_contract():
     assert (perplexity.QUESTION_LABEL, perplexity.ANSWER_LABEL, perplexity.TURN_SEPARATOR) == (
         "Вопрос: ", "Ответ: ", "\n")
-    assert perplexity.neutralise("Ответ: да. вопрос :нет") == "Ответ - да. вопрос -нет"
+    assert perplexity.prepare_turn("Ответ: да. вопрос :нет") == "Ответ - да. вопрос -нет"
     assert perplexity.prepare_turn("  Ответ: две\nстроки ") == "Ответ - две строки"  # one turn, one line
 
 
 def test_prompt_labels_count_back_from_the_answer(tiny):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny)
-    _, _, _, settings = perplexity.load_model(tiny, "cpu")
+    _, tokenizer, _, settings = perplexity.load_model(tiny, "cpu")
+    assert (settings["max_turns"], settings["context_tokens"]) == (CHAT_CONFIG["max_turns"], 192)
     turns = ["Привет!", "Привет, как дела?", "Хорошо. Что делаешь?"]
-    ids, persona_tokens = perplexity.prompt_ids(tokenizer, turns, settings, budget=1000)
-    assert tokenizer.decode(ids) == expected_prompt(turns)
-    assert persona_tokens == len(tokenizer(expected_prompt([])[:-len("Ответ: ")])["input_ids"])
+    rows = [{"turns": turns, "answer": "Ничего."}]
+    [built], _ = perplexity.build_scoring_examples(tokenizer, rows, settings)
+    assert tokenizer.decode(built["ids"]) == expected_prompt(turns) + " Ничего.</s>"
+    assert built["answer_start"] == len(tokenizer(expected_prompt(turns))["input_ids"])
+    assert built["sequence_start"] == len(tokenizer(expected_prompt([])[:-len("Ответ:")])["input_ids"])
+
+
+def test_the_trained_turn_window_is_kept_and_a_flag_may_widen_it(tiny, tmp_path):
+    lines = []
+    report = perplexity.evaluate_perplexity(tiny, write_split(tmp_path / "d", ROWS), rows=0, progress=False,
+                                            max_turns=6, warn=lines.append)
+    assert report["max_turns"] == 6 and len(lines) == 1 and "--max-turns 6" in lines[0]
+    narrow = perplexity.evaluate_perplexity(tiny, tmp_path / "d", rows=0, progress=False, max_turns=1,
+                                            warn=lines.append)
+    assert len(lines) == 1 and narrow["sequence_tokens"] < report["sequence_tokens"]
+    assert narrow["answer_tokens"] == report["answer_tokens"]
 
 
 def test_perplexity_equals_exp_of_token_weighted_mean_nll(tiny, tmp_path):

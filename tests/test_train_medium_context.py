@@ -1,5 +1,6 @@
 """train_medium_context.py: the same prompt as train_transformer.py, context cut
-from the oldest turn with the answer kept, the parquet input, a tiny run."""
+from the oldest turn with the answer kept, the window the chat keeps, the
+parquet input, a tiny run."""
 import json
 import re
 
@@ -57,24 +58,28 @@ def write_context(folder, dialogues=DIALOGUES):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    texts = [tm.build_prompt(t[:-1]) + t[-1] for t in DIALOGUES]
+    texts = tm.tokenizer_texts([(t[:-1], t[-1]) for t in DIALOGUES], 16)
     return tm.train_tokenizer(texts, vocab_size=400, model_max_length=128)
 
 
+def window(max_length, max_turns=16, context_tokens=None):
+    return {"max_turns": max_turns, "context_tokens": context_tokens or max_length, "max_length": max_length}
+
+
 def test_both_scripts_spell_the_prompt_the_same(tokenizer):
-    for name in ("QUESTION_LABEL", "ANSWER_LABEL", "TURN_SEPARATOR", "IGNORE_INDEX", "SPECIAL_TOKENS"):
+    for name in ("QUESTION_LABEL", "ANSWER_LABEL", "TURN_SEPARATOR", "IGNORE_INDEX", "SPECIAL_TOKENS", "PROMPT_RULE"):
         assert getattr(tm, name) == getattr(tt, name), name
     assert (tm.QUESTION_LABEL, tm.ANSWER_LABEL, tm.TURN_SEPARATOR) == ("Вопрос: ", "Ответ: ", "\n")
     for turns in (["Как дела?"], ["Ответ: да", "вопрос: нет"], DIALOGUES[0][:4]):
-        assert tm.build_prompt(turns) == tt.build_prompt(turns)
-        assert tm.build_prompt(turns, tm.PERSONA) == tt.build_prompt(turns, tt.PERSONA)
-    single = tt.encode_example(tokenizer, ["Как дела?"], "Хорошо.", 64)
-    assert tm.encode_example(tokenizer, ["Как дела?"], "Хорошо.", 64) == single
+        assert tm.prompt_text(turns) == tt.prompt_text(turns)
+        assert tm.prompt_text(turns, tm.PERSONA) == tt.prompt_text(turns, tt.PERSONA)
+    single = tt.encode_example(tokenizer, ["Как дела?"], "Хорошо.", window(64))
+    assert tm.encode_example(tokenizer, ["Как дела?"], "Хорошо.", window(64)) == single
     assert tokenizer.decode(single["input_ids"]) == "Вопрос: Как дела?\nОтвет: Хорошо.</s>"
 
 
 def test_multi_turn_prompt_ends_with_a_question_before_the_answer(tokenizer):
-    example = tm.encode_example(tokenizer, DIALOGUES[3][:3], DIALOGUES[3][3], 128)
+    example = tm.encode_example(tokenizer, DIALOGUES[3][:3], DIALOGUES[3][3], window(128))
     assert tokenizer.decode(example["input_ids"]) == (
         "Вопрос: Ты сделал домашку по алгебре?\nОтвет: Почти. Последняя задача не получается.\n"
         "Вопрос: Там надо через дискриминант.\nОтвет: А, точно. Спасибо!</s>")
@@ -87,24 +92,39 @@ def answer_part(tokenizer, example):
 def test_cut_context_loses_the_oldest_turns_and_keeps_the_answer(tokenizer):
     turns = ["Первая реплика, очень длинная, " * 4, "Вторая реплика.", "Третья реплика.", "Где ключи?"]
     answer = "На полке у двери, рядом с зонтом."
-    full = tm.encode_example(tokenizer, turns, answer, 512)
+    full = tm.encode_example(tokenizer, turns, answer, window(512))
     limit = len(full["input_ids"]) - 5
-    cut = tm.encode_example(tokenizer, turns, answer, limit)
+    cut = tm.encode_example(tokenizer, turns, answer, window(limit))
     assert len(cut["input_ids"]) <= limit
     prompt = tokenizer.decode([t for t, x in zip(cut["input_ids"], cut["labels"]) if x == -100])
-    assert prompt == tm.build_prompt(turns[1:])            # only the oldest turn went
-    assert answer_part(tokenizer, cut) == answer + "</s>"
+    assert prompt == tm.prompt_text(turns[1:])             # only the oldest turn went
+    assert answer_part(tokenizer, cut) == " " + answer + "</s>"
+    # the turn window cuts the same way, whatever the budget
+    windowed = tm.encode_example(tokenizer, turns, answer, window(512, max_turns=2))
+    assert tokenizer.decode(windowed["input_ids"]).startswith("Ответ: Третья реплика.\nВопрос: Где ключи?\n")
+
+
+def test_the_default_window_keeps_a_name_given_many_turns_back(tokenizer):
+    """The chat keeps a long conversation; training must show the model one, or it learns to
+    guess the name instead of reading it (the 4-turn window cut it away)."""
+    dialogue = ["Привет! Меня зовут Илья, я живу в Мурманске.", "Привет, Илья!", "Как дела?", "Хорошо.",
+                "Что делаешь?", "Сериал смотрю.", "Как меня зовут?"]
+    example = tm.encode_example(tokenizer, dialogue, "Тебя зовут Илья.", window(384, max_turns=tm.MAX_TURNS))
+    assert tm.MAX_TURNS >= 16
+    assert "Меня зовут Илья" in tokenizer.decode(example["input_ids"])
+    old_window = tm.encode_example(tokenizer, dialogue, "Тебя зовут Илья.", window(384, max_turns=4))
+    assert "Меня зовут Илья" not in tokenizer.decode(old_window["input_ids"])
 
 
 def test_when_only_the_question_is_left_its_start_is_cut_not_the_answer(tokenizer):
     turns = ["Раньше было так.", "Потом иначе.", "Слушай, " * 30 + "а где ключи?"]
     answer = "На полке у двери."
-    cut = tm.encode_example(tokenizer, turns, answer, 48)
+    cut = tm.encode_example(tokenizer, turns, answer, window(48))
     assert len(cut["input_ids"]) <= 48
     prompt = tokenizer.decode([t for t, x in zip(cut["input_ids"], cut["labels"]) if x == -100])
-    assert prompt.startswith("Вопрос: ") and prompt.endswith("а где ключи?\nОтвет: ")
+    assert prompt.startswith("Вопрос: ") and prompt.endswith("а где ключи?\nОтвет:")
     assert "Раньше" not in prompt and "Потом" not in prompt
-    assert answer_part(tokenizer, cut) == answer + "</s>"
+    assert answer_part(tokenizer, cut) == " " + answer + "</s>"
 
 
 def test_reads_the_last_max_turns_and_skips_rows_without_context(tmp_path):
@@ -123,11 +143,23 @@ def test_tiny_run_writes_a_context_model_folder(tmp_path):
     assert tm.main(TINY + ["--data-dir", str(data), "--output", str(out), "--max-steps", "6",
                            "--eval-steps", "3", "--batch-size", "4", "--max-turns", "3"]) == 0
     config = json.loads((out / "chat_config.json").read_text(encoding="utf-8"))
-    assert config["max_turns"] == 3 and config["context_tokens"] == 64
+    assert config["max_turns"] == 3 and config["context_tokens"] == 64 and config["prompt_rule"] == tm.PROMPT_RULE
     assert (out / "training_curves.png").is_file()
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert tokenizer.pad_token_id != tokenizer.eos_token_id == model.generation_config.eos_token_id
+
+
+def test_the_recorded_window_is_what_the_data_held(tmp_path, capsys):
+    """A context file cut to 4 turns (create_dataset.py --max-turns 4) trains a model on 4
+    turns at most: chat_config.json says 4, so the chat does not show it 16."""
+    data = write_context(tmp_path / "data")  # context_rows keeps at most 4 turns
+    out = tmp_path / "model"
+    assert tm.main(TINY + ["--data-dir", str(data), "--output", str(out), "--max-steps", "2", "--eval-steps", "2",
+                           "--batch-size", "4"]) == 0
+    assert json.loads((out / "chat_config.json").read_text(encoding="utf-8"))["max_turns"] == 4
+    assert "at most 4 turns" in capsys.readouterr().out
+    assert tm.trained_turns([(["a"] * 20, "b")], 16) == 16
 
 
 def one_line_error(capfd):

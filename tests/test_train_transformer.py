@@ -1,8 +1,12 @@
 """train_transformer.py: prompt and labels, tokenizer hygiene, over-fitting a tiny
-model from scratch, resuming, and the one-line errors for bad input."""
+model from scratch (and its answers coming back through the console chat), the
+token-weighted closing figure, resuming with early stopping's patience, and the
+one-line errors for bad input."""
 import csv
 import json
+import math
 import os
+import re
 
 import pytest
 import torch
@@ -18,29 +22,31 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
 
-# 20 distinct questions with short answers the tiny model has to learn by heart
+# 20 distinct questions with short answers the tiny model has to learn by heart; most
+# answers repeat words of their question, as an answer on topic does
 PAIRS = [
-    ("Привет! Как дела?", "Привет, всё хорошо."),
-    ("Какая завтра погода?", "Обещают дождь."),
-    ("Что приготовить на ужин?", "Сделай макароны с сыром."),
-    ("Ты сделал домашку?", "Почти, осталась одна задача."),
-    ("Во сколько выезжаем?", "Поезд в семь утра."),
-    ("Кажется, я заболел.", "Выпей чаю и ложись спать."),
-    ("Где мои ключи?", "На полке у двери."),
-    ("Пойдём в кино?", "Давай, в субботу вечером."),
-    ("Сколько стоит билет?", "Двести рублей."),
-    ("Как зовут твою собаку?", "Её зовут Жучка."),
-    ("Ты любишь кофе?", "Да, с молоком."),
-    ("Когда начнётся встреча?", "В десять, в большой переговорке."),
-    ("Что купить в магазине?", "Хлеб, молоко и яйца."),
+    ("Привет! Как дела?", "Привет, дела хорошо."),
+    ("Какая завтра погода?", "Завтра погода дождливая."),
+    ("Что приготовить на ужин?", "На ужин приготовь макароны с сыром."),
+    ("Ты сделал домашку?", "Домашку сделал почти всю."),
+    ("Во сколько выезжаем?", "Выезжаем в семь утра."),
+    ("Кажется, я заболел.", "Если заболел, выпей чаю и ложись спать."),
+    ("Где мои ключи?", "Твои ключи на полке у двери."),
+    ("Пойдём в кино?", "Пойдём в кино в субботу вечером."),
+    ("Сколько стоит билет?", "Билет стоит двести рублей."),
+    ("Как зовут твою собаку?", "Мою собаку зовут Жучка."),
+    ("Ты любишь кофе?", "Кофе люблю с молоком."),
+    ("Когда начнётся встреча?", "Встреча начнётся в десять."),
+    ("Что купить в магазине?", "В магазине купи хлеб и яйца."),
     ("Какой сегодня день?", "Сегодня пятница."),
-    ("Почему ты опоздал?", "Автобус сломался."),
-    ("Где ближайшая аптека?", "За углом, напротив банка."),
-    ("Можно взять твою ручку?", "Конечно, бери."),
-    ("Ты идёшь на тренировку?", "Нет, у меня болит нога."),
-    ("Что читаешь?", "Детектив про старого сыщика."),
-    ("Как перезагрузить телефон?", "Зажми кнопку питания."),
+    ("Почему ты опоздал?", "Опоздал, потому что автобус сломался."),
+    ("Сколько будет два плюс три?", "Два плюс три будет пять."),
+    ("Какой твой любимый фрукт?", "Мой любимый фрукт груша."),
+    ("Ты идёшь на тренировку?", "На тренировку не иду, болит нога."),
+    ("Что читаешь?", "Читаю детектив про старого сыщика."),
+    ("Как перезагрузить телефон?", "Чтобы перезагрузить телефон, зажми кнопку питания."),
 ]
+WINDOW = {"max_turns": 1, "context_tokens": 96, "max_length": 128}
 
 TINY = ["--from-scratch", "--device", "cpu", "--n-layer", "2", "--n-head", "2", "--n-embd", "64",
         "--vocab-size", "400", "--n-positions", "128", "--seed", "0"]
@@ -57,16 +63,16 @@ def write_pairs(folder, train, val=None):
 
 
 def greedy_reply(model, tokenizer, question, max_new_tokens=40):
-    """(reply text, whether it ended with EOS) for greedy decoding of one question."""
-    inputs = tokenizer(tt.build_prompt([question], tt.PERSONA), add_special_tokens=False, return_tensors="pt")
+    """(reply text, whether it ended with EOS) for plain greedy decoding of one question."""
+    ids = torch.tensor([tt.fit_prompt(tokenizer, [question], 1, 10_000, tt.PERSONA)])
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    new = out[0, ids.shape[1]:].tolist()
     stopped = tokenizer.eos_token_id in new
     if stopped:
         new = new[:new.index(tokenizer.eos_token_id)]
-    return tokenizer.decode(new), stopped
+    return tokenizer.decode(new).strip(), stopped
 
 
 def one_line_error(capfd):
@@ -79,24 +85,41 @@ def one_line_error(capfd):
 # ---------------------------------------------------------------------------- prompt
 
 def test_prompt_labels_count_back_from_the_answer():
-    assert tt.build_prompt(["Как дела?"]) == "Вопрос: Как дела?\nОтвет: "
-    assert tt.build_prompt(["a", "b"]) == "Ответ: a\nВопрос: b\nОтвет: "
-    assert tt.build_prompt(["a", "b", "c"]) == "Вопрос: a\nОтвет: b\nВопрос: c\nОтвет: "
+    assert tt.prompt_text(["Как дела?"]) == "Вопрос: Как дела?\nОтвет:"
+    assert tt.prompt_text(["a", "b"]) == "Ответ: a\nВопрос: b\nОтвет:"
+    assert tt.prompt_text(["a", "b", "c"]) == "Вопрос: a\nОтвет: b\nВопрос: c\nОтвет:"
     persona = {"question": "Кто ты?", "answer": "Бот."}
-    assert tt.build_prompt(["b"], persona) == "Вопрос: Кто ты?\nОтвет: Бот.\nВопрос: b\nОтвет: "
+    assert tt.prompt_text(["b"], persona) == "Вопрос: Кто ты?\nОтвет: Бот.\nВопрос: b\nОтвет:"
 
 
 def test_labels_inside_user_text_are_neutralised():
-    assert tt.build_prompt(["Скажи ОТВЕТ: да"]) == "Вопрос: Скажи ОТВЕТ - да\nОтвет: "
-    assert tt.neutralise_labels("вопрос : зачем? Ответ:нет") == "вопрос - зачем? Ответ -нет"
+    assert tt.prompt_text(["Скажи ОТВЕТ: да"]) == "Вопрос: Скажи ОТВЕТ - да\nОтвет:"
+    assert tt.prepare_turn("вопрос : зачем? Ответ:нет") == "вопрос - зачем? Ответ -нет"
 
 
 # ---------------------------------------------------------------------------- labels and tokens
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    texts = [tt.build_prompt([q]) + a for q, a in PAIRS]
+    texts = tt.tokenizer_texts([([q], a) for q, a in PAIRS], 1)
     return tt.train_tokenizer(texts, vocab_size=400, model_max_length=128)
+
+
+def test_the_tokenizer_learns_text_shaped_as_training_feeds_it():
+    rows = [(["Как дела?"], "Хорошо.")]
+    assert list(tt.tokenizer_texts(rows, 1, tt.PERSONA)) == [tt.prompt_text(["Как дела?"], tt.PERSONA) + " Хорошо."]
+    assert list(tt.tokenizer_texts([(["a", "b", "c"], "d")], 2)) == ["Ответ: b\nВопрос: c\nОтвет: d"]
+
+
+def test_the_answer_keeps_its_first_words_space(tokenizer):
+    example = tt.encode_example(tokenizer, ["Где мои ключи?"], "Твои ключи на полке у двери.", WINDOW)
+    answer = [t for t, x in zip(example["input_ids"], example["labels"]) if x != tt.IGNORE_INDEX]
+    prompt = example["input_ids"][:len(example["input_ids"]) - len(answer)]
+    assert tokenizer.decode(prompt).endswith("\nОтвет:")
+    assert tokenizer.convert_ids_to_tokens(answer[0]).startswith("Ġ")  # byte-level BPE's space
+    assert answer == tt.encode_text(tokenizer, " Твои ключи на полке у двери.") + [tokenizer.eos_token_id]
+    # the text is the same as the whole exchange's, so the chat's continuation is what training taught
+    assert tokenizer.decode(example["input_ids"]) == "Вопрос: Где мои ключи?\nОтвет: Твои ключи на полке у двери.</s>"
 
 
 def test_pad_eos_bos_are_distinct_tokens_of_the_rugpt3_layout(tokenizer):
@@ -106,13 +129,13 @@ def test_pad_eos_bos_are_distinct_tokens_of_the_rugpt3_layout(tokenizer):
 
 def test_batch_labels_are_masked_exactly_on_prompt_and_padding_and_carry_eos(tokenizer):
     pairs = [PAIRS[0], PAIRS[12], ("Да?", "Нет.")]
-    examples = [tt.encode_example(tokenizer, [q], a, max_length=128) for q, a in pairs]
+    examples = [tt.encode_example(tokenizer, [q], a, WINDOW) for q, a in pairs]
     batch = tt.make_collator(tokenizer, "cpu")(examples)
     width = batch["input_ids"].shape[1]
     assert width == max(len(e["input_ids"]) for e in examples)       # padded to the batch, not to 128
     for row, (q, a) in enumerate(pairs):
-        prompt_len = len(tt.encode_text(tokenizer, tt.build_prompt([q])))
-        answer = tt.encode_text(tokenizer, a) + [tokenizer.eos_token_id]
+        prompt_len = len(tt.encode_text(tokenizer, tt.prompt_text([q])))
+        answer = tt.answer_ids(tokenizer, a)
         length = prompt_len + len(answer)
         labels = batch["labels"][row].tolist()
         assert labels[:prompt_len] == [-100] * prompt_len
@@ -126,15 +149,17 @@ def test_batch_labels_are_masked_exactly_on_prompt_and_padding_and_carry_eos(tok
 def test_overlong_question_is_cut_from_the_left_and_the_answer_kept(tokenizer):
     question = "Раз два три четыре пять. " * 20 + "Где ключи?"
     answer = "На полке у двери."
-    example = tt.encode_example(tokenizer, [question], answer, max_length=40)
+    window = {"max_turns": 1, "context_tokens": 30, "max_length": 40}
+    example = tt.encode_example(tokenizer, [question], answer, window)
     assert len(example["input_ids"]) <= 40
-    answer_ids = tt.encode_text(tokenizer, answer) + [tokenizer.eos_token_id]
+    answer_ids = tt.answer_ids(tokenizer, answer)
     assert example["input_ids"][-len(answer_ids):] == answer_ids
     assert [x for x in example["labels"] if x != -100] == answer_ids
     prompt = tokenizer.decode(example["input_ids"][:-len(answer_ids)])
-    assert prompt.startswith("Вопрос: ") and prompt.endswith("Где ключи?\nОтвет: ")
+    assert prompt.startswith("Вопрос: ") and prompt.endswith(" Где ключи?\nОтвет:")
+    assert len(example["input_ids"]) - len(answer_ids) <= 30  # the prompt budget, as the chat's
     # an answer longer than the whole budget is skipped, never cut
-    assert tt.encode_example(tokenizer, ["Да?"], "очень длинный ответ " * 30, max_length=40) is None
+    assert tt.encode_example(tokenizer, ["Да?"], "очень длинный ответ " * 30, window) is None
 
 
 # ---------------------------------------------------------------------------- loading models
@@ -147,7 +172,7 @@ def write_tokenizer_files(folder, special_tokens, tokenizer_config, eos_id_in_co
     folder.mkdir()
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.train_from_iterator([tt.build_prompt([q]) + a for q, a in PAIRS], trainers.BpeTrainer(
+    bpe.train_from_iterator(tt.tokenizer_texts([([q], a) for q, a in PAIRS], 1), trainers.BpeTrainer(
         vocab_size=350, special_tokens=special_tokens, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     bpe.model.save(str(folder))
@@ -167,7 +192,7 @@ def test_rugpt3_layout_folder_loads_with_its_own_eos_and_pad(tmp_path):
         {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<s>", "eos_token": "</s>",
          "pad_token": "<pad>", "unk_token": "<unk>"}, eos_id_in_config=349)
     model, tokenizer = tt.load_pretrained(str(folder))
-    model, tokenizer = tt.fix_special_tokens(model, tokenizer, str(folder))
+    model, tokenizer, _ = tt.fix_special_tokens(model, tokenizer)
     assert "<|endoftext|>" not in tokenizer.get_vocab()
     assert tokenizer.eos_token == "</s>" and tokenizer.pad_token == "<pad>"
     assert tokenizer.eos_token_id == 2 and tokenizer.pad_token_id == 0
@@ -182,8 +207,9 @@ def test_gpt2_layout_folder_gets_a_pad_of_its_own(tmp_path):
         {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
          "unk_token": "<|endoftext|>"}, eos_id_in_config=0)
     model, tokenizer = tt.load_pretrained(str(folder))
-    model, tokenizer = tt.fix_special_tokens(model, tokenizer, str(folder))
+    model, tokenizer, notes = tt.fix_special_tokens(model, tokenizer)
     assert tokenizer.eos_token == "<|endoftext|>"
+    assert "added" in notes[2]
     assert tokenizer.pad_token == "<pad>" and tokenizer.pad_token_id != tokenizer.eos_token_id
     assert len(tokenizer) == vocab + 1
     assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
@@ -193,7 +219,7 @@ def test_gpt2_layout_folder_gets_a_pad_of_its_own(tmp_path):
 
 def test_from_scratch_model_uses_the_tokenizer_ids(tmp_path):
     args = tt.parse_args(TINY)
-    model, tokenizer = tt.build_from_scratch([([q], a) for q, a in PAIRS], args)
+    model, tokenizer = tt.build_from_scratch([([q], a) for q, a in PAIRS], args, 1)
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
     assert model.config.eos_token_id == tokenizer.eos_token_id
     assert model.config.pad_token_id == tokenizer.pad_token_id
@@ -225,20 +251,41 @@ def test_overfits_20_pairs_and_stops_on_eos(overfit_model):
     assert exact >= 18, results
 
 
+def test_the_console_chat_gives_them_back_with_its_default_settings(overfit_model, tmp_path, capsys):
+    """Sampling, repetition penalty 1.15 and n-gram blocking 3 of chat_config.json, int8 on a
+    CPU: all the chat's defaults, one question at a time. Blocking n-grams over the prompt,
+    as transformers' own processors do, broke most of these answers, which repeat their
+    question's words."""
+    import system_prompt as sp
+
+    script = tmp_path / "questions.txt"
+    script.write_text("\n/reset\n".join(q for q, _ in PAIRS) + "\n", encoding="utf-8")
+    capsys.readouterr()
+    assert sp.main(["--model", str(overfit_model), "--script", str(script), "--threads", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "warning" not in captured.err
+    replies = [line[len("Бот: "):] for line in captured.out.splitlines()
+               if line.startswith("Бот: ") and line != "Бот: " + sp.RESET_NOTICE]
+    assert len(replies) == len(PAIRS)
+    exact = sum(reply == answer for reply, (_, answer) in zip(replies, PAIRS))
+    assert exact >= 19, list(zip(replies, (a for _, a in PAIRS)))
+
+
 def test_output_folder_has_chat_config_curves_and_generation_ids(overfit_model):
     from transformers import GenerationConfig
 
     config = json.loads((overfit_model / "chat_config.json").read_text(encoding="utf-8"))
-    assert config["format_version"] == 1
+    assert config["format_version"] == 1 and config["prompt_rule"] == tt.PROMPT_RULE
     assert (config["question_label"], config["answer_label"], config["turn_separator"]) == \
         ("Вопрос: ", "Ответ: ", "\n")
     assert config["context_tokens"] == 128 - config["generation"]["max_new_tokens"] == 64
+    assert config["max_length"] == 128
     assert config["max_turns"] == 1 and config["persona"]["question"] == "Кто ты?"
     assert (overfit_model / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     generation = GenerationConfig.from_pretrained(overfit_model)
     assert (generation.eos_token_id, generation.pad_token_id) == (2, 0)
     state = json.loads((overfit_model / "trainer_state.json").read_text(encoding="utf-8"))
-    assert [h["step"] for h in state["log_history"] if "eval_loss" in h][:2] == [75, 150]
+    assert [h["step"] for h in state["log_history"] if "eval_answer_loss" in h][:2] == [75, 150]
     assert any("grad_norm" in h for h in state["log_history"])
     assert not (overfit_model / tt.FINAL_TMP).exists()
     # every checkpoint is a model folder a chat script can load
@@ -282,6 +329,68 @@ def test_resume_continues_from_the_newest_complete_checkpoint(tmp_path, monkeypa
     assert (recorder.start, recorder.steps) == (4, 2)
     state = json.loads((out / "trainer_state.json").read_text(encoding="utf-8"))
     assert state["global_step"] == 6
+
+
+def test_the_closing_figure_is_the_token_weighted_validation_loss(tmp_path, capsys):
+    """The loss printed at the end is perplexity.py's answer figure on the validation split:
+    total NLL over total answer tokens, not Trainer's mean of batch means."""
+    import perplexity
+
+    # answers the training data has, then longer ones it has nothing like: rows of unequal weight
+    val = PAIRS[:12] + [(q, "xq zv wj kx qz vw jq xq zv wj kx") for q, _ in PAIRS[12:]]
+    data = write_pairs(tmp_path / "data", PAIRS, val)
+    out = tmp_path / "model"
+    assert tt.main(TINY + ["--data-dir", str(data), "--output", str(out), "--max-steps", "20", "--eval-steps", "20",
+                           "--batch-size", "4", "--lr", "3e-3"]) == 0
+    printed = re.search(r"validation loss on answer tokens (\d+\.\d+) .*perplexity (\d+\.\d+)",
+                        capsys.readouterr().out)
+    report = perplexity.evaluate_perplexity(out, data, split="val", rows=0, progress=False)
+    assert report["rows_scored"] == len(PAIRS)
+    assert float(printed.group(1)) == pytest.approx(report["answer_nll_per_token"], abs=1e-4)
+    assert float(printed.group(2)) == pytest.approx(report["answer_perplexity"], abs=0.01)
+    state = json.loads((out / "trainer_state.json").read_text(encoding="utf-8"))
+    [last_eval] = [h for h in state["log_history"] if "eval_answer_loss" in h]
+    assert state["best_metric"] == last_eval["eval_answer_loss"]
+    # the mean of five batch means is another number: a batch of short answers weighs as much as one of long
+    assert abs(last_eval["eval_loss"] - last_eval["eval_answer_loss"]) > 1e-3
+
+
+class CrashAfterSaving(Exception):
+    pass
+
+
+def test_a_resumed_run_stops_where_an_uninterrupted_one_does(tmp_path, monkeypatch):
+    """Early stopping's patience counter goes into the checkpoint and comes back on --resume."""
+    from transformers import TrainerCallback
+
+    # the validation answers are nothing the training data has: their loss falls at first (the
+    # model learns EOS and spaces), then rises, and early stopping ends the run
+    val = [(q, "xq zv wj kx qz vw jq") for q, _ in PAIRS]
+    data = write_pairs(tmp_path / "data", PAIRS, val)
+    out = tmp_path / "model"
+    common = TINY + ["--data-dir", str(data), "--output", str(out), "--eval-steps", "2", "--batch-size", "4",
+                     "--save-total-limit", "50", "--patience", "2", "--max-steps", "60", "--lr", "3e-3"]
+    assert tt.main(common) == 0
+    state = json.loads((out / "trainer_state.json").read_text(encoding="utf-8"))
+    losses = [h["eval_answer_loss"] for h in state["log_history"] if "eval_answer_loss" in h]
+    stop = state["global_step"]
+    assert stop < 60 and losses[-1] > losses[-2] > min(losses)  # stopped early, by patience
+    crash_step = stop - 2  # after one validation without improvement: the counter stands at 1
+
+    class Crash(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == crash_step:
+                raise CrashAfterSaving
+
+    make_callbacks = tt.make_callbacks
+    monkeypatch.setattr(tt, "make_callbacks", lambda args: make_callbacks(args) + [Crash()])
+    with pytest.raises(CrashAfterSaving):
+        tt.main(common)
+    monkeypatch.setattr(tt, "make_callbacks", make_callbacks)
+    assert tt.complete_checkpoint(str(out)).endswith(f"checkpoint-{crash_step}")
+    assert tt.main(common + ["--resume"]) == 0
+    resumed = json.loads((out / "trainer_state.json").read_text(encoding="utf-8"))
+    assert resumed["global_step"] == stop
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -356,29 +465,24 @@ def test_output_folder_holding_something_else_is_left_alone(tmp_path, capfd):
 
 
 def test_a_tokenizer_without_eos_is_refused():
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    broken = tt.train_tokenizer([tt.build_prompt([q]) + a for q, a in PAIRS], 400, 128)
-    broken.eos_token = None
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(tt.tokenizer_texts([([q], a) for q, a in PAIRS], 1), trainers.BpeTrainer(
+        vocab_size=350, special_tokens=["<pad>", "<unk>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    broken = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", unk_token="<unk>")
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(broken), n_positions=64, n_embd=32, n_layer=1, n_head=2))
-    with pytest.raises(tt.UserError, match="no eos_token"):
-        tt.fix_special_tokens(model, broken, "somewhere")
-
-
-def test_training_prompt_is_the_prompt_the_chat_builds():
-    """The model is trained on exactly the text system_prompt.py will show it."""
-    import system_prompt as sp
-
-    turns = ["Привет!\nКак  дела?", "Ответ: нормально", "А у тебя?"]
-    for persona in (None, tt.PERSONA):
-        chat = sp.render_prompt(persona, [sp.prepare_turn(t) for t in turns])
-        assert tt.build_prompt(turns, persona) == chat
+    with pytest.raises(tt.UserError, match="no EOS in its vocabulary"):
+        tt.fix_special_tokens(model, broken)
 
 
 def test_persona_leads_the_training_prompt_and_is_not_scored():
-    tokenizer = tt.train_tokenizer([tt.build_prompt([q], tt.PERSONA) + a for q, a in PAIRS], 400, 128)
-    example = tt.encode_example(tokenizer, ["Как дела?"], "Хорошо.", 128, tt.PERSONA)
-    prompt_len = len(tt.encode_text(tokenizer, tt.build_prompt(["Как дела?"], tt.PERSONA)))
+    tokenizer = tt.train_tokenizer(tt.tokenizer_texts([([q], a) for q, a in PAIRS], 1, tt.PERSONA), 400, 128)
+    example = tt.encode_example(tokenizer, ["Как дела?"], "Хорошо.", WINDOW, tt.PERSONA)
+    prompt_len = len(tt.encode_text(tokenizer, tt.prompt_text(["Как дела?"], tt.PERSONA)))
     assert tokenizer.decode(example["input_ids"][:prompt_len]).startswith("Вопрос: Кто ты?")
     assert example["labels"][:prompt_len] == [tt.IGNORE_INDEX] * prompt_len
     assert example["labels"][prompt_len:] == example["input_ids"][prompt_len:]

@@ -18,6 +18,7 @@ TRAINING_LINES = [
 
 CHAT_CONFIG = {
     "format_version": 1,
+    "prompt_rule": 2,  # the kit's prompt rule the folder is for (readers warn about a folder without it)
     "question_label": "Вопрос: ",
     "answer_label": "Ответ: ",
     "turn_separator": "\n",

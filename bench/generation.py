@@ -157,19 +157,18 @@ def read_exchanges(path):
 
 
 def train_tiny(exchanges, seed):
-    """A small GPT-2 that has learnt the sample's exchanges in the chat format; the
-    prompt and the answer are tokenised apart, as at chat time."""
+    """A small GPT-2 that has learnt the sample's exchanges in the chat format: the
+    prompt rule's ids, as the trainers build them and the chat feeds them."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([q for q, _ in exchanges] + [a for _, a in exchanges] + ["Вопрос: Ответ:"],
+    bpe.train_from_iterator([sp.prompt_text([q]) + " " + sp.prepare_turn(a) for q, a in exchanges],
                             vocab_size=TINY["vocab"], min_frequency=1, show_progress=False,
                             special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                         unk_token="<unk>")
-    rows = [(tokenizer(sp.build_prompt([q], None, tokenizer, 10_000))["input_ids"],
-             tokenizer(sp.prepare_turn(a))["input_ids"] + [tokenizer.eos_token_id]) for q, a in exchanges]
+    rows = [(sp.fit_prompt(tokenizer, [q], 1, 10_000), sp.answer_ids(tokenizer, a)) for q, a in exchanges]
     rows = [(prompt, answer) for prompt, answer in rows if len(prompt) + len(answer) <= TINY["positions"] // 2]
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(GPT2Config(n_layer=TINY["n_layer"], n_embd=TINY["n_embd"], n_head=TINY["n_head"],
@@ -277,7 +276,7 @@ def main(argv=None):
     model, tokenizer, learnt, loss = train_tiny(exchanges[:TINY["exchanges"]], args.seed)
     quick = sp.fast_path(copy.deepcopy(model))
     seen = [torch.tensor([prompt]) for prompt, _ in learnt[:TINY["prompts"]]]
-    unseen = [torch.tensor([tokenizer(sp.build_prompt([question], None, tokenizer, 10_000))["input_ids"]])
+    unseen = [torch.tensor([sp.fit_prompt(tokenizer, [question], 1, 10_000)])
               for question, _ in exchanges[-TINY["prompts"]:]]
     print(f"\ngreedy agreement, int8 against fp32, on a tiny model trained here ({TINY['n_layer']} layers, "
           f"{TINY['n_embd']} wide, {TINY['steps']} steps on the first {len(learnt)} exchanges of {SAMPLE.name}, "

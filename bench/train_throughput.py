@@ -59,7 +59,7 @@ def read_pairs(path, dialogues):
 
 def research_examples(tokenizer, pairs):
     """Prompt + answer + EOS, padded to PAD_TO; the collator later derives labels from input_ids."""
-    texts = [tt.build_prompt([q]) + a + tokenizer.eos_token for q, a in pairs]
+    texts = [tt.prompt_text([q]) + " " + tt.prepare_turn(a) + tokenizer.eos_token for q, a in pairs]
     encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=PAD_TO,
                         add_special_tokens=False)
     return [{"input_ids": ids, "attention_mask": mask}
@@ -125,11 +125,11 @@ def eos_share(model, tokenizer, questions, max_new_tokens):
     stopped = 0
     with torch.no_grad():
         for question in questions:
-            inputs = tokenizer(tt.build_prompt([question]), add_special_tokens=False,
-                               return_tensors="pt").to(device)
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-            stopped += tokenizer.eos_token_id in out[0, inputs["input_ids"].shape[1]:].tolist()
+            ids = torch.tensor([tt.fit_prompt(tokenizer, [question], 1, PAD_TO - max_new_tokens)], device=device)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)
+            stopped += tokenizer.eos_token_id in out[0, ids.shape[1]:].tolist()
     return stopped / max(len(questions), 1)
 
 
@@ -165,12 +165,13 @@ def main(argv=None):
     print(f"{len(train_pairs)} train pairs, {len(val_pairs)} validation pairs from the first "
           f"{args.dialogues} dialogues of {Path(args.input).name}", flush=True)
 
-    ours_tok = tt.train_tokenizer((tt.build_prompt([q]) + a for q, a in train_pairs), VOCAB_SIZE, PAD_TO)
+    ours_tok = tt.train_tokenizer(tt.tokenizer_texts([([q], a) for q, a in train_pairs], 1), VOCAB_SIZE, PAD_TO)
     research_tok = copy.deepcopy(ours_tok)
     research_tok.pad_token = research_tok.eos_token         # the research's setting
 
-    ours_train, _ = tt.encode_examples(ours_tok, [([q], a) for q, a in train_pairs], PAD_TO, "encoding")
-    val_examples, _ = tt.encode_examples(ours_tok, [([q], a) for q, a in val_pairs], PAD_TO, "encoding")
+    window = {"max_turns": 1, "context_tokens": PAD_TO - MAX_NEW_TOKENS, "max_length": PAD_TO}
+    ours_train, _ = tt.encode_examples(ours_tok, [([q], a) for q, a in train_pairs], window, "encoding")
+    val_examples, _ = tt.encode_examples(ours_tok, [([q], a) for q, a in val_pairs], window, "encoding")
     research_train = research_examples(research_tok, train_pairs)
     ours_collator = tt.make_collator(ours_tok, args.device)
     questions = [q for q, _ in val_pairs[:args.generate]]

@@ -2,9 +2,13 @@
 and LiveBot, the real bot process talking to it (tests and bench/bot_load.py).
 
 It speaks the few methods the bot uses (getMe, getUpdates with long polling and
-offsets, sendMessage, sendChatAction, plus a plain "ok" for anything else),
-hands out the updates a test queues, and records what the bot sent. A test can
-make the next call of a method fail (a 429 with retry_after, a 400) or slow.
+offsets, sendMessage, sendChatAction, getChatMember, getWebhookInfo and
+deleteWebhook, plus a plain "ok" for anything else), hands out the updates a test
+queues (with the entities Telegram would mark: mentions, commands, emails), and
+records what the bot sent. A test can make the next call of a method fail (a 429
+with retry_after, a 5xx, a dropped connection, a 400), possibly for one chat
+only, or slow; throttle a chat (every send to it 429 for a while); leave a
+webhook set; have another copy "poll" (409); or revoke the token (401).
 
     with FakeBotApi(token) as api:
         start the bot with --api-url api.url
@@ -12,7 +16,9 @@ make the next call of a method fail (a 429 with retry_after, a 400) or slow.
         [reply] = api.wait_for_messages(1, count=1)
 """
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +31,28 @@ from urllib.parse import parse_qs, urlsplit
 REPO = Path(__file__).resolve().parent.parent
 BOT_USER = {"id": 424242, "is_bot": True, "first_name": "Tiny", "username": "tiny_test_bot"}
 MAX_LONG_POLL_SECONDS = 5.0  # whatever the bot asks, so a test never waits on a poll for long
+DROP = 0                     # fail_next(method, DROP): close the connection without an answer
+# Roughly as Telegram marks them: a command at the start, an @username not inside a
+# word or an address, an email address (which holds an @ but mentions nobody).
+COMMAND = re.compile(r"^/[A-Za-z0-9_]+(?:@[A-Za-z0-9_]+)?")
+EMAIL = re.compile(r"[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+MENTION = re.compile(r"(?<![\w@.])@[A-Za-z0-9_]{5,32}(?![\w@])")
+
+
+def utf16_len(text):
+    return len(text.encode("utf-16-le")) // 2
+
+
+def entities_of(text):
+    """The entities Telegram's server would attach to `text` (offsets in UTF-16 units)."""
+    found, taken = [], []
+    for kind, pattern in (("bot_command", COMMAND), ("email", EMAIL), ("mention", MENTION)):
+        for match in pattern.finditer(text):
+            if any(start < match.end() and match.start() < end for start, end in taken):
+                continue
+            taken.append(match.span())
+            found.append({"type": kind, "offset": utf16_len(text[:match.start()]), "length": utf16_len(match.group())})
+    return sorted(found, key=lambda entity: entity["offset"])
 
 
 class FakeBotApi:
@@ -38,11 +66,20 @@ class FakeBotApi:
         self.sent = []                # sendMessage calls answered with success
         self.actions = []             # sendChatAction calls
         self.calls = []               # (method, time, HTTP status) of every call
-        self.failures = {}            # method -> [(status, body)] for its next calls
+        self.requests = []            # every call answered: {"method", "chat_id", "text", "offset", "status", "time"}
+        self.failures = {}            # method -> [(chat id or None, status, body, html)] for its next calls
         self.delays = {}              # method -> [seconds] for its next calls
         self.arrivals = []            # (method, chat id, time) as a request comes in, before any delay
+        self.throttled = {}           # chat id -> until when every sendMessage to it gets a 429
+        self.admins = {}              # chat id -> user ids that getChatMember calls administrators
+        self.webhook_url = ""         # set: getUpdates answers 409, as Telegram does
+        self.conflict = False         # True: getUpdates answers 409 as when another copy polls
+        self.revoked = False          # True: every call answers 401, as for a revoked token
+        self.confirmed = []           # update ids forgotten through an offset, in order
+        self.on_confirm = None        # called (under the lock) with each update id as it is confirmed
         self.bad_tokens = 0
         self.closing = False
+        self.hurry = False            # True: long polls answer at once (a test winding down)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1},
@@ -79,21 +116,28 @@ class FakeBotApi:
             self.lock.notify_all()
         return message["message_id"]
 
-    def _message(self, chat_id, user_id, chat_type="private", **content):
+    def _message(self, chat_id, user_id, chat_type="private", date=None, first_name=None, **content):
         with self.lock:
             message_id = self.next_message_id
             self.next_message_id += 1
+        first_name = first_name or f"user{user_id}"
         chat = {"id": chat_id, "type": chat_type}
         if chat_type == "private":
-            chat["first_name"] = f"user{user_id}"
+            chat["first_name"] = first_name
         else:
             chat["title"] = f"group {chat_id}"
-        user = {"id": user_id, "is_bot": False, "first_name": f"user{user_id}"}
-        return {"message_id": message_id, "date": int(time.time()), "chat": chat, "from": user, **content}
+        user = {"id": user_id, "is_bot": False, "first_name": first_name}
+        return {"message_id": message_id, "date": int(time.time() if date is None else date), "chat": chat,
+                "from": user, **content}
 
-    def push_text(self, chat_id, text, user_id=None, chat_type="private", reply_to=None):
-        """Queue a text message; reply_to is a message the bot sent (a dict from `sent`)."""
-        message = self._message(chat_id, user_id or chat_id, chat_type, text=text)
+    def push_text(self, chat_id, text, user_id=None, chat_type="private", reply_to=None, date=None,
+                  first_name=None, entities=None):
+        """Queue a text message; reply_to is a message the bot sent (a dict from `sent`);
+        date a Unix time (default now); entities as Telegram would mark them unless given."""
+        message = self._message(chat_id, user_id or chat_id, chat_type, date, first_name, text=text)
+        found = entities_of(text) if entities is None else entities
+        if found:
+            message["entities"] = found
         if reply_to is not None:
             message["reply_to_message"] = {"message_id": reply_to["message_id"], "date": int(time.time()),
                                            "chat": message["chat"], "from": BOT_USER, "text": reply_to["text"]}
@@ -104,12 +148,20 @@ class FakeBotApi:
                    "height": 512, "is_animated": False, "is_video": False}
         return self._push(self._message(chat_id, user_id or chat_id, sticker=sticker))
 
-    def fail_next(self, method, status, description, retry_after=None):
+    def fail_next(self, method, status, description="", retry_after=None, chat_id=None, html=False):
+        """The next call of `method` (to `chat_id` only, if given) fails with `status`: a
+        JSON error as Telegram sends it, an HTML page as a proxy in front of it does
+        (html=True), or no answer at all (status DROP)."""
         body = {"ok": False, "error_code": status, "description": description}
         if retry_after is not None:
             body["parameters"] = {"retry_after": retry_after}
         with self.lock:
-            self.failures.setdefault(method, []).append((status, body))
+            self.failures.setdefault(method, []).append((chat_id, status, body, html))
+
+    def throttle(self, chat_id, seconds):
+        """Every sendMessage to the chat for the next `seconds` gets a 429 with the time left."""
+        with self.lock:
+            self.throttled[chat_id] = time.monotonic() + seconds
 
     def delay_next(self, method, seconds):
         with self.lock:
@@ -128,6 +180,17 @@ class FakeBotApi:
                     raise AssertionError(f"fake Bot API: condition not met within {timeout} s; sent so far: "
                                          f"{[(m['chat_id'], m['text'][:40]) for m in self.sent]}")
                 self.lock.wait(min(left, 0.2))
+
+    def end_long_polls(self):
+        """From now on getUpdates answers at once: a bot that is stopping need not wait out a poll."""
+        with self.lock:
+            self.hurry = True
+            self.lock.notify_all()
+
+    def unconfirmed(self):
+        """The update ids handed out or queued that no offset has confirmed yet."""
+        with self.lock:
+            return [update["update_id"] for update in self.updates]
 
     def messages_to(self, chat_id):
         with self.lock:
@@ -166,17 +229,23 @@ class FakeBotApi:
                     else:
                         params.update({k: v[-1] for k, v in parse_qs(body).items()})
                 segments = parts.path.strip("/").split("/")
-                if len(segments) != 2 or segments[0] != "bot" + api.token:
-                    api.bad_tokens += 1
+                if len(segments) != 2 or segments[0] != "bot" + api.token or api.revoked:
+                    api.bad_tokens += segments[0] != "bot" + api.token
                     return self._reply(401, {"ok": False, "error_code": 401, "description": "Unauthorized"})
                 status, body = api.answer(segments[1], params)
+                if status == DROP:
+                    self.close_connection = True
+                    return  # the bot's request ends without an answer, as when a connection breaks
                 self._reply(status, body)
 
             def _reply(self, status, body):
-                data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+                if isinstance(body, str):  # an HTML error page
+                    data, kind = body.encode("utf-8"), "text/html"
+                else:
+                    data, kind = json.dumps(body, ensure_ascii=False).encode("utf-8"), "application/json"
                 try:
                     self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Type", kind)
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)
@@ -185,13 +254,34 @@ class FakeBotApi:
 
         return Handler
 
+    def _failure(self, method, chat_id):
+        """The failure queued for this call, if any (called under the lock)."""
+        now = time.monotonic()
+        if method == "sendMessage" and self.throttled.get(chat_id, 0) > now:
+            wait = math.ceil(self.throttled[chat_id] - now)
+            return 429, {"ok": False, "error_code": 429, "description": f"Too Many Requests: retry after {wait}",
+                         "parameters": {"retry_after": wait}}
+        if method == "getUpdates" and self.webhook_url:
+            return 409, {"ok": False, "error_code": 409, "description": "Conflict: can't use getUpdates method "
+                         "while webhook is active; use deleteWebhook to delete the webhook first"}
+        if method == "getUpdates" and self.conflict:
+            return 409, {"ok": False, "error_code": 409, "description": "Conflict: terminated by other getUpdates "
+                         "request; make sure that only one bot instance is running"}
+        for number, (only, status, body, html) in enumerate(self.failures.get(method, [])):
+            if only is None or only == chat_id:
+                del self.failures[method][number]
+                if html:
+                    return status, f"<html><body><h1>{status} Bad Gateway</h1></body></html>"
+                return status, body
+        return None
+
     def answer(self, method, params):
         chat_id = int(params["chat_id"]) if "chat_id" in params else None
         with self.lock:
             self.arrivals.append((method, chat_id, time.monotonic()))
             self.lock.notify_all()
             delay = self.delays.get(method, []).pop(0) if self.delays.get(method) else 0
-            failure = self.failures.get(method, []).pop(0) if self.failures.get(method) else None
+            failure = self._failure(method, chat_id)
         if delay:
             time.sleep(delay)
         if failure is not None:
@@ -202,6 +292,8 @@ class FakeBotApi:
             status, body = 200, {"ok": True, "result": self._result(method, params, chat_id)}
         with self.lock:
             self.calls.append((method, time.monotonic(), status))
+            self.requests.append({"method": method, "chat_id": chat_id, "text": params.get("text"), "status": status,
+                                  "offset": params.get("offset"), "time": time.monotonic()})
             self.lock.notify_all()
         return status, body
 
@@ -212,14 +304,38 @@ class FakeBotApi:
         deadline = time.monotonic() + wait
         with self.lock:
             # As Telegram does: an offset confirms (forgets) every update below it.
+            for update in self.updates:
+                if update["update_id"] < offset:
+                    self.confirmed.append(update["update_id"])
+                    if self.on_confirm is not None:
+                        self.on_confirm(update["update_id"])
             self.updates = [u for u in self.updates if u["update_id"] >= offset]
-            while not self.updates and not self.closing and time.monotonic() < deadline:
+            while not self.updates and not self.closing and not self.hurry and time.monotonic() < deadline:
                 self.lock.wait(deadline - time.monotonic())
             return self.updates[:limit]
 
     def _result(self, method, params, chat_id):
         if method == "getMe":
             return BOT_USER
+        if method == "getWebhookInfo":
+            with self.lock:
+                return {"url": self.webhook_url, "has_custom_certificate": False,
+                        "pending_update_count": len(self.updates)}
+        if method == "deleteWebhook":
+            with self.lock:
+                self.webhook_url = ""
+            return True
+        if method == "getChatMember":
+            user_id = int(params["user_id"])
+            with self.lock:
+                admin = user_id in self.admins.get(chat_id, ())
+            user = {"id": user_id, "is_bot": False, "first_name": f"user{user_id}"}
+            if not admin:
+                return {"status": "member", "user": user}
+            rights = ("can_be_edited", "is_anonymous", "can_manage_chat", "can_delete_messages",
+                      "can_manage_video_chats", "can_restrict_members", "can_promote_members", "can_change_info",
+                      "can_invite_users", "can_post_stories", "can_edit_stories", "can_delete_stories")
+            return {"status": "administrator", "user": user, **{right: False for right in rights}}
         if method == "sendChatAction":
             with self.lock:
                 self.actions.append({"chat_id": chat_id, "action": params.get("action"), "time": time.monotonic()})
@@ -245,15 +361,34 @@ class LiveBot:
         self.api, self.token, self.workdir, self.args = api, token, Path(workdir), list(args)
         self.logs, self.process, self.exit_codes = [], None, []
 
-    def start(self, timeout=120):
+    def start(self, timeout=120, wait=True, env=None):
+        """Start the bot (with `env` added to its environment); wait=True: until it is up."""
         log_path = self.workdir / f"bot-{len(self.logs)}.log"
         self.logs.append(log_path)
-        env = dict(os.environ, TELEGRAM_BOT_TOKEN=self.token, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        env.pop("TELEGRAM_API_URL", None)
+        environ = dict(os.environ, TELEGRAM_BOT_TOKEN=self.token, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        environ.pop("TELEGRAM_API_URL", None)
+        environ.update(env or {})
         command = [sys.executable, str(REPO / "tg_bot.py"), "--api-url", self.api.url] + self.args
         with open(log_path, "w", encoding="utf-8") as log:
-            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
-        self.wait_for_log("is up", timeout=timeout)
+            self.process = subprocess.Popen(command, env=environ, stdout=log, stderr=subprocess.STDOUT,
+                                            cwd=self.workdir)
+        if wait:
+            self.wait_for_log("is up", timeout=timeout)
+
+    def kill(self):
+        """kill -9: no shutdown at all, as in a crash or an out-of-memory kill."""
+        self.process.kill()
+        code = self.process.wait(10)
+        self.process = None
+        self.exit_codes.append(code)
+        return code
+
+    def wait_exit(self, timeout=30):
+        """The exit code of a bot that ends by itself."""
+        code = self.process.wait(timeout)
+        self.process = None
+        self.exit_codes.append(code)
+        return code
 
     def stop(self, timeout=30):
         if self.process is None:

@@ -1,15 +1,26 @@
 """
 A Telegram bot that talks with a trained model folder and remembers each chat.
 
-Every chat's history lives in SQLite (--db), so a restart or a crash loses
-nothing; a chat idle longer than --idle-minutes starts afresh, and /reset
-forgets on request. The prompt holds the persona and as many of the latest
-turns as fit in the model's context budget. Messages are handled off the
-polling thread in a bounded pool of workers, one message at a time per chat;
-one model thread writes the replies, and the prompts of chats that write while
-it is busy are generated together as one batch (--max-batch), so throughput
-grows with the load while a lone message starts at once. On a CPU the model runs
-with int8 linear layers on one thread per physical core (--quantize, --threads).
+Every chat's history lives in SQLite (--db), and so does every message the bot
+has taken and not yet answered: it is written there before Telegram is told the
+update was received, so a crash or a restart loses nothing, and the next start
+answers what was left, once and in order (a message older than
+--max-age-minutes gets a short note instead, or nothing: --old-messages). The
+database files are readable by their owner only; /reset deletes a chat's turns
+for good, from the write-ahead log too. A chat idle longer than --idle-minutes
+starts afresh. The prompt holds the persona and as many of the latest turns as
+fit in the model's context budget; in groups each turn carries its speaker's
+first name.
+
+The polling thread only decides and records: the replies and every notice
+(busy, too fast, offline, not allowed) are sent by other threads, so a slow or
+rate-limited send never holds up other chats. A bounded pool of workers handles
+the messages, one at a time per chat; a user writing faster than --rate-limit
+messages a minute is told once and the rest are dropped, and past --max-queue
+waiting messages in all the bot says it is busy. One model thread writes the
+replies, and the prompts of chats that write while it is busy are generated
+together as one batch (--max-batch). On a CPU the model runs with int8 linear
+layers on one thread per physical core (--quantize, --threads).
 bench/generation.py and bench/bot_load.py measure both.
 
 Run it (CPU, a small server):
@@ -17,6 +28,8 @@ Run it (CPU, a small server):
     python tg_bot.py --model rugpt3_50k
 or keep the token in a file readable by the bot's user only:
     python tg_bot.py --model rugpt3_medium_CLEAN_model --token-file /etc/chat-kit/token --max-batch 4
+every flag can also come from the environment as TG_BOT_<FLAG> (what the systemd unit uses):
+    TG_BOT_MODEL=rugpt3_50k TG_BOT_PERSONA="Я помощник библиотеки." python tg_bot.py
 one reply at a time, plain fp32 weights (what the kit did before batching):
     python tg_bot.py --model rugpt3_50k --max-batch 1 --quantize none
 on a GPU:
@@ -25,8 +38,11 @@ against a self-hosted Bot API server (also what the tests do with a fake one):
     python tg_bot.py --api-url http://127.0.0.1:8081 --model rugpt3_50k
 A systemd unit and an env file for a server are in deploy/ (see deploy/README.md).
 
-Commands in the chat: /start, /help, /reset. SIGTERM (or Ctrl+C) stops polling,
-finishes the replies already taken and closes the database.
+Commands in the chat: /start, /help, /reset (in a group, admins only). SIGTERM
+(or Ctrl+C) stops polling, finishes the replies in progress and closes the
+database; messages not yet started wait there for the next start. A token that
+Telegram no longer accepts (401), or another copy of the bot polling with the
+same token (409), ends the bot with one line and exit code 1.
 """
 import argparse
 import contextlib
@@ -43,11 +59,12 @@ import sys
 import threading
 import time
 import warnings
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
+import requests
 import telebot
 import torch
 from telebot import apihelper, types, util
@@ -57,8 +74,9 @@ from transformers.activations import NewGELUActivation
 from transformers.pytorch_utils import Conv1D
 
 # -----------------------------------------------------------------------------
-# defaults (every one is also a flag; the model folder's chat_config.json wins over
-# the built-in generation values, a flag wins over both)
+# defaults (every one is also a flag, and every flag also a TG_BOT_<FLAG> environment
+# variable; the model folder's chat_config.json wins over the built-in generation
+# values, a flag wins over both)
 DEFAULT_MODEL = "rugpt3_50k"
 DEFAULT_DEVICE = "auto"
 DEFAULT_DB = "bot_history.sqlite3"
@@ -69,15 +87,31 @@ DEFAULT_QUANTIZE = "auto"       # int8 linear layers on a CPU, plain weights on 
 DEFAULT_IDLE_MINUTES = 60.0     # a chat silent this long starts a fresh conversation
 DEFAULT_MAX_INPUT_CHARS = 1000  # longer messages keep their last this many characters
 DEFAULT_POLL_SECONDS = 20       # getUpdates long-poll; SIGTERM takes effect within this
+DEFAULT_RATE_LIMIT = 20         # messages a minute from one user; more are dropped after one notice
+DEFAULT_MAX_QUEUE = 100         # messages taken and not yet answered, all chats together
+DEFAULT_MAX_AGE_MINUTES = 5.0   # an older message (downtime) is not answered
+DEFAULT_OLD_MESSAGES = "note"   # ...but gets one short note per chat ("skip": nothing)
 DEFAULT_SEED = 42
+ENV_PREFIX = "TG_BOT_"          # TG_BOT_PERSONA="..." is --persona "...", spaces and all
 TOKENIZER_COPIES = 4            # for building prompts, a millisecond each: more would only take memory
 MAX_PENDING_PER_CHAT = 5        # messages of one chat waiting for the model; more are turned away
 TYPING_EVERY_SECONDS = 4.0      # Telegram shows "typing…" for about 5 s per action
-SEND_ATTEMPTS = 5
+SEND_ATTEMPTS = 6               # a send is tried this often (429, 5xx, network errors) before giving up
+SEND_BACKOFF_SECONDS = 1.0      # first wait after a 5xx or a network error, doubled each time...
+MAX_SEND_BACKOFF_SECONDS = 30.0  # ...up to this
 MAX_RETRY_AFTER_SECONDS = 300
+NOTICE_THREADS = 2              # notices may wait out a 429; they never hold the polling thread
+NOTICE_QUEUE = 200              # notices waiting to be sent; beyond this they are dropped
+NOTICE_INTERVAL_SECONDS = 60.0  # the same notice goes to a chat at most once in this time
+CONFLICT_LIMIT = 3              # this many 409s from getUpdates within CONFLICT_WINDOW_SECONDS: another copy polls
+CONFLICT_WINDOW_SECONDS = 60.0
+BACKLOG_LIMIT = 100_000         # database changes kept in memory while the disk is full
 HISTORY_ROWS_LOADED = 2000      # far beyond any context budget; only bounds the database read
+MAX_SPEAKER_CHARS = 32
 TOKEN_ENV = "TELEGRAM_BOT_TOKEN"
 API_URL_ENV = "TELEGRAM_API_URL"
+COMMANDS = ("start", "help", "reset")
+ANONYMOUS_ADMIN_ID = 1087968824  # @GroupAnonymousBot: the sender of an anonymous group admin's messages
 
 # What the bot says to people.
 START_TEXT = ("Привет! Я бот-собеседник. Пишите мне обычным текстом — я помню, о чём мы говорили. "
@@ -85,11 +119,19 @@ START_TEXT = ("Привет! Я бот-собеседник. Пишите мне
 HELP_TEXT = ("Просто напишите сообщение, и я отвечу. Я помню наш разговор, пока он помещается в мою память, "
              "а после долгой паузы начинаю заново.\n/reset — забыть разговор и начать сначала.")
 RESET_TEXT = "Хорошо, начнём с чистого листа. О чём поговорим?"
+ADMINS_ONLY_TEXT = "Забыть разговор в группе могут только её администраторы."
 UNKNOWN_COMMAND_TEXT = "Такой команды я не знаю. Список команд — /help."
 NON_TEXT_TEXT = "Я понимаю только текст. Напишите, пожалуйста, словами."
 EMPTY_TEXT = "Кажется, сообщение пустое. Напишите, что вас интересует."
 NOT_ALLOWED_TEXT = "Извините, это закрытый бот: у вас нет к нему доступа."
 BUSY_TEXT = "Я ещё отвечаю на предыдущие сообщения. Подождите немного, пожалуйста."
+OVERLOADED_TEXT = "Сейчас мне пишут очень многие, и я не успеваю. Напишите, пожалуйста, через пару минут."
+RATE_LIMIT_TEXT = ("Вы пишете слишком часто, я не успеваю читать. Следующие сообщения этой минуты я пропущу — "
+                   "подождите немного, пожалуйста.")
+OFFLINE_TEXT = "Простите, я был недоступен и пропустил ваши сообщения. Если вопрос ещё актуален, напишите его снова."
+UNSAVED_TEXT = ("На сервере сейчас не получается сохранить наш разговор. Я продолжаю отвечать и помню его, "
+                "но после перезапуска могу забыть.")
+SEND_FAILED_TEXT = "Не получилось отправить ответ: связь с Telegram сбоит. Спросите, пожалуйста, ещё раз чуть позже."
 APOLOGY_TEXT = "Простите, что-то пошло не так. Попробуйте ещё раз чуть позже."
 # -----------------------------------------------------------------------------
 
@@ -532,79 +574,256 @@ def api_url_template(url):
     return url.rstrip("/") + "/bot{0}/{1}"
 
 
-# --- history
+# --- history and the messages not yet answered
+class Change:
+    """One write to the database, kept in memory until it is written."""
+
+    def __init__(self, kind, chat_id=None, rows=(), done=None, offset=None):
+        self.kind, self.chat_id, self.rows, self.done, self.offset = kind, chat_id, list(rows), done, offset
+
+
+def restrict_to_owner(path):
+    """The database and its -wal and -shm files readable by their owner only."""
+    for name in (path, path + "-wal", path + "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(name, 0o600)
+
+
 class HistoryStore:
-    """Each chat's turns in SQLite, committed one exchange at a time."""
+    """Each chat's turns, and the messages taken and not yet answered (the inbox),
+    in SQLite, readable by its owner only. Deleted rows are overwritten
+    (secure_delete) and a reset is checkpointed out of the write-ahead log, so
+    forgotten words do not linger in the files. A write that fails (a full disk, an
+    I/O error) is kept in memory, where reads see it, and tried again with the next
+    write: the bot keeps answering from memory, says so once in the log, and
+    catches up when the disk has room again."""
 
     def __init__(self, path):
-        self.path = path
+        self.path = str(path)
         self.lock = threading.Lock()
+        self.backlog = []          # changes not yet written, oldest first
+        self.fault = None          # the error that keeps changes in memory, while it lasts
+        self.faults = 0            # how many such spells there were, so each is told about once
+        self.read_fault_logged = False
         try:
-            self.db = sqlite3.connect(path, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY AUTOINCREMENT, "
-                            "chat_id INTEGER NOT NULL, role TEXT NOT NULL, text TEXT NOT NULL, "
-                            "created REAL NOT NULL)")
-            self.db.execute("CREATE INDEX IF NOT EXISTS messages_chat ON messages (chat_id, id)")
-            self.db.commit()
+            restrict_to_owner(self.path)
+            previous = os.umask(0o077)  # new files (the database, -wal, -shm) come out 0600
+            try:
+                self.db = sqlite3.connect(self.path, check_same_thread=False)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA secure_delete=ON")
+                self.db.execute("CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                                "chat_id INTEGER NOT NULL, role TEXT NOT NULL, text TEXT NOT NULL, "
+                                "created REAL NOT NULL, speaker TEXT)")
+                columns = [row[1] for row in self.db.execute("PRAGMA table_info(messages)")]
+                if "speaker" not in columns:  # a database from before speakers were kept
+                    self.db.execute("ALTER TABLE messages ADD COLUMN speaker TEXT")
+                self.db.execute("CREATE INDEX IF NOT EXISTS messages_chat ON messages (chat_id, id)")
+                self.db.execute("CREATE TABLE IF NOT EXISTS inbox (update_id INTEGER PRIMARY KEY, "
+                                "chat_id INTEGER NOT NULL, message TEXT NOT NULL, taken REAL NOT NULL)")
+                self.db.execute("CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+                self.db.commit()
+            finally:
+                os.umask(previous)
+            restrict_to_owner(self.path)
+        except (sqlite3.Error, OSError) as error:
+            raise UserError(f"{self.path}: cannot open the history database ({error})") from None
+
+    # --- writing
+    def _apply(self, change):
+        if change.kind == "exchange":
+            self.db.executemany("INSERT INTO messages (chat_id, role, text, created, speaker) VALUES (?, ?, ?, ?, ?)",
+                                [(change.chat_id,) + row for row in change.rows])
+        elif change.kind == "clear":
+            self.db.execute("DELETE FROM messages WHERE chat_id = ?", (change.chat_id,))
+        elif change.kind == "take":
+            self.db.executemany("INSERT OR REPLACE INTO inbox (update_id, chat_id, message, taken) VALUES (?, ?, ?, ?)",
+                                change.rows)
+            if change.offset is not None:
+                self.db.execute("INSERT OR REPLACE INTO state (key, value) VALUES ('offset', ?)", (change.offset,))
+        if change.done is not None:
+            self.db.execute("DELETE FROM inbox WHERE update_id = ?", (change.done,))
+
+    def _write(self, change):
+        """Write `change` (after any kept in memory); False when it stays in memory."""
+        with self.lock:
+            self.backlog.append(change)
+            if len(self.backlog) > BACKLOG_LIMIT:
+                del self.backlog[0]
+                log.error("history database: more than %d changes waiting in memory; the oldest is dropped",
+                          BACKLOG_LIMIT)
+            try:
+                with self.db:
+                    for waiting in self.backlog:
+                        self._apply(waiting)
+            except sqlite3.Error as error:
+                if self.fault is None:  # once a spell, not once a message
+                    self.fault, self.faults = error, self.faults + 1
+                    log.error("history database %s: cannot write (%s); answering from memory, and saving "
+                              "what is kept there once it can", self.path, error)
+                return False
+            cleared = any(waiting.kind == "clear" for waiting in self.backlog)
+            if self.fault is not None:
+                log.warning("history database %s: writable again; %d changes kept in memory are saved",
+                            self.path, len(self.backlog))
+                self.fault = None
+            self.backlog.clear()
+            if cleared:
+                self._checkpoint()
+            return True
+
+    def _checkpoint(self):
+        # Copies the log into the database and empties it: the deleted turns, zeroed
+        # there by secure_delete, are then gone from the -wal file as well.
+        try:
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as error:
-            raise UserError(f"{path}: cannot open the history database ({error})") from None
+            log.warning("history database %s: checkpoint after a reset failed (%s)", self.path, error)
+
+    def take(self, rows, offset):
+        """Messages taken from Telegram, (update id, chat id, message JSON) each, and the
+        offset that confirms them: on disk before that offset goes to Telegram."""
+        now = time.time()
+        return self._write(Change("take", rows=[(u, c, m, now) for u, c, m in rows], offset=offset))
+
+    def add_exchange(self, chat_id, question, answer, now=None, speaker=None, done=None):
+        now = time.time() if now is None else now
+        return self._write(Change("exchange", chat_id, [("user", question, now, speaker), ("bot", answer, now, None)],
+                                  done=done))
+
+    def clear(self, chat_id, done=None):
+        return self._write(Change("clear", chat_id, done=done))
+
+    def done(self, update_id):
+        """The message is answered (or deliberately not): the next start leaves it alone."""
+        return self._write(Change("done", done=update_id))
+
+    # --- reading: the database, then what is still in memory
+    def _read(self, sql, parameters):
+        try:
+            return self.db.execute(sql, parameters).fetchall()
+        except sqlite3.Error as error:
+            if not self.read_fault_logged:
+                self.read_fault_logged = True
+                log.error("history database %s: cannot read (%s); answering from memory", self.path, error)
+            return []
+
+    def history(self, chat_id):
+        """The chat's (speaker, text) turns, oldest first, whole exchanges only, and the
+        time of its last one (None for a new chat)."""
+        with self.lock:
+            cleared = any(change.kind == "clear" and change.chat_id == chat_id for change in self.backlog)
+            rows = [] if cleared else self._read(
+                "SELECT speaker, text, created FROM messages WHERE chat_id = ? ORDER BY id DESC LIMIT ?",
+                (chat_id, HISTORY_ROWS_LOADED))[::-1]
+            for change in self.backlog:
+                if change.chat_id == chat_id and change.kind == "clear":
+                    rows = []
+                elif change.chat_id == chat_id and change.kind == "exchange":
+                    rows += [(speaker, text, created) for _, text, created, speaker in change.rows]
+        last = rows[-1][2] if rows else None
+        turns = [(speaker, text) for speaker, text, _ in rows]
+        return (turns[1:] if len(turns) % 2 else turns), last
 
     def turns(self, chat_id):
-        with self.lock:
-            rows = self.db.execute("SELECT text FROM messages WHERE chat_id = ? ORDER BY id DESC LIMIT ?",
-                                   (chat_id, HISTORY_ROWS_LOADED)).fetchall()
-        turns = [text for (text,) in reversed(rows)]
-        return turns[1:] if len(turns) % 2 else turns  # whole exchanges only
+        return [text for _, text in self.history(chat_id)[0]]
 
     def last_activity(self, chat_id):
+        return self.history(chat_id)[1]
+
+    def pending(self):
+        """The messages taken and not answered, (update id, message JSON), oldest first."""
         with self.lock:
-            row = self.db.execute("SELECT MAX(created) FROM messages WHERE chat_id = ?", (chat_id,)).fetchone()
-        return row[0]
+            rows = dict(self._read("SELECT update_id, message FROM inbox ORDER BY update_id", ()))
+            for change in self.backlog:
+                rows.update((update_id, message) for update_id, _, message, _ in change.rows
+                            if change.kind == "take")
+                rows.pop(change.done, None)
+        return sorted(rows.items())
 
-    def add_exchange(self, chat_id, question, answer, now=None):
-        now = time.time() if now is None else now
-        with self.lock, self.db:
-            self.db.executemany("INSERT INTO messages (chat_id, role, text, created) VALUES (?, ?, ?, ?)",
-                                [(chat_id, "user", question, now), (chat_id, "bot", answer, now)])
-
-    def clear(self, chat_id):
-        with self.lock, self.db:
-            self.db.execute("DELETE FROM messages WHERE chat_id = ?", (chat_id,))
+    def saved_offset(self):
+        with self.lock:
+            rows = self._read("SELECT value FROM state WHERE key = 'offset'", ())
+            offsets = [change.offset for change in self.backlog if change.offset is not None]
+        return (offsets or [row[0] for row in rows] or [None])[-1]
 
     def close(self):
         with self.lock:
+            if self.backlog:
+                try:
+                    with self.db:
+                        for waiting in self.backlog:
+                            self._apply(waiting)
+                    self.backlog.clear()
+                except sqlite3.Error as error:
+                    log.error("history database %s: %d changes could not be saved (%s)", self.path,
+                              len(self.backlog), error)
             self.db.close()
 
 
 # --- sending
-def call_with_retry(method, *args, **kwargs):
-    """A Bot API call that waits out Telegram's 429 "retry after N" and tries again."""
-    for attempt in range(1, SEND_ATTEMPTS + 1):
-        try:
-            return method(*args, **kwargs)
-        except apihelper.ApiTelegramException as error:
-            if error.error_code != 429 or attempt == SEND_ATTEMPTS:
-                raise
+class ShuttingDown(Exception):
+    """A wait before trying again was cut short by SIGTERM."""
+
+
+class SendFailed(Exception):
+    """A Bot API call still failed after SEND_ATTEMPTS tries."""
+
+
+def retry_wait(error, attempt):
+    """Seconds to wait before trying `error`'s call again, or None when trying again
+    cannot help (a 400, a 403: the request itself is wrong or unwelcome)."""
+    backoff = min(SEND_BACKOFF_SECONDS * 2 ** (attempt - 1), MAX_SEND_BACKOFF_SECONDS)
+    if isinstance(error, apihelper.ApiTelegramException):
+        if error.error_code == 429:
             parameters = (error.result_json or {}).get("parameters") or {}
-            wait = min(max(float(parameters.get("retry_after", 1)), 0.0), MAX_RETRY_AFTER_SECONDS)
-            log.warning("Telegram asked to slow down (429): retrying in %.0f s", wait)
-            time.sleep(wait)
+            return min(max(float(parameters.get("retry_after", 1)), 0.0), MAX_RETRY_AFTER_SECONDS)
+        return backoff if error.error_code >= 500 else None
+    if isinstance(error, apihelper.ApiHTTPException):  # a proxy's HTML error page
+        return backoff if error.result.status_code >= 500 else None
+    if isinstance(error, (apihelper.ApiInvalidJSONException, requests.ConnectionError, requests.Timeout)):
+        return backoff
+    return None
 
 
-def send_reply(bot, chat_id, text, reply_to=None):
+def call_with_retry(call, stopping=None, attempts=SEND_ATTEMPTS):
+    """call() with retries: a 429 waits as long as Telegram asks, a 5xx or a network
+    error 1, 2, 4... s. A wait ends early when `stopping` is set (ShuttingDown); the
+    last error, after `attempts` tries, comes as SendFailed."""
+    stopping = stopping or threading.Event()
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except Exception as error:
+            wait = retry_wait(error, attempt)
+            if wait is None:
+                raise
+            if attempt == attempts:
+                raise SendFailed(f"{attempts} tries, the last: {error}") from error
+            code = getattr(error, "error_code", None) or type(error).__name__
+            log.warning("Bot API call failed (%s): trying again in %.1f s", code, wait)
+            if stopping.wait(wait):
+                raise ShuttingDown() from error
+
+
+def send_reply(bot, chat_id, text, reply_to=None, stopping=None):
     """Send text, split at Telegram's 4096-character limit; in groups the first
     part answers the message it replies to."""
     for number, part in enumerate(util.smart_split(text, util.MAX_MESSAGE_LENGTH)):
         reply = None
         if reply_to is not None and number == 0:
             reply = types.ReplyParameters(reply_to, allow_sending_without_reply=True)
-        call_with_retry(bot.send_message, chat_id, part, reply_parameters=reply)
+        call_with_retry(lambda: bot.send_message(chat_id, part, reply_parameters=reply), stopping)
+
+
+def in_group(message):
+    return message.chat.type in ("group", "supergroup")
 
 
 @contextlib.contextmanager
 def keep_typing(send_action, every=TYPING_EVERY_SECONDS):
-    """Show "typing…" while the body runs, refreshed before Telegram lets it lapse."""
+    """Show "typing…" while the body runs, refreshed before Telegram lets it lapse.
+    Never waited for: a slow action call must not hold up the reply."""
     done = threading.Event()
 
     def refresh():
@@ -616,13 +835,84 @@ def keep_typing(send_action, every=TYPING_EVERY_SECONDS):
             if done.wait(every):
                 return
 
-    thread = threading.Thread(target=refresh, name="typing", daemon=True)
-    thread.start()
+    threading.Thread(target=refresh, name="typing", daemon=True).start()
     try:
         yield
     finally:
         done.set()
-        thread.join(timeout=10)
+
+
+class Notifier:
+    """Short notices (busy, too fast, offline, not allowed) sent from a small pool of
+    their own, so that waiting out a 429 for one of them never holds up the polling
+    thread. A chat gets the same notice at most once in NOTICE_INTERVAL_SECONDS,
+    and at most NOTICE_QUEUE wait to be sent."""
+
+    def __init__(self, bot, stopping, threads=NOTICE_THREADS):
+        self.bot, self.stopping = bot, stopping
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="notice")
+        self.lock = threading.Lock()
+        self.last = {}       # (chat id, text) -> when it was last queued
+        self.waiting = 0
+
+    def notify(self, message, text):
+        key, now = (message.chat.id, text), time.monotonic()
+        with self.lock:
+            if now - self.last.get(key, -NOTICE_INTERVAL_SECONDS) < NOTICE_INTERVAL_SECONDS:
+                return False
+            if self.waiting >= NOTICE_QUEUE:
+                log.warning("chat %s: too many notices waiting; this one is dropped", message.chat.id)
+                return False
+            if len(self.last) > 10 * NOTICE_QUEUE:  # forget chats that have been quiet for a while
+                self.last = {k: t for k, t in self.last.items() if now - t < NOTICE_INTERVAL_SECONDS}
+            self.last[key] = now
+            self.waiting += 1
+        self.pool.submit(self._send, message.chat.id, text, message.message_id if in_group(message) else None)
+        return True
+
+    def _send(self, chat_id, text, reply_to):
+        try:
+            send_reply(self.bot, chat_id, text, reply_to, self.stopping)
+        except ShuttingDown:
+            log.info("chat %s: a notice was not sent: stopping", chat_id)
+        except Exception as error:
+            log.error("chat %s: cannot send a notice: %s", chat_id, error)
+        finally:
+            with self.lock:
+                self.waiting -= 1
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class RateLimit:
+    """At most `per_minute` messages from one user in any 60 seconds (0: no limit).
+    allow() says "yes", "warn" (the first one over: tell them once) or "no"."""
+
+    def __init__(self, per_minute):
+        self.per_minute = per_minute
+        self.times = {}      # user -> times of their accepted messages in the last minute
+        self.warned = set()
+
+    def allow(self, user, now):
+        if not self.per_minute:
+            return "yes"
+        times = self.times.setdefault(user, deque())
+        while times and now - times[0] >= 60.0:
+            times.popleft()
+        if len(times) < self.per_minute:
+            times.append(now)
+            self.warned.discard(user)
+            return "yes"
+        if user in self.warned:
+            return "no"
+        self.warned.add(user)
+        return "warn"
+
+    def forget_idle(self, now):
+        for user in [user for user, times in self.times.items() if not times or now - times[-1] >= 60.0]:
+            del self.times[user]
+            self.warned.discard(user)
 
 
 # --- one model, many chats: requests that meet at the model are generated together
@@ -755,18 +1045,25 @@ class ChatDispatcher:
         self.handle, self.max_pending = handle, max_pending
         self.on_ready = on_ready or (lambda chat_id: None)  # told when an item is handed to the pool
         self.queues = {}  # chat id -> items; the first one is being handled
+        self.total = 0    # items in all the queues
         self.idle = threading.Condition()
 
-    def submit(self, chat_id, item):
-        """Queue an item; False when that chat already has too many waiting."""
+    def waiting(self, chat_id):
+        with self.idle:
+            return len(self.queues.get(chat_id, ()))
+
+    def submit(self, chat_id, item, force=False):
+        """Queue an item; False when that chat already has too many waiting (unless forced)."""
         with self.idle:
             queue = self.queues.get(chat_id)
             if queue is not None:
-                if len(queue) >= self.max_pending:
+                if len(queue) >= self.max_pending and not force:
                     return False
                 queue.append(item)
+                self.total += 1
                 return True
             self.queues[chat_id] = deque([item])
+            self.total += 1
         self.on_ready(chat_id)
         self.pool.submit(self._run_next, chat_id)
         return True
@@ -781,6 +1078,7 @@ class ChatDispatcher:
         with self.idle:
             queue = self.queues[chat_id]
             queue.popleft()
+            self.total -= 1
             if not queue:
                 del self.queues[chat_id]
                 self.idle.notify_all()
@@ -796,37 +1094,152 @@ class ChatDispatcher:
         self.pool.shutdown(wait=True)
 
 
+# --- reading messages
+def utf16_slice(text, offset, length):
+    # Telegram counts entity offsets in UTF-16 code units (an emoji is two).
+    units = text.encode("utf-16-le")
+    return units[2 * offset:2 * (offset + length)].decode("utf-16-le", errors="replace")
+
+
+def cut_utf16_spans(text, spans):
+    units = text.encode("utf-16-le")
+    for offset, length in sorted(spans, reverse=True):
+        units = units[:2 * offset] + b" \x00" + units[2 * (offset + length):]
+    return units.decode("utf-16-le", errors="replace")
+
+
+def speaker_name(user):
+    """The first name a group turn is labelled with: one line, not too long."""
+    name = " ".join(((user and user.first_name) or "").split())[:MAX_SPEAKER_CHARS]
+    return name or "Участник"
+
+
+class Taken:
+    """A message the bot took: its update id, and whether the inbox holds it on disk."""
+
+    def __init__(self, update_id, message):
+        self.update_id, self.message, self.saved = update_id, message, False
+        self.chat_id = message.chat.id
+
+
 # --- the bot
 class ChatBot:
     """The bot's behaviour: which messages it takes, and what it answers."""
 
-    def __init__(self, bot, me, store, chat, settings, args, batcher):
+    def __init__(self, bot, me, store, chat, settings, args, batcher, stopping=None):
         self.bot, self.me, self.store, self.chat, self.settings = bot, me, store, chat, settings
         self.batcher = batcher
+        self.stopping = stopping or threading.Event()
         self.allowed = args.allowed_users
         self.idle_seconds = args.idle_minutes * 60
         self.max_input_chars = args.max_input_chars
+        self.max_queue = args.max_queue
+        self.max_age = args.max_age_minutes * 60
+        self.old_messages = args.old_messages
         self.log_prompts = args.log_prompts
-        self.mention = re.compile(r"@" + re.escape(me.username or "") + r"\b", re.IGNORECASE) if me.username else None
+        self.username = (me.username or "").lower()
+        self.rate = RateLimit(args.rate_limit)
+        self.notifier = Notifier(bot, self.stopping)
         # A message handed to a worker is announced to the model thread, so that a batch
         # can wait the few milliseconds its prompt takes rather than leave without it.
         self.dispatcher = ChatDispatcher(args.workers or 2 * args.max_batch, self.handle,
                                          on_ready=lambda chat_id: batcher.announce())
         self.local = threading.local()
         self.tokenizers = TokenizerPool(chat["tokenizer"], TOKENIZER_COPIES)
+        self.told_unsaved = {}   # chat id -> the spell of database trouble it was told about
 
-    # Runs on the polling thread: decide quickly, leave the work to the pool.
-    def on_message(self, message):
-        try:
-            if message.chat.type == "channel" or message.content_type in util.content_type_service:
-                return
-            if message.chat.type in ("group", "supergroup") and not self.addressed_to_me(message):
-                return
-            if not self.dispatcher.submit(message.chat.id, message):
-                log.warning("chat %s: too many messages waiting, one turned away", message.chat.id)
-                self.safe_send(message.chat.id, BUSY_TEXT)
-        except Exception:
-            log.exception("cannot take message in chat %s", message.chat.id)
+    # --- on the polling thread: decide quickly, record, leave the work (and any wait) to others
+    def take_updates(self, updates):
+        """Triage a getUpdates batch, write the messages taken (and the next offset) to
+        the database, then hand them to the workers; returns the next offset. Only the
+        next getUpdates confirms these updates to Telegram, so they are on disk first."""
+        now = time.time()
+        taken, extra = [], Counter()
+        for update in updates:
+            message = update.message
+            try:
+                if message is not None and self.triage(message, now, extra, len(taken)):
+                    taken.append(Taken(update.update_id, message))
+                    extra[message.chat.id] += 1
+            except Exception:
+                log.exception("cannot take update %s", update.update_id)
+        offset = updates[-1].update_id + 1
+        rows = [(item.update_id, item.chat_id, json.dumps(item.message.json, ensure_ascii=False)) for item in taken]
+        saved = self.store.take(rows, offset)
+        for item in taken:
+            item.saved = saved
+            self.dispatcher.submit(item.chat_id, item, force=True)
+        if len(self.rate.times) > 10_000:
+            self.rate.forget_idle(time.monotonic())
+        return offset
+
+    def triage(self, message, now, extra=None, taken_so_far=0):
+        """True when the bot takes the message; notices for the ones it turns away."""
+        chat_id, user = message.chat.id, message.from_user
+        if message.chat.type == "channel" or message.content_type in util.content_type_service:
+            return False
+        if in_group(message):
+            if not self.addressed_to_me(message):
+                return False
+            command = util.extract_command(self.strip_mentions(message).strip())
+            if command is not None and command not in COMMANDS:
+                return False  # meant for another bot of the group, or a typo: not ours to answer
+        verdict = self.rate.allow(user.id if user else chat_id, time.monotonic())
+        if verdict != "yes":
+            if verdict == "warn":
+                log.warning("chat %s: user %s writes faster than --rate-limit %d a minute; dropping the rest",
+                            chat_id, user and user.id, self.rate.per_minute)
+                self.notifier.notify(message, RATE_LIMIT_TEXT)
+            return False
+        if self.allowed is not None and not self.may_talk(message):
+            log.info("chat %s: refused user %s (not on --allowed-users)", chat_id, user and user.id)
+            self.notifier.notify(message, NOT_ALLOWED_TEXT)
+            return False
+        if self.is_old(message, now):
+            self.offline_note(message)
+            return False
+        extra = extra or Counter()
+        if self.dispatcher.waiting(chat_id) + extra[chat_id] >= MAX_PENDING_PER_CHAT:
+            log.warning("chat %s: too many messages waiting, one turned away", chat_id)
+            self.notifier.notify(message, BUSY_TEXT)
+            return False
+        if self.dispatcher.total + taken_so_far >= self.max_queue:
+            log.warning("chat %s: %d messages waiting in all (--max-queue): one turned away", chat_id,
+                        self.dispatcher.total + taken_so_far)
+            self.notifier.notify(message, OVERLOADED_TEXT)
+            return False
+        return True
+
+    def may_talk(self, message):
+        user = message.from_user
+        return user is not None and user.id in self.allowed
+
+    def is_old(self, message, now):
+        return self.max_age > 0 and now - message.date > self.max_age
+
+    def offline_note(self, message):
+        log.info("chat %s: message from %.0f min ago, sent while the bot was away: %s", message.chat.id,
+                 (time.time() - message.date) / 60, "noted" if self.old_messages == "note" else "skipped")
+        if self.old_messages == "note":
+            self.notifier.notify(message, OFFLINE_TEXT)
+
+    def my_mentions(self, message):
+        """The (offset, length) of every mention of this bot, from the message's entities:
+        "support@tiny_test_bot.ru" holds the name, but Telegram marks it an email."""
+        text = message.text or message.caption or ""
+        spans = []
+        for entity in (message.entities or message.caption_entities or []):
+            if entity.type == "mention" and utf16_slice(text, entity.offset, entity.length).lower() == \
+                    "@" + self.username:
+                spans.append((entity.offset, entity.length))
+            elif entity.type == "text_mention" and entity.user is not None and entity.user.id == self.me.id:
+                spans.append((entity.offset, entity.length))
+        return spans
+
+    def strip_mentions(self, message):
+        text = message.text or message.caption or ""
+        spans = self.my_mentions(message)
+        return cut_utf16_spans(text, spans) if spans else text
 
     def addressed_to_me(self, message):
         replied = message.reply_to_message
@@ -835,22 +1248,59 @@ class ChatBot:
         text = message.text or message.caption or ""
         if util.is_command(text):
             target = text.split()[0].partition("@")[2]
-            return not target or target.lower() == (self.me.username or "").lower()
-        return bool(self.mention and self.mention.search(text))
+            return not target or target.lower() == self.username
+        return bool(self.my_mentions(message))
 
-    # Runs on a worker, one message of a chat at a time.
-    def handle(self, message):
-        chat_id = message.chat.id
+    # --- after a restart
+    def recover(self):
+        """Hand the workers the messages taken before the last stop or crash and not yet
+        answered: oldest first, each once; too old ones get the offline note."""
+        pending, now, answered = self.store.pending(), time.time(), 0
+        for update_id, raw in pending:
+            try:
+                message = types.Message.de_json(raw)
+            except Exception:
+                log.exception("update %s in the database cannot be read; dropped", update_id)
+                self.store.done(update_id)
+                continue
+            if self.is_old(message, now):
+                self.offline_note(message)
+                self.store.done(update_id)
+                continue
+            item = Taken(update_id, message)
+            item.saved = True
+            self.dispatcher.submit(item.chat_id, item, force=True)
+            answered += 1
+        if pending:
+            log.info("%d messages were taken before the last stop and not answered: answering %d of them now",
+                     len(pending), answered)
+
+    # --- on a worker, one message of a chat at a time
+    def handle(self, item):
+        message, chat_id = item.message, item.chat_id
         self.local.announced = True  # by the dispatcher; withdrawn below unless it reaches the model
+        self.local.recorded = False
+        finished = True
         try:
-            user = message.from_user
-            if self.allowed and (user is None or user.id not in self.allowed):
-                log.info("chat %s: refused user %s (not on --allowed-users)", chat_id, user and user.id)
-                self.send(message, NOT_ALLOWED_TEXT)
+            if self.stopping.is_set() and item.saved:
+                finished = False  # not started before SIGTERM: it waits in the database for the next start
             elif message.content_type != "text":
                 self.send(message, NON_TEXT_TEXT)
             else:
-                self.handle_text(message)
+                self.handle_text(item)
+        except ShuttingDown:
+            finished = False
+            log.info("chat %s: stopping while a send waited to be tried again; the message waits in the "
+                     "database for the next start", chat_id)
+        except SendFailed as error:
+            log.error("chat %s: cannot send the reply: %s", chat_id, error)
+            self.safe_send(chat_id, SEND_FAILED_TEXT)
+        except apihelper.ApiTelegramException as error:
+            if error.error_code == 401:
+                finished = False  # the token was revoked: the polling thread ends the bot; keep the message
+            log.error("chat %s: reply failed: %s", chat_id, error)
+            if error.error_code not in (401, 403):  # 403: the user blocked the bot
+                self.safe_send(chat_id, APOLOGY_TEXT)
         except Exception:
             log.exception("chat %s: reply failed", chat_id)
             self.safe_send(chat_id, APOLOGY_TEXT)
@@ -858,40 +1308,65 @@ class ChatBot:
             if self.local.announced:
                 self.local.announced = False
                 self.batcher.withdraw()
+            if finished and not self.local.recorded:
+                self.store.done(item.update_id)
 
-    def handle_text(self, message):
-        chat_id = message.chat.id
-        text = message.text or ""
-        if self.mention:
-            text = self.mention.sub(" ", text)
-        text = text.strip()
+    def handle_text(self, item):
+        message, chat_id = item.message, item.chat_id
+        text = self.strip_mentions(message).strip()
         command = util.extract_command(text)
         if command == "start":
             self.send(message, START_TEXT)
         elif command == "help":
             self.send(message, HELP_TEXT)
         elif command == "reset":
-            self.store.clear(chat_id)
+            if in_group(message) and not self.is_group_admin(message):
+                log.info("chat %s: /reset by user %s refused: not an admin", chat_id,
+                         message.from_user and message.from_user.id)
+                self.send(message, ADMINS_ONLY_TEXT)
+                return
+            saved = self.store.clear(chat_id, done=item.update_id)
+            self.local.recorded = True
             log.info("chat %s: history reset", chat_id)
             self.send(message, RESET_TEXT)
+            self.tell_if_unsaved(message, saved)
         elif command is not None:
-            self.send(message, UNKNOWN_COMMAND_TEXT)
+            self.send(message, UNKNOWN_COMMAND_TEXT)  # groups never get here (triage)
         elif not text:
             self.send(message, EMPTY_TEXT)
         else:
-            self.answer(message, text)
+            self.answer(item, text)
 
-    def answer(self, message, text):
-        chat_id = message.chat.id
+    def is_group_admin(self, message):
+        """Whether the sender may change the group's bot: its creator or an administrator
+        (asked of Telegram each time: rights change), or an admin writing anonymously."""
+        user = message.from_user
+        if message.sender_chat is not None and message.sender_chat.id == message.chat.id:
+            return True  # sent "as the group": only its admins can
+        if user is None or user.id == ANONYMOUS_ADMIN_ID:
+            return False
+        try:
+            member = call_with_retry(lambda: self.bot.get_chat_member(message.chat.id, user.id), self.stopping)
+        except (SendFailed, apihelper.ApiException) as error:
+            log.warning("chat %s: cannot ask Telegram whether user %s is an admin (%s): refused", message.chat.id,
+                        user.id, error)
+            return False
+        return member.status in ("creator", "administrator")
+
+    def answer(self, item, text):
+        message, chat_id = item.message, item.chat_id
         if len(text) > self.max_input_chars:
             text = text[-self.max_input_chars:]  # the end usually holds the question
-        last = self.store.last_activity(chat_id)
+        speaker = speaker_name(message.from_user) if in_group(message) else None
+        history, last = self.store.history(chat_id)
         if last is not None and self.idle_seconds > 0 and time.time() - last > self.idle_seconds:
             self.store.clear(chat_id)
             log.info("chat %s: idle for %.0f min, starting afresh", chat_id, (time.time() - last) / 60)
-        history = self.store.turns(chat_id) + [text]
+            history = []
+        # In a group, whose words a turn holds: one member's words are not another's.
+        turns = [f"{who}: {said}" if who else said for who, said in history + [(speaker, text)]]
         with self.tokenizers.borrow() as tokenizer:
-            prompt = build_prompt(history, self.settings["persona"], tokenizer, self.settings["budget"])
+            prompt = build_prompt(turns, self.settings["persona"], tokenizer, self.settings["budget"])
             tokens = count_tokens(tokenizer, prompt)
         if self.log_prompts:
             log.info("prompt chat=%s: %s", chat_id, json.dumps(prompt, ensure_ascii=False))
@@ -900,18 +1375,38 @@ class ChatBot:
             self.local.announced = False
             reply = request.result()
         self.send(message, reply)
-        # Stored once it reached the user, so a failed send leaves no exchange they never saw.
-        self.store.add_exchange(chat_id, text, reply)
+        if reply == FALLBACK_REPLY:
+            # The model said nothing usable: remembering the stock line would only teach the
+            # prompt to repeat it, so the exchange is left out (the message is answered, though).
+            saved = self.store.done(item.update_id)
+        else:
+            # Stored once it reached the user, so a failed send leaves no exchange they never saw.
+            saved = self.store.add_exchange(chat_id, text, reply, speaker=speaker, done=item.update_id)
+        self.local.recorded = True
+        self.tell_if_unsaved(message, saved)
+
+    def tell_if_unsaved(self, message, saved):
+        """A chat is told once per spell of database trouble that it is remembered in memory only."""
+        if saved or self.told_unsaved.get(message.chat.id) == self.store.faults:
+            return
+        self.told_unsaved[message.chat.id] = self.store.faults
+        self.send(message, UNSAVED_TEXT)
 
     def send(self, message, text):
-        in_group = message.chat.type in ("group", "supergroup")
-        send_reply(self.bot, message.chat.id, text, reply_to=message.message_id if in_group else None)
+        send_reply(self.bot, message.chat.id, text, message.message_id if in_group(message) else None,
+                   self.stopping)
 
     def safe_send(self, chat_id, text):
+        # One try: the call that failed has already had its retries.
         try:
-            call_with_retry(self.bot.send_message, chat_id, text)
+            self.bot.send_message(chat_id, text)
         except Exception as error:
             log.error("chat %s: cannot send a message either: %s", chat_id, error)
+
+    def close(self):
+        """Finish the messages in progress; the ones not started stay in the database."""
+        self.dispatcher.close()
+        self.notifier.close()
 
 
 def model_thread_generate(chat, settings):
@@ -929,34 +1424,72 @@ def model_thread_generate(chat, settings):
     return generate
 
 
-def poll(bot, stopping, poll_seconds):
-    """Long-poll getUpdates until `stopping` is set; returns the next offset."""
-    offset, backoff = None, 1.0
+# --- polling
+def remove_webhook(bot):
+    """getUpdates answers 409 while a webhook is set: remove one left behind (by an
+    earlier deployment, another tool) and say so."""
+    try:
+        info = bot.get_webhook_info()
+    except apihelper.ApiTelegramException as error:
+        if error.error_code == 401:
+            raise UserError(f"getWebhookInfo: Telegram refused the bot token (401 {error.description})") from None
+        log.warning("cannot ask whether a webhook is set: %s", error)
+        return
+    except Exception as error:
+        log.warning("cannot ask whether a webhook is set: %s", error)
+        return
+    if info.url:
+        # Only the host: the rest of a webhook address is often a secret of its own.
+        log.warning("a webhook was set (to %s), which keeps getUpdates from working: removing it (deleteWebhook)",
+                    urlsplit(info.url).hostname or "an address")
+        call_with_retry(lambda: bot.delete_webhook(drop_pending_updates=False))
+
+
+def poll(bot, take_updates, stopping, poll_seconds, offset=None):
+    """Long-poll getUpdates until `stopping` is set; take_updates(updates) records a
+    batch and returns the next offset, which the next call confirms. Returns the
+    last offset. A refused token (401) and another copy polling (409 that a
+    deleteWebhook does not cure) end it with UserError."""
+    backoff, conflicts = 1.0, deque()
     while not stopping.is_set():
         try:
             updates = bot.get_updates(offset=offset, timeout=poll_seconds + 10, long_polling_timeout=poll_seconds,
                                       allowed_updates=["message"])
-        except Exception as error:  # the network or Telegram having a bad moment: wait, try again
-            if isinstance(error, apihelper.ApiTelegramException) and error.error_code == 409:
-                log.error("getUpdates conflict (409): a webhook is set or another copy of the bot is polling")
+        except apihelper.ApiTelegramException as error:
+            if error.error_code == 401:
+                raise UserError(f"getUpdates: Telegram refused the bot token (401 {error.description}): it was "
+                                f"revoked or replaced; put the new one from @BotFather in {TOKEN_ENV}") from None
+            if error.error_code == 409:
+                now = time.monotonic()
+                conflicts.append(now)
+                while now - conflicts[0] > CONFLICT_WINDOW_SECONDS:
+                    conflicts.popleft()
+                if len(conflicts) >= CONFLICT_LIMIT:
+                    raise UserError(f"getUpdates: {len(conflicts)} conflicts (409 {error.description}) within "
+                                    f"{CONFLICT_WINDOW_SECONDS:.0f} s: another copy of this bot is polling with the "
+                                    f"same token; stop it") from None
+                log.error("getUpdates conflict (409 %s)", error.description)
+                if "webhook" in error.description.lower():
+                    remove_webhook(bot)
             else:
                 log.error("getUpdates failed: %s", error)
             stopping.wait(backoff)
             backoff = min(backoff * 2, 60.0)
             continue
+        except Exception as error:  # the network or Telegram having a bad moment: wait, try again
+            log.error("getUpdates failed: %s", error)
+            stopping.wait(backoff)
+            backoff = min(backoff * 2, 60.0)
+            continue
         backoff = 1.0
         if updates:
-            offset = updates[-1].update_id + 1
-            try:
-                bot.process_new_updates(updates)
-            except Exception:
-                log.exception("cannot process updates")
+            offset = take_updates(updates)
     return offset
 
 
 def confirm_updates(bot, offset):
     # Telegram forgets updates below the offset only on the next getUpdates; without
-    # this call the messages answered last would come again after a restart.
+    # this call the messages answered last would come again to whatever polls next.
     if offset is None:
         return
     try:
@@ -965,17 +1498,73 @@ def confirm_updates(bot, offset):
         log.warning("could not confirm the last updates: %s", error)
 
 
-def parse_user_ids(text):
-    if not text:
-        return frozenset()
+def serve(bot, chat_bot, stopping, poll_seconds):
+    """Remove a stale webhook, answer what the last run left, poll until `stopping`,
+    then confirm the updates taken and finish the replies in progress. A fatal API
+    error (UserError) comes out after the same shutdown."""
+    fatal, offset = None, chat_bot.store.saved_offset()
     try:
-        return frozenset(int(part) for part in re.split(r"[,\s]+", text.strip()) if part)
+        remove_webhook(bot)
+        chat_bot.recover()
+        offset = poll(bot, chat_bot.take_updates, stopping, poll_seconds, offset)
+    except UserError as error:
+        fatal = error
+    stopping.set()
+    if fatal is None:
+        confirm_updates(bot, offset)
+    chat_bot.close()
+    if fatal is not None:
+        raise fatal
+
+
+# --- settings
+def parse_user_ids(text):
+    """--allowed-users as a set of ids; None (a public bot) only when the flag is absent."""
+    if text is None:
+        return None
+    try:
+        ids = frozenset(int(part) for part in re.split(r"[,\s]+", text.strip()) if part)
     except ValueError:
         raise UserError(f"--allowed-users {text!r}: expected Telegram user ids (numbers) separated by commas") from None
+    if not ids:
+        raise UserError(f"--allowed-users {text!r}: no user ids; leave the flag out for a bot anyone may use")
+    return ids
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Telegram bot that talks with a trained model folder.")
+def describe_access(allowed):
+    if allowed is None:
+        return "public: anyone who finds the bot can talk to it (--allowed-users makes it private)"
+    shown = ", ".join(str(user) for user in sorted(allowed)[:10])
+    return f"private: {len(allowed)} users may talk to it ({shown}{', ...' if len(allowed) > 10 else ''})"
+
+
+def environment_argv(parser, environ):
+    """Flags from TG_BOT_<FLAG> variables, put before the command line's (which win).
+    A systemd EnvironmentFile keeps TG_BOT_PERSONA="a b c" one value, where $VAR in
+    ExecStart= splits it at every space."""
+    argv = []
+    for action in parser._actions:  # argparse keeps no public list of its options
+        flags = [flag for flag in action.option_strings if flag.startswith("--")]
+        if not flags or action.dest == "help":
+            continue
+        name = ENV_PREFIX + flags[0][2:].replace("-", "_").upper()
+        if name not in environ:
+            continue
+        value = environ[name]
+        if action.nargs == 0:  # an on/off flag
+            if value.strip().lower() in ("1", "true", "yes", "on"):
+                argv.append(flags[0])
+            elif value.strip().lower() not in ("", "0", "false", "no", "off"):
+                raise UserError(f"{name}={value!r}: expected 1/0, true/false, yes/no or on/off")
+        else:
+            argv += [flags[0], value]
+    return argv
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Telegram bot that talks with a trained model folder. Every flag "
+                                                 f"can also be set as {ENV_PREFIX}<FLAG> in the environment "
+                                                 f"(--max-batch: {ENV_PREFIX}MAX_BATCH); the command line wins.")
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="model folder (its newest complete checkpoint-N/ when it has no weights of its own)")
     parser.add_argument("--device", default=DEFAULT_DEVICE, choices=("auto", "cpu", "cuda"))
@@ -991,10 +1580,23 @@ def parse_args(argv):
     parser.add_argument("--api-url", default=os.environ.get(API_URL_ENV),
                         help=f"self-hosted Bot API server, e.g. http://127.0.0.1:8081 (default: ${API_URL_ENV}, "
                              f"else Telegram's own)")
-    parser.add_argument("--db", default=DEFAULT_DB, help="SQLite file of the chats' history")
+    parser.add_argument("--db", default=DEFAULT_DB, help="SQLite file of the chats' history (created 0600)")
     parser.add_argument("--idle-minutes", type=float, default=DEFAULT_IDLE_MINUTES,
                         help="a chat silent this long starts afresh (0: never)")
-    parser.add_argument("--allowed-users", help="comma-separated Telegram user ids; others are refused (default: all)")
+    parser.add_argument("--allowed-users",
+                        help="comma-separated Telegram user ids; others are refused (default: all; an empty list "
+                             "is an error)")
+    parser.add_argument("--rate-limit", type=int, default=DEFAULT_RATE_LIMIT,
+                        help="messages a minute from one user; the first one over gets a notice, the rest are "
+                             "dropped (0: no limit)")
+    parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                        help="messages taken and not yet answered, all chats together; beyond it the bot says "
+                             "it is busy")
+    parser.add_argument("--max-age-minutes", type=float, default=DEFAULT_MAX_AGE_MINUTES,
+                        help="a message older than this when the bot gets it (after downtime) is not answered "
+                             "(0: answer everything)")
+    parser.add_argument("--old-messages", default=DEFAULT_OLD_MESSAGES, choices=("note", "skip"),
+                        help="what such messages get: one short \"I was offline\" note per chat, or nothing")
     parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
                         help="replies generated together when chats write at once (1: one at a time)")
     parser.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
@@ -1015,7 +1617,13 @@ def parse_args(argv):
     parser.add_argument("--log-prompts", action="store_true",
                         help="log every prompt given to the model (holds users' words: for debugging only)")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv, environ=None):
+    parser = build_parser()
+    environ = os.environ if environ is None else environ
+    return parser.parse_args(environment_argv(parser, environ) + list(sys.argv[1:] if argv is None else argv))
 
 
 def check_args(args):
@@ -1036,6 +1644,12 @@ def check_args(args):
         raise UserError("--max-input-chars must be at least 1")
     if args.poll_seconds < 1:
         raise UserError("--poll-seconds must be at least 1")
+    if args.rate_limit < 0:
+        raise UserError("--rate-limit must be 0 (no limit) or more")
+    if args.max_queue < 1:
+        raise UserError("--max-queue must be at least 1")
+    if args.max_age_minutes < 0:
+        raise UserError("--max-age-minutes must be 0 (answer everything) or more")
     args.allowed_users = parse_user_ids(args.allowed_users)
 
 
@@ -1071,13 +1685,11 @@ def run(args, token):
                     args.workers, args.workers, args.max_batch)
     batcher = ReplyBatcher(model_thread_generate(chat, settings), args.max_batch, args.batch_wait_ms / 1000,
                            args.max_batch_tokens, int(settings["generation"]["max_new_tokens"]))
-    chat_bot = ChatBot(bot, me, store, chat, settings, args, batcher)
-    bot.register_message_handler(chat_bot.on_message, func=lambda message: True,
-                                 content_types=util.content_type_media + util.content_type_service)
     stopping = threading.Event()
+    chat_bot = ChatBot(bot, me, store, chat, settings, args, batcher, stopping)
 
     def stop(signum, frame):
-        log.info("%s received: finishing the replies in flight", signal.Signals(signum).name)
+        log.info("%s received: finishing the replies in progress", signal.Signals(signum).name)
         stopping.set()
 
     signal.signal(signal.SIGTERM, stop)
@@ -1086,19 +1698,20 @@ def run(args, token):
              "history in %s", me.username, chat["weights"], "int8" if chat["quantize"] == "int8" else "plain weights",
              f"{chat['threads']} threads" if chat["device"] == "cpu" else chat["device"], settings["budget"],
              args.max_batch, args.db)
-    offset = poll(bot, stopping, args.poll_seconds)
-    confirm_updates(bot, offset)
-    chat_bot.dispatcher.close()
-    batcher.close()
-    store.close()
+    log.info("access: %s", describe_access(args.allowed_users))
+    try:
+        serve(bot, chat_bot, stopping, args.poll_seconds)
+    finally:
+        batcher.close()
+        store.close()
     log.info("stopped cleanly")
     return 0
 
 
 def main(argv=None):
-    args = parse_args(argv)
     token = None
     try:
+        args = parse_args(argv)
         check_args(args)
         token = read_token(args.token_file)
         setup_logging(args.log_level, token)

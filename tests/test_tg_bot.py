@@ -283,7 +283,10 @@ def test_in_a_group_only_mentions_and_replies_are_answered(live):
     assert second["reply_to"] == replied
     prompts = live.prompts(group)
     assert len(prompts) == 2 and "болтаем" not in prompts[1]
-    assert prompts[0].endswith("Вопрос: привет, бот\nОтвет: ")
+    # Each group turn says whose words it holds.
+    assert prompts[0].endswith("Вопрос: user150: привет, бот\nОтвет: ")
+    assert prompts[1].endswith(f"Вопрос: user150: привет, бот\nОтвет: {first['text']}\n"
+                               f"Вопрос: user151: а поподробнее?\nОтвет: ")
 
 
 def test_an_idle_conversation_starts_afresh(live):

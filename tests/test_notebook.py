@@ -176,17 +176,18 @@ def run_notebook(folder, sources, while_running=None):
     return notebook.cells
 
 
-def run_cell_typing(folder, source, lines, timeout=CELL_TIMEOUT):
-    """Run one cell whose input() calls get `lines` one by one through the kernel's stdin channel.
+def run_cells_typing(folder, sources, lines, timeout=CELL_TIMEOUT):
+    """Run cells in one fresh kernel, a person typing `lines` one by one into their input() calls.
 
-    Returns (outputs as nbformat-like dicts, the prompts input() showed). If the cell asks for more lines
-    than given, the kernel is interrupted (input() raises KeyboardInterrupt), so a loop that does not
-    stop shows as an extra prompt instead of hanging the test.
+    nbclient offers no stdin, so this talks to the kernel through jupyter_client: the input requests
+    come on its stdin channel. Returns (each cell's outputs as nbformat-like dicts, the prompts input()
+    showed). If the cells ask for more lines than given, the kernel is interrupted (input() raises
+    KeyboardInterrupt), so a loop that does not stop shows as an extra prompt instead of a hung test.
     """
     from jupyter_client.manager import start_new_kernel
 
     km, kc = start_new_kernel(kernel_name="python3", cwd=str(folder), env=kernel_env())
-    outputs, prompts, waiting = [], [], list(lines)
+    cells, prompts, waiting = [], [], list(lines)
 
     def on_input(message):
         prompts.append(message["content"]["prompt"])
@@ -196,6 +197,7 @@ def run_cell_typing(folder, source, lines, timeout=CELL_TIMEOUT):
             km.interrupt_kernel()
 
     def on_output(message):
+        outputs = cells[-1]
         kind, content = message["header"]["msg_type"], message["content"]
         if kind == "stream":
             outputs.append({"output_type": "stream", "name": content["name"], "text": content["text"]})
@@ -205,12 +207,14 @@ def run_cell_typing(folder, source, lines, timeout=CELL_TIMEOUT):
             outputs.append({"output_type": kind, "data": content["data"]})
 
     try:
-        kc.execute_interactive(source, allow_stdin=True, stdin_hook=on_input, output_hook=on_output,
-                               timeout=timeout)
+        for source in sources:
+            cells.append([])
+            kc.execute_interactive(source, allow_stdin=True, stdin_hook=on_input, output_hook=on_output,
+                                   timeout=timeout)
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
-    return outputs, prompts
+    return cells, prompts
 
 
 def outputs_of(cell_or_outputs):
@@ -412,8 +416,8 @@ def test_lstm_chat_in_a_cell_reads_input_and_stops_on_vyhod(folder, script):
     need_converted(script)
     produce(folder, script)
     produce_output_of(folder, script)  # the model, where the test before did not make it
-    outputs, prompts = run_cell_typing(folder, cell(script, MODE="chat", DEVICE="cpu", THREADS=1),
-                                       ["Привет!", "", "Как дела?", "Выход"])
+    [outputs], prompts = run_cells_typing(folder, [cell(script, MODE="chat", DEVICE="cpu", THREADS=1)],
+                                          ["Привет!", "", "Как дела?", "Выход"])
     assert_no_exception(outputs)
     assert prompts == ["Вы: "] * 4, prompts  # asked for each line and not once more after «выход»
     replies = [line for line in stream(outputs, "stdout").splitlines() if line.startswith("Бот:")]
@@ -459,9 +463,9 @@ def test_evaluate_in_a_cell_shows_its_chart(folder):
     # A pasted cell has no __file__ to find the LSTM scripts beside; in Colab they are in the current folder.
     common = {"ROWS": 6, "MAX_NEW_TOKENS": 8, "DEVICE": "cpu", "SCRIPTS_DIR": str(REPO),
               "PROBE_FILE": str(REPO / "data" / "memory_probe.jsonl")}
-    cells = run_notebook(folder, [PROBE, cell(script, MODELS=["no_such_model"], **common),
+    cells = run_notebook(folder, [PROBE, cell(script, DATA_DIR="no_such_folder", MODELS=models, **common),
                                   cell(script, MODELS=models, **common), PROBE])
-    assert_user_error(cells[1], script, "no_such_model")
+    assert_user_error(cells[1], script, "no_such_folder")
     assert_no_exception(cells[2])
     result = json.loads((folder / "reports" / "comparison.json").read_text(encoding="utf-8"))
     assert [row["model"] for row in result["models"]] == models
@@ -478,15 +482,17 @@ def test_system_prompt_chat_in_a_cell(folder):
     produce(folder, script)
     settings = {"DEFAULT_MODEL": "rugpt3_medium_CLEAN_model", "DEFAULT_DEVICE": "cpu", "MAX_NEW_TOKENS": 8,
                 "THREADS": 1}
-    [bad] = run_notebook(folder, [cell(script, **{**settings, "DEFAULT_MODEL": "no_such_model"})])
+    (before, bad, outputs, after), prompts = run_cells_typing(
+        folder, [PROBE, cell(script, **{**settings, "DEFAULT_MODEL": "no_such_model"}), cell(script, **settings),
+                 PROBE],
+        ["Привет! Меня зовут Илья.", "/reset", "Как дела?", "выход"])
     assert_user_error(bad, script, "no_such_model")
-    outputs, prompts = run_cell_typing(folder, cell(script, **settings),
-                                       ["Привет! Меня зовут Илья.", "/reset", "Как дела?", "выход"])
     assert_no_exception(outputs)
     assert len(prompts) == 4, prompts  # one input() a line, none after «выход»
     said = [line for line in stream(outputs, "stdout").splitlines() if line.startswith("Бот: ")]
     assert len(said) == 3, describe(outputs)  # two replies and the notice that the history was cleared
     assert "(история разговора очищена)" in said[1]
+    assert kernel_state(before) == kernel_state(after)
 
 
 def test_tg_bot_in_a_cell_answers_and_stops_on_a_kernel_interrupt(folder):

@@ -548,7 +548,7 @@ def main(argv=None):
         print(f"cleaner_text.py: error: {exc}", file=sys.stderr)
         return 1
     print(f"kept {summary['dialogues_out']} of {summary['dialogues_in']} dialogues "
-          f"({summary['turns_out']} of {summary['turns_in']} turns) -> {args.output}")
+          f"({summary['turns_in']} turns in, {summary['turns_out']} out) -> {args.output}")
     for name, row in summary["repair_rules"].items():
         if row["turns_changed"]:
             added = f", {row['turns_added']} turns added" if row.get("turns_added") else ""

@@ -8,7 +8,14 @@ Every turn after the first is an answer: its question is the turn before it,
 its context the --max-turns turns before it, oldest first.
 
 Splits go by dialogue_id through a seeded hash, so no dialogue has turns in two
-splits and the same dialogue lands in the same split on every run.
+splits and the same dialogue lands in the same split on every run. Corpora
+repeat themselves (the same joke told twice, a common exchange in many
+dialogues), so dialogues that share a question/answer pair or an answer of 40
+characters or more (compared lowercased, without punctuation) or that are
+near-duplicates (MinHash over word shingles, datasketch) form a group, and a group goes to one split: the
+split of its first dialogue. No pair's text is then in two splits, and the
+test split does not hold retellings of training dialogues. The run says how
+many dialogues and pairs the grouping moved.
 
 Run it:
     python create_dataset.py
@@ -19,21 +26,28 @@ import argparse
 import csv
 import hashlib
 import os
+import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from datasketch import MinHash
 
 # ---------------------------------------------------------------- defaults
 DEFAULT_INPUT = "data/clean_dialogues.parquet"
 DEFAULT_OUTPUT = "data"
-MAX_TURNS = 4           # context turns before each answer
+MAX_TURNS = 16          # context turns before each answer; the trainers cut by tokens
 VAL_FRACTION = 0.1
 TEST_FRACTION = 0.1
 SEED = 42
 BATCH_ROWS = 10_000
 SPLITS = ("train", "val", "test")
+SHINGLE_WORDS = 3       # near-duplicates: Jaccard similarity of word 3-grams...
+NUM_PERM = 64           # ...estimated with 64 MinHash permutations,
+BANDS = 8               # in 8 bands of 8 rows: candidates from about 0.7 similarity up
+LONG_ANSWER_CHARS = 40  # an answer this long said after two different questions is one joke
 
 CONTEXT_SCHEMA = pa.schema([
     ("dialogue_id", pa.int64()),
@@ -55,6 +69,81 @@ def split_of(dialogue_id, seed, val_fraction, test_fraction):
     if point < test_fraction + val_fraction:
         return "val"
     return "train"
+
+
+WORD = re.compile(r"\w+")
+
+
+def normalized_words(text):
+    return WORD.findall(text.lower().replace("ё", "е"))
+
+
+def text_key(*parts):
+    digest = hashlib.blake2b("\x1f".join(parts).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def dialogue_fingerprint(turns):
+    """64-bit keys of every pair's text and of every long answer on its own,
+    and the word shingles of the whole dialogue. Text is compared lowercased,
+    without punctuation ("Нет." and "нет!" are one answer); a turn of marks
+    only keeps its marks."""
+    words = [normalized_words(turn) for turn in turns]
+    texts = [" ".join(w) or turn.strip() for w, turn in zip(words, turns)]
+    keys = []
+    for i in range(1, len(turns)):
+        keys.append(text_key(texts[i - 1], texts[i]))
+        if len(turns[i]) >= LONG_ANSWER_CHARS:
+            keys.append(text_key("", texts[i]))
+    flat = [w for turn_words in words for w in turn_words]
+    if len(flat) < SHINGLE_WORDS:
+        shingles = [" ".join(texts).encode("utf-8")]
+    else:
+        shingles = [" ".join(flat[i:i + SHINGLE_WORDS]).encode("utf-8")
+                    for i in range(len(flat) - SHINGLE_WORDS + 1)]
+    return keys, shingles
+
+
+# Odd 64-bit multipliers that fold a band's 8 MinHash values into one key.
+BAND_MIX = (np.random.default_rng(20240516).integers(1, 2**62, NUM_PERM // BANDS, dtype=np.uint64) * 2 + 1)
+
+
+def band_keys(shingle_sets):
+    """LSH band keys (len(shingle_sets) x BANDS): two dialogues share a key in
+    a band when their MinHash signatures agree on all of that band's rows,
+    which happens mostly for near-duplicates. One array per band, grouped by
+    sorting, holds what a dict-based index (datasketch's MinHashLSH, about 3 GB
+    for 900,000 dialogues) would, in 64 bytes a dialogue."""
+    signatures = np.stack([m.hashvalues for m in MinHash.generator(shingle_sets, num_perm=NUM_PERM)])
+    rows = signatures.astype(np.uint64).reshape(len(shingle_sets), BANDS, NUM_PERM // BANDS)
+    with np.errstate(over="ignore"):
+        return (rows * BAND_MIX).sum(axis=2, dtype=np.uint64).view(np.int64)
+
+
+def same_key_edges(keys, owners):
+    """(a, b) index pairs linking every owner of a key to the key's first owner."""
+    order = np.argsort(keys, kind="stable")
+    keys, owners = keys[order], owners[order]
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    first = np.repeat(owners[starts], np.diff(np.r_[starts, len(keys)]))
+    linked = first != owners
+    return first[linked], owners[linked]
+
+
+def connected_groups(count, edges):
+    """For each of `count` nodes, the smallest node of its connected component."""
+    label = np.arange(count)
+    if not edges:
+        return label
+    a = np.concatenate([e[0] for e in edges])
+    b = np.concatenate([e[1] for e in edges])
+    while True:
+        before = label.copy()
+        np.minimum.at(label, a, label[b])
+        np.minimum.at(label, b, label[a])
+        label = label[label]  # every label is a node with a label no larger
+        if np.array_equal(label, before):
+            return label
 
 
 def examples_from_dialogue(turns, max_turns):
@@ -137,39 +226,82 @@ class SplitWriters:
                 tmp.unlink(missing_ok=True)
 
 
+def usable_dialogues(parquet, rows):
+    """(dialogue_id, turns) of every dialogue with two or more turns, up to the
+    one that reaches `rows` pairs; the same sequence on every pass."""
+    total = 0
+    for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=["sample", "dialogue_id"]):
+        data = batch.to_pydict()
+        for turns, dialogue_id in zip(data["sample"], data["dialogue_id"]):
+            turns = [t for t in (turns or []) if t]
+            if len(turns) < 2:
+                continue
+            yield dialogue_id, turns
+            total += len(turns) - 1
+            if rows and total >= rows:
+                return
+
+
+def group_splits(parquet, rows, seed, val_fraction, test_fraction):
+    """For each usable dialogue (in reading order): its split after grouping,
+    and the split its own id would give. Also how many dialogues are in a
+    group of two or more."""
+    ids, pair_keys, pair_owner, bands, batch = [], [], [], [], []
+    for index, (dialogue_id, turns) in enumerate(usable_dialogues(parquet, rows)):
+        ids.append(dialogue_id)
+        keys, shingles = dialogue_fingerprint(turns)
+        pair_keys.extend(keys)
+        pair_owner.extend([index] * len(keys))
+        batch.append(shingles)
+        if len(batch) >= BATCH_ROWS:
+            bands.append(band_keys(batch))
+            batch = []
+    if batch:
+        bands.append(band_keys(batch))
+    count = len(ids)
+    own = [split_of(i, seed, val_fraction, test_fraction) for i in ids]
+    if count == 0:
+        return [], own, 0
+    edges = [same_key_edges(np.array(pair_keys, dtype=np.int64), np.array(pair_owner))]
+    del pair_keys, pair_owner
+    band_matrix = np.concatenate(bands)
+    owners = np.arange(count)
+    edges += [same_key_edges(band_matrix[:, band], owners) for band in range(BANDS)]
+    del band_matrix, bands
+    group = connected_groups(count, edges)
+    grouped = count - int(np.count_nonzero(np.bincount(group, minlength=count) == 1))
+    return [own[g] for g in group], own, grouped
+
+
 def create_dataset(input_path, output_dir, max_turns=MAX_TURNS, rows=None, seed=SEED,
                    val_fraction=VAL_FRACTION, test_fraction=TEST_FRACTION):
-    """Write the six split files; return the counts per split."""
+    """Write the six split files; return the counts per split and what the
+    grouping of repeated dialogues moved."""
     parquet = open_input(input_path)
+    splits, own, grouped = group_splits(parquet, rows, seed, val_fraction, test_fraction)
     counts = {split: {"dialogues": 0, "pairs": 0} for split in SPLITS}
+    moved = {"grouped": grouped, "dialogues": sum(1 for a, b in zip(splits, own) if a != b), "pairs": 0}
     writers = SplitWriters(output_dir)
     total = 0
     try:
-        for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=["sample", "dialogue_id"]):
-            data = batch.to_pydict()
-            for turns, dialogue_id in zip(data["sample"], data["dialogue_id"]):
-                turns = [t for t in (turns or []) if t]
-                if len(turns) < 2:
-                    continue
-                split = split_of(dialogue_id, seed, val_fraction, test_fraction)
-                counts[split]["dialogues"] += 1
-                for context, answer in examples_from_dialogue(turns, max_turns):
-                    writers.add(split, dialogue_id, context, answer)
-                    counts[split]["pairs"] += 1
-                    total += 1
-                    if rows and total >= rows:
-                        break
+        for index, (dialogue_id, turns) in enumerate(usable_dialogues(parquet, rows)):
+            split = splits[index]
+            counts[split]["dialogues"] += 1
+            for context, answer in examples_from_dialogue(turns, max_turns):
+                writers.add(split, dialogue_id, context, answer)
+                counts[split]["pairs"] += 1
+                if split != own[index]:
+                    moved["pairs"] += 1
+                total += 1
                 if rows and total >= rows:
                     break
-            if rows and total >= rows:
-                break
         if total == 0:
             raise UserError(f"{input_path}: no dialogue with two or more turns")
         writers.commit()
     except BaseException:
         writers.abort()
         raise
-    return counts
+    return counts, moved
 
 
 def parse_args(argv):
@@ -196,8 +328,8 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        counts = create_dataset(args.input, args.output, args.max_turns, args.rows, args.seed,
-                                args.val_fraction, args.test_fraction)
+        counts, moved = create_dataset(args.input, args.output, args.max_turns, args.rows, args.seed,
+                                       args.val_fraction, args.test_fraction)
     except UserError as exc:
         print(f"create_dataset.py: error: {exc}", file=sys.stderr)
         return 1
@@ -207,6 +339,8 @@ def main(argv=None):
         if counts[split]["pairs"] == 0:
             print(f"warning: the {split} split is empty; use more data or a larger fraction",
                   file=sys.stderr)
+    print(f"repeated dialogues: {moved['grouped']} share a pair's text or are near-duplicates of "
+          f"another; {moved['dialogues']} dialogues ({moved['pairs']} pairs) moved to their group's split")
     print(f"wrote pairs_*.csv and context_*.parquet to {args.output}/")
     return 0
 

@@ -47,9 +47,69 @@ def test_pairs_and_context_follow_the_dialogue(splits):
     for (_, c), (_, p) in zip(context.iterrows(), pairs.iterrows()):
         turns = by_id[c["dialogue_id"]]
         i = turns.index(c["answer"])
-        assert list(c["context"]) == turns[max(0, i - 4):i]
+        assert list(c["context"]) == turns[max(0, i - cd.MAX_TURNS):i]
         assert p["question"] == turns[i - 1] and p["answer"] == turns[i]
-    assert context["context"].map(len).max() == 4
+    longest = max(len(by_id[i]) for i in set(context["dialogue_id"]))
+    assert context["context"].map(len).max() == min(cd.MAX_TURNS, longest - 1) > 4
+
+
+def test_context_window_defaults_to_16_turns_and_stays_a_flag():
+    # The context model cuts by tokens, so the files carry a long window.
+    assert cd.MAX_TURNS == 16 and cd.parse_args([]).max_turns == 16
+    assert cd.parse_args(["--max-turns", "4"]).max_turns == 4
+
+
+def ids_in(split, count, start=0, seed=cd.SEED):
+    """The first `count` dialogue ids from `start` that the seeded hash puts in `split`."""
+    found, i = [], start
+    while len(found) < count:
+        if cd.split_of(i, seed, cd.VAL_FRACTION, cd.TEST_FRACTION) == split:
+            found.append(i)
+        i += 1
+    return found
+
+
+def write_dialogues(path, rows):
+    pq.write_table(pa.table({"sample": [turns for _, turns in rows],
+                             "dialogue_id": pa.array([i for i, _ in rows], pa.int64())}), path)
+
+
+def splits_of_ids(folder):
+    found = {}
+    for split in cd.SPLITS:
+        for i in pd.read_csv(folder / f"pairs_{split}.csv")["dialogue_id"]:
+            assert found.setdefault(int(i), split) == split
+    return found
+
+
+def test_repeated_pairs_and_near_duplicates_stay_in_one_split(tmp_path, capsys):
+    train_ids, test_ids, val_ids = ids_in("train", 6), ids_in("test", 4), ids_in("val", 2)
+    setup = ("Доктор, у меня в последнее время такие провалы в памяти, что я выхожу из дома, "
+             "иду в магазин за хлебом и уже у самой кассы не помню, зачем пришёл и что хотел купить, "
+             "а вчера вообще позвонил жене спросить, где я живу, и она тоже не вспомнила, "
+             "так что мы теперь оба стоим у подъезда и ждём, пока кто-нибудь из соседей нас узнает.")
+    joke, retold = [setup, "А давно это у вас?"], [setup, "И давно это у вас?"]
+    # no pair's text and no long answer in common: only the words tie them
+    assert not set(cd.dialogue_fingerprint(joke)[0]) & set(cd.dialogue_fingerprint(retold)[0])
+    rows = [
+        (train_ids[0], ["Как дела?", "Нормально, а у тебя?", "Тоже."]),
+        # the same pair of turns, other case and punctuation: must follow train_ids[0]
+        (test_ids[0], ["Привет!", "как дела", "нормально а у тебя", "Отлично."]),
+        (train_ids[1], joke),
+        (test_ids[1], retold),
+        (train_ids[2], ["Что сказала тёща?", "Что зять у неё золотой, только проба не та."]),
+        (val_ids[0], ["А соседка что?", "Что зять у неё золотой, только проба не та!"]),  # a long answer
+        (test_ids[2], ["Куда едем?", "На дачу, копать картошку."]),  # unrelated: keeps its split
+        (train_ids[3], ["Где ключи?", "На полке."]),
+    ]
+    src = tmp_path / "c.parquet"
+    write_dialogues(src, rows)
+    assert cd.main(["--input", str(src), "--output", str(tmp_path)]) == 0
+    where = splits_of_ids(tmp_path)
+    assert where[test_ids[0]] == where[test_ids[1]] == where[val_ids[0]] == "train"
+    assert where[test_ids[2]] == "test" and where[train_ids[3]] == "train"
+    out = capsys.readouterr().out
+    assert "3 dialogues (5 pairs) moved" in out and "6 share" in out
 
 
 def test_split_is_deterministic_and_seeded():
@@ -85,3 +145,17 @@ def test_bad_input_leaves_previous_files(tmp_path, capsys):
     assert "empty" in capsys.readouterr().err
     assert keep.read_text(encoding="utf-8") == "old"
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+@pytest.mark.shared_data
+def test_real_corpus_has_no_pair_in_train_and_test(tmp_path, shared_data):
+    raw = tmp_path / "raw.parquet"
+    assert parser_dataset.main(["--input", str(shared_data / "anekdot_dialogues.parquet"),
+                                "--output", str(raw)]) == 0
+    counts, moved = cd.create_dataset(raw, tmp_path, max_turns=1)
+    pairs = {split: pd.read_csv(tmp_path / f"pairs_{split}.csv", keep_default_na=False)
+             for split in cd.SPLITS}
+    text = {split: set(zip(frame["question"], frame["answer"])) for split, frame in pairs.items()}
+    assert len(pairs["test"]) > 10_000 and moved["dialogues"] > 0
+    assert not text["train"] & text["test"]
+    assert not text["train"] & text["val"] and not text["val"] & text["test"]

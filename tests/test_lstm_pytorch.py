@@ -235,4 +235,13 @@ def test_max_minutes_stops_training_and_keeps_a_loadable_model(data_dir, tmp_pat
                     "--epochs", "100000", "--max-minutes", "0.02"]) == 0
     training = json.loads((folder / "config.json").read_text(encoding="utf-8"))["training"]
     assert training["stopped_by"] == "time limit" and training["epochs_run"] < 100000
-    assert pc.load_model_folder(folder, torch.device("cpu")).reply("Кто звонил?")[0] is not None
+    bot = pc.load_model_folder(folder, torch.device("cpu"))
+    ids, ended = bot.reply_ids("Кто звонил?")
+    # the saved weights are the ones loaded, and they reply in vocabulary words that
+    # stop at <EOS> or at the length limit, the same on a second load
+    saved = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    assert saved.keys() == bot.model.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in bot.model.state_dict().items())
+    assert all(len(pc.SPECIAL_TOKENS) <= i < len(bot.itos) for i in ids)
+    assert ended or len(ids) == bot.max_len
+    assert pc.load_model_folder(folder, torch.device("cpu")).reply_ids("Кто звонил?") == (ids, ended)

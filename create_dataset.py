@@ -162,10 +162,16 @@ def open_input(path):
         parquet = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise UserError(f"{path}: not a readable parquet file ({exc})") from None
-    missing = {"sample", "dialogue_id"} - set(parquet.schema_arrow.names)
+    schema = parquet.schema_arrow
+    missing = {"sample", "dialogue_id"} - set(schema.names)
     if missing:
         raise UserError(f"{path}: missing column(s) {', '.join(sorted(missing))} "
                         "(expected the output of cleaner_text.py)")
+    sample_type = schema.field("sample").type
+    if not (pa.types.is_list(sample_type) or pa.types.is_large_list(sample_type)):
+        # A string would be read letter by letter, each letter a "turn".
+        raise UserError(f"{path}: column 'sample' holds {sample_type}, not a list of turns "
+                        "(run parser_dataset.py and cleaner_text.py on it first)")
     return parquet
 
 

@@ -2,12 +2,28 @@
 
 Reads dialogues from
   * a data set on the model hub, by name (e.g. Den4ikAI/russian_dialogues):
-    its parquet / JSONL / CSV files are downloaded with huggingface_hub;
-  * a local parquet, CSV or JSONL file with a list-of-turns column
-    (`sample`, `dialogue`, `turns`, ...) or question/answer columns;
+    its parquet / JSONL / CSV files (plain or gzipped) are downloaded with
+    huggingface_hub;
+  * a local parquet, CSV, TSV, JSONL or JSON file with a list-of-turns column
+    (`sample`, `dialogue`, `turns`, ...; a list of strings, or of chat
+    messages {"role": ..., "content": ...}, where a system message is not a
+    turn) or question/answer columns;
   * a text file with one turn a line starting with "- " and dialogues
     separated by blank lines (plain, .xz, .gz or .bz2);
-  * a Telegram Desktop chat export (result.json).
+  * a Telegram Desktop chat export (result.json), one chat or the whole account;
+  * the public Russian dialogue sets people fine-tune on, by their hub name
+    or detected by their columns (--preset names one when detection is not
+    enough):
+      russian_dialogues      Den4ikAI/russian_dialogues: question, answer,
+                             relevance; only relevance 1 is kept (the 0 rows
+                             are generated negatives)
+      russian_dialogues_2    Den4ikAI/russian_dialogues_2: sample
+      siberian_persona_chat  SiberiaSoft/SiberianPersonaChat(-2): input (a
+                             persona, then "Собеседник:"/"Ты:"/"Я:" turns), output
+      toloka_persona_chat    Toloka Persona Chat Rus (dialogues.tsv): two
+                             persona profiles and an HTML dialogue of
+                             <span class=participant_N> messages
+    A persona is not a turn, so it is left out.
 and writes data/russian_dialogues.parquet with the columns
 `sample` (list<string>), `dialogue_id` (int64) and `source` (string).
 
@@ -16,20 +32,24 @@ Run it:
     python parser_dataset.py --input ../shared/data/anekdot_dialogues.txt.xz --limit 50000
     python parser_dataset.py --input ~/Downloads/ChatExport/result.json --max-gap-minutes 120
     python parser_dataset.py --input Den4ikAI/russian_dialogues      # needs the internet
+    python parser_dataset.py --input TlkPersonaChatRus/dialogues.tsv
 
-Large inputs are read and written in batches, so memory stays bounded.
+Text files may start with a byte-order mark. Large inputs are read and
+written in batches, so memory stays bounded.
 """
 import argparse
 import bz2
 import csv
 import gzip
-import io
+import html
 import json
 import lzma
 import os
+import re
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -39,11 +59,19 @@ DEFAULT_OUTPUT = "data/russian_dialogues.parquet"
 BATCH_ROWS = 10_000            # dialogues buffered before a batch is written
 MIN_TURNS = 2                  # a dialogue needs a question and an answer
 MAX_GAP_MINUTES = 60           # Telegram: a longer silence starts a new dialogue
-TURN_COLUMNS = ("sample", "dialogue", "dialog", "turns", "messages", "utterances")
+TURN_COLUMNS = ("sample", "dialogue", "dialog", "turns", "messages", "conversation",
+                "conversations", "utterances")
 QUESTION_COLUMNS = ("question", "context", "query", "prompt", "input")
 ANSWER_COLUMNS = ("answer", "response", "reply", "output")
+RELEVANCE_COLUMN = "relevance"  # question/answer sets with generated negatives mark them 0
 TEXT_SUFFIXES = (".txt", ".text")
 COMPRESSED = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}
+CSV_FIELD_LIMIT = 2**31 - 1    # the csv module stops at 128 KB a field, JSONL has no limit
+HUB_FILES = ["*.parquet", "*.jsonl", "*.jsonl.gz", "*.json.gz", "*.csv", "*.tsv"]
+
+# Chat messages: who speaks in a turn. A system message sets the bot up; it is not a turn.
+USER_ROLES = {"user", "human", "prompter"}
+ASSISTANT_ROLES = {"assistant", "gpt", "bot", "model"}
 
 SCHEMA = pa.schema([
     ("sample", pa.list_(pa.string())),
@@ -54,6 +82,40 @@ SCHEMA = pa.schema([
 
 class UserError(Exception):
     """A mistake in the input that the user can fix; printed as one line."""
+
+
+class Layout(NamedTuple):
+    """How a table holds dialogues: `kind` is turns (a list-of-turns column),
+    pair (question, answer), persona_chat (input with labelled turns, output)
+    or toloka (an HTML dialogue); `keep` names a column that must be 1."""
+    kind: str
+    columns: tuple
+    keep: str = None
+
+
+PRESETS = {
+    "russian_dialogues": Layout("pair", ("question", "answer"), keep=RELEVANCE_COLUMN),
+    "russian_dialogues_2": Layout("turns", ("sample",)),
+    "siberian_persona_chat": Layout("persona_chat", ("input", "output")),
+    "toloka_persona_chat": Layout("toloka", ("dialogue",)),
+}
+HUB_PRESETS = {
+    "den4ikai/russian_dialogues": "russian_dialogues",
+    "den4ikai/russian_dialogues_2": "russian_dialogues_2",
+    "siberiasoft/siberianpersonachat": "siberian_persona_chat",
+    "siberiasoft/siberianpersonachat-2": "siberian_persona_chat",
+}
+
+# SiberianPersonaChat: "<persona> Продолжи диалог:\nСобеседник: ...\nТы: ..." (the
+# second version: "Ты: ..." / "Я: ..."); the last label is left empty for the output.
+PERSONA_END = "Продолжи диалог:"
+SPEAKER_LABEL = re.compile(r"(?:^|(?<=\s))(Собеседник|Ты|Я):[ \t]*")
+# Toloka Persona Chat: <span class=participant_1>Пользователь 1: Привет</span><br />...
+TOLOKA_MESSAGE = re.compile(r"<span class=[\"']?participant_(\d+)[\"']?>(.*?)</span>", re.DOTALL)
+TOLOKA_SPEAKER = re.compile(r"^\s*Пользователь\s*\d+\s*:\s*")
+HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
+DASH = "-\u2013\u2014"
+SKIPPED = object()  # a row the data set itself marks as not a dialogue (relevance 0)
 
 
 # ---------------------------------------------------------------- helpers
@@ -82,45 +144,179 @@ def pick_column(names, candidates, wanted):
 
 
 def choose_layout(path, names, args):
-    """Return ('turns', col) or ('pair', (question_col, answer_col))."""
-    turns = pick_column(names, TURN_COLUMNS, args.turns_column)
-    if turns:
-        return "turns", turns
-    question = pick_column(names, QUESTION_COLUMNS, args.question_column)
-    answer = pick_column(names, ANSWER_COLUMNS, args.answer_column)
-    if question and answer:
-        return "pair", (question, answer)
+    """The Layout of a table with these column names: from the flags, the
+    preset, or the columns themselves."""
+    names = [str(name) for name in names]
+    lowered = {name.lower(): name for name in names}
+    if args.turns_column:
+        return Layout("turns", (pick_column(names, (), args.turns_column),))
+    if args.question_column or args.answer_column:
+        question = pick_column(names, QUESTION_COLUMNS, args.question_column)
+        answer = pick_column(names, ANSWER_COLUMNS, args.answer_column)
+        if question and answer:
+            return Layout("pair", (question, answer))
+    elif args.preset:
+        preset = PRESETS[args.preset]
+        missing = [c for c in preset.columns + ((preset.keep,) if preset.keep else ()) if c not in lowered]
+        if missing:
+            raise UserError(f"{path}: the {args.preset} preset needs column(s) {', '.join(missing)} "
+                            f"(columns: {', '.join(names) or 'none'})")
+        return Layout(preset.kind, tuple(lowered[c] for c in preset.columns),
+                      lowered[preset.keep] if preset.keep else None)
+    else:
+        if "persona_1_profile" in lowered and "dialogue" in lowered:
+            return Layout("toloka", (lowered["dialogue"],))
+        turns = pick_column(names, TURN_COLUMNS, None)
+        if turns:
+            return Layout("turns", (turns,))
+        if "input" in lowered and "output" in lowered:
+            return Layout("persona_chat", (lowered["input"], lowered["output"]))
+        question = pick_column(names, QUESTION_COLUMNS, None)
+        answer = pick_column(names, ANSWER_COLUMNS, None)
+        if question and answer:
+            return Layout("pair", (question, answer), lowered.get(RELEVANCE_COLUMN))
     raise UserError(
         f"{path}: no list-of-turns column ({', '.join(TURN_COLUMNS)}) and no question/answer "
-        f"columns among: {', '.join(map(str, names)) or 'none'} "
+        f"columns among: {', '.join(names) or 'none'} "
         "(name them with --turns-column or --question-column/--answer-column)")
 
 
-def turns_from_value(value, path):
-    """A list-of-turns cell: a real list, or (in CSV) a JSON-encoded one."""
+def message_text(content):
+    """A chat message's content: a string, or a list of parts ({"type": "text", "text": ...})."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)):
+        return "".join(part.get("text") or "" if isinstance(part, dict) else str(part) for part in content)
+    return "" if content is None else str(content)
+
+
+def turns_from_messages(messages):
+    """User/assistant messages in order; a system (or tool) message is not a
+    turn, and consecutive messages of one side make one turn."""
+    turns, side = [], None
+    for message in messages:
+        if isinstance(message, str):
+            turns.append(message)
+            side = None
+            continue
+        if not isinstance(message, dict):
+            continue
+        role = str(message.get("role") or message.get("from") or "").lower()
+        if role not in USER_ROLES | ASSISTANT_ROLES:
+            continue
+        text = message_text(message.get("content", message.get("value", message.get("text")))).strip()
+        if not text:
+            continue
+        speaker = "user" if role in USER_ROLES else "assistant"
+        if turns and speaker == side:
+            turns[-1] = f"{turns[-1]}\n{text}"
+        else:
+            turns.append(text)
+        side = speaker
+    return turns
+
+
+def turns_from_toloka(text):
+    """Toloka Persona Chat: one <span class=participant_N> a message; a
+    participant's consecutive messages make one turn."""
+    turns, last = [], None
+    for who, body in TOLOKA_MESSAGE.findall(text):
+        body = TOLOKA_SPEAKER.sub("", html.unescape(HTML_BREAK.sub("\n", body))).strip()
+        if not body:
+            continue
+        if turns and who == last:
+            turns[-1] = f"{turns[-1]}\n{body}"
+        else:
+            turns.append(body)
+        last = who
+    return turns
+
+
+def turns_from_persona_prompt(text):
+    """The turns of a SiberianPersonaChat input, without the persona before them;
+    text without speaker labels is one turn."""
+    text = text or ""
+    if PERSONA_END in text:
+        text = text.split(PERSONA_END, 1)[1]
+    labels = list(SPEAKER_LABEL.finditer(text))
+    if not labels:
+        return [text]
+    turns, last = [], None
+    for label, following in zip(labels, labels[1:] + [None]):
+        body = text[label.end():following.start() if following else len(text)].strip()
+        if not body:
+            continue
+        if turns and label.group(1) == last:
+            turns[-1] = f"{turns[-1]}\n{body}"
+        else:
+            turns.append(body)
+        last = label.group(1)
+    return turns
+
+
+def turns_from_dash_lines(text):
+    """'- Привет\n- Привет, как дела?': the dash-text format in one cell."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) >= 2 and all(line[0] in DASH for line in lines):
+        return [line[1:].strip() for line in lines]
+    return None
+
+
+def turns_from_value(value, path, column):
+    """A list-of-turns cell: a real list (of strings or chat messages), a
+    JSON-encoded one (CSV), or text in a format known here."""
     if value is None:
         return []
     if isinstance(value, str):
         text = value.strip()
-        if not text.startswith("["):
-            return [text]
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}: a turns cell is not a JSON list ({exc.msg})") from None
-    if not isinstance(value, (list, tuple)):
-        if hasattr(value, "tolist"):
-            value = value.tolist()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}: a cell of column '{column}' is not a JSON list ({exc.msg})") from None
+        elif TOLOKA_MESSAGE.search(text):
+            return turns_from_toloka(text)
         else:
-            return [str(value)]
-    return list(value)
+            turns = turns_from_dash_lines(text)
+            if turns is None:
+                shown = text[:40].replace("\n", " ")
+                raise UserError(
+                    f"{path}: column '{column}' holds text, not a list of turns (e.g. '{shown}'); "
+                    "give it lists, or name question/answer columns with --question-column/--answer-column")
+            return turns
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise UserError(f"{path}: column '{column}' holds {type(value).__name__} values, not lists of turns")
+    return turns_from_messages(value)
+
+
+def row_turns(layout, row, path):
+    """The turns of one table row under `layout`; SKIPPED for a row the data
+    set marks as no dialogue."""
+    if layout.keep is not None:
+        try:
+            if float(row.get(layout.keep)) != 1:
+                return SKIPPED
+        except (TypeError, ValueError):
+            return SKIPPED
+    first = row.get(layout.columns[0])
+    if layout.kind == "turns":
+        return turns_from_value(first, path, layout.columns[0])
+    if layout.kind == "toloka":
+        return turns_from_toloka(first or "")
+    second = row.get(layout.columns[1])
+    if layout.kind == "persona_chat":
+        return turns_from_persona_prompt(first) + [second]
+    return [first, second]
 
 
 def open_text(path):
+    # utf-8-sig: a byte-order mark at the start is read as nothing, not as "\ufeff".
     opener = COMPRESSED.get(path.suffix.lower())
     if opener:
-        return opener(path, "rt", encoding="utf-8", errors="strict", newline="")
-    return open(path, "rt", encoding="utf-8", errors="strict", newline="")
+        return opener(path, "rt", encoding="utf-8-sig", errors="strict", newline="")
+    return open(path, "rt", encoding="utf-8-sig", errors="strict", newline="")
 
 
 def strip_compression(path):
@@ -135,52 +331,54 @@ def read_parquet(path, args):
         parquet = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise UserError(f"{path}: not a readable parquet file ({exc})") from None
-    kind, cols = choose_layout(path, parquet.schema_arrow.names, args)
-    columns = [cols] if kind == "turns" else list(cols)
+    layout = choose_layout(path, parquet.schema_arrow.names, args)
+    columns = list(dict.fromkeys(layout.columns + ((layout.keep,) if layout.keep else ())))
     for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns):
-        if kind == "turns":
-            for value in batch.column(0).to_pylist():
-                yield turns_from_value(value, path)
-        else:
-            for question, answer in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-                yield [question, answer]
+        for row in batch.to_pylist():
+            yield row_turns(layout, row, path)
 
 
 def read_csv(path, args):
+    # A turn longer than the csv module's 128 KB default is rare but real (a
+    # pasted log); JSONL reads it, so CSV should too.
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    delimiter = "\t" if strip_compression(path).suffix.lower() == ".tsv" else ","
     with open_text(path) as handle:
-        reader = csv.DictReader(handle)
+        reader = csv.DictReader(handle, delimiter=delimiter)
         if not reader.fieldnames:
             raise UserError(f"{path}: empty CSV file (no header row)")
-        kind, cols = choose_layout(path, reader.fieldnames, args)
+        layout = choose_layout(path, reader.fieldnames, args)
         for row in reader:
-            if kind == "turns":
-                yield turns_from_value(row[cols], path)
-            else:
-                yield [row[cols[0]], row[cols[1]]]
+            yield row_turns(layout, row, path)
 
 
-def read_jsonl(path, args):
+def read_records(records, path, args):
+    """Dialogues from JSON records: lists of turns or messages, or objects."""
     layout = None
+    for number, record in records:
+        if isinstance(record, list):
+            yield turns_from_messages(record)
+            continue
+        if not isinstance(record, dict):
+            raise UserError(f"{path}: record {number} is neither an object nor a list of turns")
+        if layout is None:
+            layout = choose_layout(path, list(record), args)
+        yield row_turns(layout, record, path)
+
+
+def jsonl_records(path):
     with open_text(path) as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield number, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UserError(f"{path}: line {number} is not valid JSON ({exc.msg})") from None
-            if isinstance(record, list):
-                yield record
-                continue
-            if not isinstance(record, dict):
-                raise UserError(f"{path}: line {number} is neither an object nor a list of turns")
-            if layout is None:
-                layout = choose_layout(path, list(record), args)
-            kind, cols = layout
-            if kind == "turns":
-                yield turns_from_value(record.get(cols), path)
-            else:
-                yield [record.get(cols[0]), record.get(cols[1])]
+
+
+def read_jsonl(path, args):
+    yield from read_records(jsonl_records(path), path, args)
 
 
 def read_dash_text(path, args):
@@ -222,6 +420,8 @@ def flatten_telegram_text(text):
 
 
 def telegram_chats(export):
+    """One chat's export has a "messages" list; a whole account's export
+    ("Export Telegram data") has its chats under chats.list."""
     if isinstance(export, dict) and isinstance(export.get("messages"), list):
         yield export
     elif isinstance(export, dict) and isinstance(export.get("chats"), dict):
@@ -252,6 +452,7 @@ def dialogues_from_chat(messages, max_gap_seconds):
         if dialogue and when is not None and last_time is not None and when - last_time > max_gap_seconds:
             yield dialogue
             dialogue, sender = [], None
+        # Two people may share a display name; from_id tells them apart.
         author = message.get("from_id") or message.get("from")
         if dialogue and author == sender:
             dialogue[-1] = f"{dialogue[-1]}\n{text}"
@@ -282,46 +483,51 @@ def load_json(path):
         with open_text(path) as handle:
             return json.load(handle)
     except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # JSON lines in a file named .json
+            return None
         raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
 
 def read_json(path, args):
-    """A .json file is a Telegram export or a list of dialogue records."""
+    """A .json file is a Telegram export or a list of dialogue records (or JSON lines)."""
     data = load_json(path)
+    if data is None:
+        yield from read_jsonl(path, args)
+        return
     if isinstance(data, dict):
         yield from read_telegram(path, args, export=data)
         return
     if not isinstance(data, list):
         raise UserError(f"{path}: expected a Telegram export or a list of dialogues")
-    layout = None
-    for record in data:
-        if isinstance(record, list):
-            yield record
-        elif isinstance(record, dict):
-            if layout is None:
-                layout = choose_layout(path, list(record), args)
-            kind, cols = layout
-            yield (turns_from_value(record.get(cols), path) if kind == "turns"
-                   else [record.get(cols[0]), record.get(cols[1])])
+    yield from read_records(enumerate(data, 1), path, args)
+
+
+def reader_for_file(path):
+    kind = strip_compression(path).suffix.lower()
+    readers = {".parquet": read_parquet, ".csv": read_csv, ".tsv": read_csv, ".jsonl": read_jsonl,
+               ".ndjson": read_jsonl, ".json": read_json}
+    if kind in readers:
+        return readers[kind]
+    if kind in TEXT_SUFFIXES:
+        return read_dash_text
+    return None
 
 
 def read_hub(name, args):
     """The real path for users with the internet: fetch the data set's files."""
     try:
         from huggingface_hub import snapshot_download
-        folder = snapshot_download(repo_id=name, repo_type="dataset",
-                                   allow_patterns=["*.parquet", "*.jsonl", "*.csv"])
+        folder = snapshot_download(repo_id=name, repo_type="dataset", allow_patterns=HUB_FILES)
     except Exception as exc:  # hub errors come in many classes; all mean "not fetched"
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise UserError(
             f"{name}: the model hub is unreachable or has no such data set ({reason}); "
             "download the files elsewhere and pass a local path with --input") from None
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix in (".parquet", ".jsonl", ".csv"))
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and reader_for_file(p))
     if not files:
-        raise UserError(f"{name}: the data set has no parquet, JSONL or CSV files")
+        raise UserError(f"{name}: the data set has no parquet, JSONL, CSV or TSV files")
     for file in files:
-        reader = {".parquet": read_parquet, ".jsonl": read_jsonl, ".csv": read_csv}[file.suffix]
-        yield from reader(file, args)
+        yield from reader_for_file(file)(file, args)
 
 
 def looks_like_hub_name(text):
@@ -339,25 +545,22 @@ def pick_reader(source):
         raise UserError(f"{source}: is a folder; pass a file (for a Telegram export, its result.json)")
     if path.stat().st_size == 0:
         raise UserError(f"{source}: the file is empty")
-    kind = strip_compression(path).suffix.lower()
-    readers = {".parquet": read_parquet, ".csv": read_csv, ".jsonl": read_jsonl,
-               ".ndjson": read_jsonl, ".json": read_json}
-    if kind in readers:
-        return readers[kind], path
-    if kind in TEXT_SUFFIXES:
-        return read_dash_text, path
-    raise UserError(f"{source}: unknown file type '{kind or path.name}' "
-                    "(expected .parquet, .csv, .jsonl, .json or .txt)")
+    reader = reader_for_file(path)
+    if reader is None:
+        kind = strip_compression(path).suffix.lower()
+        raise UserError(f"{source}: unknown file type '{kind or path.name}' "
+                        "(expected .parquet, .csv, .tsv, .jsonl, .json or .txt)")
+    return reader, path
 
 
 # ---------------------------------------------------------------- writing
 def write_dialogues(dialogues, output, source_name, limit=None, min_turns=MIN_TURNS):
     """Stream dialogues into a parquet file through a temporary name.
-    Returns (written, skipped_short)."""
+    Returns (written, skipped_short, skipped_by_the_data_set)."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    written = skipped = 0
+    written = skipped = negatives = 0
     buffer = []
     writer = pq.ParquetWriter(tmp, SCHEMA)
 
@@ -371,6 +574,9 @@ def write_dialogues(dialogues, output, source_name, limit=None, min_turns=MIN_TU
 
     try:
         for turns in dialogues:
+            if turns is SKIPPED:
+                negatives += 1
+                continue
             turns = clean_turns(turns)
             if len(turns) < min_turns:
                 skipped += 1
@@ -390,7 +596,7 @@ def write_dialogues(dialogues, output, source_name, limit=None, min_turns=MIN_TU
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
-    return written, skipped
+    return written, skipped, negatives
 
 
 def parse_args(argv):
@@ -408,9 +614,14 @@ def parse_args(argv):
     parser.add_argument("--turns-column", help="name of the list-of-turns column")
     parser.add_argument("--question-column", help="name of the question column")
     parser.add_argument("--answer-column", help="name of the answer column")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="read the columns as this public data set lays them out "
+                             "(a hub name of one of them picks it by itself)")
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be positive")
+    if args.preset is None:
+        args.preset = HUB_PRESETS.get(args.input.strip().lower())
     return args
 
 
@@ -419,8 +630,8 @@ def main(argv=None):
     try:
         reader, source = pick_reader(args.input)
         source_name = Path(str(source)).name if reader is not read_hub else str(source)
-        written, skipped = write_dialogues(reader(source, args), args.output, source_name,
-                                           limit=args.limit, min_turns=args.min_turns)
+        written, skipped, negatives = write_dialogues(reader(source, args), args.output, source_name,
+                                                      limit=args.limit, min_turns=args.min_turns)
     except UserError as exc:
         print(f"parser_dataset.py: error: {exc}", file=sys.stderr)
         return 1
@@ -432,7 +643,8 @@ def main(argv=None):
         print(f"parser_dataset.py: error: {args.input}: cannot read ({exc})", file=sys.stderr)
         return 1
     print(f"wrote {written} dialogues to {args.output} "
-          f"({skipped} skipped with fewer than {args.min_turns} turns)")
+          f"({skipped} skipped with fewer than {args.min_turns} turns"
+          + (f", {negatives} rows skipped whose relevance is not 1" if negatives else "") + ")")
     return 0
 
 

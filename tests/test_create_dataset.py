@@ -139,6 +139,11 @@ def test_bad_input_leaves_previous_files(tmp_path, capsys):
     assert cd.main(["--input", str(wrong), "--output", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "wrong.parquet" in err[0] and "missing column" in err[0]
+    strings = tmp_path / "strings.parquet"
+    pq.write_table(pa.table({"sample": ["Привет\nПока"], "dialogue_id": pa.array([0], pa.int64())}), strings)
+    assert cd.main(["--input", str(strings), "--output", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "strings.parquet" in err[0] and "'sample'" in err[0] and "list" in err[0]
     empty = tmp_path / "empty.parquet"
     empty.write_bytes(b"")
     assert cd.main(["--input", str(empty), "--output", str(tmp_path)]) == 1

@@ -121,3 +121,159 @@ def test_real_corpus_text_and_parquet_give_the_same_dialogues(tmp_path, shared_d
     assert run(["--input", shared_data / "anekdot_dialogues.txt.xz", "--output", a, "--limit", 3000]) == 0
     assert run(["--input", shared_data / "anekdot_dialogues.parquet", "--output", b, "--limit", 3000]) == 0
     assert read(a)["sample"] == read(b)["sample"]
+
+
+def test_telegram_account_export_reads_every_chat_and_tells_namesakes_apart(tmp_path, repo_root):
+    """A whole account's export keeps its chats under chats.list; two people
+    both called Саша are two speakers because their from_id differs."""
+    out = tmp_path / "d.parquet"
+    src = repo_root / "tests" / "fixtures" / "telegram_account_export.json"
+    assert run(["--input", src, "--output", out]) == 0
+    assert read(out)["sample"] == [
+        ["Ты дома?", "Дома, заходи.", "Бегу!"],
+        ["Кто едет в субботу?", "Я, с рассадой", "Отлично, тогда я возьму лопаты."],
+    ]
+
+
+BOM = "\ufeff"
+
+
+@pytest.mark.parametrize("name, text", [
+    ("bom.csv", BOM + 'question,answer\nКак дела?,"Хорошо, спасибо"\n'),
+    ("bom.jsonl", BOM + json.dumps({"sample": ["Как дела?", "Хорошо, спасибо"]}, ensure_ascii=False) + "\n"),
+    ("bom.txt", BOM + "- Как дела?\n- Хорошо, спасибо\n"),
+    ("bom.json", BOM + json.dumps([{"sample": ["Как дела?", "Хорошо, спасибо"]}], ensure_ascii=False)),
+])
+def test_byte_order_mark_is_not_text(tmp_path, name, text):
+    src = tmp_path / name
+    src.write_text(text, encoding="utf-8")
+    out = tmp_path / "d.parquet"
+    assert run(["--input", src, "--output", out]) == 0
+    assert read(out)["sample"] == [["Как дела?", "Хорошо, спасибо"]]
+
+
+def test_messages_column_of_role_and_content(tmp_path):
+    """Chat-format data: a system message is not a turn, consecutive messages
+    of one side make one turn, content may be a list of parts."""
+    conversations = [
+        [{"role": "system", "content": "Ты вежливый помощник."},
+         {"role": "user", "content": "Привет!"},
+         {"role": "user", "content": "Подскажи рецепт блинов."},
+         {"role": "assistant", "content": [{"type": "text", "text": "Мука, молоко, яйца "},
+                                           {"type": "text", "text": "и щепотка соли."}]},
+         {"role": "tool", "content": "{}"},
+         {"role": "user", "content": "Спасибо"}],
+        [{"from": "human", "value": "Который час?"}, {"from": "gpt", "value": "Около пяти."}],
+    ]
+    expected = [["Привет!\nПодскажи рецепт блинов.", "Мука, молоко, яйца и щепотка соли.", "Спасибо"],
+                ["Который час?", "Около пяти."]]
+    jsonl = tmp_path / "chat.jsonl"
+    jsonl.write_text("".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in conversations),
+                     encoding="utf-8")
+    csv_file = tmp_path / "chat.csv"
+    with open(csv_file, "w", encoding="utf-8", newline="") as handle:
+        writer = __import__("csv").writer(handle)
+        writer.writerow(["messages"])
+        for m in conversations:
+            writer.writerow([json.dumps(m, ensure_ascii=False)])
+    parquet = tmp_path / "chat.parquet"
+    pq.write_table(pa.table({"messages": [[{"role": "system", "content": "Будь краток."},
+                                           {"role": "user", "content": "Который час?"},
+                                           {"role": "assistant", "content": "Около пяти."}]]}), parquet)
+    for src, want in ((jsonl, expected), (csv_file, expected), (parquet, [["Который час?", "Около пяти."]])):
+        out = tmp_path / f"{src.suffix[1:]}.parquet"
+        assert run(["--input", src, "--output", out]) == 0
+        assert read(out)["sample"] == want, src.name
+
+
+def test_csv_turn_over_128_kb(tmp_path):
+    long_turn = "очень длинная реплика " * 8000  # about 180 KB
+    src = tmp_path / "long.csv"
+    with open(src, "w", encoding="utf-8", newline="") as handle:
+        writer = __import__("csv").writer(handle)
+        writer.writerow(["question", "answer"])
+        writer.writerow(["Что там в логе?", long_turn])
+    out = tmp_path / "d.parquet"
+    assert run(["--input", src, "--output", out]) == 0
+    assert read(out)["sample"] == [["Что там в логе?", long_turn.strip()]]
+
+
+def test_sample_column_of_strings_is_split_when_known_and_refused_otherwise(tmp_path, capsys):
+    known = tmp_path / "dash.csv"
+    known.write_text('sample\n"- Привет\n- Привет, как ты?\n- Нормально"\n', encoding="utf-8")
+    out = tmp_path / "d.parquet"
+    assert run(["--input", known, "--output", out]) == 0
+    assert read(out)["sample"] == [["Привет", "Привет, как ты?", "Нормально"]]
+    for name, write in (
+            ("plain.parquet", lambda p: pq.write_table(pa.table({"sample": ["Привет, как ты? Нормально"]}), p)),
+            ("plain.jsonl", lambda p: p.write_text(json.dumps({"sample": "Привет, как ты?"}, ensure_ascii=False),
+                                                   encoding="utf-8"))):
+        src = tmp_path / name
+        write(src)
+        out.write_bytes(b"previous result")
+        assert run(["--input", src, "--output", out]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and name in err[0] and "column 'sample' holds text" in err[0]
+        assert out.read_bytes() == b"previous result"
+
+
+def test_russian_dialogues_keeps_relevance_1_only(tmp_path, repo_root, capsys):
+    out = tmp_path / "d.parquet"
+    src = repo_root / "tests" / "fixtures" / "russian_dialogues.jsonl"
+    assert run(["--input", src, "--output", out]) == 0
+    assert read(out)["sample"] == [
+        ["Привет, ты тут?", "Тут, что случилось?"],
+        ["Во сколько завтра собираемся?", "Давай к семи у входа в парк."],
+        ["Посоветуй, что почитать в дороге", "Возьми рассказы Чехова, они короткие."],
+    ]
+    assert "2 rows skipped whose relevance is not 1" in capsys.readouterr().out
+    # the preset says the same of a copy whose relevance column is text (CSV)
+    copy = tmp_path / "copy.csv"
+    rows = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines()]
+    copy.write_text("question,answer,relevance\n" + "".join(
+        f'"{r["question"]}","{r["answer"]}",{r["relevance"]}\n' for r in rows), encoding="utf-8")
+    assert run(["--input", copy, "--output", out, "--preset", "russian_dialogues"]) == 0
+    assert len(read(out)["sample"]) == 3
+
+
+def test_russian_dialogues_2_sample_lists(tmp_path, repo_root):
+    out = tmp_path / "d.parquet"
+    assert run(["--input", repo_root / "tests" / "fixtures" / "russian_dialogues_2.jsonl", "--output", out]) == 0
+    assert read(out)["sample"] == [["Доброе утро!", "Доброе. Ты уже встал?", "Давно, уже кофе пью."],
+                                   ["Скинь адрес, пожалуйста", "Садовая, двенадцать, третий подъезд"]]
+
+
+def test_siberian_persona_chat_turns_without_the_persona(tmp_path, repo_root):
+    out = tmp_path / "d.parquet"
+    assert run(["--input", repo_root / "tests" / "fixtures" / "siberian_persona_chat.json", "--output", out]) == 0
+    assert read(out)["sample"] == [
+        ["Привет! Чем занимаешься?", "Привет, только что с работы, лечила котёнка.",
+         "Ого, а что с ним было?", "Лапу поранил, но уже всё хорошо."],
+        ["Добрый вечер\nВы сегодня на каком маршруте?", "Добрый! На сорок втором, как обычно."],
+        ["Как думаешь, пойдёт завтра снег?", "Обещали, так что бери шарф."],
+    ]
+    # the second version labels the turns "Ты:" / "Я:" and has no "Продолжи диалог:"
+    assert run(["--input", repo_root / "tests" / "fixtures" / "siberian_persona_chat_2.jsonl",
+                "--output", out, "--preset", "siberian_persona_chat"]) == 0
+    assert read(out)["sample"] == [["Здравствуй, Миша!", "Привет! Рад тебя слышать.",
+                                    "Сыграешь что-нибудь вечером?", "Конечно, только струну поменяю."]]
+
+
+def test_toloka_persona_chat_tsv(tmp_path, repo_root):
+    out = tmp_path / "d.parquet"
+    assert run(["--input", repo_root / "tests" / "fixtures" / "toloka_dialogues.tsv", "--output", out]) == 0
+    assert read(out)["sample"] == [
+        ["Привет! Как настроение?", "Привет, отличное!\nТолько вернулась с пары по выпечке.",
+         "Здорово, а что пекли?", 'Пирог "Зебра", получился кривой, но вкусный.'],
+        ["Добрый вечер.", "Добрый! Откуда вы?"],
+    ]
+
+
+def test_preset_names_the_columns_it_misses(tmp_path, capsys):
+    src = tmp_path / "qa.csv"
+    src.write_text("question,answer\nКак дела?,Хорошо\n", encoding="utf-8")
+    assert run(["--input", src, "--output", tmp_path / "d.parquet", "--preset", "russian_dialogues"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "qa.csv" in err[0] and "relevance" in err[0]
+    assert pd_stage.parse_args(["--input", "Den4ikAI/russian_dialogues"]).preset == "russian_dialogues"
+    assert pd_stage.parse_args(["--input", "SiberiaSoft/SiberianPersonaChat"]).preset == "siberian_persona_chat"

@@ -180,7 +180,8 @@ def run_cells_typing(folder, sources, lines, timeout=CELL_TIMEOUT):
     """Run cells in one fresh kernel, a person typing `lines` one by one into their input() calls.
 
     nbclient offers no stdin, so this talks to the kernel through jupyter_client: the input requests
-    come on its stdin channel. Returns (each cell's outputs as nbformat-like dicts, the prompts input()
+    come on its stdin channel. A source given as (text, False) runs as where nobody can type
+    (nbconvert, papermill). Returns (each cell's outputs as nbformat-like dicts, the prompts input()
     showed). If the cells ask for more lines than given, the kernel is interrupted (input() raises
     KeyboardInterrupt), so a loop that does not stop shows as an extra prompt instead of a hung test.
     """
@@ -208,8 +209,9 @@ def run_cells_typing(folder, sources, lines, timeout=CELL_TIMEOUT):
 
     try:
         for source in sources:
+            text, allow_stdin = source if isinstance(source, tuple) else (source, True)
             cells.append([])
-            kc.execute_interactive(source, allow_stdin=True, stdin_hook=on_input, output_hook=on_output,
+            kc.execute_interactive(text, allow_stdin=allow_stdin, stdin_hook=on_input, output_hook=on_output,
                                    timeout=timeout)
     finally:
         kc.stop_channels()
@@ -482,11 +484,12 @@ def test_system_prompt_chat_in_a_cell(folder):
     produce(folder, script)
     settings = {"DEFAULT_MODEL": "rugpt3_medium_CLEAN_model", "DEFAULT_DEVICE": "cpu", "MAX_NEW_TOKENS": 8,
                 "THREADS": 1}
-    (before, bad, outputs, after), prompts = run_cells_typing(
-        folder, [PROBE, cell(script, **{**settings, "DEFAULT_MODEL": "no_such_model"}), cell(script, **settings),
-                 PROBE],
+    (before, bad, nobody, outputs, after), prompts = run_cells_typing(
+        folder, [PROBE, cell(script, **{**settings, "DEFAULT_MODEL": "no_such_model"}),
+                 (cell(script, **settings), False), cell(script, **settings), PROBE],
         ["Привет! Меня зовут Илья.", "/reset", "Как дела?", "выход"])
     assert_user_error(bad, script, "no_such_model")
+    assert_user_error(nobody, script, "cannot ask for input", "CHAT_SCRIPT")
     assert_no_exception(outputs)
     assert len(prompts) == 4, prompts  # one input() a line, none after «выход»
     said = [line for line in stream(outputs, "stdout").splitlines() if line.startswith("Бот: ")]

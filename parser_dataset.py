@@ -68,6 +68,7 @@ TEXT_SUFFIXES = (".txt", ".text")
 COMPRESSED = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}
 CSV_FIELD_LIMIT = 2**31 - 1    # the csv module stops at 128 KB a field, JSONL has no limit
 HUB_FILES = ["*.parquet", "*.jsonl", "*.jsonl.gz", "*.json.gz", "*.csv", "*.tsv"]
+PRESET = None                  # a public data set's layout (PRESETS below); None: by the columns
 
 # Chat messages: who speaks in a turn. A system message sets the bot up; it is not a turn.
 USER_ROLES = {"user", "human", "prompter"}
@@ -614,7 +615,7 @@ def parse_args(argv):
     parser.add_argument("--turns-column", help="name of the list-of-turns column")
     parser.add_argument("--question-column", help="name of the question column")
     parser.add_argument("--answer-column", help="name of the answer column")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=PRESET,
                         help="read the columns as this public data set lays them out "
                              "(a hub name of one of them picks it by itself)")
     args = parser.parse_args(argv)

@@ -1442,7 +1442,10 @@ def remove_webhook(bot):
         # Only the host: the rest of a webhook address is often a secret of its own.
         log.warning("a webhook was set (to %s), which keeps getUpdates from working: removing it (deleteWebhook)",
                     urlsplit(info.url).hostname or "an address")
-        call_with_retry(lambda: bot.delete_webhook(drop_pending_updates=False))
+        try:
+            call_with_retry(lambda: bot.delete_webhook(drop_pending_updates=False))
+        except Exception as error:  # getUpdates will answer 409 and bring us back here
+            log.error("cannot remove the webhook: %s", error)
 
 
 def poll(bot, take_updates, stopping, poll_seconds, offset=None):

@@ -7,8 +7,10 @@ deleteWebhook, plus a plain "ok" for anything else), hands out the updates a tes
 queues (with the entities Telegram would mark: mentions, commands, emails), and
 records what the bot sent. A test can make the next call of a method fail (a 429
 with retry_after, a 5xx, a dropped connection, a 400), possibly for one chat
-only, or slow; throttle a chat (every send to it 429 for a while); leave a
-webhook set; have another copy "poll" (409); or revoke the token (401).
+only, or slow; throttle a chat (every send to it 429 for a while), or answer
+with a 429 every send that comes sooner than chat_send_interval after the last
+one to that chat, as Telegram does with bursts; leave a webhook set; have another
+copy "poll" (409); or revoke the token (401).
 
     with FakeBotApi(token) as api:
         start the bot with --api-url api.url
@@ -71,6 +73,8 @@ class FakeBotApi:
         self.delays = {}              # method -> [seconds] for its next calls
         self.arrivals = []            # (method, chat id, time) as a request comes in, before any delay
         self.throttled = {}           # chat id -> until when every sendMessage to it gets a 429
+        self.chat_send_interval = 0.0  # > 0: a send to a chat sooner than this after the last one gets a 429
+        self.last_send = {}           # chat id -> time of its last sendMessage answered with success
         self.admins = {}              # chat id -> user ids that getChatMember calls administrators
         self.webhook_url = ""         # set: getUpdates answers 409, as Telegram does
         self.conflict = False         # True: getUpdates answers 409 as when another copy polls
@@ -257,6 +261,10 @@ class FakeBotApi:
     def _failure(self, method, chat_id):
         """The failure queued for this call, if any (called under the lock)."""
         now = time.monotonic()
+        if method == "sendMessage" and self.chat_send_interval and chat_id in self.last_send:
+            # Telegram's advice is at most one message a second in a chat; it answers bursts with 429.
+            self.throttled[chat_id] = max(self.throttled.get(chat_id, 0),
+                                          self.last_send[chat_id] + self.chat_send_interval)
         if method == "sendMessage" and self.throttled.get(chat_id, 0) > now:
             wait = math.ceil(self.throttled[chat_id] - now)
             return 429, {"ok": False, "error_code": 429, "description": f"Too Many Requests: retry after {wait}",
@@ -347,6 +355,7 @@ class FakeBotApi:
                            "reply_to": reply.get("message_id"), "time": time.monotonic()}
                 self.next_message_id += 1
                 self.sent.append(message)
+                self.last_send[chat_id] = message["time"]
                 chat = self.chats.get(chat_id, {"id": chat_id, "type": "private", "first_name": "user"})
             return {"message_id": message["message_id"], "date": int(time.time()), "chat": chat,
                     "from": BOT_USER, "text": message["text"]}
@@ -357,8 +366,9 @@ class LiveBot:
     """tg_bot.py as a subprocess against a FakeBotApi, started with `args` after
     --api-url; every run's output goes to its own log file in workdir."""
 
-    def __init__(self, api, token, workdir, args):
+    def __init__(self, api, token, workdir, args, script=None):
         self.api, self.token, self.workdir, self.args = api, token, Path(workdir), list(args)
+        self.script = Path(script or REPO / "tg_bot.py")  # another copy, e.g. an older version, for a benchmark
         self.logs, self.process, self.exit_codes = [], None, []
 
     def start(self, timeout=120, wait=True, env=None):
@@ -368,7 +378,7 @@ class LiveBot:
         environ = dict(os.environ, TELEGRAM_BOT_TOKEN=self.token, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         environ.pop("TELEGRAM_API_URL", None)
         environ.update(env or {})
-        command = [sys.executable, str(REPO / "tg_bot.py"), "--api-url", self.api.url] + self.args
+        command = [sys.executable, str(self.script), "--api-url", self.api.url] + self.args
         with open(log_path, "w", encoding="utf-8") as log:
             self.process = subprocess.Popen(command, env=environ, stdout=log, stderr=subprocess.STDOUT,
                                             cwd=self.workdir)

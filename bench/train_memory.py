@@ -1,0 +1,319 @@
+"""Peak memory of one training step: full fine-tune against LoRA against gradient checkpointing.
+
+A GPT-2 of ruGPT-3 medium's shape (24 layers, 1024 wide, 16 heads, vocabulary
+50,257, 2,048 positions; 356M parameters) is built from a config with random
+weights, since the weights cannot be downloaded here, and trained for one
+optimizer step (forward, backward, AdamW step) through transformers' Trainer on
+the CPU in fp32. Each variant runs in a process of its own and reports the peak
+of its own resident memory (VmHWM of /proc/self/status, which a child process
+does not inherit); the table gives each peak as a ratio to the full fine-tune of
+the same run, beside the bytes per parameter the arithmetic predicts for the
+weights, gradients and AdamW state:
+
+    full         every weight trains: 4 (weight) + 4 (gradient) + 8 (AdamW m, v) = 16 B/param
+    lora         weights frozen at 4 B/param; only the adapters (16*r*d a layer) carry
+                 gradient and AdamW state, 16 B each
+    ckpt, lora+ckpt   the same state; activations kept only at block inputs and
+                 recomputed in the backward pass
+
+Optional variants (--variants): full-8bit (AdamW with 8-bit state, bitsandbytes,
+4+4+2 = 10 B/param; skipped where bitsandbytes is not installed) and lora-bf16
+(the frozen weights stored in bf16, 2 B/param, as on a GPU).
+
+Run it (a few minutes and about 8 GB of memory at the defaults on 2 cores):
+    python bench/train_memory.py
+    python bench/train_memory.py --seq-len 256 --batch-size 4            # more activations
+    python bench/train_memory.py --n-layer 4 --n-embd 256 --n-head 4     # a quick check
+    python bench/train_memory.py --variants full,lora,ckpt,lora+ckpt,full-8bit,lora-bf16
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# ----------------------------------------------------------------------------
+# defaults: ruGPT-3 medium's shape
+N_LAYER, N_EMBD, N_HEAD = 24, 1024, 16
+VOCAB_SIZE = 50257
+N_POSITIONS = 2048
+SEQ_LEN = 128               # tokens an example; small so that a step takes seconds on 2 cores
+BATCH_SIZE = 2
+LORA_R, LORA_ALPHA = 16, 32
+LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]   # c_proj: the attention output and the MLP output
+VARIANTS = "full,lora,ckpt,lora+ckpt"
+ALL_VARIANTS = ("full", "lora", "ckpt", "lora+ckpt", "full-8bit", "lora-bf16")
+THREADS = 2
+SEED = 0
+GIB = 1024 ** 3
+
+
+def vm_kib(field):
+    """A memory figure of this process from /proc/self/status, in KiB."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+# ----------------------------------------------------------------------------
+# one variant, in a child process
+#
+# The setup below is local until the trainers have --lora and --gradient-checkpointing.
+# Then build_variant() becomes: args = tt.parse_args([...the flags of the variant...]);
+# model = tt.apply_lora(...) where the trainers do it; targs = tt.training_arguments(args,
+# "cpu", lr), so that the bench measures exactly the trainers' path (see the notes of
+# issue 15 for the names).
+
+def checkpointing_arguments(enabled):
+    """TrainingArguments keywords for activation checkpointing (transformers 5 renamed gradient_*)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    if not enabled:
+        return {}
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {key: True, f"{key}_kwargs": {"use_reentrant": False}}
+
+
+def build_model(args, dtype):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=args.vocab_size, n_positions=args.n_positions, n_embd=args.n_embd,
+                        n_layer=args.n_layer, n_head=args.n_head)
+    torch.manual_seed(args.seed)
+    model = GPT2LMHeadModel(config)
+    return model.to(dtype) if dtype != torch.float32 else model
+
+
+def apply_lora(model, args):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=args.lora_r, lora_alpha=args.lora_alpha,
+                        lora_dropout=0.0, target_modules=LORA_TARGETS, fan_in_fan_out=True, bias="none")
+    return get_peft_model(model, config)
+
+
+def build_variant(variant, args, output_dir):
+    """(model, TrainingArguments) for one variant."""
+    import torch
+    from transformers import TrainingArguments
+
+    lora = variant.startswith("lora")
+    model = build_model(args, torch.bfloat16 if variant == "lora-bf16" else torch.float32)
+    if lora:
+        model = apply_lora(model, args)     # peft keeps the adapters in fp32 over a bf16 base
+    extra = {"optim": "adamw_bnb_8bit"} if variant == "full-8bit" else {}
+    targs = TrainingArguments(output_dir=output_dir, use_cpu=True, max_steps=1,
+                              per_device_train_batch_size=args.batch_size, learning_rate=1e-4,
+                              weight_decay=0.01, eval_strategy="no", save_strategy="no", logging_steps=1,
+                              report_to="none", disable_tqdm=True, seed=args.seed, remove_unused_columns=False,
+                              dataloader_num_workers=0, **checkpointing_arguments(variant.endswith("ckpt")),
+                              **extra)
+    return model, targs
+
+
+def random_examples(args):
+    import torch
+
+    generator = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len), generator=generator).tolist()
+    return [{"input_ids": row, "attention_mask": [1] * len(row), "labels": row} for row in ids]
+
+
+def tensor_bytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def optimizer_state_bytes(optimizer):
+    import torch
+
+    inner = getattr(optimizer, "optimizer", optimizer)       # accelerate wraps it
+    return tensor_bytes(v for state in inner.state.values() for v in state.values() if torch.is_tensor(v))
+
+
+def optimizer_name(optimizer):
+    cls = type(getattr(optimizer, "optimizer", optimizer))
+    return f"{cls.__module__.split('.')[0]}.{cls.__name__}"
+
+
+def run_child(variant, args):
+    import tempfile
+
+    import torch
+    from transformers import Trainer, default_data_collator
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    if variant.startswith("lora"):
+        import peft  # noqa: F401  (its import belongs to the baseline, not to the step)
+    baseline_kib = vm_kib("VmRSS")
+    with tempfile.TemporaryDirectory() as tmp:
+        model, targs = build_variant(variant, args, tmp)
+        params = list(model.parameters())
+        trainable = [p for p in params if p.requires_grad]
+        built_kib = vm_kib("VmRSS")
+        trainer = Trainer(model=model, args=targs, train_dataset=random_examples(args),
+                          data_collator=default_data_collator)
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+        embeddings = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+        result = {
+            "variant": variant, "params": sum(p.numel() for p in params),
+            "embedding_params": sum(p.numel() for p in embeddings),
+            "trainable": sum(p.numel() for p in trainable),
+            "weight_bytes": tensor_bytes(params), "grad_bytes": tensor_bytes(trainable),
+            "optimizer_bytes": optimizer_state_bytes(trainer.optimizer),
+            "optimizer": optimizer_name(trainer.optimizer),
+            "loss": trainer.state.log_history[-1].get("train_loss"), "seconds": seconds,
+            "baseline_kib": baseline_kib, "built_kib": built_kib, "peak_kib": vm_kib("VmHWM"),
+        }
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------
+# the parent: one child a variant, then the table
+
+def size_flags(args):
+    return ["--n-layer", str(args.n_layer), "--n-embd", str(args.n_embd), "--n-head", str(args.n_head),
+            "--vocab-size", str(args.vocab_size), "--n-positions", str(args.n_positions),
+            "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--lora-r", str(args.lora_r),
+            "--lora-alpha", str(args.lora_alpha), "--threads", str(args.threads), "--seed", str(args.seed)]
+
+
+def run_variant(variant, args):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", variant, *size_flags(args)],
+                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"variant": variant, "error": tail}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def bitsandbytes_missing():
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is None
+
+
+def predicted_state(result):
+    """Weights + gradients + AdamW state in bytes, from the arithmetic (not from the tensors)."""
+    n, t = result["params"], result["trainable"]
+    if result["variant"] == "full-8bit":
+        # two 1-byte states a parameter, but the Trainer keeps the embeddings' state in 32 bits
+        embeddings = result["embedding_params"]
+        return n * (4 + 4) + (n - embeddings) * 2 + embeddings * 8
+    if result["variant"].startswith("lora"):
+        weight = 2 if result["variant"] == "lora-bf16" else 4
+        return n * weight + t * (4 + 4 + 8)
+    return n * (4 + 4 + 8)
+
+
+def arithmetic_text(result):
+    variant = result["variant"]
+    if variant == "lora-bf16":
+        return "2 B/param frozen (bf16) + 16 B/trainable"
+    if variant.startswith("lora"):
+        return "4 B/param frozen + 16 B/trainable"
+    if variant == "full-8bit":
+        return "4 + 4 + 2 = 10 B/param (embeddings 16)"
+    return "4 + 4 + 8 = 16 B/param"
+
+
+def print_table(results, args):
+    ok = [r for r in results if "error" not in r]
+    full = next((r for r in ok if r["variant"] == "full"), None)
+    print(f"\nGPT-2 {args.n_layer} layers x {args.n_embd} wide, {args.n_head} heads, vocabulary {args.vocab_size}, "
+          f"{args.n_positions} positions; one step of {args.batch_size} x {args.seq_len} tokens, CPU, "
+          f"{args.threads} threads; LoRA r={args.lora_r} on {', '.join(LORA_TARGETS)}")
+    header = (f"{'variant':10} {'trainable':>13} {'arithmetic (weights+grads+AdamW)':41} {'state GiB':>9} "
+              f"{'tensors GiB':>11} {'peak GiB':>8} {'step GiB':>8} {'peak/full':>9} {'step/full':>9} {'s':>6}")
+    print(header)
+    for r in results:
+        if "error" in r:
+            print(f"{r['variant']:10} failed: {r['error']}")
+            continue
+        peak = r["peak_kib"] * 1024
+        above = (r["peak_kib"] - r["baseline_kib"]) * 1024         # over the process after its imports
+        measured_state = r["weight_bytes"] + r["grad_bytes"] + r["optimizer_bytes"]
+        ratio = f"{peak / (full['peak_kib'] * 1024):.2f}" if full else "-"
+        ratio_above = f"{above / ((full['peak_kib'] - full['baseline_kib']) * 1024):.2f}" if full else "-"
+        print(f"{r['variant']:10} {r['trainable']:>13,} {arithmetic_text(r):41} "
+              f"{predicted_state(r) / GIB:>9.2f} {measured_state / GIB:>11.2f} {peak / GIB:>8.2f} {above / GIB:>8.2f} "
+              f"{ratio:>9} {ratio_above:>9} {r['seconds']:>6.1f}")
+    if ok:
+        optimizers = ", ".join(sorted({r["optimizer"] for r in ok}))
+        print(f"\nstate GiB: weights + gradients + AdamW state from the bytes-per-parameter arithmetic; tensors GiB: "
+              f"the same summed from the tensors after the step (optimizers: {optimizers}); peak GiB: "
+              f"VmHWM of the variant's process; step GiB: that peak less the process after its imports "
+              f"({ok[0]['baseline_kib'] / 1024 ** 2:.2f} GiB), i.e. the model, the step and the Trainer.")
+    for r in ok:
+        activations = (r["peak_kib"] - r["baseline_kib"]) * 1024 - (r["weight_bytes"] + r["grad_bytes"]
+                                                                      + r["optimizer_bytes"])
+        print(f"  {r['variant']:10} step GiB less the state tensors (activations, temporaries): "
+              f"{activations / GIB:6.2f}; loss {r['loss']:.3f}")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-layer", type=int, default=N_LAYER)
+    parser.add_argument("--n-embd", type=int, default=N_EMBD)
+    parser.add_argument("--n-head", type=int, default=N_HEAD)
+    parser.add_argument("--vocab-size", type=int, default=VOCAB_SIZE)
+    parser.add_argument("--n-positions", type=int, default=N_POSITIONS)
+    parser.add_argument("--seq-len", type=int, default=SEQ_LEN)
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    parser.add_argument("--lora-r", type=int, default=LORA_R)
+    parser.add_argument("--lora-alpha", type=int, default=LORA_ALPHA)
+    parser.add_argument("--variants", default=VARIANTS,
+                        help=f"comma-separated, of {', '.join(ALL_VARIANTS)} (default %(default)s)")
+    parser.add_argument("--threads", type=int, default=THREADS, help="torch CPU threads (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in ALL_VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(ALL_VARIANTS)})")
+    if args.n_embd % args.n_head:
+        parser.error(f"--n-embd {args.n_embd} must be a multiple of --n-head {args.n_head}")
+    args.variant_list = variants
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.child:
+        run_child(args.child, args)
+        return 0
+    if not os.path.exists("/proc/self/status"):
+        print("skipped: peak memory is read from /proc/self/status, which this system lacks")
+        return 0
+    results = []
+    for variant in args.variant_list:
+        if variant == "full-8bit" and bitsandbytes_missing():
+            print(f"  {variant}: skipped, bitsandbytes is not installed (pip install bitsandbytes)", flush=True)
+            continue
+        result = run_variant(variant, args)
+        results.append(result)
+        state = "failed" if "error" in result else \
+            f"peak {result['peak_kib'] / 1024 ** 2:.2f} GiB, step {result['seconds']:.1f} s"
+        print(f"  {variant}: {state}", flush=True)
+    print_table(results, args)
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

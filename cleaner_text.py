@@ -117,14 +117,17 @@ SPEAKER_DASH = re.compile(r"^[А-ЯЁA-Z][\w-]*(?:\s[А-ЯЁA-Z][\w-]*)?:\s*[-�
 # Two speakers' lines in one turn: "Есть. - А черная?". The split needs the
 # end of a sentence, a dash, a space and no lowercase word after the dash, and
 # the turn must have no author's words, where the dash does not change the
-# speaker: "- Иди сюда, - сказал он.", "Нет! - Отвечает девушка", "Да срал я
-# на ваши законы! - Сбрасывается с моста." A word that looks like a verb in
-# the third person or the past after a dash marks them ("- Бывает." then
-# stays merged too: a lost split, not a wrong one).
+# speaker: "- Иди сюда, - сказал он.", "Нет! - Отвечает девушка", "Черт! - Муж
+# начинает нервничать. - Люб, ну ладно", "Ни слова больше! - *звонит*". A word
+# that looks like a verb in the third person or the past, first or second after
+# a dash, marks them ("- Бывает." then stays merged too: a lost split, not a
+# wrong one), and so does an action in asterisks.
 MERGED_TURNS = re.compile(r"(?<=[.!?…])\s*[-–—]\s+(?=[^\s\-–—a-zа-яё])")
 AUTHOR_WORDS = re.compile(
     r"[,.!?…]\s*[-–—]\s*[a-zа-яё]"
-    r"|[-–—]\s*[А-ЯЁа-яё]+(?:[аяуе]ет|ит|[аяеи]тся|[уюая]тся|[аяие]л|[аяие]ла)\b(?!\s*[?!])")
+    r"|(?<!\w)[-–—]\s*[.…]*\s*(?:[А-ЯЁа-яё]+\s+)?[А-ЯЁа-яё]+"
+    r"(?:[аяуе]ет|ит|[аяеи]тся|[уюая]тся|[аяие]л|[аяие]ла|[аяие]ло)\b(?!\s*[?!])"
+    r"|(?<!\w)[-–—]\s*\*")
 
 # Runs of one mark: three keep the emphasis a person meant ("а как же я???!!!"),
 # more is noise.

@@ -38,8 +38,8 @@ import parser_dataset  # noqa: E402
 CORPUS = ROOT.parent / "shared" / "data" / "anekdot_dialogues.parquet"
 JUDGMENTS = ROOT / "bench" / "clean_judgments.tsv"
 SAMPLE = ROOT / "bench" / "results" / "clean_sample.tsv"
-PER_RULE = 100
-SEED = 2016
+PER_RULE = 200
+SEED = 3016
 TARGET = 0.98
 FIELDS = ["rule", "key", "verdict", "before", "after", "note"]
 

@@ -101,6 +101,8 @@ def test_rule_repairs_dirty_turn(dirty, expected):
     "Нет! - Отвечает девушка, целуя его в ушко.",
     "Да срал я на ваши законы! - Сбрасывается с моста.",
     "Бегал. - ...",
+    "Черт! - Муж начинает нервничать. - Люб, ну ладно тебе...",
+    "Ни слова больше! - *звонит по телефону* - Зая, я нашёл тамаду!",
     "Топ, топ . . и заблудился.",
     # a label that is the answer, a remark opened by a word and a colon
     "Минусы: 5",
@@ -125,6 +127,8 @@ def test_two_speakers_in_one_turn_become_two_turns():
     assert report.turns_changed["merged_turns"] == 1 and report.counts["turns_added"] == 1
     assert clean_turns("Три! - Нет! - Три!") == ["Три!", "Нет!", "Три!"]
     assert clean_turns("Сколько стоит?- 700 рублей.") == ["Сколько стоит?", "700 рублей."]
+    # a hyphen inside a word is no dash of author's words
+    assert clean_turns("Наконец-то наступил новый год! - ?") == ["Наконец-то наступил новый год!", "?"]
     # the bewildered reply of marks only is a turn of its own, shortened to three
     assert clean_turns("Спать!!!!! - ??????") == ["Спать!!!", "???"]
 

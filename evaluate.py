@@ -1017,8 +1017,8 @@ def parse_args(argv):
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="batch of the perplexity scoring")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    if args.rows < 0 or args.batch_size < 1 or args.max_new_tokens < 1 or (args.max_turns or 1) < 1 \
-            or (args.context_tokens or 1) < 1:
+    if args.rows < 0 or args.batch_size < 1 or args.max_new_tokens < 1 \
+            or any(value is not None and value < 1 for value in (args.max_turns, args.context_tokens)):
         parser.error("--rows must be >= 0; --batch-size, --max-new-tokens, --max-turns and --context-tokens >= 1")
     return args
 

@@ -572,7 +572,8 @@ def parse_args(argv):
                                                            "what the model was trained with)")
     parser.add_argument("--output", default=OUTPUT_DIR, help="folder of the reports (default: %(default)s)")
     args = parser.parse_args(argv)
-    if args.rows < 0 or args.batch_size < 1 or (args.max_turns or 1) < 1 or (args.context_tokens or 1) < 1:
+    if args.rows < 0 or args.batch_size < 1 \
+            or any(value is not None and value < 1 for value in (args.max_turns, args.context_tokens)):
         parser.error("--rows must be >= 0; --batch-size, --max-turns and --context-tokens >= 1")
     return args
 

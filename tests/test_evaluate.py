@@ -330,3 +330,10 @@ def test_replies_may_repeat_the_prompts_words(tiny, tmp_path):
                                                                                 "repetition_penalty": 1.15},
                                                 StoppingCriteriaList(), "cpu")
     assert text == "Как перезагрузить телефон" and ended
+
+
+@pytest.mark.parametrize("flag", [["--max-turns", "0"], ["--context-tokens", "0"]])
+def test_a_window_of_nothing_is_refused(flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.parse_args(["--model", "m"] + flag)
+    assert exit_info.value.code == 2 and flag[0] in capsys.readouterr().err

@@ -206,3 +206,10 @@ def test_bad_inputs_give_one_line_and_write_nothing(tiny, tmp_path, capsys):
     check_user_error(capsys, ["--model", str(tiny), "--data-dir", str(tmp_path / "nodata"), "--output",
                               str(reports)], "context_test.parquet", "not found")
     assert not reports.exists()
+
+
+@pytest.mark.parametrize("flag", [["--max-turns", "0"], ["--context-tokens", "0"], ["--max-turns", "-2"]])
+def test_a_window_of_nothing_is_refused(flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        perplexity.parse_args(["--model", "m"] + flag)
+    assert exit_info.value.code == 2 and flag[0] in capsys.readouterr().err

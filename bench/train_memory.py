@@ -20,7 +20,8 @@ Optional variants (--variants): full-8bit (AdamW with 8-bit state, bitsandbytes,
 4+4+2 = 10 B/param; skipped where bitsandbytes is not installed) and lora-bf16
 (the frozen weights stored in bf16, 2 B/param, as on a GPU).
 
-Run it (a few minutes and about 8 GB of memory at the defaults on 2 cores):
+Run it (5-8 minutes on 2 cores; one variant at a time, peak 6.3 GiB at the defaults, 8.3 GiB
+with --seq-len 256 --batch-size 4):
     python bench/train_memory.py
     python bench/train_memory.py --seq-len 256 --batch-size 4            # more activations
     python bench/train_memory.py --n-layer 4 --n-embd 256 --n-head 4     # a quick check

@@ -25,6 +25,7 @@ Run it:
 import argparse
 import csv
 import hashlib
+import itertools
 import os
 import re
 import sys
@@ -123,27 +124,38 @@ def band_keys(shingle_sets):
 def same_key_edges(keys, owners):
     """(a, b) index pairs linking every owner of a key to the key's first owner."""
     order = np.argsort(keys, kind="stable")
-    keys, owners = keys[order], owners[order]
-    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-    first = np.repeat(owners[starts], np.diff(np.r_[starts, len(keys)]))
+    keys = keys[order]
+    owners = owners[order]
+    del order
+    starts = np.empty(len(keys), dtype=bool)
+    starts[:1] = True
+    np.not_equal(keys[1:], keys[:-1], out=starts[1:])
+    del keys
+    first = owners[np.flatnonzero(starts)][np.cumsum(starts) - 1]
     linked = first != owners
     return first[linked], owners[linked]
 
 
-def connected_groups(count, edges):
-    """For each of `count` nodes, the smallest node of its connected component."""
+def connected_groups(count, edge_sets):
+    """For each of `count` nodes, the smallest node of its connected component.
+    Edge sets, (a, b) arrays, are merged one at a time, so that only one is in
+    memory: each edge lowers the larger root of its two ends to the smaller,
+    and pointer jumping carries the new roots to every node."""
     label = np.arange(count)
-    if not edges:
-        return label
-    a = np.concatenate([e[0] for e in edges])
-    b = np.concatenate([e[1] for e in edges])
-    while True:
-        before = label.copy()
-        np.minimum.at(label, a, label[b])
-        np.minimum.at(label, b, label[a])
-        label = label[label]  # every label is a node with a label no larger
-        if np.array_equal(label, before):
-            return label
+    for a, b in edge_sets:
+        while True:
+            root_a, root_b = label[a], label[b]
+            if np.array_equal(root_a, root_b):
+                break
+            low = np.minimum(root_a, root_b)
+            np.minimum.at(label, root_a, low)
+            np.minimum.at(label, root_b, low)
+            while True:
+                jumped = label[label]  # every label is a node of the same group, no larger
+                if np.array_equal(jumped, label):
+                    break
+                label = jumped
+    return label
 
 
 def examples_from_dialogue(turns, max_turns):
@@ -251,32 +263,45 @@ def usable_dialogues(parquet, rows):
 def group_splits(parquet, rows, seed, val_fraction, test_fraction):
     """For each usable dialogue (in reading order): its split after grouping,
     and the split its own id would give. Also how many dialogues are in a
-    group of two or more."""
-    ids, pair_keys, pair_owner, bands, batch = [], [], [], [], []
+    group of two or more. Keys are kept in numpy arrays a batch at a time,
+    so that the state stays near 100 bytes a dialogue."""
+    ids, pair_keys, pair_owners, bands = [], [], [], []
+    batch_ids, batch_keys, batch_owners, batch_shingles = [], [], [], []
+
+    def flush():
+        ids.append(np.array(batch_ids, dtype=np.int64))
+        pair_keys.append(np.array(batch_keys, dtype=np.int64))
+        pair_owners.append(np.array(batch_owners, dtype=np.int32))
+        bands.append(band_keys(batch_shingles))
+        for batch in (batch_ids, batch_keys, batch_owners, batch_shingles):
+            batch.clear()
+
     for index, (dialogue_id, turns) in enumerate(usable_dialogues(parquet, rows)):
-        ids.append(dialogue_id)
         keys, shingles = dialogue_fingerprint(turns)
-        pair_keys.extend(keys)
-        pair_owner.extend([index] * len(keys))
-        batch.append(shingles)
-        if len(batch) >= BATCH_ROWS:
-            bands.append(band_keys(batch))
-            batch = []
-    if batch:
-        bands.append(band_keys(batch))
+        batch_ids.append(dialogue_id)
+        batch_keys.extend(keys)
+        batch_owners.extend([index] * len(keys))
+        batch_shingles.append(shingles)
+        if len(batch_ids) >= BATCH_ROWS:
+            flush()
+    if batch_ids:
+        flush()
+    if not ids:
+        return [], [], 0
+    ids = np.concatenate(ids)
     count = len(ids)
-    own = [split_of(i, seed, val_fraction, test_fraction) for i in ids]
-    if count == 0:
-        return [], own, 0
-    edges = [same_key_edges(np.array(pair_keys, dtype=np.int64), np.array(pair_owner))]
-    del pair_keys, pair_owner
+    pair_edges = same_key_edges(np.concatenate(pair_keys), np.concatenate(pair_owners))
+    del pair_keys, pair_owners
     band_matrix = np.concatenate(bands)
-    owners = np.arange(count)
-    edges += [same_key_edges(band_matrix[:, band], owners) for band in range(BANDS)]
-    del band_matrix, bands
-    group = connected_groups(count, edges)
+    del bands
+    owners = np.arange(count, dtype=np.int32)
+    band_edges = (same_key_edges(band_matrix[:, band], owners) for band in range(BANDS))
+    group = connected_groups(count, itertools.chain([pair_edges], band_edges))
+    del band_matrix, pair_edges
     grouped = count - int(np.count_nonzero(np.bincount(group, minlength=count) == 1))
-    return [own[g] for g in group], own, grouped
+    own = np.array([SPLITS.index(split_of(int(i), seed, val_fraction, test_fraction)) for i in ids],
+                   dtype=np.int8)
+    return own[group], own, grouped
 
 
 def create_dataset(input_path, output_dir, max_turns=MAX_TURNS, rows=None, seed=SEED,
@@ -286,18 +311,19 @@ def create_dataset(input_path, output_dir, max_turns=MAX_TURNS, rows=None, seed=
     parquet = open_input(input_path)
     splits, own, grouped = group_splits(parquet, rows, seed, val_fraction, test_fraction)
     counts = {split: {"dialogues": 0, "pairs": 0} for split in SPLITS}
-    moved = {"grouped": grouped, "dialogues": sum(1 for a, b in zip(splits, own) if a != b), "pairs": 0}
+    moved = {"grouped": grouped, "dialogues": int(np.count_nonzero(splits != own)) if len(own) else 0,
+             "pairs": 0}
     writers = SplitWriters(output_dir)
     total = 0
     try:
         for index, (dialogue_id, turns) in enumerate(usable_dialogues(parquet, rows)):
-            split = splits[index]
+            split = SPLITS[splits[index]]
+            was_moved = bool(splits[index] != own[index])
             counts[split]["dialogues"] += 1
             for context, answer in examples_from_dialogue(turns, max_turns):
                 writers.add(split, dialogue_id, context, answer)
                 counts[split]["pairs"] += 1
-                if split != own[index]:
-                    moved["pairs"] += 1
+                moved["pairs"] += was_moved
                 total += 1
                 if rows and total >= rows:
                     break

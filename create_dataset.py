@@ -11,11 +11,11 @@ Splits go by dialogue_id through a seeded hash, so no dialogue has turns in two
 splits and the same dialogue lands in the same split on every run. Corpora
 repeat themselves (the same joke told twice, a common exchange in many
 dialogues), so dialogues that share a question/answer pair or an answer of 40
-characters or more (compared lowercased, without punctuation) or that are
-near-duplicates (MinHash over word shingles, datasketch) form a group, and a group goes to one split: the
-split of its first dialogue. No pair's text is then in two splits, and the
-test split does not hold retellings of training dialogues. The run says how
-many dialogues and pairs the grouping moved.
+characters or more (compared lowercased, without punctuation), or that are
+near-duplicates (MinHash over word shingles, datasketch), form a group, and a
+group goes to one split: the split of its first dialogue. No pair's text is
+then in two splits, and the test split does not hold retellings of training
+dialogues. The run says how many dialogues and pairs the grouping moved.
 
 Run it:
     python create_dataset.py

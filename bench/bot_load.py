@@ -1,6 +1,17 @@
-"""Twenty chats writing at once to the real bot: replies per second and latency,
-one reply at a time (--max-batch 1) against batched (the bot's default
---max-batch), in one run.
+"""The real bot under load, two scenarios in one run.
+
+batching: twenty chats writing at once: replies per second and latency, one
+reply at a time (--max-batch 1) against batched (the bot's default --max-batch).
+
+flood: one chat writes normally (each message a second after the reply to the one
+before) while another floods the bot (--flood-rate messages a second, until the
+normal chat is done or for at most --flood-seconds: a bot that cannot keep up would
+otherwise never see the end of it), with
+Telegram's limit of about one message a second per chat emulated (a faster send
+to the same chat gets a 429 "retry after"). The normal chat's p95 latency with the
+flood against without it (before and after the flood, whose difference shows the
+noise), as a ratio. --bot-script runs another copy of tg_bot.py in this scenario,
+e.g. an older version taken from git, for a before/after comparison.
 
 The bot is tg_bot.py itself, a subprocess talking to the fake Bot API server of
 the tests (tests/fake_bot_api.py), as in the end-to-end tests. Its model has
@@ -13,11 +24,14 @@ the weights say; the bot's debug log confirms it for every batch.
 
 Each chat writes, waits for the reply, and writes again (--rounds times); all
 chats start together. Latency is from a message's arrival at the server to the
-reply's; replies per second count every reply over the whole run. Both runs use
+reply's; replies per second count every reply over the whole run. All runs use
 the bot's fast path (int8 on a CPU) and its default threads.
 
-    python bench/bot_load.py                           # about 3 minutes on 2 cores
-    python bench/bot_load.py --chats 20 --rounds 3 --new-tokens 32 --batch 16
+    python bench/bot_load.py                           # both scenarios, about 7 minutes on 2 cores
+    python bench/bot_load.py --scenario batching --chats 20 --rounds 3 --new-tokens 32 --batch 16
+    python bench/bot_load.py --scenario flood --flood-rounds 20 --flood-rate 5
+    git show 2292eb2:tg_bot.py > /tmp/tg_bot_old.py   # the bot before issue 12, for comparison:
+    python bench/bot_load.py --scenario flood --flood-rounds 10 --flood-seconds 30 --bot-script /tmp/tg_bot_old.py
 """
 import argparse
 import json
@@ -47,6 +61,12 @@ SAMPLE = REPO / "data" / "sample_dialogues.jsonl"
 SYLLABLE_LINES = 40_000     # enough text for 50257 BPE tokens
 REPLY_TIMEOUT = 900         # seconds; a reply this late means the bot is stuck
 SEED = 0
+FLOOD_ROUNDS = 20           # messages the normal chat writes in each phase of the flood scenario
+FLOOD_RATE = 5.0            # messages a second from the flooding chat
+FLOOD_SECONDS = 120.0       # the flood stops after this, or when the normal chat is done, whichever first
+THINK_SECONDS = 1.0         # the normal chat writes this long after a reply, as a person would
+CHAT_SEND_INTERVAL = 1.0    # Telegram answers faster sends to one chat with 429
+NORMAL_CHAT, FLOOD_CHAT = 2001, 2002
 BATCH_LINE = re.compile(r"batch of \d+: ([\d,]+) new tokens in ([\d.]+) s")
 # ----------------------------------------------------------------------------
 
@@ -149,6 +169,88 @@ def run_bot(model_dir, workdir, name, bot_flags, chats, rounds, new_tokens):
             "largest": max(map(len, batches), default=0), "short": short, "timeline": timeline}
 
 
+def p95(values):
+    return statistics.quantiles(values, n=20, method="inclusive")[18]
+
+
+def normal_chat(api, chat_id, rounds, think):
+    """The chat writes `rounds` messages, each `think` s after the reply to the one
+    before; the latencies, and the notices it got instead of replies."""
+    latencies, notices = [], 0
+    for number in range(rounds):
+        count = len(api.messages_to(chat_id))
+        api.push_text(chat_id, f"Сообщение {number + 1}: расскажи что-нибудь интересное")
+        sent = time.monotonic()
+        reply = api.wait_for_messages(chat_id, count + 1, timeout=REPLY_TIMEOUT)[-1]
+        latencies.append(reply["time"] - sent)
+        notices += not reply["text"].strip() or reply["text"].startswith(("Я ещё отвечаю", "Сейчас мне пишут"))
+        time.sleep(think)
+    return latencies, notices
+
+
+def flood_chat(api, chat_id, rate, seconds, stop):
+    """Messages from one chat at `rate` a second until `stop` is set or for `seconds`; how many."""
+    sent, end = 0, time.monotonic() + seconds
+    while not stop.is_set() and time.monotonic() < end:
+        api.push_text(chat_id, f"флуд {sent}")
+        sent += 1
+        stop.wait(1.0 / rate)
+    return sent
+
+
+def run_flood(model_dir, workdir, bot_flags, rounds, rate, seconds, script=None):
+    """One bot; the normal chat alone, with the flood, and alone again."""
+    workdir = workdir / "flood"
+    workdir.mkdir()
+    phases = []
+    with FakeBotApi(TOKEN) as api:
+        api.chat_send_interval = CHAT_SEND_INTERVAL
+        bot = LiveBot(api, TOKEN, workdir, ["--model", str(model_dir), "--db", str(workdir / "history.sqlite3"),
+                                            "--poll-seconds", "1"] + bot_flags, script=script)
+        try:
+            bot.start(timeout=600)
+            api.push_text(1, "Разминка")  # the first reply pays for allocations; not counted
+            api.wait_for_messages(1, 1, timeout=REPLY_TIMEOUT)
+            for name, flooding in (("quiet", False), ("flood", True), ("quiet again", False)):
+                stop, flood = threading.Event(), {}
+                if flooding:
+                    before = len(api.messages_to(FLOOD_CHAT))
+                    thread = threading.Thread(
+                        target=lambda: flood.update(sent=flood_chat(api, FLOOD_CHAT, rate, seconds, stop)), daemon=True)
+                    thread.start()
+                began = time.monotonic()
+                latencies, notices = normal_chat(api, NORMAL_CHAT, rounds, THINK_SECONDS)
+                seconds = time.monotonic() - began
+                if flooding:
+                    stop.set()
+                    thread.join()
+                    time.sleep(2)  # replies to the flood still on their way are not the next phase's
+                    flood["answered"] = len(api.messages_to(FLOOD_CHAT)) - before  # replies and notices
+                phases.append({"name": name, "latencies": latencies, "seconds": seconds, "notices": notices,
+                               "p50": statistics.median(latencies), "p95": p95(latencies), **flood})
+        finally:
+            code = bot.stop(timeout=REPLY_TIMEOUT)
+    if code != 0:
+        raise RuntimeError(f"the bot (flood) exited with {code}; its log is in {workdir}")
+    return phases
+
+
+def report_flood(phases, rounds, rate, seconds, script):
+    print(f"\nflood: chat {NORMAL_CHAT} writes {rounds} messages per phase, each {THINK_SECONDS:.0f} s after the reply; "
+          f"in the middle phase chat {FLOOD_CHAT} sends {rate:g} messages a second (for at most {seconds:g} s); a send "
+          f"to one chat sooner than {CHAT_SEND_INTERVAL:.0f} s after the last gets a 429; bot: {script or 'tg_bot.py'}")
+    print(f"{'phase':12} {'replies':>7} {'p50 s':>7} {'p95 s':>7} {'max s':>7} {'notices':>8} {'flood sent':>11} "
+          f"{'flood answered':>15}")
+    for phase in phases:
+        print(f"{phase['name']:12} {len(phase['latencies']):7d} {phase['p50']:7.2f} {phase['p95']:7.2f} "
+              f"{max(phase['latencies']):7.2f} {phase['notices']:8d} {phase.get('sent', ''):>11} "
+              f"{phase.get('answered', ''):>15}")
+    quiet, flood, again = phases
+    print(f"normal chat's p95 with the flood / without: {flood['p95'] / quiet['p95']:.2f}x "
+          f"(against the later quiet phase {flood['p95'] / again['p95']:.2f}x; the two quiet phases differ by "
+          f"{again['p95'] / quiet['p95']:.2f}x: the noise)")
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chats", type=int, default=CHATS)
@@ -156,14 +258,26 @@ def parse_args(argv):
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="the fixed length of every reply")
     parser.add_argument("--batch", type=int, help="--max-batch of the batched run (default: the bot's default)")
     parser.add_argument("--threads", type=int, help="--threads of both bots (default: the bot's default)")
+    parser.add_argument("--scenario", default="all", choices=("all", "batching", "flood"))
+    parser.add_argument("--flood-rounds", type=int, default=FLOOD_ROUNDS,
+                        help="messages the normal chat writes in each phase of the flood scenario")
+    parser.add_argument("--flood-rate", type=float, default=FLOOD_RATE, help="messages a second from the flooding chat")
+    parser.add_argument("--flood-seconds", type=float, default=FLOOD_SECONDS,
+                        help="the longest the flood goes on (it also stops when the normal chat is done)")
+    parser.add_argument("--bot-script", help="the tg_bot.py of the flood scenario (default: this checkout's)")
     parser.add_argument("--seed", type=int, default=SEED)
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.chats < 1 or args.rounds < 1 or args.new_tokens < 1:
-        print("bench/bot_load.py: error: --chats, --rounds and --new-tokens must be at least 1", file=sys.stderr)
+    if args.chats < 1 or args.rounds < 1 or args.new_tokens < 1 or args.flood_rounds < 2 or args.flood_rate <= 0 \
+            or args.flood_seconds <= 0:
+        print("bench/bot_load.py: error: --chats, --rounds and --new-tokens must be at least 1, --flood-rounds at "
+              "least 2, --flood-rate and --flood-seconds above 0", file=sys.stderr)
+        return 1
+    if args.bot_script and not Path(args.bot_script).is_file():
+        print(f"bench/bot_load.py: error: --bot-script {args.bot_script}: no such file", file=sys.stderr)
         return 1
     common = ["--threads", str(args.threads)] if args.threads else []
     batched = ["--max-batch", str(args.batch)] if args.batch else []
@@ -175,14 +289,29 @@ def main(argv=None):
         vocab, params = write_model_folder(tmp / "model", args.new_tokens, args.seed)
         print(f"model folder: {N_LAYER} layers, {N_EMBD} wide, vocabulary {vocab}, {params / 1e6:.1f} M parameters, "
               f"random weights; written in {time.monotonic() - started:.0f} s", flush=True)
-        print(f"{args.chats} chats at once, {args.rounds} messages each (each after the reply to the one before), "
-              f"replies of exactly {args.new_tokens} tokens (sampling as in chat_config.json)", flush=True)
-        results = []
-        for name, flags in (("one at a time", ["--max-batch", "1"] + common), ("batched", batched + common)):
-            result = run_bot(tmp / "model", tmp, name.replace(" ", "-"), flags, chats, args.rounds, args.new_tokens)
-            result["name"], result["flags"] = name, " ".join(flags) or "(defaults)"
-            results.append(result)
-            print(f"  {name}: done in {result['seconds']:.0f} s", flush=True)
+        results, phases = [], None
+        if args.scenario in ("all", "batching"):
+            print(f"{args.chats} chats at once, {args.rounds} messages each (each after the reply to the one before), "
+                  f"replies of exactly {args.new_tokens} tokens (sampling as in chat_config.json)", flush=True)
+            for name, flags in (("one at a time", ["--max-batch", "1"] + common), ("batched", batched + common)):
+                result = run_bot(tmp / "model", tmp, name.replace(" ", "-"), flags, chats, args.rounds,
+                                 args.new_tokens)
+                result["name"], result["flags"] = name, " ".join(flags) or "(defaults)"
+                results.append(result)
+                print(f"  {name}: done in {result['seconds']:.0f} s", flush=True)
+        if args.scenario in ("all", "flood"):
+            phases = run_flood(tmp / "model", tmp, batched + common, args.flood_rounds, args.flood_rate,
+                               args.flood_seconds, args.bot_script)
+            print("  flood: done", flush=True)
+    if results:
+        report_batching(results, args.new_tokens)
+    if phases:
+        report_flood(phases, args.flood_rounds, args.flood_rate, args.flood_seconds, args.bot_script)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
+    return 0
+
+
+def report_batching(results, new_tokens):
     print(f"\n{'run':14} {'bot flags':26} {'replies':>7} {'seconds':>8} {'replies/s':>10} {'p50 s':>7} {'p95 s':>7} "
           f"{'batches':>8} {'mean batch':>11} {'largest':>8}")
     for r in results:
@@ -195,10 +324,8 @@ def main(argv=None):
           f"{'met' if ratio >= 3 else 'NOT met'}); p95 latency {together['p95']:.1f} s against {alone['p95']:.1f} s "
           f"({'no worse' if together['p95'] <= alone['p95'] else 'WORSE'})")
     short = sum(r["short"] for r in results)
-    print(f"replies shorter than {args.new_tokens} tokens (stopped at a label the random model happened to write): "
+    print(f"replies shorter than {new_tokens} tokens (stopped at a label the random model happened to write): "
           f"{short}")
-    print(f"load average {os.getloadavg()[0]:.1f} at the end")
-    return 0
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ and writes data/russian_dialogues.parquet with the columns
 `sample` (list<string>), `dialogue_id` (int64) and `source` (string).
 
 Run it:
-    python parser_dataset.py --input data/sample_dialogues.jsonl
+    python parser_dataset.py          # the bundled sample, data/sample_dialogues.jsonl
     python parser_dataset.py --input ../shared/data/anekdot_dialogues.txt.xz --limit 50000
     python parser_dataset.py --input ~/Downloads/ChatExport/result.json --max-gap-minutes 120
     python parser_dataset.py --input Den4ikAI/russian_dialogues      # needs the internet
@@ -36,9 +36,15 @@ Run it:
 
 Text files may start with a byte-order mark. Large inputs are read and
 written in batches, so memory stays bounded.
+
+In a notebook (Jupyter, Colab): paste this whole file into one cell, set INPUT
+and the rest in the defaults block below, and run the cell. `%run
+parser_dataset.py --input x.jsonl` and `!python parser_dataset.py --input
+x.jsonl` take flags as above.
 """
 import argparse
 import bz2
+import contextlib
 import csv
 import gzip
 import html
@@ -55,7 +61,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 # ---------------------------------------------------------------- defaults
+INPUT = "data/sample_dialogues.jsonl"  # a local file or a hub data set name
 DEFAULT_OUTPUT = "data/russian_dialogues.parquet"
+LIMIT = None                   # stop after this many dialogues (None: all)
+TURNS_COLUMN = None            # the list-of-turns column (None: found by its name)
+QUESTION_COLUMN = None         # the question and answer columns (None: found by their names)
+ANSWER_COLUMN = None
 BATCH_ROWS = 10_000            # dialogues buffered before a batch is written
 MIN_TURNS = 2                  # a dialogue needs a question and an answer
 MAX_GAP_MINUTES = 60           # Telegram: a longer silence starts a new dialogue
@@ -541,7 +552,9 @@ def pick_reader(source):
     if not path.exists():
         if looks_like_hub_name(source):
             return read_hub, source
-        raise UserError(f"{source}: no such file")
+        # A pasted notebook cell reads INPUT relative to the kernel's folder, which may not be the kit's.
+        where = "" if path.is_absolute() else f" in {Path.cwd()}"
+        raise UserError(f"{source}: no such file{where} (pass --input, or set INPUT in the defaults block)")
     if path.is_dir():
         raise UserError(f"{source}: is a folder; pass a file (for a Telegram export, its result.json)")
     if path.stat().st_size == 0:
@@ -601,26 +614,29 @@ def write_dialogues(dialogues, output, source_name, limit=None, min_turns=MIN_TU
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    # prog: in a notebook cell argparse would name the kernel (ipykernel_launcher.py) in its messages.
+    parser = argparse.ArgumentParser(prog="parser_dataset.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True,
+    parser.add_argument("--input", default=INPUT,
                         help="a local file (parquet, csv, jsonl, json, txt[.xz]) or a hub data set name")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="parquet file to write")
-    parser.add_argument("--limit", "--rows", type=int, default=None, dest="limit",
+    parser.add_argument("--limit", "--rows", type=int, default=LIMIT, dest="limit",
                         help="stop after this many dialogues")
     parser.add_argument("--min-turns", type=int, default=MIN_TURNS,
                         help="drop dialogues with fewer turns")
     parser.add_argument("--max-gap-minutes", type=float, default=MAX_GAP_MINUTES,
                         help="Telegram: silence that starts a new dialogue")
-    parser.add_argument("--turns-column", help="name of the list-of-turns column")
-    parser.add_argument("--question-column", help="name of the question column")
-    parser.add_argument("--answer-column", help="name of the answer column")
+    parser.add_argument("--turns-column", default=TURNS_COLUMN, help="name of the list-of-turns column")
+    parser.add_argument("--question-column", default=QUESTION_COLUMN, help="name of the question column")
+    parser.add_argument("--answer-column", default=ANSWER_COLUMN, help="name of the answer column")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=PRESET,
                         help="read the columns as this public data set lays them out "
                              "(a hub name of one of them picks it by itself)")
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be positive")
+    if args.preset is not None and args.preset not in PRESETS:  # a PRESET set in the defaults block
+        parser.error(f"--preset {args.preset!r}: must be one of {', '.join(sorted(PRESETS))}")
     if args.preset is None:
         args.preset = HUB_PRESETS.get(args.input.strip().lower())
     return args
@@ -650,4 +666,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if "__file__" in globals():  # `python <script> ...` or `%run <script> ...`: the flags given there
+        sys.exit(main())
+    # Pasted into a notebook cell, which has no __file__: the settings of the defaults block, never the
+    # kernel's own argv, and no SystemExit, which a notebook shows as an exception (argparse prints why it stops).
+    with contextlib.suppress(SystemExit):
+        main([])

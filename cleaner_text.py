@@ -21,8 +21,13 @@ Run it:
     python cleaner_text.py --input data/russian_dialogues.parquet --max-chars 300
 
 The input is read and written in batches, so memory stays bounded.
+
+In a notebook (Jupyter, Colab): paste this whole file into one cell, set the
+defaults block below, and run the cell. `%run cleaner_text.py --max-chars 300`
+and `!python cleaner_text.py --max-chars 300` take flags as above.
 """
 import argparse
+import contextlib
 import hashlib
 import html
 import json
@@ -39,10 +44,11 @@ import pyarrow.parquet as pq
 # ---------------------------------------------------------------- defaults
 DEFAULT_INPUT = "data/russian_dialogues.parquet"
 DEFAULT_OUTPUT = "data/clean_dialogues.parquet"
-DEFAULT_REPORT = "data/clean_report.json"
+DEFAULT_REPORT = None  # JSON report (None: clean_report.json beside the output)
 MIN_CHARS = 1          # "Я" is a whole answer to "Кто забил?"
 MAX_CHARS = 500        # longer turns are monologues or pasted text, not chat
 MIN_TURNS = 2
+KEEP_DUPLICATES = False  # True: keep exact duplicate dialogues
 BATCH_ROWS = 10_000
 
 SCHEMA = pa.schema([
@@ -523,17 +529,19 @@ def clean_file(input_path, output_path, report_path, min_chars=MIN_CHARS, max_ch
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    # prog: in a notebook cell argparse would name the kernel (ipykernel_launcher.py) in its messages.
+    parser = argparse.ArgumentParser(prog="cleaner_text.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", default=DEFAULT_INPUT, help="parquet from parser_dataset.py")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="clean parquet to write")
-    parser.add_argument("--report", default=None,
+    parser.add_argument("--report", default=DEFAULT_REPORT,
                         help="JSON report (default: clean_report.json beside --output)")
     parser.add_argument("--min-chars", type=int, default=MIN_CHARS, help="shortest turn kept")
     parser.add_argument("--max-chars", type=int, default=MAX_CHARS, help="longest turn kept")
     parser.add_argument("--min-turns", type=int, default=MIN_TURNS,
                         help="shortest dialogue kept after a cut")
-    parser.add_argument("--keep-duplicates", action="store_true", help="do not drop exact duplicates")
+    parser.add_argument("--keep-duplicates", action="store_true", default=KEEP_DUPLICATES,
+                        help="do not drop exact duplicates")
     args = parser.parse_args(argv)
     if args.report is None:
         args.report = str(Path(args.output).with_name("clean_report.json"))
@@ -567,4 +575,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if "__file__" in globals():  # `python <script> ...` or `%run <script> ...`: the flags given there
+        sys.exit(main())
+    # Pasted into a notebook cell, which has no __file__: the settings of the defaults block, never the
+    # kernel's own argv, and no SystemExit, which a notebook shows as an exception (argparse prints why it stops).
+    with contextlib.suppress(SystemExit):
+        main([])

@@ -21,8 +21,13 @@ Run it:
     python create_dataset.py
     python create_dataset.py --rows 50000 --max-turns 4 --seed 42
     python create_dataset.py --input data/clean_dialogues.parquet --output data/
+
+In a notebook (Jupyter, Colab): paste this whole file into one cell, set the
+defaults block below, and run the cell. `%run create_dataset.py --rows 50000`
+and `!python create_dataset.py --rows 50000` take flags as above.
 """
 import argparse
+import contextlib
 import csv
 import hashlib
 import itertools
@@ -42,6 +47,7 @@ DEFAULT_OUTPUT = "data"
 MAX_TURNS = 16          # context turns before each answer; the trainers cut by tokens
 VAL_FRACTION = 0.1
 TEST_FRACTION = 0.1
+ROWS = None             # stop after this many pairs in all (None: all)
 SEED = 42
 BATCH_ROWS = 10_000
 SPLITS = ("train", "val", "test")
@@ -337,12 +343,13 @@ def create_dataset(input_path, output_dir, max_turns=MAX_TURNS, rows=None, seed=
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    # prog: in a notebook cell argparse would name the kernel (ipykernel_launcher.py) in its messages.
+    parser = argparse.ArgumentParser(prog="create_dataset.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", default=DEFAULT_INPUT, help="parquet from cleaner_text.py")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="folder for the split files")
     parser.add_argument("--max-turns", type=int, default=MAX_TURNS, help="context turns before an answer")
-    parser.add_argument("--rows", type=int, default=None, help="stop after this many pairs in all")
+    parser.add_argument("--rows", type=int, default=ROWS, help="stop after this many pairs in all")
     parser.add_argument("--seed", type=int, default=SEED, help="seed of the split hash")
     parser.add_argument("--val-fraction", type=float, default=VAL_FRACTION)
     parser.add_argument("--test-fraction", type=float, default=TEST_FRACTION)
@@ -378,4 +385,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if "__file__" in globals():  # `python <script> ...` or `%run <script> ...`: the flags given there
+        sys.exit(main())
+    # Pasted into a notebook cell, which has no __file__: the settings of the defaults block, never the
+    # kernel's own argv, and no SystemExit, which a notebook shows as an exception (argparse prints why it stops).
+    with contextlib.suppress(SystemExit):
+        main([])

@@ -36,7 +36,8 @@ SAMPLE = REPO / "data" / "sample_dialogues.jsonl"
 CELL_TIMEOUT = 300  # seconds for one cell; the slowest here trains a tiny model
 
 # The scripts that follow the notebook pattern; the others' tests skip until they are added here.
-CONVERTED = {"pytorch_chatbot.py", "tensorflow_chatbot.py"}
+CONVERTED = {"parser_dataset.py", "cleaner_text.py", "create_dataset.py", "pytorch_chatbot.py",
+             "tensorflow_chatbot.py"}
 
 LSTM_TINY = {"EMB_DIM": 16, "HIDDEN": 32, "EPOCHS": 2, "BATCH_SIZE": 32, "VOCAB_SIZE": 500,
              "DEVICE": "cpu", "THREADS": 1, "SEED": 7}
@@ -323,14 +324,29 @@ def test_converted_script_ends_with_the_notebook_ending(script):
 
 # ---- 1-3: the data stages ----------------------------------------------------------------------------
 def test_parser_dataset_in_a_cell(folder):
+    """Pasted unchanged into a notebook in a folder that holds the sample, the cell reads the sample (INPUT's
+    default); wrong settings in the block give one `parser_dataset.py: error:` line; %run takes flags."""
     script = "parser_dataset.py"
     need_converted(script)
-    cells = run_notebook(folder, [PROBE, cell(script, INPUT="data/no_such_file.jsonl"),
-                                  cell(script, INPUT="data/sample_dialogues.jsonl"), PROBE])
-    assert_user_error(cells[1], script, "no_such_file.jsonl")
-    assert_no_exception(cells[2])
+    cells = run_notebook(folder, [
+        PROBE,
+        cell(script, INPUT="data/no_such_file.jsonl"),
+        cell(script, LIMIT=0),
+        cell(script, PRESET="no_such_preset"),
+        f"%run {REPO / script} --input data/sample_dialogues.jsonl --limit 5 --output data/first_five.parquet",
+        cell(script),
+        PROBE,
+    ])
+    assert_user_error(cells[1], script, "no_such_file.jsonl", "no such file", "INPUT")
+    # argparse's own checks of the block's values name the script, not the kernel (ipykernel_launcher.py).
+    assert_user_error(cells[2], script, "--limit must be positive")
+    assert_user_error(cells[3], script, "no_such_preset", "russian_dialogues")
+    assert_no_exception(cells[4])
+    assert len(pd.read_parquet(folder / "data" / "first_five.parquet")) == 5
+    assert_no_exception(cells[5])
     frame = pd.read_parquet(folder / "data" / "russian_dialogues.parquet")
     assert {"sample", "dialogue_id", "source"} <= set(frame.columns) and len(frame) > 100
+    assert set(frame["source"]) == {"sample_dialogues.jsonl"}
     assert kernel_state(cells[0]) == kernel_state(cells[-1])
 
 
@@ -338,13 +354,25 @@ def test_cleaner_text_in_a_cell(folder):
     script = "cleaner_text.py"
     need_converted(script)
     produce(folder, script)
-    cells = run_notebook(folder, [PROBE, cell(script, DEFAULT_INPUT="data/no_such_file.parquet"), cell(script),
-                                  PROBE])
+    cells = run_notebook(folder, [
+        PROBE,
+        cell(script, DEFAULT_INPUT="data/no_such_file.parquet"),
+        cell(script, MIN_TURNS=1),
+        cell(script, DEFAULT_OUTPUT="data/with_duplicates.parquet", DEFAULT_REPORT="reports/with_duplicates.json",
+             KEEP_DUPLICATES=True),
+        cell(script),
+        PROBE,
+    ])
     assert_user_error(cells[1], script, "no_such_file.parquet")
-    assert_no_exception(cells[2])
+    assert_user_error(cells[2], script, "--min-turns")
+    assert_no_exception(cells[3])
+    report = json.loads((folder / "reports" / "with_duplicates.json").read_text(encoding="utf-8"))
+    assert report["thresholds"]["dedupe"] is False
+    assert_no_exception(cells[4])
     frame = pd.read_parquet(folder / "data" / "clean_dialogues.parquet")
     assert {"sample", "dialogue_id", "source"} <= set(frame.columns) and len(frame) > 100
-    assert json.loads((folder / "data" / "clean_report.json").read_text(encoding="utf-8"))
+    report = json.loads((folder / "data" / "clean_report.json").read_text(encoding="utf-8"))
+    assert report["thresholds"]["dedupe"] is True
     assert kernel_state(cells[0]) == kernel_state(cells[-1])
 
 
@@ -352,10 +380,20 @@ def test_create_dataset_in_a_cell(folder):
     script = "create_dataset.py"
     need_converted(script)
     produce(folder, script)
-    cells = run_notebook(folder, [PROBE, cell(script, DEFAULT_INPUT="data/no_such_file.parquet"), cell(script),
-                                  PROBE])
+    cells = run_notebook(folder, [
+        PROBE,
+        cell(script, DEFAULT_INPUT="data/no_such_file.parquet"),
+        cell(script, ROWS=0),
+        cell(script, ROWS=30, DEFAULT_OUTPUT="data_30"),
+        cell(script),
+        PROBE,
+    ])
     assert_user_error(cells[1], script, "no_such_file.parquet")
-    assert_no_exception(cells[2])
+    assert_user_error(cells[2], script, "--rows must be positive")
+    assert_no_exception(cells[3])
+    assert sum(len(pd.read_csv(folder / "data_30" / f"pairs_{split}.csv"))
+               for split in ("train", "val", "test")) == 30
+    assert_no_exception(cells[4])
     for split in ("train", "val", "test"):
         pairs = pd.read_csv(folder / "data" / f"pairs_{split}.csv")
         assert list(pairs.columns) == ["dialogue_id", "question", "answer"] and len(pairs) > 0

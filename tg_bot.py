@@ -1184,19 +1184,19 @@ class ChatBot:
             command = util.extract_command(self.strip_mentions(message).strip())
             if command is not None and command not in COMMANDS:
                 return False  # meant for another bot of the group, or a typo: not ours to answer
+        if self.allowed is not None and not self.may_talk(message):
+            log.info("chat %s: refused user %s (not on --allowed-users)", chat_id, user and user.id)
+            self.notifier.notify(message, NOT_ALLOWED_TEXT)
+            return False
+        if self.is_old(message, now):  # before the rate limit: a backlog after downtime is no flood
+            self.offline_note(message)
+            return False
         verdict = self.rate.allow(user.id if user else chat_id, time.monotonic())
         if verdict != "yes":
             if verdict == "warn":
                 log.warning("chat %s: user %s writes faster than --rate-limit %d a minute; dropping the rest",
                             chat_id, user and user.id, self.rate.per_minute)
                 self.notifier.notify(message, RATE_LIMIT_TEXT)
-            return False
-        if self.allowed is not None and not self.may_talk(message):
-            log.info("chat %s: refused user %s (not on --allowed-users)", chat_id, user and user.id)
-            self.notifier.notify(message, NOT_ALLOWED_TEXT)
-            return False
-        if self.is_old(message, now):
-            self.offline_note(message)
             return False
         extra = extra or Counter()
         if self.dispatcher.waiting(chat_id) + extra[chat_id] >= MAX_PENDING_PER_CHAT:

@@ -4,7 +4,8 @@ batching: twenty chats writing at once: replies per second and latency, one
 reply at a time (--max-batch 1) against batched (the bot's default --max-batch).
 
 flood: one chat writes normally (each message a second after the reply to the one
-before) while another floods the bot (--flood-rate messages a second, until the
+before; a fresh chat in each phase, so that its prompts grow alike) while another
+floods the bot (--flood-rate messages a second, until the
 normal chat is done or for at most --flood-seconds: a bot that cannot keep up would
 otherwise never see the end of it), with
 Telegram's limit of about one message a second per chat emulated (a faster send
@@ -211,7 +212,7 @@ def run_flood(model_dir, workdir, bot_flags, rounds, rate, seconds, script=None)
             bot.start(timeout=600)
             api.push_text(1, "Разминка")  # the first reply pays for allocations; not counted
             api.wait_for_messages(1, 1, timeout=REPLY_TIMEOUT)
-            for name, flooding in (("quiet", False), ("flood", True), ("quiet again", False)):
+            for number, (name, flooding) in enumerate((("quiet", False), ("flood", True), ("quiet again", False))):
                 stop, flood = threading.Event(), {}
                 if flooding:
                     before = len(api.messages_to(FLOOD_CHAT))
@@ -219,7 +220,8 @@ def run_flood(model_dir, workdir, bot_flags, rounds, rate, seconds, script=None)
                         target=lambda: flood.update(sent=flood_chat(api, FLOOD_CHAT, rate, seconds, stop)), daemon=True)
                     thread.start()
                 began = time.monotonic()
-                latencies, notices = normal_chat(api, NORMAL_CHAT, rounds, THINK_SECONDS)
+                # A fresh chat each phase: its prompts grow alike, so the phases compare.
+                latencies, notices = normal_chat(api, NORMAL_CHAT + 10 * number, rounds, THINK_SECONDS)
                 seconds = time.monotonic() - began
                 if flooding:
                     stop.set()
@@ -236,7 +238,7 @@ def run_flood(model_dir, workdir, bot_flags, rounds, rate, seconds, script=None)
 
 
 def report_flood(phases, rounds, rate, seconds, script):
-    print(f"\nflood: chat {NORMAL_CHAT} writes {rounds} messages per phase, each {THINK_SECONDS:.0f} s after the reply; "
+    print(f"\nflood: a chat (a fresh one each phase) writes {rounds} messages, each {THINK_SECONDS:.0f} s after the reply; "
           f"in the middle phase chat {FLOOD_CHAT} sends {rate:g} messages a second (for at most {seconds:g} s); a send "
           f"to one chat sooner than {CHAT_SEND_INTERVAL:.0f} s after the last gets a 429; bot: {script or 'tg_bot.py'}")
     print(f"{'phase':12} {'replies':>7} {'p50 s':>7} {'p95 s':>7} {'max s':>7} {'notices':>8} {'flood sent':>11} "

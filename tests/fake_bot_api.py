@@ -377,6 +377,8 @@ class LiveBot:
         self.logs.append(log_path)
         environ = dict(os.environ, TELEGRAM_BOT_TOKEN=self.token, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         environ.pop("TELEGRAM_API_URL", None)
+        for name in [name for name in environ if name.startswith("TG_BOT_")]:  # settings of the caller's own bot
+            del environ[name]
         environ.update(env or {})
         command = [sys.executable, str(self.script), "--api-url", self.api.url] + self.args
         with open(log_path, "w", encoding="utf-8") as log:

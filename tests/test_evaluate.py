@@ -151,7 +151,7 @@ def test_shipped_probe_is_russian_and_each_fact_is_two_or_more_turns_back(repo_r
 
 def test_probe_conversation_is_built_like_the_chat(tiny):
     _, tokenizer, _, settings = evaluate.load_model(tiny, "cpu")
-    assert settings["max_turns"] == CHAT_CONFIG["max_turns"] == 4  # the window training recorded
+    assert settings["max_turns"] == CHAT_CONFIG["max_turns"]  # the window training recorded
     turns = ["Добрый вечер!", "Добрый вечер!", "Меня зовут Тимофей.", "Приятно познакомиться!",
              "Как меня зовут?"]
     persona = CHAT_CONFIG["persona"]

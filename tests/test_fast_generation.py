@@ -93,8 +93,8 @@ def int8(trained_dir):
 
 
 def settings_for(persona=None, **generation):
-    return {"generation": dict(GREEDY, **generation), "persona": persona, "facts": None, "max_turns": 4,
-            "budget": 192}
+    return {"generation": dict(GREEDY, **generation), "persona": persona, "facts": None,
+            "max_turns": tiny_model.CHAT_CONFIG["max_turns"], "budget": 192}
 
 
 def prompts_for(chat):

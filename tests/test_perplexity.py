@@ -89,8 +89,8 @@ def test_prompt_labels_count_back_from_the_answer(tiny):
 def test_the_trained_turn_window_is_kept_and_a_flag_may_widen_it(tiny, tmp_path):
     lines = []
     report = perplexity.evaluate_perplexity(tiny, write_split(tmp_path / "d", ROWS), rows=0, progress=False,
-                                            max_turns=6, warn=lines.append)
-    assert report["max_turns"] == 6 and len(lines) == 1 and "--max-turns 6" in lines[0]
+                                            max_turns=20, warn=lines.append)
+    assert report["max_turns"] == 20 and len(lines) == 1 and "--max-turns 20" in lines[0]
     narrow = perplexity.evaluate_perplexity(tiny, tmp_path / "d", rows=0, progress=False, max_turns=1,
                                             warn=lines.append)
     assert len(lines) == 1 and narrow["sequence_tokens"] < report["sequence_tokens"]

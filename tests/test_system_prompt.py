@@ -224,10 +224,11 @@ def test_a_line_that_is_not_utf8_is_skipped_without_a_traceback(model_dir, tmp_p
 def test_flags_that_widen_the_trained_window_warn(model_dir, tmp_path, capsys):
     script = tmp_path / "chat.txt"
     script.write_text("Привет\n", encoding="utf-8")
-    assert sp.main(["--model", str(model_dir), "--script", str(script), "--max-new-tokens", "2", "--max-turns", "9",
+    assert sp.main(["--model", str(model_dir), "--script", str(script), "--max-new-tokens", "2", "--max-turns", "20",
                     "--context-tokens", "180"]) == 0
     err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
-    assert len(err) == 1 and err[0].startswith("system_prompt.py: warning: --max-turns 9")
+    assert len(err) == 1 and err[0].startswith("system_prompt.py: warning: --max-turns 20: the model was trained on "
+                                               "at most 16 turns")
     assert sp.main(["--model", str(model_dir), "--script", str(script), "--max-new-tokens", "2", "--max-turns",
                     "2"]) == 0
     assert "warning" not in capsys.readouterr().err

@@ -24,7 +24,7 @@ CHAT_CONFIG = {
     "turn_separator": "\n",
     "persona": {"question": "Кто ты?", "answer": "Я дружелюбный помощник. Отвечаю коротко и по делу."},
     "context_tokens": 192,
-    "max_turns": 4,
+    "max_turns": 16,  # the context trainer's window: the budget, not the window, cuts the tests' chats
     "generation": {"max_new_tokens": 64, "do_sample": True, "temperature": 0.7, "top_p": 0.9,
                    "top_k": 50, "repetition_penalty": 1.15, "no_repeat_ngram_size": 3},
 }

@@ -4,7 +4,6 @@ token-weighted closing figure, resuming with early stopping's patience, and the
 one-line errors for bad input."""
 import csv
 import json
-import math
 import os
 import re
 

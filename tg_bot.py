@@ -58,6 +58,7 @@ import sqlite3
 import sys
 import threading
 import time
+import unicodedata
 import warnings
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -138,18 +139,219 @@ APOLOGY_TEXT = "Простите, что-то пошло не так. Попро
 log = logging.getLogger("tg_bot")
 
 
-# --- mirrored in system_prompt.py and tg_bot.py (tests/test_system_prompt.py checks they agree)
+# --- prompt rule: the same block in train_transformer.py, train_medium_context.py, system_prompt.py, tg_bot.py, perplexity.py and evaluate.py (tests/test_prompt_rule.py checks)
+# One rule for every prompt the model sees, in training, chat, perplexity and evaluation:
+#
+#     Вопрос: <persona question>          the persona, when there is one
+#     Ответ: <persona answer>
+#     Вопрос: Что ты обо мне знаешь?      what the bot knows about the user, when it knows something
+#     Ответ: <facts>
+#     Ответ: <older turn>                 turns labelled counting back from the answer, so
+#     Вопрос: <the user's question>       the turn before the answer is always a question
+#     Ответ:                              the prompt ends at the colon ...
+#      <answer><EOS>                      ... and the answer keeps its first word's space
+#
+# GPT-2's byte-level BPE spells a word inside a sentence with its space (" Привет"),
+# so the space goes with the answer, not with the prompt. No BOS is added anywhere:
+# a prompt starts with its first label in training and in chat alike, whatever the
+# tokenizer's add_bos_token says. Text is tokenized as plain text: "</s>" typed by
+# a user is five characters, never the EOS id.
+PROMPT_RULE = 2                # chat_config.json "prompt_rule": the rule a model folder was trained with
 QUESTION_LABEL = "Вопрос: "
 ANSWER_LABEL = "Ответ: "
 TURN_SEPARATOR = "\n"
+FACTS_QUESTION = "Что ты обо мне знаешь?"
+DEFAULT_MAX_TURNS = 16         # the turn window of a model folder whose chat_config.json records none
+LABEL_PATTERN = re.compile(r"(?i)\b(вопрос|ответ)\s*:")
+
+
+def prepare_turn(text):
+    """A turn as a prompt holds it: Unicode NFC, one line with single spaces (a newline
+    separates turns), and a label inside it ("Ответ:") made "Ответ -", so that a user
+    cannot start a turn of their own."""
+    text = " ".join(unicodedata.normalize("NFC", text).split())
+    return LABEL_PATTERN.sub(lambda m: m.group(1) + " -", text)
+
+
+def header_text(persona=None, facts=None):
+    """The exchanges every prompt starts with: the persona, then what the bot knows about the user."""
+    lines = []
+    if persona:
+        lines += [QUESTION_LABEL + prepare_turn(persona["question"]), ANSWER_LABEL + prepare_turn(persona["answer"])]
+    if facts:
+        lines += [QUESTION_LABEL + FACTS_QUESTION, ANSWER_LABEL + prepare_turn(facts)]
+    return "".join(line + TURN_SEPARATOR for line in lines)
+
+
+def prompt_text(turns, persona=None, facts=None):
+    """The prompt for turns (oldest first, the user's question last), ending at the answer label's colon."""
+    count = len(turns)
+    lines = [(QUESTION_LABEL if (count - 1 - i) % 2 == 0 else ANSWER_LABEL) + prepare_turn(turn)
+             for i, turn in enumerate(turns)]
+    return header_text(persona, facts) + "".join(line + TURN_SEPARATOR for line in lines) + ANSWER_LABEL.rstrip()
+
+
+def encode_text(tokenizer, text):
+    """Token ids of text, taken as plain text: nothing added (no BOS, no EOS), and the spelling
+    of a special token ("</s>") tokenized as the characters it is."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+
+
+def answer_ids(tokenizer, answer):
+    """The answer as the model learns to write it after a prompt: its first word with its
+    leading space, then the tokenizer's own EOS."""
+    return encode_text(tokenizer, " " + prepare_turn(answer)) + [tokenizer.eos_token_id]
+
+
+def first_fitting(starts, fits):
+    """The smallest of the sorted starts that fits (a later start leaves less text), else None."""
+    lo, hi = 0, len(starts)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(starts[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return starts[lo] if lo < len(starts) else None
+
+
+def fit_question(tokenizer, question, budget, persona=None, facts=None):
+    """The longest end of the (prepared) question whose prompt fits in budget tokens, cut
+    before a word where one fits; None when not even an empty question fits. The end is
+    kept: people ask after the material."""
+    def fits(start):
+        return len(encode_text(tokenizer, prompt_text([question[start:]], persona, facts))) <= budget
+
+    if fits(0):
+        return question
+    if not fits(len(question)):
+        return None
+    word_starts = [i for i in range(1, len(question)) if question[i - 1] == " "]
+    start = first_fitting(word_starts, fits)
+    if start is None:  # not even the last word fits: keep the end of it
+        start = first_fitting(list(range((word_starts or [0])[-1] + 1, len(question) + 1)), fits)
+    return question[start:]
+
+
+def fit_prompt(tokenizer, turns, max_turns, budget, persona=None, facts=None):
+    """Prompt ids for a conversation (turns oldest first, the user's question last): the
+    persona, the facts when they fit beside it, the question (its end, if it alone is too
+    long), and the newest earlier turns that fit the turn window (max_turns turns, the
+    question included) and budget tokens; the oldest go first. None when not even the
+    persona and an empty question fit."""
+    turns = [prepare_turn(turn) for turn in turns[-max_turns:]]
+    if facts and len(encode_text(tokenizer, prompt_text([""], persona, facts))) > budget:
+        facts = None
+    whole = encode_text(tokenizer, prompt_text(turns, persona, facts))
+    if len(whole) <= budget:
+        return whole
+    question = fit_question(tokenizer, turns[-1], budget, persona, facts)
+    if question is None:
+        return None
+    earlier = turns[:-1]
+
+    def encoded(count):  # the prompt with the newest `count` earlier turns
+        return encode_text(tokenizer, prompt_text(earlier[len(earlier) - count:] + [question], persona, facts))
+
+    lo, hi = 0, len(earlier) - 1  # the prompt with lo earlier turns fits (all of them did not)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(encoded(mid)) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return encoded(lo)
+
+
+def encode_exchange(tokenizer, turns, answer, max_turns, context_tokens, max_length, persona=None, facts=None):
+    """(prompt ids, answer ids) of one exchange, as training learns it and perplexity.py and
+    evaluate.py score it; None when the answer leaves no room for a prompt. The answer is
+    never cut: the prompt gets context_tokens, or less where a long answer leaves less of
+    max_length."""
+    target = answer_ids(tokenizer, answer)
+    prompt = fit_prompt(tokenizer, turns, max_turns, min(context_tokens, max_length - len(target)), persona, facts)
+    return None if prompt is None else (prompt, target)
+
+
+def prompt_window(chat_config, n_positions, max_new_tokens, max_turns=None, context_tokens=None):
+    """(turn window, prompt budget in tokens, warning lines) for a model folder: what training
+    recorded in chat_config.json, or what --max-turns / --context-tokens ask for (a warning
+    where that is more than the model was trained on). The budget leaves max_new_tokens of
+    the model's positions for the reply."""
+    config = chat_config or {}
+    notes = []
+    rule = config.get("prompt_rule")
+    if chat_config is not None and rule is None:
+        notes.append("chat_config.json records no prompt_rule: the model was trained by an older kit, on "
+                        "prompts that end in 'Ответ: ' with a space; retrain it for the prompts it is given now")
+    elif chat_config is not None and rule != PROMPT_RULE:
+        notes.append(f"chat_config.json has prompt_rule {rule!r}, this kit builds prompts by rule "
+                        f"{PROMPT_RULE}: they may differ from the ones the model was trained on")
+    trained_turns = int(config.get("max_turns") or DEFAULT_MAX_TURNS)
+    trained_tokens = int(config.get("context_tokens") or n_positions - max_new_tokens)
+    turns, tokens = int(max_turns or trained_turns), int(context_tokens or trained_tokens)
+    if turns > trained_turns:
+        notes.append(f"--max-turns {turns}: the model was trained on at most {trained_turns} turns before "
+                        f"the answer")
+    if tokens > trained_tokens:
+        notes.append(f"--context-tokens {tokens}: the model was trained on prompts of at most "
+                        f"{trained_tokens} tokens")
+    return turns, min(tokens, n_positions - max_new_tokens), notes
+# --- end of the prompt rule
+
+
+# --- decoding: the same block in system_prompt.py, tg_bot.py and evaluate.py (tests/test_prompt_rule.py checks)
+LEADING_LABELS = re.compile(r"^(?:\s*ответ\s*:)+", re.IGNORECASE)
+NEXT_TURN = re.compile(r"(?im)^[ \t]*(?:вопрос|ответ)[ \t]*:")
+# the model going on to write the next turn itself: a label that starts a line
+STOP_STRINGS = [TURN_SEPARATOR + QUESTION_LABEL.strip(), TURN_SEPARATOR + ANSWER_LABEL.strip()]
+
+
+class OnReplyOnly:
+    """A transformers logits processor that sees the reply's tokens only, input_ids[:, prompt_length:].
+
+    transformers' n-gram blocking looks at the whole sequence, prompt included, so it
+    bans the question's words and the name a user gave, which an answer on topic and a
+    bot that remembers must repeat. Rows of a left-padded batch share prompt_length."""
+
+    def __init__(self, processor, prompt_length):
+        self.processor, self.prompt_length = processor, prompt_length
+
+    def __call__(self, input_ids, scores):
+        return self.processor(input_ids[:, self.prompt_length:], scores)
+
+
+def reply_processors(generation, prompt_length):
+    """Repetition penalty and n-gram blocking of the generation settings (chat_config.json),
+    applied to the reply being generated and never to the prompt."""
+    from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+    processors = []
+    penalty = float(generation.get("repetition_penalty") or 1.0)
+    if penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=prompt_length))
+    size = int(generation.get("no_repeat_ngram_size") or 0)
+    if size > 0:
+        processors.append(OnReplyOnly(NoRepeatNGramLogitsProcessor(size), prompt_length))
+    return processors
+
+
+def cut_at_next_turn(text):
+    """The reply without an echoed answer label, cut where the model went on to write the
+    next turn itself: at a label that starts a line, never at "вопрос:" inside a sentence."""
+    text = LEADING_LABELS.sub("", text)
+    label = NEXT_TURN.search(text)
+    return text[:label.start()] if label else text
+# --- end of the decoding block
+
+
+# --- mirrored in system_prompt.py and tg_bot.py (tests/test_system_prompt.py checks they agree)
 CHAT_CONFIG_NAME = "chat_config.json"
 FALLBACK_REPLY = "Простите, не понял вопрос. Можете сказать иначе?"
 DEFAULT_PERSONA = {"question": "Кто ты?", "answer": "Я дружелюбный помощник. Отвечаю коротко и по делу."}
 DEFAULT_GENERATION = {"max_new_tokens": 64, "do_sample": True, "temperature": 0.7, "top_p": 0.9,
                       "top_k": 50, "repetition_penalty": 1.15, "no_repeat_ngram_size": 3}
 MIN_QUESTION_TOKENS = 16  # a budget that leaves less room than this for the user's words is a misconfiguration
-LABEL_PATTERN = re.compile(r"(?i)\b(вопрос|ответ)\s*:")
-LEADING_LABELS = re.compile(r"^(?:\s*ответ\s*:)+", re.IGNORECASE)
 MARKDOWN_LINK = re.compile(r"!?\[([^\]\n]*)\]\([^)\n]*\)")
 HTML_TAG = re.compile(r"</?[A-Za-z!|][^<>\n]{0,200}>")
 URL = re.compile(r"(?i)\b(?:https?://|ftp://|www\.|t\.me/)\S+")
@@ -160,85 +362,20 @@ class UserError(Exception):
     """A mistake in the user's input: reported as one line, exit code 1."""
 
 
-def neutralise_labels(text):
-    # "Ответ:" inside a user's text would otherwise start a fake turn in the prompt.
-    return LABEL_PATTERN.sub(lambda m: m.group(1) + " -", text)
-
-
-def prepare_turn(text):
-    # A newline separates turns in the prompt, so a turn must be one line.
-    return " ".join(neutralise_labels(text).split())
-
-
-def turn_label(index, count):
-    # Counted backwards from the answer: the turn right before it is always a question.
-    return QUESTION_LABEL if (count - 1 - index) % 2 == 0 else ANSWER_LABEL
-
-
-def render_prompt(persona, turns):
-    """The prompt text for prepared turns (oldest first, the last one the user's)."""
-    lines = []
-    if persona:
-        lines += [QUESTION_LABEL + prepare_turn(persona["question"]), ANSWER_LABEL + prepare_turn(persona["answer"])]
-    lines += [turn_label(i, len(turns)) + turn for i, turn in enumerate(turns)]
-    return TURN_SEPARATOR.join(lines) + TURN_SEPARATOR + ANSWER_LABEL
-
-
-def count_tokens(tokenizer, text):
-    # The same call generate_reply makes, so the count is what the model will see.
-    return len(tokenizer(text)["input_ids"])
-
-
-def fit_latest_turn(turn, persona, tokenizer, budget):
-    """The user's new turn, cut to what the budget leaves beside the persona.
-    The end is kept: people tend to put the question after the material."""
-    if count_tokens(tokenizer, render_prompt(persona, [turn])) <= budget:
-        return turn
-    room = budget - count_tokens(tokenizer, render_prompt(persona, [""]))
-    ids = tokenizer(turn, add_special_tokens=False)["input_ids"]
-    while room > 0:
-        # A cut can split a multi-byte character; drop the broken piece.
-        text = tokenizer.decode(ids[-room:], skip_special_tokens=True).replace("\ufffd", "").strip()
-        if count_tokens(tokenizer, render_prompt(persona, [text])) <= budget:
-            return text
-        room -= 1
-    return ""
-
-
-def build_prompt(history, persona, tokenizer, budget):
-    """The prompt for `history` (turns oldest first, alternating user/bot, the last
-    the user's new message): the persona plus as many of the latest turns as fit in
-    `budget` tokens, counted with the model's own tokenizer."""
-    turns = [prepare_turn(turn) for turn in history]
-    turns[-1] = fit_latest_turn(turns[-1], persona, tokenizer, budget)
-    used = count_tokens(tokenizer, render_prompt(persona, turns[-1:]))
-    start = len(turns) - 1
-    while start > 0:
-        line = turn_label(start - 1, len(turns)) + turns[start - 1] + TURN_SEPARATOR
-        cost = count_tokens(tokenizer, line)
-        if used + cost > budget:
-            break
-        used += cost
-        start -= 1
-    if (len(turns) - start) % 2 == 0:
-        start += 1  # begin at a user's turn, so a question follows the persona's answer
-    prompt = render_prompt(persona, turns[start:])
-    # Per-line counts can differ from the whole when the tokenizer merges across lines.
-    while count_tokens(tokenizer, prompt) > budget and start < len(turns) - 1:
-        start += 2
-        prompt = render_prompt(persona, turns[start:])
-    return prompt
+def chat_prompt_ids(history, settings, tokenizer):
+    """The prompt's token ids for `history` (turns oldest first, alternating user/bot, the
+    last the user's new message): the prompt rule with the model's turn window and budget,
+    the ids the model is fed as they are."""
+    return fit_prompt(tokenizer, history, settings["max_turns"], settings["budget"], settings["persona"],
+                      settings.get("facts"))
 
 
 def clean_reply(text, eos_token=None):
-    """The model's raw continuation made fit to show: cut at EOS or at the next
-    label, stripped of markup, links and label leakage; a fallback when empty."""
+    """The model's raw continuation made fit to show: cut at EOS or at a label that
+    starts a line, stripped of markup, links and label leakage; a fallback when empty."""
     if eos_token and eos_token in text:
         text = text[:text.index(eos_token)]
-    text = LEADING_LABELS.sub("", text)  # the model echoing "Ответ:" before its answer
-    label = LABEL_PATTERN.search(text)
-    if label:
-        text = text[:label.start()]  # the model went on to write the next turn itself
+    text = cut_at_next_turn(text)
     text = html.unescape(text)
     text = MARKDOWN_LINK.sub(r"\1", text)
     text = HTML_TAG.sub(" ", text)
@@ -413,13 +550,14 @@ def load_weights(chat, quantize="auto", threads=0):
     if chat["device"] == "cpu":
         torch.set_num_threads(chat["threads"])
     # Built once: the criterion is stateless, and building it scans the whole vocabulary.
-    chat["stop"] = StoppingCriteriaList([StopStringCriteria(chat["tokenizer"],
-                                                            [QUESTION_LABEL.strip(), ANSWER_LABEL.strip()])])
+    chat["stop"] = StoppingCriteriaList([StopStringCriteria(chat["tokenizer"], STOP_STRINGS)])
     return chat
 
 
 def resolve_settings(args, chat):
-    """Generation settings and the prompt budget: flags over chat_config.json over defaults."""
+    """Generation settings, persona, turn window and prompt budget: flags over
+    chat_config.json over defaults. settings["warnings"] holds a line for each setting
+    the model was not trained with, for the caller to show."""
     generation = dict(DEFAULT_GENERATION)
     generation.update(chat["chat_config"].get("generation") or {})
     source = {key: f"{chat['config_path'] or 'default'} generation.{key}" for key in generation}
@@ -441,16 +579,22 @@ def resolve_settings(args, chat):
         persona = None
     elif args.persona is not None:
         persona = {"question": (persona or DEFAULT_PERSONA)["question"], "answer": args.persona}
-    room = chat["n_positions"] - int(generation["max_new_tokens"])
-    budget = args.context_tokens or chat["chat_config"].get("context_tokens") or room
-    budget = min(int(budget), room)
-    spare = budget - count_tokens(chat["tokenizer"], render_prompt(persona, [""]))
+    max_turns = getattr(args, "max_turns", None)
+    if max_turns is not None and max_turns < 1:
+        raise UserError("--max-turns must be at least 1")
+    if args.context_tokens is not None and args.context_tokens < 1:
+        raise UserError("--context-tokens must be at least 1")
+    max_turns, budget, warnings = prompt_window(chat["chat_config"] if chat["config_path"] else None,
+                                                chat["n_positions"], int(generation["max_new_tokens"]), max_turns,
+                                                args.context_tokens)
+    spare = budget - len(encode_text(chat["tokenizer"], prompt_text([""], persona)))
     if spare < MIN_QUESTION_TOKENS:
         raise UserError(f"a prompt budget of {budget} tokens (--context-tokens or context_tokens of "
                         f"{chat['config_path'] or 'the defaults'}, at most the model's {chat['n_positions']} "
                         f"positions minus {generation['max_new_tokens']} new tokens) leaves {spare} tokens beside "
                         f"the persona; at least {MIN_QUESTION_TOKENS} are needed")
-    return {"generation": generation, "persona": persona, "budget": budget}
+    return {"generation": generation, "persona": persona, "facts": None, "max_turns": max_turns, "budget": budget,
+            "warnings": warnings}
 
 
 class TopKTopPSampler(LogitsProcessor):
@@ -471,26 +615,29 @@ class TopKTopPSampler(LogitsProcessor):
 
 
 def generate_ids(chat, settings, prompts):
-    """The new token ids for each prompt, generated as one batch, each row cut at
-    its own EOS. Prompts are padded on the left so that all of them end where
-    generation starts; a row that is done gets pad tokens while the others go on."""
+    """The new token ids for each prompt (a list of token ids, as chat_prompt_ids gives it),
+    generated as one batch, each row cut at its own EOS. Prompts are padded on the left so
+    that all of them end where generation starts; a row that is done gets pad tokens while
+    the others go on."""
     tokenizer, generation = chat["tokenizer"], settings["generation"]
-    inputs = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(chat["device"])
-    options = {"max_new_tokens": int(generation["max_new_tokens"]), "do_sample": bool(generation["do_sample"]),
-               "repetition_penalty": float(generation["repetition_penalty"]),
-               "no_repeat_ngram_size": int(generation.get("no_repeat_ngram_size") or 0),
+    inputs = tokenizer.pad({"input_ids": [list(ids) for ids in prompts]}, padding=True, padding_side="left",
+                           return_tensors="pt").to(chat["device"])
+    width = inputs["input_ids"].shape[1]
+    # transformers' own penalty and n-gram blocking would look at the prompt too: off, and ours instead
+    processors = reply_processors(generation, width)
+    options = {"max_new_tokens": int(generation["max_new_tokens"]), "do_sample": False,
+               "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
                "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
                "stopping_criteria": chat["stop"]}
     if generation.get("min_new_tokens"):
         options["min_new_tokens"] = int(generation["min_new_tokens"])  # fixed-length replies, for benchmarks
-    if options["do_sample"]:
-        sampler = TopKTopPSampler(float(generation["temperature"]), int(generation.get("top_k") or 0),
-                                  float(generation["top_p"]))
-        options.update(do_sample=False, logits_processor=LogitsProcessorList([sampler]))
+    if generation["do_sample"]:
+        processors.append(TopKTopPSampler(float(generation["temperature"]), int(generation.get("top_k") or 0),
+                                          float(generation["top_p"])))
     with torch.inference_mode():
-        output = chat["model"].generate(**inputs, **options)
+        output = chat["model"].generate(**inputs, **options, logits_processor=LogitsProcessorList(processors))
     rows = []
-    for row in output[:, inputs["input_ids"].shape[1]:].tolist():
+    for row in output[:, width:].tolist():
         if tokenizer.eos_token_id in row:
             row = row[:row.index(tokenizer.eos_token_id)]
         rows.append(row)
@@ -502,12 +649,12 @@ def decode_reply(tokenizer, ids):
 
 
 def generate_replies(chat, settings, prompts):
-    """The model's cleaned answers to prompts, generated together."""
+    """The model's cleaned answers to prompts (lists of token ids), generated together."""
     return [decode_reply(chat["tokenizer"], ids) for ids in generate_ids(chat, settings, prompts)]
 
 
 def generate_reply(chat, settings, prompt):
-    """The model's cleaned answer to a prompt."""
+    """The model's cleaned answer to a prompt (a list of token ids)."""
     return generate_replies(chat, settings, [prompt])[0]
 # --- end of the mirrored part
 
@@ -1366,10 +1513,10 @@ class ChatBot:
         # In a group, whose words a turn holds: one member's words are not another's.
         turns = [f"{who}: {said}" if who else said for who, said in history + [(speaker, text)]]
         with self.tokenizers.borrow() as tokenizer:
-            prompt = build_prompt(turns, self.settings["persona"], tokenizer, self.settings["budget"])
-            tokens = count_tokens(tokenizer, prompt)
-        if self.log_prompts:
-            log.info("prompt chat=%s: %s", chat_id, json.dumps(prompt, ensure_ascii=False))
+            prompt = chat_prompt_ids(turns, self.settings, tokenizer)
+            if self.log_prompts:
+                log.info("prompt chat=%s: %s", chat_id, json.dumps(tokenizer.decode(prompt), ensure_ascii=False))
+        tokens = len(prompt)
         with keep_typing(lambda: self.bot.send_chat_action(chat_id, "typing")):
             request = self.batcher.submit(prompt, tokens, announced=True)
             self.local.announced = False
@@ -1577,7 +1724,11 @@ def build_parser():
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--repetition-penalty", type=float, help="must be >= 1.0")
-    parser.add_argument("--context-tokens", type=int, help="prompt budget in tokens (default: chat_config.json)")
+    parser.add_argument("--context-tokens", type=int,
+                        help="prompt budget in tokens (default: chat_config.json, what the model was trained with)")
+    parser.add_argument("--max-turns", type=int,
+                        help="turns of the conversation in the prompt, the new message included (default: "
+                             "chat_config.json, what the model was trained with)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--token-file", help=f"file holding the bot token (default: ${TOKEN_ENV})")
     parser.add_argument("--api-url", default=os.environ.get(API_URL_ENV),
@@ -1675,6 +1826,8 @@ def run(args, token):
     bot, me = connect(token, args.api_url)
     chat = open_model_folder(args.model, args.device)
     settings = resolve_settings(args, chat)
+    for warning in settings["warnings"]:
+        log.warning("%s", warning)
     # Opened only once the settings are known to be good, so a mistake leaves no new file behind.
     store = HistoryStore(args.db)
     try:

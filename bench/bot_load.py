@@ -109,7 +109,7 @@ def write_model_folder(folder, new_tokens, seed):
     tokenizer.save_pretrained(folder)
     chat_config = {"format_version": 1, "question_label": "Вопрос: ", "answer_label": "Ответ: ", "turn_separator": "\n",
                    "persona": {"question": "Кто ты?", "answer": "Я дружелюбный помощник. Отвечаю коротко и по делу."},
-                   "context_tokens": N_POSITIONS - new_tokens, "max_turns": 4,
+                   "context_tokens": N_POSITIONS - new_tokens, "max_turns": 4, "prompt_rule": 2,
                    "generation": {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": True,
                                   "temperature": 0.7, "top_p": 0.9, "top_k": 50, "repetition_penalty": 1.15,
                                   "no_repeat_ngram_size": 3}}

@@ -213,10 +213,11 @@ def test_three_turns_the_prompt_holds_the_earlier_ones(live, tokenizer):
     prompts = live.prompts(102)
     assert len(prompts) == 3
     history = ["Привет! Меня зовут Аня.", first, "Я живу в Казани.", second, "Ответ: как меня зовут?"]
-    assert prompts[2] == tg_bot.build_prompt(history, PERSONA, tokenizer, budget())
+    settings = {"persona": PERSONA, "facts": None, "max_turns": tiny_model.CHAT_CONFIG["max_turns"], "budget": budget()}
+    assert prompts[2] == tokenizer.decode(tg_bot.chat_prompt_ids(history, settings, tokenizer))
     assert f"Вопрос: Привет! Меня зовут Аня.\nОтвет: {first}\nВопрос: Я живу в Казани.\nОтвет: {second}\n" \
         in prompts[2]
-    assert prompts[2].endswith("\nВопрос: Ответ - как меня зовут?\nОтвет: ")
+    assert prompts[2].endswith("\nВопрос: Ответ - как меня зовут?\nОтвет:")
     assert any(action["chat_id"] == 102 and action["action"] == "typing" for action in live.api.actions)
 
 
@@ -224,7 +225,7 @@ def test_reset_empties_the_history(live):
     say(live, 102, "/reset", 4)
     assert live.api.messages_to(102)[3]["text"] == tg_bot.RESET_TEXT
     say(live, 102, "Что ты помнишь?", 5)
-    assert live.prompts(102)[-1] == tg_bot.render_prompt(PERSONA, ["Что ты помнишь?"])
+    assert live.prompts(102)[-1] == tg_bot.prompt_text(["Что ты помнишь?"], PERSONA)
 
 
 def test_messages_of_one_chat_wait_their_turn(live):
@@ -234,8 +235,8 @@ def test_messages_of_one_chat_wait_their_turn(live):
     prompts = live.prompts(103)
     assert len(prompts) == 3
     # Had they run at once, the third prompt would not hold the first two exchanges.
-    assert f"Вопрос: Первое сообщение\nОтвет: {replies[0]}\nВопрос: Второе сообщение\nОтвет: {replies[1]}\n" \
-           f"Вопрос: Третье сообщение\nОтвет: " in prompts[2]
+    assert prompts[2].endswith(f"Вопрос: Первое сообщение\nОтвет: {replies[0]}\nВопрос: Второе сообщение\n"
+                               f"Ответ: {replies[1]}\nВопрос: Третье сообщение\nОтвет:")
 
 
 def test_twenty_chats_at_once_all_get_their_replies(live):
@@ -246,7 +247,7 @@ def test_twenty_chats_at_once_all_get_their_replies(live):
     for chat_id in chats:
         assert len(live.api.messages_to(chat_id)) == 1
         [prompt] = live.prompts(chat_id)
-        assert prompt.endswith(f"\nВопрос: Вопрос из чата {chat_id}\nОтвет: ")
+        assert prompt.endswith(f"\nВопрос: Вопрос из чата {chat_id}\nОтвет:")
 
 
 def test_sticker_and_empty_message_get_a_polite_line(live):
@@ -264,7 +265,7 @@ def test_an_overlong_message_is_cut(live, tokenizer):
     text = " ".join(f"слово{i}" for i in range(400))
     say(live, 105, text, 1)
     [prompt] = live.prompts(105)
-    assert len(tokenizer(prompt)["input_ids"]) <= budget()
+    assert len(tg_bot.encode_text(tokenizer, prompt)) <= budget()
     question = prompt.split("\n")[-2]
     assert question.startswith("Вопрос: ") and question.endswith("слово399")
     assert len(question) <= len("Вопрос: ") + MAX_INPUT_CHARS and "слово0 " not in question
@@ -284,9 +285,9 @@ def test_in_a_group_only_mentions_and_replies_are_answered(live):
     prompts = live.prompts(group)
     assert len(prompts) == 2 and "болтаем" not in prompts[1]
     # Each group turn says whose words it holds.
-    assert prompts[0].endswith("Вопрос: user150: привет, бот\nОтвет: ")
+    assert prompts[0].endswith("Вопрос: user150: привет, бот\nОтвет:")
     assert prompts[1].endswith(f"Вопрос: user150: привет, бот\nОтвет: {first['text']}\n"
-                               f"Вопрос: user151: а поподробнее?\nОтвет: ")
+                               f"Вопрос: user151: а поподробнее?\nОтвет:")
 
 
 def test_an_idle_conversation_starts_afresh(live):
@@ -295,7 +296,7 @@ def test_an_idle_conversation_starts_afresh(live):
         db.executemany("INSERT INTO messages (chat_id, role, text, created) VALUES (109, ?, ?, ?)",
                        [("user", "Давний вопрос", two_hours_ago), ("bot", "Давний ответ", two_hours_ago)])
     reply = say(live, 109, "Новый разговор", 1)
-    assert live.prompts(109) == [tg_bot.render_prompt(PERSONA, ["Новый разговор"])]
+    assert live.prompts(109) == [tg_bot.prompt_text(["Новый разговор"], PERSONA)]
 
     def stored():  # the exchange is written right after the reply is sent
         with sqlite3.connect(live.db) as db:

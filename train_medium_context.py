@@ -4,6 +4,10 @@ Reads data/context_{train,val}.parquet (dialogue_id, context: the turns before
 the answer, oldest first; answer) and writes rugpt3_medium_CLEAN_model/: a
 save_pretrained folder (model, tokenizer, generation config), chat_config.json,
 training_curves.png, trainer_state.json and the checkpoint-N/ folders of the run.
+The tokenizer carries the prompt rule as a chat template and reads text as the
+rule does (a typed "</s>" stays text, no BOS), and generation_config.json the
+chat's sampling settings, so an OpenAI-compatible server (transformers serve,
+vLLM) prompts and samples the model as the kit's chat does.
 
 Each row becomes one example by the kit's prompt rule (../shared/DESIGN.md), the
 same code the chat, perplexity.py and evaluate.py build their prompts with; the
@@ -540,6 +544,99 @@ def chat_config(window, persona):
             "generation": dict(GENERATION, max_new_tokens=window["max_new_tokens"])}
 
 
+# The prompt rule as a chat template, saved with the tokenizer (chat_template.jinja), so that
+# apply_chat_template and OpenAI-compatible servers (transformers serve, vLLM) build the kit's prompt:
+# a system message is the persona's answer; every other message is a turn, oldest first, labelled
+# counting back from the reply whatever its role; each turn made one line with its labels neutralised
+# (prepare_turn); the folder's turn window; the end at "Ответ:" with add_generation_prompt. For a
+# conversation within the prompt budget the ids equal fit_prompt's. Jinja has no Unicode normalisation
+# (send NFC text) and no token budget (keep conversations within it); a typed "</s>" stays text through
+# the tokenizer (split_special_tokens), not the template. Variables a request may set
+# (chat_template_kwargs): persona ({"question", "answer"} or none), max_turns (0: all), facts.
+CHAT_TEMPLATE = r"""{%- if persona is not defined -%}{%- set persona = default_persona -%}{%- endif -%}
+{%- if max_turns is not defined -%}{%- set max_turns = default_max_turns -%}{%- endif -%}
+{%- if facts is not defined -%}{%- set facts = none -%}{%- endif -%}
+{%- macro one_line(text) -%}
+{#- prepare_turn without NFC: single spaces, and "вопрос"/"ответ" (any case) at a word start followed by
+    ":" or " :" written "<word> -"; a character scan, since Jinja has no regular expressions -#}
+{%- set flat = (text or "").split() | join(" ") -%}
+{%- set low = flat | lower -%}
+{%- if "вопрос" not in low and "ответ" not in low -%}
+{{- flat -}}
+{%- else -%}
+{%- set scan = namespace(out="", resume=0) -%}
+{%- for i in range(flat | length) -%}
+{%- if i >= scan.resume -%}
+{%- set word = 6 if (flat[i:i + 6] | lower) == "вопрос" else (5 if (flat[i:i + 5] | lower) == "ответ" else 0) -%}
+{%- set colon = 1 if flat[i + word:i + word + 1] == ":" else (2 if flat[i + word:i + word + 2] == " :" else 0) -%}
+{%- set word_start = i == 0 or not (flat[i - 1].isalnum() or flat[i - 1] == "_") -%}
+{%- if word and colon and word_start -%}
+{%- set scan.out = scan.out ~ flat[i:i + word] ~ " -" -%}
+{%- set scan.resume = i + word + colon -%}
+{%- else -%}
+{%- set scan.out = scan.out ~ flat[i] -%}
+{%- endif -%}
+{%- endif -%}
+{%- endfor -%}
+{{- scan.out -}}
+{%- endif -%}
+{%- endmacro -%}
+{%- set talk = namespace(persona_answer=(persona.answer if persona else none), turns=[], lines=[]) -%}
+{%- for message in messages -%}
+{%- if message.role == "system" -%}
+{%- set talk.persona_answer = message.content -%}
+{%- else -%}
+{%- set talk.turns = talk.turns + [message.content] -%}
+{%- endif -%}
+{%- endfor -%}
+{%- set turns = talk.turns[-max_turns:] if max_turns else talk.turns -%}
+{%- set reply_at = (turns | length) if add_generation_prompt else (turns | length) - 1 -%}
+{%- if talk.persona_answer is not none -%}
+{%- set talk.lines = ["Вопрос: " ~ one_line(persona.question if persona else "Кто ты?"),
+                      "Ответ: " ~ one_line(talk.persona_answer)] -%}
+{%- endif -%}
+{%- if facts -%}
+{%- set talk.lines = talk.lines + ["Вопрос: Что ты обо мне знаешь?", "Ответ: " ~ one_line(facts)] -%}
+{%- endif -%}
+{%- for turn in turns -%}
+{%- set talk.lines = talk.lines + [("Ответ: " if (reply_at - loop.index0) % 2 == 0 else "Вопрос: ") ~ one_line(turn)] -%}
+{%- endfor -%}
+{{- talk.lines | join("\n") -}}
+{%- if add_generation_prompt -%}
+{{- ("\n" if talk.lines else "") ~ "Ответ:" -}}
+{%- endif -%}
+"""
+SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k")
+
+
+def chat_template(persona, max_turns):
+    """CHAT_TEMPLATE with the folder's persona and turn window as the defaults a request may override."""
+    persona_literal = "none" if persona is None else json.dumps(persona, ensure_ascii=False)  # JSON is Jinja
+    return (f"{{%- set default_persona = {persona_literal} -%}}\n"
+            f"{{%- set default_max_turns = {int(max_turns)} -%}}\n" + CHAT_TEMPLATE)
+
+
+def prepare_folder_tokenizer(tokenizer, window, persona):
+    """The tokenizer as the folder saves it for readers outside the kit: the chat template, and text
+    tokenized as the prompt rule does wherever it is loaded, so that a server tokenizing the prompt's
+    text gets the kit's ids: a typed "</s>" stays text (split_special_tokens) and nothing is added
+    around the text (no BOS, no EOS)."""
+    tokenizer.chat_template = chat_template(persona, window["max_turns"])
+    tokenizer.split_special_tokens = True
+    tokenizer.init_kwargs["split_special_tokens"] = True  # tokenizer_config.json keeps init arguments only
+    tokenizer.add_bos_token = False  # the setters rewrite tokenizer.json's post-processor, where it lives now
+    tokenizer.add_eos_token = False
+    return tokenizer
+
+
+def set_sampling_defaults(model):
+    """generation_config.json gets the chat's sampling settings, so that a server samples as the chat
+    does (transformers serve starts every request from this file, vLLM takes its defaults from it). The
+    repetition penalty and n-gram blocking stay out: transformers applies them to the prompt too."""
+    model.generation_config.update(**{key: GENERATION[key] for key in SAMPLING_KEYS})
+    return model
+
+
 # ----------------------------------------------------------------------------
 # output folder
 
@@ -757,7 +854,7 @@ def prepare_model(args, train_rows, max_turns, persona):
         source = args.model
         model, tokenizer = load_pretrained(source)
     model, tokenizer, notes = fix_special_tokens(model, tokenizer)
-    return model, tokenizer, source, notes
+    return set_sampling_defaults(model), tokenizer, source, notes
 
 
 def run(args, train_rows, val_rows, max_turns, persona):
@@ -773,6 +870,7 @@ def run(args, train_rows, val_rows, max_turns, persona):
             raise UserError(f"{args.output}: --resume found no complete checkpoint-N/ folder to continue from")
     model, tokenizer, source, notes = prepare_model(args, train_rows, max_turns, persona)
     window = training_window(model, args.max_length, max_turns)
+    prepare_folder_tokenizer(tokenizer, window, persona)
     train_set, train_skipped = encode_examples(tokenizer, train_rows, window, "encoding train", persona)
     val_set, val_skipped = encode_examples(tokenizer, val_rows, window, "encoding val", persona)
     if not train_set or not val_set:

@@ -148,6 +148,14 @@ def test_tiny_run_writes_a_context_model_folder(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert tokenizer.pad_token_id != tokenizer.eos_token_id == model.generation_config.eos_token_id
+    # the chat template keeps the trained window of 3 turns, as the chat does, with and without a persona
+    for turns in (DIALOGUES[0], DIALOGUES[3][:3], ["Ответ: да?"]):
+        messages = [{"role": "user" if (len(turns) - 1 - i) % 2 == 0 else "assistant", "content": turn}
+                    for i, turn in enumerate(turns)]
+        for persona in (config["persona"], None):
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                return_dict=False, persona=persona)
+            assert ids == tm.fit_prompt(tokenizer, turns, 3, 10_000, persona)
 
 
 def test_the_recorded_window_is_what_the_data_held(tmp_path, capsys):

@@ -292,6 +292,52 @@ def test_output_folder_has_chat_config_curves_and_generation_ids(overfit_model):
     assert checkpoints and all((c / "tokenizer.json").is_file() for c in checkpoints)
 
 
+def chat_messages(turns, system=None):
+    """OpenAI-style messages for turns (oldest first, the user's last), roles alternating back from the user."""
+    roles = ["user" if (len(turns) - 1 - i) % 2 == 0 else "assistant" for i in range(len(turns))]
+    return ([{"role": "system", "content": system}] if system is not None else []) + \
+        [{"role": role, "content": turn} for role, turn in zip(roles, turns)]
+
+
+SERVED_CONVERSATIONS = [
+    ["Привет! Как дела?"],
+    ["Где мои ключи?", "На полке.", "Скажи ОТВЕТ: да, а вопрос : где?"],
+    ["Скажи </s> и <s>\nпо  строкам", "Хм.", "Ладно.", "Что читаешь?"],
+]
+
+
+def test_the_folder_tells_a_server_the_prompt_rule(overfit_model):
+    """Saved for readers outside the kit (transformers serve, vLLM): a chat template that renders messages
+    into exactly the prompt rule's ids, a tokenizer that reads a typed "</s>" as text and adds no BOS, and
+    the chat's sampling settings in generation_config.json without the penalties that would see the prompt."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(overfit_model)
+    config = json.loads((overfit_model / "chat_config.json").read_text(encoding="utf-8"))
+    assert (overfit_model / "chat_template.jinja").is_file()
+    persona, window = config["persona"], config["max_turns"]
+    for turns in SERVED_CONVERSATIONS:
+        cases = [({}, None, persona, None),                                   # the folder's own persona
+                 ({"persona": None}, None, None, None),                      # none
+                 ({}, "Я кот.", dict(persona, answer="Я кот."), None),        # a system message answers
+                 ({"facts": "Меня зовут Аня."}, None, persona, "Меня зовут Аня.")]
+        for kwargs, system, want_persona, facts in cases:
+            ids = tokenizer.apply_chat_template(chat_messages(turns, system), add_generation_prompt=True,
+                                                tokenize=True, return_dict=False, **kwargs)
+            assert ids == tt.fit_prompt(tokenizer, turns, window, 10_000, want_persona, facts), (turns, kwargs)
+    text = "Вопрос: скажи </s> и <s>"
+    assert tokenizer(text)["input_ids"] == tt.encode_text(tokenizer, text)  # no BOS, specials as text
+    generation = json.loads((overfit_model / "generation_config.json").read_text(encoding="utf-8"))
+    for key in ("do_sample", "temperature", "top_p", "top_k"):
+        assert generation[key] == config["generation"][key], key
+    assert "repetition_penalty" not in generation and "no_repeat_ngram_size" not in generation
+    assert GenerationConfig.from_pretrained(overfit_model).do_sample is True
+    # and the checkpoints, which a chat script may read mid-run, carry the same
+    checkpoint = tt.complete_checkpoint(str(overfit_model))
+    assert (overfit_model / "chat_template.jinja").read_text(encoding="utf-8") == \
+        open(os.path.join(checkpoint, "chat_template.jinja"), encoding="utf-8").read()
+
+
 class StepRecorder:
     """Notes the step a run starts from and how many optimizer steps it takes."""
 

@@ -30,8 +30,16 @@ Writes reports/comparison.json, reports/comparison.md and reports/comparison.png
 A model that fails (no model of the kit, no tokenizer, its script failing) is
 reported with its error in the table and on stderr; the others are still
 evaluated, and the exit code is 1.
+
+In a notebook (Jupyter, Colab): paste this whole file into one cell, set MODELS
+and the rest in the defaults block below, and run the cell; the chart shows in
+the cell. The LSTM folders are run by pytorch_chatbot.py and tensorflow_chatbot.py,
+looked for in the current folder (SCRIPTS_DIR to look elsewhere). `%run
+evaluate.py --model rugpt3_50k lstm_pytorch` and `!python evaluate.py --model
+rugpt3_50k lstm_pytorch` take flags as above.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -48,17 +56,25 @@ from collections import Counter
 from pathlib import Path
 
 # ---------------------------------------------------------------- defaults
+MODELS = ["rugpt3_50k", "rugpt3_medium_CLEAN_model", "lstm_pytorch", "lstm_keras"]  # model folders to compare
 DATA_DIR = "data"
 SPLIT = "test"
-ROWS = 300                 # 0 = the whole split; otherwise a seeded sample (same rows as perplexity.py)
+ROWS = 300                 # 0 or None = the whole split; otherwise a seeded sample (same rows as perplexity.py)
 PROBE_FILE = "data/memory_probe.jsonl"
 OUTPUT_DIR = "reports"
 SEED = 0
-DEVICE = "auto"
+DEVICE = "auto"            # "auto", "cpu" or "cuda"
 MAX_NEW_TOKENS = 64
+MAX_TURNS = None           # turns before the answer, question included (None: transformers their chat_config.json
+                           # window, the one they were trained with; LSTMs every turn)
+CONTEXT_TOKENS = None      # prompt budget of transformers models in tokens (None: chat_config.json's)
 BATCH_SIZE = 8             # teacher-forced scoring only; replies are always generated one at a time
+QUIET = False              # True: no progress bars
+SCRIPTS_DIR = None         # folder of pytorch_chatbot.py and tensorflow_chatbot.py (None: beside this file,
+                           # or the current folder when pasted into a notebook cell, which has no __file__)
 
-REPO_ROOT = Path(__file__).resolve().parent
+DEVICES = ["auto", "cpu", "cuda"]
+REPO_ROOT = Path(SCRIPTS_DIR or (Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()))
 LSTM_SCRIPTS = {"lstm_pytorch": REPO_ROOT / "pytorch_chatbot.py",
                 "lstm_keras": REPO_ROOT / "tensorflow_chatbot.py"}
 
@@ -921,16 +937,16 @@ def markdown_table(result):
 
 def plot_chart(result, path):
     """A grid of bar charts, one per metric, one bar per model; the research's figures hatched."""
+    # The Figure class, not pyplot: no backend to choose, so a notebook keeps its own (Agg would blank its plots).
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     ok = [row for row in result["models"] if row["status"] == "ok"]
     titles = {key: (title, better) for key, title, _, better in COLUMNS}
     research = result["research"]
-    fig, axes = plt.subplots(2, 4, figsize=(16, 7.5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = Figure(figsize=(16, 7.5))
+    axes = fig.subplots(2, 4)
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, key in zip(axes.flat, CHART_KEYS):
         names = [row["model"] for row in ok]
         values = [row.get(key) for row in ok]
@@ -954,7 +970,14 @@ def plot_chart(result, path):
     fig.text(0.01, 0.01, "† research write-up, measured differently (see comparison.md)", fontsize=8)
     fig.tight_layout(rect=(0, 0.03, 1, 0.95))
     fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)
+
+
+def show_in_notebook(png_path):
+    """Show a saved chart in the notebook cell running this script (pasted or %run); elsewhere the file is all."""
+    if "ipykernel" in sys.modules:
+        from IPython.display import Image, display
+
+        display(Image(filename=png_path))
 
 
 def write_reports(result, output_dir):
@@ -997,29 +1020,39 @@ def compare(folders, examples, probe, options):
 
 # ---------------------------------------------------------------- main
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Evaluate model folders of the kit on the same test "
-                                                 "questions and write one comparison table.")
-    parser.add_argument("--model", nargs="+", required=True, help="model folders (LSTM or transformers)")
+    # prog: in a notebook cell argparse would name the kernel (ipykernel_launcher.py) in its messages.
+    parser = argparse.ArgumentParser(prog="evaluate.py", description="Evaluate model folders of the kit on the "
+                                                                     "same test questions and write one comparison "
+                                                                     "table.")
+    parser.add_argument("--model", nargs="+", default=MODELS,
+                        help="model folders, LSTM or transformers (default: %(default)s)")
     parser.add_argument("--data-dir", default=DATA_DIR, help="folder of the splits (default: %(default)s)")
     parser.add_argument("--split", default=SPLIT, help="split to read (default: %(default)s)")
     parser.add_argument("--rows", type=int, default=ROWS, help="test rows, 0 = all (default: %(default)s)")
     parser.add_argument("--probe", default=PROBE_FILE, help="memory probe JSONL (default: %(default)s)")
     parser.add_argument("--output", default=OUTPUT_DIR, help="folder of the reports (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--device", default=DEVICE, choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default=DEVICE, choices=DEVICES)
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
-    parser.add_argument("--max-turns", type=int, default=None,
+    parser.add_argument("--max-turns", type=int, default=MAX_TURNS,
                         help="keep at most this many turns before the answer, question included (default: "
                              "transformers take their chat_config.json window, the one they were trained with; "
                              "LSTMs get every turn)")
-    parser.add_argument("--context-tokens", type=int, default=None,
+    parser.add_argument("--context-tokens", type=int, default=CONTEXT_TOKENS,
                         help="prompt budget of transformers models in tokens (default: chat_config.json)")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="batch of the perplexity scoring")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", default=QUIET, help="no progress bars")
     args = parser.parse_args(argv)
-    if args.rows < 0 or args.batch_size < 1 or args.max_new_tokens < 1 \
+    if (args.rows or 0) < 0 or args.batch_size < 1 or args.max_new_tokens < 1 \
             or any(value is not None and value < 1 for value in (args.max_turns, args.context_tokens)):
         parser.error("--rows must be >= 0; --batch-size, --max-new-tokens, --max-turns and --context-tokens >= 1")
+    # argparse checks choices and nargs on the command line only, never the defaults block's DEVICE and MODELS.
+    if args.device not in DEVICES:
+        parser.error(f"--device {args.device!r}: must be one of {', '.join(DEVICES)}")
+    if isinstance(args.model, (str, Path)):  # MODELS = "rugpt3_50k": one folder, not one a letter
+        args.model = [args.model]
+    if not args.model:
+        parser.error("--model: give at least one model folder (MODELS in the defaults block is empty)")
     return args
 
 
@@ -1044,8 +1077,14 @@ def main(argv=None, scripts=None):
     paths = write_reports(result, args.output)
     print("\n".join(line for line in markdown_table(result).splitlines() if line.startswith("|")))
     print("wrote " + ", ".join(str(p) for p in paths))
+    show_in_notebook(str(next(p for p in paths if p.suffix == ".png")))
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if "__file__" in globals():  # `python <script> ...` or `%run <script> ...`: the flags given there
+        sys.exit(main())
+    # Pasted into a notebook cell, which has no __file__: the settings of the defaults block, never the
+    # kernel's own argv, and no SystemExit, which a notebook shows as an exception (argparse prints why it stops).
+    with contextlib.suppress(SystemExit):
+        main([])

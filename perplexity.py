@@ -34,8 +34,14 @@ Run it:
 
 Writes reports/perplexity_<model>.json and .md, and prints the figures with a
 one-line reading.
+
+In a notebook (Jupyter, Colab): paste this whole file into one cell, set MODEL
+and the rest in the defaults block below, and run the cell. `%run perplexity.py
+--model rugpt3_50k` and `!python perplexity.py --model rugpt3_50k` take flags
+as above.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -45,16 +51,21 @@ import unicodedata
 from pathlib import Path
 
 # ---------------------------------------------------------------- defaults
+MODEL = "rugpt3_50k"   # model folder or checkpoint-N/ folder
 DATA_DIR = "data"
 SPLIT = "test"
 OUTPUT_DIR = "reports"
-ROWS = 2000            # 0 = the whole split; otherwise a seeded sample of this many rows
+ROWS = 2000            # 0 or None = the whole split; otherwise a seeded sample of this many rows
 BATCH_SIZE = 8
-DEVICE = "auto"
+DEVICE = "auto"        # "auto", "cpu" or "cuda"
 SEED = 0
+NO_PERSONA = False     # True: leave the chat_config persona out of prompts
+MAX_TURNS = None       # turns in a prompt, the question included (None: chat_config.json's, as trained)
+CONTEXT_TOKENS = None  # prompt budget in tokens (None: chat_config.json's, as trained)
 
 DEFAULT_MAX_NEW_TOKENS = 64   # the reply's room where a folder's chat_config.json does not say
 
+DEVICES = ["auto", "cpu", "cuda"]
 CONTEXT_COLUMNS = ("dialogue_id", "context", "answer")
 PAIRS_COLUMNS = ("dialogue_id", "question", "answer")
 
@@ -556,25 +567,30 @@ def write_reports(report, output_dir):
 
 # ---------------------------------------------------------------- main
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Token-weighted perplexity of a transformers model "
-                                                 "folder on the test split.")
-    parser.add_argument("--model", required=True, help="model folder or checkpoint-N/ folder")
+    # prog: in a notebook cell argparse would name the kernel (ipykernel_launcher.py) in its messages.
+    parser = argparse.ArgumentParser(prog="perplexity.py", description="Token-weighted perplexity of a "
+                                                                       "transformers model folder on the test split.")
+    parser.add_argument("--model", default=MODEL, help="model folder or checkpoint-N/ folder (default: %(default)s)")
     parser.add_argument("--data-dir", default=DATA_DIR, help="folder of the splits (default: %(default)s)")
     parser.add_argument("--split", default=SPLIT, help="split to read (default: %(default)s)")
     parser.add_argument("--rows", type=int, default=ROWS, help="rows to score, 0 = all (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    parser.add_argument("--device", default=DEVICE, choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default=DEVICE, choices=DEVICES)
     parser.add_argument("--seed", type=int, default=SEED, help="seed of the row sample")
-    parser.add_argument("--no-persona", action="store_true", help="leave the chat_config persona out of prompts")
-    parser.add_argument("--max-turns", type=int, help="turns in a prompt, the question included (default: "
-                                                      "chat_config.json, what the model was trained with)")
-    parser.add_argument("--context-tokens", type=int, help="prompt budget in tokens (default: chat_config.json, "
-                                                           "what the model was trained with)")
+    parser.add_argument("--no-persona", action="store_true", default=NO_PERSONA,
+                        help="leave the chat_config persona out of prompts")
+    parser.add_argument("--max-turns", type=int, default=MAX_TURNS,
+                        help="turns in a prompt, the question included (default: chat_config.json, what the "
+                             "model was trained with)")
+    parser.add_argument("--context-tokens", type=int, default=CONTEXT_TOKENS,
+                        help="prompt budget in tokens (default: chat_config.json, what the model was trained with)")
     parser.add_argument("--output", default=OUTPUT_DIR, help="folder of the reports (default: %(default)s)")
     args = parser.parse_args(argv)
-    if args.rows < 0 or args.batch_size < 1 \
+    if (args.rows or 0) < 0 or args.batch_size < 1 \
             or any(value is not None and value < 1 for value in (args.max_turns, args.context_tokens)):
         parser.error("--rows must be >= 0; --batch-size, --max-turns and --context-tokens >= 1")
+    if args.device not in DEVICES:  # argparse checks choices on the command line only, never DEVICE in the block
+        parser.error(f"--device {args.device!r}: must be one of {', '.join(DEVICES)}")
     return args
 
 
@@ -599,4 +615,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if "__file__" in globals():  # `python <script> ...` or `%run <script> ...`: the flags given there
+        sys.exit(main())
+    # Pasted into a notebook cell, which has no __file__: the settings of the defaults block, never the
+    # kernel's own argv, and no SystemExit, which a notebook shows as an exception (argparse prints why it stops).
+    with contextlib.suppress(SystemExit):
+        main([])

@@ -37,7 +37,7 @@ CELL_TIMEOUT = 300  # seconds for one cell; the slowest here trains a tiny model
 
 # The scripts that follow the notebook pattern; the others' tests skip until they are added here.
 CONVERTED = {"parser_dataset.py", "cleaner_text.py", "create_dataset.py", "pytorch_chatbot.py",
-             "tensorflow_chatbot.py"}
+             "tensorflow_chatbot.py", "perplexity.py", "evaluate.py"}
 
 LSTM_TINY = {"EMB_DIM": 16, "HIDDEN": 32, "EPOCHS": 2, "BATCH_SIZE": 32, "VOCAB_SIZE": 500,
              "DEVICE": "cpu", "THREADS": 1, "SEED": 7}
@@ -483,35 +483,71 @@ def test_transformer_training_in_a_cell_shows_its_curves(folder, script):
 
 # ---- 8-9: measuring ----------------------------------------------------------------------------------
 def test_perplexity_in_a_cell(folder):
+    """The defaults block names the trainer's folder (MODEL); wrong settings in the block give one
+    `perplexity.py: error:` line, DEVICE included (argparse checks choices only for flags); %run takes flags."""
     script = "perplexity.py"
     need_converted(script)
     produce(folder, script)
-    cells = run_notebook(folder, [PROBE, cell(script, MODEL="no_such_model"),
-                                  cell(script, MODEL="rugpt3_50k", ROWS=8, DEVICE="cpu"), PROBE])
+    model = TRANSFORMER_MODELS["train_transformer.py"]
+    cells = run_notebook(folder, [
+        PROBE,
+        cell(script, MODEL="no_such_model"),
+        cell(script, DEVICE="tpu"),
+        cell(script, MAX_TURNS=0),
+        f"%run {REPO / script} --model {model} --rows 4 --device cpu --output reports_run",
+        cell(script, ROWS=8, DEVICE="cpu"),
+        PROBE,
+    ])
     assert_user_error(cells[1], script, "no_such_model")
-    assert_no_exception(cells[2])
-    report = json.loads((folder / "reports" / "perplexity_rugpt3_50k.json").read_text(encoding="utf-8"))
-    assert report
+    assert_user_error(cells[2], script, "--device 'tpu'", "must be one of")
+    assert_user_error(cells[3], script, "--max-turns")
+    assert_no_exception(cells[4])
+    assert json.loads((folder / "reports_run" / f"perplexity_{model}.json").read_text(encoding="utf-8"))[
+        "rows_scored"] == 4
+    assert_no_exception(cells[5])
+    report = json.loads((folder / "reports" / f"perplexity_{model}.json").read_text(encoding="utf-8"))
+    assert report["rows_scored"] == 8 and report["answer_perplexity"] > 1
+    assert "answer perplexity" in stream(cells[5], "stdout")
     assert kernel_state(cells[0]) == kernel_state(cells[-1])
 
 
 def test_evaluate_in_a_cell_shows_its_chart(folder):
+    """The defaults block's MODELS are the four folders the trainers write; the chart shows in the cell and the
+    kernel keeps its matplotlib backend; wrong settings give one `evaluate.py: error:` line."""
     script = "evaluate.py"
     need_converted(script)
     produce(folder, script)
     models = ["rugpt3_50k", "rugpt3_medium_CLEAN_model", "lstm_pytorch", "lstm_keras"]
+    probe = REPO / "data" / "memory_probe.jsonl"
     # A pasted cell has no __file__ to find the LSTM scripts beside; in Colab they are in the current folder.
-    common = {"ROWS": 6, "MAX_NEW_TOKENS": 8, "DEVICE": "cpu", "SCRIPTS_DIR": str(REPO),
-              "PROBE_FILE": str(REPO / "data" / "memory_probe.jsonl")}
-    cells = run_notebook(folder, [PROBE, cell(script, DATA_DIR="no_such_folder", MODELS=models, **common),
-                                  cell(script, MODELS=models, **common), PROBE])
+    common = {"ROWS": 6, "MAX_NEW_TOKENS": 8, "DEVICE": "cpu", "SCRIPTS_DIR": str(REPO), "PROBE_FILE": str(probe)}
+    cells = run_notebook(folder, [
+        PROBE,
+        cell(script, DATA_DIR="no_such_folder", **common),
+        cell(script, **{**common, "DEVICE": "tpu"}),
+        cell(script, MODELS=[], **common),
+        # One folder typed as a string, not a list, is that one folder (not one a letter).
+        cell(script, **{**common, "MODELS": "rugpt3_50k", "ROWS": 2, "OUTPUT_DIR": "reports_one"}),
+        f"%run {REPO / script} --model rugpt3_50k --rows 2 --max-new-tokens 4 --device cpu --quiet "
+        f"--probe {probe} --output reports_run",
+        cell(script, **common),
+        PROBE,
+    ])
     assert_user_error(cells[1], script, "no_such_folder")
-    assert_no_exception(cells[2])
+    assert_user_error(cells[2], script, "--device 'tpu'", "must be one of")
+    assert_user_error(cells[3], script, "--model")
+    for done, reports in ((cells[4], "reports_one"), (cells[5], "reports_run")):
+        assert_no_exception(done)
+        result = json.loads((folder / reports / "comparison.json").read_text(encoding="utf-8"))
+        assert [row["model"] for row in result["models"]] == ["rugpt3_50k"], reports
+        assert result["models"][0]["status"] == "ok" and result["settings"]["rows"] == 2, result["models"]
+    assert_no_exception(cells[6])
     result = json.loads((folder / "reports" / "comparison.json").read_text(encoding="utf-8"))
     assert [row["model"] for row in result["models"]] == models
     assert all(row["status"] == "ok" for row in result["models"]), result["models"]
     assert (folder / "reports" / "comparison.md").is_file() and (folder / "reports" / "comparison.png").is_file()
-    assert images(cells[2]), describe(cells[2])  # the chart, shown in the cell
+    assert images(cells[6]), describe(cells[6])  # the chart, shown in the cell
+    # The same backend as before: a script that forces Agg leaves every later plot of the notebook blank.
     assert kernel_state(cells[0]) == kernel_state(cells[-1])
 
 

@@ -271,15 +271,16 @@ def prompt_window(chat_config, n_positions, max_new_tokens, max_turns=None, cont
 # ----------------------------------------------------------------------------
 # examples
 
-def encode_example(tokenizer, turns, answer, window, persona=None):
+def encode_example(tokenizer, turns, answer, window, persona=None, facts=None):
     """input_ids/attention_mask/labels for one example, or None when the answer leaves no room.
 
-    The prompt rule builds it (fit_prompt, as the chat does): the persona, then the
-    newest turns within window["max_turns"] and window["context_tokens"], less where a
-    long answer leaves less of window["max_length"]; oldest turns go first, then the
-    start of the question; the answer is never cut."""
+    The prompt rule builds it (fit_prompt, as the chat does): the persona, the facts
+    exchange where it fits beside it, then the newest turns within window["max_turns"]
+    and window["context_tokens"], less where a long answer leaves less of
+    window["max_length"]; oldest turns go first, then the start of the question; the
+    answer is never cut."""
     exchange = encode_exchange(tokenizer, turns, answer, window["max_turns"], window["context_tokens"],
-                               window["max_length"], persona)
+                               window["max_length"], persona, facts)
     if exchange is None:
         return None
     prompt, target = exchange
@@ -288,18 +289,36 @@ def encode_example(tokenizer, turns, answer, window, persona=None):
             "labels": [IGNORE_INDEX] * len(prompt) + target}
 
 
+def row_parts(row):
+    """(turns, answer, facts) of a (turns, answer) or (turns, answer, facts) row."""
+    return (row[0], row[1], row[2] if len(row) > 2 else None)
+
+
 def encode_examples(tokenizer, rows, window, desc, persona=None):
-    """Encode (turns, answer) rows; returns the examples and how many were skipped."""
+    """Encode (turns, answer) or (turns, answer, facts) rows; returns the examples and how many were skipped."""
     from tqdm.auto import tqdm
 
     examples, skipped = [], 0
-    for turns, answer in tqdm(rows, desc=desc, unit="ex", mininterval=2, disable=len(rows) < 5000):
-        example = encode_example(tokenizer, turns, answer, window, persona)
+    for row in tqdm(rows, desc=desc, unit="ex", mininterval=2, disable=len(rows) < 5000):
+        turns, answer, facts = row_parts(row)
+        example = encode_example(tokenizer, turns, answer, window, persona, facts)
         if example is None:
             skipped += 1
         else:
             examples.append(example)
     return examples, skipped
+
+
+def facts_exchanges(tokenizer, rows, window, persona=None):
+    """How many rows' prompts hold the facts exchange: those with facts that fit beside the persona in
+    the prompt's budget (fit_prompt's own test; it leaves the exchange out where they do not)."""
+    count = 0
+    for row in rows:
+        _, answer, facts = row_parts(row)
+        if facts:
+            budget = min(window["context_tokens"], window["max_length"] - len(answer_ids(tokenizer, answer)))
+            count += len(encode_text(tokenizer, prompt_text([""], persona, facts))) <= budget
+    return count
 
 
 # ----------------------------------------------------------------------------
@@ -309,9 +328,12 @@ def encode_examples(tokenizer, rows, window, desc, persona=None):
 
 
 def read_context(path, max_turns, limit=None):
-    """[(turns, answer)] from a context_*.parquet file, keeping the last `max_turns` turns.
+    """[(turns, answer, facts)] from a context_*.parquet file, keeping the last `max_turns` turns.
 
-    Rows without context (a dialogue's first turn) have no question to answer and are left out."""
+    facts is the optional string column of that name (create_dataset.py: the answer to "Что ты обо
+    мне знаешь?" from what the user side said earlier), None where the file has no such column or
+    the row none. Rows without context (a dialogue's first turn) have no question to answer and are
+    left out."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -329,14 +351,21 @@ def read_context(path, max_turns, limit=None):
     if not (pa.types.is_list(context_type) or pa.types.is_large_list(context_type)) or \
             not (pa.types.is_string(context_type.value_type) or pa.types.is_large_string(context_type.value_type)):
         raise UserError(f"{path}: column context is {context_type}, expected list<string>")
-    table = pq.read_table(path, columns=["context", "answer"])
+    has_facts = "facts" in schema.names
+    if has_facts:
+        facts_type = schema.field("facts").type
+        if not (pa.types.is_string(facts_type) or pa.types.is_large_string(facts_type) or pa.types.is_null(facts_type)):
+            raise UserError(f"{path}: column facts is {facts_type}, expected string")
+    table = pq.read_table(path, columns=["context", "answer"] + (["facts"] if has_facts else []))
     if limit is not None:
         table = table.slice(0, limit)
+    facts_column = table.column("facts").to_pylist() if has_facts else [None] * table.num_rows
     rows = []
-    for context, answer in zip(table.column("context").to_pylist(), table.column("answer").to_pylist()):
+    for context, answer, facts in zip(table.column("context").to_pylist(), table.column("answer").to_pylist(),
+                                      facts_column):
         turns = [t for t in (context or []) if t is not None][-max_turns:]
         if turns and answer and answer.strip():
-            rows.append((turns, answer))
+            rows.append((turns, answer, facts or None))
     if not rows:
         raise UserError(f"{path}: no rows with both context and an answer")
     return rows
@@ -501,7 +530,9 @@ def train_tokenizer(texts, vocab_size, model_max_length):
 
 def tokenizer_texts(rows, max_turns, persona=None):
     """The training texts shaped as training feeds them: prompt + " " + answer."""
-    return (prompt_text(turns[-max_turns:], persona) + " " + prepare_turn(answer) for turns, answer in rows)
+    for row in rows:
+        turns, answer, facts = row_parts(row)
+        yield prompt_text(turns[-max_turns:], persona, facts) + " " + prepare_turn(answer)
 
 
 def build_from_scratch(train_rows, args, max_turns, persona=None):
@@ -536,10 +567,12 @@ def training_window(model, max_length, max_turns):
             "max_new_tokens": max_new}
 
 
-def chat_config(window, persona):
+def chat_config(window, persona, facts=False):
+    """chat_config.json; "facts": whether training showed the model the facts exchange, which the chat
+    then puts into its prompts (a model that never saw it would take it for a turn of the dialogue)."""
     return {"format_version": 1, "prompt_rule": PROMPT_RULE, "question_label": QUESTION_LABEL,
             "answer_label": ANSWER_LABEL, "turn_separator": TURN_SEPARATOR, "persona": persona,
-            "max_turns": window["max_turns"], "context_tokens": window["context_tokens"],
+            "facts": bool(facts), "max_turns": window["max_turns"], "context_tokens": window["context_tokens"],
             "max_length": window["max_length"],
             "generation": dict(GENERATION, max_new_tokens=window["max_new_tokens"])}
 
@@ -873,6 +906,7 @@ def run(args, train_rows, val_rows, max_turns, persona):
     prepare_folder_tokenizer(tokenizer, window, persona)
     train_set, train_skipped = encode_examples(tokenizer, train_rows, window, "encoding train", persona)
     val_set, val_skipped = encode_examples(tokenizer, val_rows, window, "encoding val", persona)
+    with_facts = facts_exchanges(tokenizer, train_rows, window, persona)
     if not train_set or not val_set:
         raise UserError(f"no {'training' if not train_set else 'validation'} example fits in "
                         f"--max-length {window['max_length']} tokens; raise --max-length")
@@ -887,10 +921,13 @@ def run(args, train_rows, val_rows, max_turns, persona):
         print(f"examples: {len(train_set)} train, {len(val_set)} val (at most {window['max_length']} tokens, "
               f"prompts at most {window['context_tokens']} and {window['max_turns']} turns; skipped because the "
               f"answer leaves no room: {train_skipped} train, {val_skipped} val)", flush=True)
+        if any(row_parts(row)[2] for row in train_rows):
+            print(f"facts exchange (the data's facts column): in {with_facts} of {len(train_rows)} training "
+                  f"prompts; chat_config.json records facts {'true' if with_facts else 'false'}", flush=True)
         if not args.resume_from:
             clear_previous_run(args.output)
         os.makedirs(args.output, exist_ok=True)
-        save_tokenizer_and_chat_config(tokenizer, chat_config(window, persona), args.output)
+        save_tokenizer_and_chat_config(tokenizer, chat_config(window, persona, with_facts > 0), args.output)
 
     trainer = Trainer(model=model, args=targs, train_dataset=train_set, eval_dataset=val_set,
                       data_collator=make_collator(tokenizer, device), processing_class=tokenizer,
@@ -968,7 +1005,7 @@ def trained_turns(rows, max_turns):
     """The turn window the model is trained with, and chat_config.json records for the chat:
     --max-turns, or fewer where no row of the data holds that many (create_dataset.py
     --max-turns caps the context it writes), since the model never saw more."""
-    longest = max(len(turns) for turns, _ in rows)
+    longest = max(len(row[0]) for row in rows)
     if longest < max_turns:
         print(f"the training data holds at most {longest} turns before an answer (create_dataset.py --max-turns "
               f"caps them): the model is trained, and the chat set, for {longest}, not --max-turns {max_turns}",

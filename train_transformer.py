@@ -263,15 +263,16 @@ def prompt_window(chat_config, n_positions, max_new_tokens, max_turns=None, cont
 # ----------------------------------------------------------------------------
 # examples
 
-def encode_example(tokenizer, turns, answer, window, persona=None):
+def encode_example(tokenizer, turns, answer, window, persona=None, facts=None):
     """input_ids/attention_mask/labels for one example, or None when the answer leaves no room.
 
-    The prompt rule builds it (fit_prompt, as the chat does): the persona, then the
-    newest turns within window["max_turns"] and window["context_tokens"], less where a
-    long answer leaves less of window["max_length"]; oldest turns go first, then the
-    start of the question; the answer is never cut."""
+    The prompt rule builds it (fit_prompt, as the chat does): the persona, the facts
+    exchange where it fits beside it, then the newest turns within window["max_turns"]
+    and window["context_tokens"], less where a long answer leaves less of
+    window["max_length"]; oldest turns go first, then the start of the question; the
+    answer is never cut."""
     exchange = encode_exchange(tokenizer, turns, answer, window["max_turns"], window["context_tokens"],
-                               window["max_length"], persona)
+                               window["max_length"], persona, facts)
     if exchange is None:
         return None
     prompt, target = exchange
@@ -280,18 +281,36 @@ def encode_example(tokenizer, turns, answer, window, persona=None):
             "labels": [IGNORE_INDEX] * len(prompt) + target}
 
 
+def row_parts(row):
+    """(turns, answer, facts) of a (turns, answer) or (turns, answer, facts) row."""
+    return (row[0], row[1], row[2] if len(row) > 2 else None)
+
+
 def encode_examples(tokenizer, rows, window, desc, persona=None):
-    """Encode (turns, answer) rows; returns the examples and how many were skipped."""
+    """Encode (turns, answer) or (turns, answer, facts) rows; returns the examples and how many were skipped."""
     from tqdm.auto import tqdm
 
     examples, skipped = [], 0
-    for turns, answer in tqdm(rows, desc=desc, unit="ex", mininterval=2, disable=len(rows) < 5000):
-        example = encode_example(tokenizer, turns, answer, window, persona)
+    for row in tqdm(rows, desc=desc, unit="ex", mininterval=2, disable=len(rows) < 5000):
+        turns, answer, facts = row_parts(row)
+        example = encode_example(tokenizer, turns, answer, window, persona, facts)
         if example is None:
             skipped += 1
         else:
             examples.append(example)
     return examples, skipped
+
+
+def facts_exchanges(tokenizer, rows, window, persona=None):
+    """How many rows' prompts hold the facts exchange: those with facts that fit beside the persona in
+    the prompt's budget (fit_prompt's own test; it leaves the exchange out where they do not)."""
+    count = 0
+    for row in rows:
+        _, answer, facts = row_parts(row)
+        if facts:
+            budget = min(window["context_tokens"], window["max_length"] - len(answer_ids(tokenizer, answer)))
+            count += len(encode_text(tokenizer, prompt_text([""], persona, facts))) <= budget
+    return count
 
 
 # ----------------------------------------------------------------------------
@@ -481,7 +500,9 @@ def train_tokenizer(texts, vocab_size, model_max_length):
 
 def tokenizer_texts(rows, max_turns, persona=None):
     """The training texts shaped as training feeds them: prompt + " " + answer."""
-    return (prompt_text(turns[-max_turns:], persona) + " " + prepare_turn(answer) for turns, answer in rows)
+    for row in rows:
+        turns, answer, facts = row_parts(row)
+        yield prompt_text(turns[-max_turns:], persona, facts) + " " + prepare_turn(answer)
 
 
 def build_from_scratch(train_rows, args, max_turns, persona=None):
@@ -516,10 +537,12 @@ def training_window(model, max_length, max_turns):
             "max_new_tokens": max_new}
 
 
-def chat_config(window, persona):
+def chat_config(window, persona, facts=False):
+    """chat_config.json; "facts": whether training showed the model the facts exchange, which the chat
+    then puts into its prompts (a model that never saw it would take it for a turn of the dialogue)."""
     return {"format_version": 1, "prompt_rule": PROMPT_RULE, "question_label": QUESTION_LABEL,
             "answer_label": ANSWER_LABEL, "turn_separator": TURN_SEPARATOR, "persona": persona,
-            "max_turns": window["max_turns"], "context_tokens": window["context_tokens"],
+            "facts": bool(facts), "max_turns": window["max_turns"], "context_tokens": window["context_tokens"],
             "max_length": window["max_length"],
             "generation": dict(GENERATION, max_new_tokens=window["max_new_tokens"])}
 
@@ -853,6 +876,7 @@ def run(args, train_rows, val_rows, max_turns, persona):
     prepare_folder_tokenizer(tokenizer, window, persona)
     train_set, train_skipped = encode_examples(tokenizer, train_rows, window, "encoding train", persona)
     val_set, val_skipped = encode_examples(tokenizer, val_rows, window, "encoding val", persona)
+    with_facts = facts_exchanges(tokenizer, train_rows, window, persona)
     if not train_set or not val_set:
         raise UserError(f"no {'training' if not train_set else 'validation'} example fits in "
                         f"--max-length {window['max_length']} tokens; raise --max-length")
@@ -867,10 +891,13 @@ def run(args, train_rows, val_rows, max_turns, persona):
         print(f"examples: {len(train_set)} train, {len(val_set)} val (at most {window['max_length']} tokens, "
               f"prompts at most {window['context_tokens']} and {window['max_turns']} turns; skipped because the "
               f"answer leaves no room: {train_skipped} train, {val_skipped} val)", flush=True)
+        if any(row_parts(row)[2] for row in train_rows):
+            print(f"facts exchange (the data's facts column): in {with_facts} of {len(train_rows)} training "
+                  f"prompts; chat_config.json records facts {'true' if with_facts else 'false'}", flush=True)
         if not args.resume_from:
             clear_previous_run(args.output)
         os.makedirs(args.output, exist_ok=True)
-        save_tokenizer_and_chat_config(tokenizer, chat_config(window, persona), args.output)
+        save_tokenizer_and_chat_config(tokenizer, chat_config(window, persona, with_facts > 0), args.output)
 
     trainer = Trainer(model=model, args=targs, train_dataset=train_set, eval_dataset=val_set,
                       data_collator=make_collator(tokenizer, device), processing_class=tokenizer,

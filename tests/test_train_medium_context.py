@@ -132,7 +132,55 @@ def test_reads_the_last_max_turns_and_skips_rows_without_context(tmp_path):
                       "context": pa.array([["a", "b", "c", "d", "e"], []], pa.list_(pa.string())),
                       "answer": ["f", "first turn"]})
     pq.write_table(table, tmp_path / "c.parquet")
-    assert tm.read_context(str(tmp_path / "c.parquet"), max_turns=2) == [(["d", "e"], "f")]
+    assert tm.read_context(str(tmp_path / "c.parquet"), max_turns=2) == [(["d", "e"], "f", None)]
+
+
+FACTS = "Тебя зовут Илья, ты живёшь в Мурманске."
+
+
+def with_facts(table, facts):
+    return table.append_column("facts", pa.array(facts, pa.string()))
+
+
+def test_the_facts_column_is_read_where_there_is_one(tmp_path):
+    table = with_facts(pa.table({"context": pa.array([["a"], ["b"], ["c"]], pa.list_(pa.string())),
+                                 "answer": ["x", "y", "z"]}), [FACTS, "", None])
+    pq.write_table(table, tmp_path / "c.parquet")
+    assert [row[2] for row in tm.read_context(str(tmp_path / "c.parquet"), max_turns=4)] == [FACTS, None, None]
+    pq.write_table(table.set_column(2, "facts", pa.array([1, 2, 3])), tmp_path / "bad.parquet")
+    with pytest.raises(tm.UserError, match="column facts is int64, expected string"):
+        tm.read_context(str(tmp_path / "bad.parquet"), max_turns=4)
+
+
+def test_a_context_file_with_facts_trains_the_facts_exchange_and_says_so(tmp_path, capsys):
+    """Where the data has facts (issue 14), the training prompts carry the exchange the chat will send, and
+    chat_config.json says the model knows it; without facts (today's files, or an empty column) it says not."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = context_rows(DIALOGUES)
+    facts = [FACTS if i % 2 else "" for i in range(rows.num_rows)]
+    for split in ("train", "val"):
+        pq.write_table(with_facts(rows, facts), data / f"context_{split}.parquet")
+    out = tmp_path / "model"
+    args = tm.parse_args(TINY + ["--data-dir", str(data), "--output", str(out), "--max-steps", "2",
+                                 "--eval-steps", "2", "--batch-size", "4"])
+    train_rows, val_rows = tm.load_splits(args.data_dir, args.rows, args.val_rows, args.max_turns)
+    trainer = tm.run(args, train_rows, val_rows, 4, tm.PERSONA)
+    config = json.loads((out / "chat_config.json").read_text(encoding="utf-8"))
+    assert config["facts"] is True
+    printed = capsys.readouterr().out
+    assert f"facts exchange (the data's facts column): in {sum(map(bool, facts))} of {rows.num_rows} training " \
+        "prompts" in printed, printed
+    tokenizer = trainer.processing_class
+    exchange = "\nВопрос: Что ты обо мне знаешь?\nОтвет: " + FACTS + "\n"
+    texts = [tokenizer.decode(example["input_ids"]) for example in trainer.train_dataset]
+    assert [exchange in text for text in texts] == [bool(f) for f in facts]
+    # the same rows without facts
+    for split in ("train", "val"):
+        pq.write_table(with_facts(rows, [""] * rows.num_rows), data / f"context_{split}.parquet")
+    assert tm.main(TINY + ["--data-dir", str(data), "--output", str(out), "--max-steps", "2", "--eval-steps", "2",
+                           "--batch-size", "4"]) == 0
+    assert json.loads((out / "chat_config.json").read_text(encoding="utf-8"))["facts"] is False
 
 
 def test_tiny_run_writes_a_context_model_folder(tmp_path):
@@ -144,6 +192,7 @@ def test_tiny_run_writes_a_context_model_folder(tmp_path):
                            "--eval-steps", "3", "--batch-size", "4", "--max-turns", "3"]) == 0
     config = json.loads((out / "chat_config.json").read_text(encoding="utf-8"))
     assert config["max_turns"] == 3 and config["context_tokens"] == 64 and config["prompt_rule"] == tm.PROMPT_RULE
+    assert config["facts"] is False  # a file without the facts column
     assert (out / "training_curves.png").is_file()
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)

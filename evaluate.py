@@ -12,7 +12,9 @@ at batch size one, and the metrics are computed here, once, for all of them:
   be answered from a fact given two or more turns earlier.
 
 Transformers folders are loaded here and given their prompts by the kit's one
-prompt rule (the code the trainers and the chat share): the persona and the
+prompt rule (the code the trainers and the chat share): the persona, the row's
+facts exchange (the split's facts column) where the model was trained with it
+(chat_config.json "facts": true; the memory probe has none), and the
 newest turns within the turn window and token budget the model was trained with
 (chat_config.json; --max-turns / --context-tokens change them, with a warning
 where the model was not trained on that), as token ids, user text taken as
@@ -81,6 +83,7 @@ LSTM_SCRIPTS = {"lstm_pytorch": REPO_ROOT / "pytorch_chatbot.py",
 DEFAULT_MAX_NEW_TOKENS = 64   # the chat's reply room where a folder's chat_config.json does not say
 
 CONTEXT_COLUMNS = ("dialogue_id", "context", "answer")
+FACTS_COLUMN = "facts"  # optional in context_<split>.parquet: what the user side stated earlier (issue 14)
 PAIRS_COLUMNS = ("dialogue_id", "question", "answer")
 
 # The word-level tokeniser of BLEU, F1, distinct-n and reply length.
@@ -572,13 +575,21 @@ def prompt_settings(chat, n_positions, max_turns=None, context_tokens=None):
     config = chat or {}
     max_new = int((config.get("generation") or {}).get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
     max_turns, budget, notes = prompt_window(chat, n_positions, max_new, max_turns, context_tokens)
-    return {"persona": config.get("persona"), "facts": None, "max_turns": max_turns, "context_tokens": budget,
+    return {"persona": config.get("persona"), "facts_exchange": config.get("facts") is True,
+            "max_turns": max_turns, "context_tokens": budget,
             "max_length": min(int(config.get("max_length") or n_positions), n_positions),
             "n_positions": n_positions, "has_chat_config": chat is not None, "warnings": notes}
 
 
+def row_facts(example, settings):
+    """The facts text of a row's prompt exchange "Что ты обо мне знаешь?": the split's facts column where
+    the model was trained with that exchange (chat_config.json "facts": true), else none, as in training."""
+    return (example.get("facts") or None) if settings["facts_exchange"] else None
+
+
 def load_split(data_dir, split, rows, seed):
-    """Test rows as dicts {dialogue_id, turns (oldest first, the question last), answer}.
+    """Test rows as dicts {dialogue_id, turns (oldest first, the question last), answer}, and
+    facts (a text, "" where none) where the split has a facts column.
 
     context_<split>.parquet is preferred (it carries the earlier turns);
     pairs_<split>.csv is the fallback, with the question as the only turn."""
@@ -610,6 +621,7 @@ def load_split(data_dir, split, rows, seed):
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise UserError(f"{path}: missing column(s) {', '.join(missing)}")
+    has_facts = columns is CONTEXT_COLUMNS and FACTS_COLUMN in frame.columns
     examples = []
     for row in frame.itertuples(index=False):
         if columns is CONTEXT_COLUMNS:
@@ -619,6 +631,9 @@ def load_split(data_dir, split, rows, seed):
         answer = row.answer if isinstance(row.answer, str) else ""
         if turns and turns[-1].strip() and answer.strip():
             examples.append({"dialogue_id": int(row.dialogue_id), "turns": turns, "answer": answer})
+            if has_facts:
+                facts = getattr(row, FACTS_COLUMN)
+                examples[-1]["facts"] = facts if isinstance(facts, str) else ""
     if not examples:
         raise UserError(f"{path}: the {split} split is empty (no row with a question and an answer)")
     if rows and rows < len(examples):
@@ -629,22 +644,37 @@ def load_split(data_dir, split, rows, seed):
 
 
 def build_scoring_examples(tokenizer, examples, settings):
-    """Token ids of prompt + answer + EOS, exactly as training encodes the exchange, with the
-    spans to score; None for a row whose answer leaves no room (and a count of those)."""
-    header = len(encode_text(tokenizer, header_text(settings["persona"], settings["facts"])))
+    """Token ids of prompt + answer + EOS, exactly as training encodes the exchange (the row's
+    facts exchange included where the model was trained with it), with the spans to score;
+    None for a row whose answer leaves no room (and a count of those)."""
+    persona = settings["persona"]
+    persona_header = len(encode_text(tokenizer, header_text(persona)))
     built, skipped = [], 0
     for example in examples:
+        facts = row_facts(example, settings)
         exchange = encode_exchange(tokenizer, example["turns"], example["answer"], settings["max_turns"],
-                                   settings["context_tokens"], settings["max_length"], settings["persona"],
-                                   settings["facts"])
+                                   settings["context_tokens"], settings["max_length"], persona, facts)
         if exchange is None:
             skipped += 1
             built.append(None)
             continue
         prompt, target = exchange
+        header, with_facts = persona_header, False
+        if facts:  # fit_prompt leaves the exchange out where it does not fit beside the persona
+            facts_header = encode_text(tokenizer, header_text(persona, facts))
+            with_facts = prompt[:len(facts_header)] == facts_header
+            header = len(facts_header) if with_facts else header
         built.append({"ids": prompt + target, "answer_start": len(prompt), "sequence_start": max(1, header),
-                      "chars": len(example["answer"]) + 1})
+                      "chars": len(example["answer"]) + 1, "facts": with_facts})
     return built, skipped
+
+
+def facts_column_note(settings, examples, data_path):
+    """A warning where the model was trained with the facts exchange and the split has no facts to give it."""
+    if settings["facts_exchange"] and not any("facts" in example for example in examples):
+        return (f"chat_config.json says the model was trained with the facts exchange, but {data_path} has no "
+                f"{FACTS_COLUMN} column (create_dataset.py writes it): its prompts go without it")
+    return None
 
 
 def score(model, built, batch_size, device, pad_id=0, progress=True):
@@ -714,10 +744,10 @@ def generate_reply(model, tokenizer, ids, generation_config, kit_generation, sto
     return text, ended, ms, len(new)
 
 
-def reply_prompt(tokenizer, turns, settings, budget):
+def reply_prompt(tokenizer, turns, settings, budget, facts=None):
     """The prompt ids a reply is generated from: the chat's (system_prompt.chat_prompt_ids)
-    for the same conversation, window and budget."""
-    return fit_prompt(tokenizer, turns, settings["max_turns"], budget, settings["persona"], settings["facts"])
+    for the same conversation, window and budget, and facts (row_facts) as training gave them."""
+    return fit_prompt(tokenizer, turns, settings["max_turns"], budget, settings["persona"], facts)
 
 
 def run_transformers(folder, examples, probe, options):
@@ -728,8 +758,9 @@ def run_transformers(folder, examples, probe, options):
     device = options["device"]
     model, tokenizer, weights_dir, settings = load_model(folder, device, options.get("max_turns"),
                                                          options.get("context_tokens"))
-    for note in settings["warnings"]:
-        print(f"evaluate.py: warning: {folder}: {note}", file=sys.stderr)
+    for note in settings["warnings"] + [facts_column_note(settings, examples, options["data"])]:
+        if note:
+            print(f"evaluate.py: warning: {folder}: {note}", file=sys.stderr)
     max_new = options["max_new_tokens"]
     budget = min(settings["context_tokens"], settings["n_positions"] - max_new)
     if budget < 2:
@@ -745,13 +776,13 @@ def run_transformers(folder, examples, probe, options):
     torch.manual_seed(options["seed"])
     random.seed(options["seed"])
 
-    def prompt(turns):
-        ids = reply_prompt(tokenizer, turns, settings, budget)
+    def prompt(turns, facts=None):
+        ids = reply_prompt(tokenizer, turns, settings, budget, facts)
         if ids is None:
             raise UserError(f"{folder}: the persona alone does not fit the prompt budget of {budget} tokens")
         return ids
 
-    prompts = [prompt(e["turns"]) for e in examples]
+    prompts = [prompt(e["turns"], row_facts(e, settings)) for e in examples]
     kit_generation = settings["generation"]
     generate_reply(model, tokenizer, prompts[0], generation_config, kit_generation, stop, device)  # warm-up, untimed
     records = []
@@ -770,7 +801,8 @@ def run_transformers(folder, examples, probe, options):
         record.update(reference_nll=s["answer_nll"], reference_tokens=s["answer_tokens"], reference_chars=s["chars"])
     probe_replies = [generate_reply(model, tokenizer, prompt(item["turns"]), generation_config, kit_generation, stop,
                                     device)[0] for item in probe]
-    info = {"weights": str(weights_dir), "persona": bool(settings["persona"]), "max_turns": settings["max_turns"],
+    info = {"weights": str(weights_dir), "persona": bool(settings["persona"]),
+            "rows_with_facts": sum(bool(b and b["facts"]) for b in built), "max_turns": settings["max_turns"],
             "context_tokens": budget, "tokens": "model BPE tokens",
             "decoding": "greedy (chat_config repetition_penalty, no_repeat_ngram_size on the reply only)"}
     return records, probe_replies, info

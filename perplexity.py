@@ -3,8 +3,10 @@
 Reads a model folder of the kit (or any of its checkpoint-N/ folders) and scores
 each test row as training encoded it and as the chat shows it, by the kit's one
 prompt rule (the same code in the trainers, system_prompt.py and tg_bot.py): the
-chat_config persona, then the newest context turns within the turn window and
-the token budget the model was trained with (chat_config.json max_turns and
+chat_config persona, the row's facts exchange ("Что ты обо мне знаешь?", from
+the split's facts column) where the model was trained with it (chat_config.json
+"facts": true), then the newest context turns within the turn window and the
+token budget the model was trained with (chat_config.json max_turns and
 context_tokens; --max-turns / --context-tokens change them, with a warning where
 the model was not trained on that), ending at "Ответ:". The reference answer
 (its first word with its space) and EOS are scored under teacher forcing, from
@@ -67,6 +69,7 @@ DEFAULT_MAX_NEW_TOKENS = 64   # the reply's room where a folder's chat_config.js
 
 DEVICES = ["auto", "cpu", "cuda"]
 CONTEXT_COLUMNS = ("dialogue_id", "context", "answer")
+FACTS_COLUMN = "facts"  # optional in context_<split>.parquet: what the user side stated earlier (issue 14)
 PAIRS_COLUMNS = ("dialogue_id", "question", "answer")
 
 # Where answer perplexity usually sits for a small Russian chat model; the
@@ -356,13 +359,21 @@ def prompt_settings(chat, n_positions, max_turns=None, context_tokens=None):
     config = chat or {}
     max_new = int((config.get("generation") or {}).get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
     max_turns, budget, notes = prompt_window(chat, n_positions, max_new, max_turns, context_tokens)
-    return {"persona": config.get("persona"), "facts": None, "max_turns": max_turns, "context_tokens": budget,
+    return {"persona": config.get("persona"), "facts_exchange": config.get("facts") is True,
+            "max_turns": max_turns, "context_tokens": budget,
             "max_length": min(int(config.get("max_length") or n_positions), n_positions),
             "n_positions": n_positions, "has_chat_config": chat is not None, "warnings": notes}
 
 
+def row_facts(example, settings):
+    """The facts text of a row's prompt exchange "Что ты обо мне знаешь?": the split's facts column where
+    the model was trained with that exchange (chat_config.json "facts": true), else none, as in training."""
+    return (example.get("facts") or None) if settings["facts_exchange"] else None
+
+
 def load_split(data_dir, split, rows, seed):
-    """Test rows as dicts {dialogue_id, turns (oldest first, the question last), answer}.
+    """Test rows as dicts {dialogue_id, turns (oldest first, the question last), answer}, and
+    facts (a text, "" where none) where the split has a facts column.
 
     context_<split>.parquet is preferred (it carries the earlier turns);
     pairs_<split>.csv is the fallback, with the question as the only turn."""
@@ -394,6 +405,7 @@ def load_split(data_dir, split, rows, seed):
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise UserError(f"{path}: missing column(s) {', '.join(missing)}")
+    has_facts = columns is CONTEXT_COLUMNS and FACTS_COLUMN in frame.columns
     examples = []
     for row in frame.itertuples(index=False):
         if columns is CONTEXT_COLUMNS:
@@ -403,6 +415,9 @@ def load_split(data_dir, split, rows, seed):
         answer = row.answer if isinstance(row.answer, str) else ""
         if turns and turns[-1].strip() and answer.strip():
             examples.append({"dialogue_id": int(row.dialogue_id), "turns": turns, "answer": answer})
+            if has_facts:
+                facts = getattr(row, FACTS_COLUMN)
+                examples[-1]["facts"] = facts if isinstance(facts, str) else ""
     if not examples:
         raise UserError(f"{path}: the {split} split is empty (no row with a question and an answer)")
     if rows and rows < len(examples):
@@ -413,22 +428,37 @@ def load_split(data_dir, split, rows, seed):
 
 
 def build_scoring_examples(tokenizer, examples, settings):
-    """Token ids of prompt + answer + EOS, exactly as training encodes the exchange, with the
-    spans to score; None for a row whose answer leaves no room (and a count of those)."""
-    header = len(encode_text(tokenizer, header_text(settings["persona"], settings["facts"])))
+    """Token ids of prompt + answer + EOS, exactly as training encodes the exchange (the row's
+    facts exchange included where the model was trained with it), with the spans to score;
+    None for a row whose answer leaves no room (and a count of those)."""
+    persona = settings["persona"]
+    persona_header = len(encode_text(tokenizer, header_text(persona)))
     built, skipped = [], 0
     for example in examples:
+        facts = row_facts(example, settings)
         exchange = encode_exchange(tokenizer, example["turns"], example["answer"], settings["max_turns"],
-                                   settings["context_tokens"], settings["max_length"], settings["persona"],
-                                   settings["facts"])
+                                   settings["context_tokens"], settings["max_length"], persona, facts)
         if exchange is None:
             skipped += 1
             built.append(None)
             continue
         prompt, target = exchange
+        header, with_facts = persona_header, False
+        if facts:  # fit_prompt leaves the exchange out where it does not fit beside the persona
+            facts_header = encode_text(tokenizer, header_text(persona, facts))
+            with_facts = prompt[:len(facts_header)] == facts_header
+            header = len(facts_header) if with_facts else header
         built.append({"ids": prompt + target, "answer_start": len(prompt), "sequence_start": max(1, header),
-                      "chars": len(example["answer"]) + 1})
+                      "chars": len(example["answer"]) + 1, "facts": with_facts})
     return built, skipped
+
+
+def facts_column_note(settings, examples, data_path):
+    """A warning where the model was trained with the facts exchange and the split has no facts to give it."""
+    if settings["facts_exchange"] and not any("facts" in example for example in examples):
+        return (f"chat_config.json says the model was trained with the facts exchange, but {data_path} has no "
+                f"{FACTS_COLUMN} column (create_dataset.py writes it): its prompts go without it")
+    return None
 
 
 def score(model, built, batch_size, device, pad_id=0, progress=True):
@@ -497,8 +527,9 @@ def evaluate_perplexity(folder, data_dir=DATA_DIR, split=SPLIT, rows=ROWS, batch
                         context_tokens=None, warn=None):
     examples, data_path = load_split(data_dir, split, rows, seed)
     model, tokenizer, weights_dir, settings = load_model(folder, device, max_turns, context_tokens)
-    for note in settings["warnings"]:
-        (warn or (lambda line: None))(note)
+    for note in settings["warnings"] + [facts_column_note(settings, examples, data_path)]:
+        if note:
+            (warn or (lambda line: None))(note)
     if not use_persona:
         settings["persona"] = None
     built, skipped = build_scoring_examples(tokenizer, examples, settings)
@@ -516,6 +547,7 @@ def evaluate_perplexity(folder, data_dir=DATA_DIR, split=SPLIT, rows=ROWS, batch
         "rows_skipped_too_long": skipped,
         "seed": seed,
         "persona": bool(settings["persona"]),
+        "rows_with_facts": sum(b["facts"] for b in built),
         "max_turns": settings["max_turns"],
         "context_tokens": settings["context_tokens"],
         "chat_config_found": settings["has_chat_config"],
@@ -539,7 +571,8 @@ def markdown_report(report):
         "",
         f"Weights: `{report['weights']}`; data: `{report['data']}`, {report['rows_scored']} rows "
         f"({report['rows_skipped_too_long']} skipped as too long), seed {report['seed']}, "
-        f"persona {'on' if report['persona'] else 'off'}.",
+        f"persona {'on' if report['persona'] else 'off'}"
+        + (f", the facts exchange in {report['rows_with_facts']} prompts." if report["rows_with_facts"] else "."),
         "",
         "| figure | value | tokens / chars |",
         "|---|---|---|",

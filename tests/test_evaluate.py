@@ -12,6 +12,7 @@ import torch
 
 import evaluate
 import perplexity
+import train_transformer
 from tiny_model import CHAT_CONFIG, build_tiny_model
 
 torch.set_num_threads(1)
@@ -337,3 +338,39 @@ def test_a_window_of_nothing_is_refused(flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
         evaluate.parse_args(["--model", "m"] + flag)
     assert exit_info.value.code == 2 and flag[0] in capsys.readouterr().err
+
+
+def test_generation_prompts_carry_the_facts_of_a_model_trained_with_them(tiny, tmp_path, monkeypatch):
+    """The split's facts column (issue 14) goes into the reply prompts, as the trainer put it into training
+    prompts, for a folder whose chat_config.json says "facts": true; for another, nothing changes."""
+    facts = "Тебя зовут Аня, ты живёшь в Казани."
+    rows = [(5, ["Меня зовут Аня, я живу в Казани.", "Очень приятно, Аня!", "Какая завтра погода?"],
+             "Обещают дождь.", facts),
+            (6, ["Привет! Как дела?"], "Привет, всё хорошо, спасибо.", "")]
+    data = tmp_path / "data"
+    data.mkdir()
+    pd.DataFrame([{"dialogue_id": d, "context": c, "answer": a, "facts": f} for d, c, a, f in rows]
+                 ).to_parquet(data / "context_test.parquet")
+    examples, _ = evaluate.load_split(data, "test", rows=0, seed=0)
+    with_facts = build_tiny_model(tmp_path / "f", chat_config={**CHAT_CONFIG, "facts": True})
+    prompts = []
+    generate = evaluate.generate_reply
+
+    def recording(model, tokenizer, ids, *rest):
+        prompts.append(ids)
+        return generate(model, tokenizer, ids, *rest)
+
+    monkeypatch.setattr(evaluate, "generate_reply", recording)
+    for folder, given in ((with_facts, [facts, None]), (tiny, [None, None])):
+        prompts.clear()
+        row = evaluate.evaluate_model(folder, examples, [], options())
+        assert row["status"] == "ok", row["error"]
+        assert row["rows_with_facts"] == sum(bool(f) for f in given)
+        _, tokenizer, _, settings = evaluate.load_model(folder, "cpu")
+        budget = min(settings["context_tokens"], settings["n_positions"] - options()["max_new_tokens"])
+        replies = prompts[1:]  # after the untimed warm-up
+        assert len(replies) == len(rows)
+        for (_, turns, _, _), fact, ids in zip(rows, given, replies):
+            assert ids == train_transformer.fit_prompt(tokenizer, turns, settings["max_turns"], budget,
+                                                       CHAT_CONFIG["persona"], fact)
+            assert ("Что ты обо мне знаешь?" in tokenizer.decode(ids)) == bool(fact)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import perplexity
+import train_transformer
 from tiny_model import CHAT_CONFIG, build_tiny_model
 
 torch.set_num_threads(1)
@@ -25,6 +26,17 @@ ROWS = [
 ]
 PERSONA = CHAT_CONFIG["persona"]
 
+# Rows of a context split with create_dataset.py's facts column (issue 14): the rendered answer to
+# "Что ты обо мне знаешь?" from what the user side stated earlier; "" where nothing; the last too long to
+# fit beside the persona in the 192-token budget, so the prompt rule leaves that exchange out.
+FACTS = "Тебя зовут Аня, ты живёшь в Казани."
+FACT_ROWS = [
+    (5, ["Меня зовут Аня, я живу в Казани.", "Очень приятно, Аня!", "Какая завтра погода?"], "Обещают дождь.",
+     FACTS),
+    (6, ["Привет! Как дела?"], "Привет, всё хорошо, спасибо.", ""),
+    (7, ["Что приготовить на ужин?"], "Сделай макароны с сыром.", "Ты любишь " + "очень " * 80 + "длинные истории."),
+]
+
 
 def write_split(folder, rows, split="test"):
     folder.mkdir(parents=True, exist_ok=True)
@@ -34,9 +46,22 @@ def write_split(folder, rows, split="test"):
     return folder
 
 
+def write_split_with_facts(folder, rows, split="test"):
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame([{"dialogue_id": d, "context": c, "answer": a, "facts": f} for d, c, a, f in rows],
+                 columns=["dialogue_id", "context", "answer", "facts"]).to_parquet(folder / f"context_{split}.parquet")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("model") / "m")
+
+
+@pytest.fixture(scope="module")
+def tiny_with_facts(tmp_path_factory):
+    """The tiny model (same weights and tokenizer) in a folder whose training showed the facts exchange."""
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "f", chat_config={**CHAT_CONFIG, "facts": True})
 
 
 def expected_prompt(turns):
@@ -213,3 +238,53 @@ def test_a_window_of_nothing_is_refused(flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
         perplexity.parse_args(["--model", "m"] + flag)
     assert exit_info.value.code == 2 and flag[0] in capsys.readouterr().err
+
+
+def trainer_ids(tokenizer, settings, turns, answer, facts=None):
+    """prompt + answer ids of one exchange as train_transformer.py encodes it for training."""
+    prompt, target = train_transformer.encode_exchange(tokenizer, turns, answer, settings["max_turns"],
+                                                       settings["context_tokens"], settings["max_length"], PERSONA,
+                                                       facts)
+    return prompt, prompt + target
+
+
+def test_the_facts_column_reaches_the_prompts_of_a_model_trained_with_it(tiny, tiny_with_facts, tmp_path):
+    data = write_split_with_facts(tmp_path / "data", FACT_ROWS)
+    examples, _ = perplexity.load_split(data, "test", 0, 0)
+    _, tokenizer, _, settings = perplexity.load_model(tiny_with_facts, "cpu")
+    built, skipped = perplexity.build_scoring_examples(tokenizer, examples, settings)
+    assert skipped == 0
+    for (_, turns, answer, facts), row in zip(FACT_ROWS, built):
+        prompt, ids = trainer_ids(tokenizer, settings, turns, answer, facts)
+        assert row["ids"] == ids and row["answer_start"] == len(prompt)
+    assert tokenizer.decode(built[0]["ids"]) == (
+        f"Вопрос: {PERSONA['question']}\nОтвет: {PERSONA['answer']}\nВопрос: Что ты обо мне знаешь?\nОтвет: {FACTS}\n"
+        "Вопрос: Меня зовут Аня, я живу в Казани.\nОтвет: Очень приятно, Аня!\nВопрос: Какая завтра погода?\n"
+        "Ответ: Обещают дождь.</s>")
+    assert [row["facts"] for row in built] == [True, False, False]  # none for "", and the long one did not fit
+    # The sequence figure leaves the facts out, as it does the persona.
+    assert built[0]["sequence_start"] == len(perplexity.encode_text(tokenizer, perplexity.header_text(PERSONA, FACTS)))
+    assert built[2]["sequence_start"] == len(perplexity.encode_text(tokenizer, perplexity.header_text(PERSONA)))
+
+    # A folder whose chat_config.json does not say "facts": true was trained without the exchange: none here.
+    _, _, _, plain = perplexity.load_model(tiny, "cpu")
+    built_plain, _ = perplexity.build_scoring_examples(tokenizer, examples, plain)
+    for (_, turns, answer, _), row in zip(FACT_ROWS, built_plain):
+        assert row["ids"] == trainer_ids(tokenizer, plain, turns, answer)[1]
+        assert "Что ты обо мне знаешь?" not in tokenizer.decode(row["ids"])
+
+    with_facts = perplexity.evaluate_perplexity(tiny_with_facts, data, rows=0, progress=False)
+    without = perplexity.evaluate_perplexity(tiny, data, rows=0, progress=False)
+    assert (with_facts["rows_with_facts"], without["rows_with_facts"]) == (1, 0)
+    assert with_facts["sequence_tokens"] == without["sequence_tokens"]  # the same weights, the same dialogue spans
+    assert with_facts["answer_tokens"] == without["answer_tokens"]
+    assert with_facts["answer_perplexity"] != without["answer_perplexity"]  # the facts are in the context
+
+
+def test_a_split_without_the_facts_column_is_scored_without_them_and_says_so(tiny, tiny_with_facts, tmp_path):
+    data = write_split(tmp_path / "data", ROWS)  # today's files: no facts column
+    lines = []
+    report = perplexity.evaluate_perplexity(tiny_with_facts, data, rows=0, progress=False, warn=lines.append)
+    plain = perplexity.evaluate_perplexity(tiny, data, rows=0, progress=False, warn=lines.append)
+    assert report["rows_with_facts"] == 0 and report["answer_perplexity"] == pytest.approx(plain["answer_perplexity"])
+    assert len(lines) == 1 and "facts column" in lines[0] and "context_test.parquet" in lines[0]

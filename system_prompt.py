@@ -31,14 +31,17 @@ import json
 import os
 import re
 import sys
+import time
 import unicodedata
 import warnings
 from pathlib import Path
 
+import requests
 import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList,
                           StopStringCriteria, StoppingCriteriaList, set_seed)
 from transformers.activations import NewGELUActivation
+from transformers.generation import BaseStreamer
 from transformers.pytorch_utils import Conv1D
 
 # -----------------------------------------------------------------------------
@@ -48,12 +51,16 @@ DEFAULT_MODEL = "rugpt3_50k"
 DEFAULT_DEVICE = "auto"
 DEFAULT_SEED = 42
 DEFAULT_QUANTIZE = "auto"       # int8 linear layers on a CPU, plain weights on a GPU
+SERVER = None                   # base URL of an OpenAI-compatible inference server; None: the model runs here
+SERVER_TIMEOUT = 60.0           # seconds a reply from the server may take, its wait in the server's queue included
+NO_STREAM = False               # True: print a reply once it is complete, not as it is written
 EXIT_WORDS = ("выход", "exit", "quit")
 RESET_COMMAND = "/reset"
 USER_PREFIX = "Вы: "
 BOT_PREFIX = "Бот: "
 RESET_NOTICE = "(история разговора очищена)"
 NOT_UTF8_NOTICE = "(строка не в кодировке UTF-8, пропускаю её)"
+SERVER_ERROR_NOTICE = "(сервер модели не ответил, попробуйте ещё раз)"
 # -----------------------------------------------------------------------------
 
 
@@ -274,10 +281,22 @@ MARKDOWN_LINK = re.compile(r"!?\[([^\]\n]*)\]\([^)\n]*\)")
 HTML_TAG = re.compile(r"</?[A-Za-z!|][^<>\n]{0,200}>")
 URL = re.compile(r"(?i)\b(?:https?://|ftp://|www\.|t\.me/)\S+")
 MARKUP_RUNS = re.compile(r"(\*\*|__|~~|```|`|^#{1,6}\s|^>\s?)", re.MULTILINE)
+# A reply shown while it is written holds back what the next tokens may still turn into something
+# the cleaning removes: a word that may become "Вопрос:", a link or a tag not closed yet.
+TRAILING_LABEL_WORD = re.compile(r"(?i)\b(?:вопрос|ответ)\s*$")
+UNCLOSED_MARKUP = re.compile(r"!?\[[^\]\n]*(?:\]\([^)\n]*)?$|<[^<>\n]*$")
+SERVER_CONNECT_SECONDS = 5.0  # an inference server that does not take the connection in this time is down
+# Counted by the server's tokenizer at the start: a BOS added, or "</s>" typed by a user read as the
+# end of text, would give a count other than the kit's.
+PROBE_PROMPT = "Вопрос: </s> проверка <s>\nОтвет:"
 
 
 class UserError(Exception):
     """A mistake in the user's input: reported as one line, exit code 1."""
+
+
+class ServerError(Exception):
+    """The inference server is down, slow, or answered with an error: the reply is an apology."""
 
 
 def chat_prompt_ids(history, settings, tokenizer):
@@ -305,13 +324,67 @@ def clean_reply(text, eos_token=None):
     return text if any(ch.isalnum() for ch in text) else FALLBACK_REPLY
 
 
-def find_weights_folder(folder):
-    """The folder's own weights, else its newest complete checkpoint-N/."""
+def stable_prefix(raw):
+    """The start of a raw continuation that the tokens still to come cannot change: up to its
+    last whitespace (the last word may still grow into a label, a link or an entity), less a
+    trailing label word (its colon may come next) and a link or tag not yet closed."""
+    cut = max(raw.rfind(" "), raw.rfind("\n"), raw.rfind("\t"))
+    text = raw[:cut + 1]
+    while match := TRAILING_LABEL_WORD.search(text) or UNCLOSED_MARKUP.search(text):
+        text = text[:match.start()]
+    return text
+
+
+def visible_reply(raw):
+    """What may be shown of a reply still being written ("" while nothing may): cleaned as the
+    finished reply is, so it is always a start of clean_reply of the whole continuation, and no
+    label, link or markup ever shows, not even for a moment."""
+    text = clean_reply(stable_prefix(raw))
+    return "" if text == FALLBACK_REPLY else text
+
+
+class ReplyStreamer(BaseStreamer):
+    """Hands each row of a batch being generated its visible text as it grows: on_text[row]
+    (None for a row nobody watches) gets each new text, every one a longer start of the last.
+    generate() calls put() with the padded prompts first, then with one new token per row at
+    every step (pad tokens for the rows that are done). It runs on the generating thread, so
+    on_text must only store the text, never wait."""
+
+    def __init__(self, tokenizer, on_text):
+        self.tokenizer, self.on_text = tokenizer, list(on_text)
+        self.ids = [[] for _ in self.on_text]
+        self.done = [callback is None for callback in self.on_text]
+        self.shown = ["" for _ in self.on_text]
+        self.prompts_seen = False
+
+    def put(self, value):
+        if not self.prompts_seen:
+            self.prompts_seen = True
+            return
+        for row, token in enumerate(value.tolist()):
+            if self.done[row]:
+                continue
+            if token == self.tokenizer.eos_token_id:
+                self.done[row] = True
+                continue
+            self.ids[row].append(token)
+            text = visible_reply(self.tokenizer.decode(self.ids[row], skip_special_tokens=True))
+            if text != self.shown[row] and text.startswith(self.shown[row]):
+                self.shown[row] = text
+                self.on_text[row](text)
+
+    def end(self):
+        pass
+
+
+def find_weights_folder(folder, need_weights=True):
+    """The folder's own weights, else its newest complete checkpoint-N/. Without need_weights
+    (a server runs the model) a folder with config.json and the tokenizer will do."""
     def complete(path):
         return (path / "config.json").is_file() and (
             (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file())
 
-    if complete(folder):
+    if complete(folder) or (not need_weights and (folder / "config.json").is_file()):
         return folder
     checkpoints = []
     for path in folder.glob("checkpoint-*"):
@@ -347,9 +420,10 @@ def read_chat_config(folder, weights):
     return config, path
 
 
-def open_model_folder(model_dir, device):
+def open_model_folder(model_dir, device, need_weights=True):
     """Tokenizer, model config and chat settings of a kit model folder: all that the
-    settings are checked against, before the slow part (load_weights)."""
+    settings are checked against, before the slow part (load_weights). With a server
+    running the model (need_weights=False) the folder needs no weights."""
     folder = Path(model_dir)
     if not folder.is_dir():
         raise UserError(f"{folder}: model folder not found")
@@ -360,7 +434,7 @@ def open_model_folder(model_dir, device):
             kind = None
         if kind:
             raise UserError(f"{folder}: this is an LSTM folder ({kind}); talk to it with its own script's chat mode")
-    weights = find_weights_folder(folder)
+    weights = find_weights_folder(folder, need_weights)
     chat_config, config_path = read_chat_config(folder, weights)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -532,11 +606,12 @@ class TopKTopPSampler(LogitsProcessor):
         return torch.full_like(scores, float("-inf")).scatter_(-1, token, 0.0)
 
 
-def generate_ids(chat, settings, prompts):
+def generate_ids(chat, settings, prompts, on_text=None):
     """The new token ids for each prompt (a list of token ids, as chat_prompt_ids gives it),
     generated as one batch, each row cut at its own EOS. Prompts are padded on the left so
     that all of them end where generation starts; a row that is done gets pad tokens while
-    the others go on."""
+    the others go on. on_text, one callable or None per prompt, gets that row's visible text
+    as it grows (ReplyStreamer); watching changes no token."""
     tokenizer, generation = chat["tokenizer"], settings["generation"]
     inputs = tokenizer.pad({"input_ids": [list(ids) for ids in prompts]}, padding=True, padding_side="left",
                            return_tensors="pt").to(chat["device"])
@@ -552,6 +627,8 @@ def generate_ids(chat, settings, prompts):
     if generation["do_sample"]:
         processors.append(TopKTopPSampler(float(generation["temperature"]), int(generation.get("top_k") or 0),
                                           float(generation["top_p"])))
+    if on_text is not None and any(callback is not None for callback in on_text):
+        options["streamer"] = ReplyStreamer(tokenizer, on_text)
     with torch.inference_mode():
         output = chat["model"].generate(**inputs, **options, logits_processor=LogitsProcessorList(processors))
     rows = []
@@ -571,9 +648,130 @@ def generate_replies(chat, settings, prompts):
     return [decode_reply(chat["tokenizer"], ids) for ids in generate_ids(chat, settings, prompts)]
 
 
-def generate_reply(chat, settings, prompt):
-    """The model's cleaned answer to a prompt (a list of token ids)."""
-    return generate_replies(chat, settings, [prompt])[0]
+def generate_reply(chat, settings, prompt, on_text=None):
+    """The model's cleaned answer to a prompt (a list of token ids), from this process or from
+    the inference server the chat was opened with; on_text, if given, gets the visible text as
+    it grows."""
+    if chat.get("server"):
+        return server_reply(chat["server"], settings, chat["tokenizer"].decode(prompt), on_text)
+    ids = generate_ids(chat, settings, [prompt], [on_text])[0]
+    return decode_reply(chat["tokenizer"], ids)
+
+
+def open_server(url, tokenizer, timeout, generation=None):
+    """The inference server that runs the model (an OpenAI-compatible one: transformers serve,
+    vLLM): its address, the model it serves (GET /v1/models, sent with every request), and
+    notes for the caller to show: penalties of the generation settings it cannot apply, a
+    server that does not answer yet, or one whose tokenizer counts a prompt otherwise than the
+    kit (a BOS added, a user's "</s>" read as the end of text)."""
+    base = url.rstrip("/").removesuffix("/v1")
+    if not re.match(r"https?://[^/\s]+", base):
+        raise UserError(f"--server {url!r}: expected the base URL of an OpenAI-compatible server, such as "
+                        f"http://127.0.0.1:8000")
+    server = {"url": base, "timeout": float(timeout), "model": None, "eos_token": tokenizer.eos_token,
+              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, "notes": []}
+    generation = generation or {}
+    if float(generation.get("repetition_penalty") or 1.0) != 1.0 or int(generation.get("no_repeat_ngram_size") or 0):
+        server["notes"].append("the repetition penalty and n-gram blocking of the generation settings are not sent to "
+                               "the server: its own would count the prompt's words too (see deploy/README.md)")
+    limits = (SERVER_CONNECT_SECONDS, server["timeout"])
+    try:
+        listed = requests.get(base + "/v1/models", timeout=limits)
+        listed.raise_for_status()
+        server["model"] = listed.json()["data"][0]["id"]
+        probe = requests.post(base + "/v1/completions", timeout=limits, json={
+            "model": server["model"], "prompt": PROBE_PROMPT, "max_tokens": 1, "temperature": 0.0})
+        probe.raise_for_status()
+        counted = probe.json()["usage"]["prompt_tokens"]
+    except (requests.RequestException, ValueError, LookupError, TypeError) as error:
+        server["notes"].append(f"--server {base}: no answer as an OpenAI-compatible server ({type(error).__name__}: "
+                               f"{error}); every reply is an apology until it answers")
+        return server
+    ours = len(encode_text(tokenizer, PROBE_PROMPT))
+    if counted != ours:
+        server["notes"].append(f"--server {base} counts {counted} tokens in a prompt where the kit counts {ours}: "
+                               f"its tokenizer adds a BOS or reads a user's '</s>' as the end of text; serve a "
+                               f"model folder whose tokenizer_config.json has \"split_special_tokens\": true")
+    return server
+
+
+def server_body(server, settings, prompt_text):
+    """The /v1/completions request for a prompt: the kit's prompt as text, the reply's length,
+    sampling and the label stop strings, streamed. transformers serve samples only when its own
+    generation_config says so (which replaces the folder's: the EOS and pad ids go with it);
+    vLLM ignores that key and samples whenever the temperature is above 0. The penalties are
+    left out: both servers would count the prompt's tokens too."""
+    generation = settings["generation"]
+    sample, length = bool(generation["do_sample"]), int(generation["max_new_tokens"])
+    config = {"do_sample": sample, "max_new_tokens": length, "eos_token_id": server["eos_token_id"],
+              "pad_token_id": server["pad_token_id"]}
+    body = {"prompt": prompt_text, "max_tokens": length, "temperature": 0.0, "stop": STOP_STRINGS, "stream": True}
+    if sample:
+        config.update(temperature=float(generation["temperature"]), top_p=float(generation["top_p"]),
+                      top_k=int(generation.get("top_k") or 0))
+        body.update(temperature=config["temperature"], top_p=config["top_p"])
+    if generation.get("min_new_tokens"):
+        config["min_new_tokens"] = int(generation["min_new_tokens"])  # fixed-length replies, for benchmarks
+    body["generation_config"] = json.dumps(config)
+    if server["model"]:
+        body["model"] = server["model"]
+    return body
+
+
+def server_pieces(server, body):
+    """The text pieces of a streamed /v1/completions answer as they come. Closing the generator
+    closes the connection, which stops the server writing (a request not streamed would run to
+    its end after the client gave up). ServerError when the server does not take the connection,
+    answers with an error (an HTTP error, or an error event inside a 200 stream), or the reply is
+    not complete within server["timeout"] seconds, its wait in the server's queue included."""
+    deadline = time.monotonic() + server["timeout"]
+    try:
+        with requests.post(server["url"] + "/v1/completions", json=body, stream=True,
+                           timeout=(SERVER_CONNECT_SECONDS, server["timeout"])) as response:
+            if response.status_code != 200:
+                raise ServerError(f"{server['url']}: HTTP {response.status_code} {response.text[:200]!r}")
+            for line in response.iter_lines():
+                if time.monotonic() > deadline:
+                    raise ServerError(f"{server['url']}: no complete reply within {server['timeout']:g} s")
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[len(b"data:"):].strip()
+                if data == b"[DONE]":  # vLLM ends a stream so; transformers serve closes it
+                    return
+                try:
+                    event = json.loads(data)
+                    choice = None if "error" in event else event["choices"][0]
+                except (ValueError, LookupError, TypeError):
+                    raise ServerError(f"{server['url']}: an event that is not JSON: {data[:200]!r}") from None
+                if choice is None:
+                    raise ServerError(f"{server['url']}: {str(event['error'])[:200]}")
+                if choice.get("text"):
+                    yield choice["text"]
+                if choice.get("finish_reason"):
+                    return
+    except requests.RequestException as error:
+        raise ServerError(f"{server['url']}: {type(error).__name__}: {error}") from None
+
+
+def server_reply(server, settings, prompt_text, on_text=None):
+    """The cleaned reply to a prompt (its text) from the inference server, read as it is
+    streamed: on_text, if given, gets the visible text as it grows, and the stream is closed as
+    soon as the model starts the next turn, which the cleaning would cut anyway. The same
+    cleaning as in this process, so both give the same reply for the same continuation."""
+    raw, shown = "", ""
+    pieces = server_pieces(server, server_body(server, settings, prompt_text))
+    try:
+        for piece in pieces:
+            raw += piece
+            if NEXT_TURN.search(LEADING_LABELS.sub("", raw)):
+                break
+            text = visible_reply(raw) if on_text is not None else ""
+            if text != shown and text.startswith(shown):
+                shown = text
+                on_text(text)
+    finally:
+        pieces.close()
+    return clean_reply(raw, server["eos_token"])
 # --- end of the mirrored part
 
 
@@ -593,28 +791,65 @@ def read_script(path):
     return lines
 
 
+class PrintedReply:
+    """A reply printed as it is written: each visible text is a longer start of the last, so
+    only its new end is printed; the finished reply completes the line."""
+
+    def __init__(self, out):
+        self.out, self.printed = out, None
+
+    def update(self, text):
+        if self.printed is None:
+            print(BOT_PREFIX, end="", file=self.out)
+            self.printed = ""
+        print(text[len(self.printed):], end="", file=self.out, flush=True)
+        self.printed = text
+
+    def finish(self, answer):
+        if self.printed is None:
+            print(BOT_PREFIX + answer, file=self.out, flush=True)
+        elif answer.startswith(self.printed):
+            print(answer[len(self.printed):], file=self.out, flush=True)
+        else:  # the server failed after part of the reply was printed
+            print(file=self.out)
+            print(BOT_PREFIX + answer, file=self.out, flush=True)
+
+
 class ConsoleChat:
     """One conversation: the turns so far, and the reply to each new line."""
 
-    def __init__(self, chat, settings, show_prompt=False, out=None):
-        self.chat, self.settings, self.show_prompt = chat, settings, show_prompt
+    def __init__(self, chat, settings, show_prompt=False, out=None, stream=True):
+        self.chat, self.settings, self.show_prompt, self.stream = chat, settings, show_prompt, stream
         self.out = out or sys.stdout
         self.history = []
 
     def reset(self):
         self.history = []
 
-    def reply(self, text):
+    def reply(self, text, on_text=None):
         tokenizer = self.chat["tokenizer"]
         prompt = chat_prompt_ids(self.history + [text], self.settings, tokenizer)
         if self.show_prompt:
             print(f"[prompt]\n{tokenizer.decode(prompt)}\n[/prompt]", file=self.out, flush=True)
-        answer = generate_reply(self.chat, self.settings, prompt)
+        answer = generate_reply(self.chat, self.settings, prompt, on_text)
         if answer != FALLBACK_REPLY:
             # The fallback is the kit's words, not the model's: kept, it would teach the
             # conversation that the bot did not understand.
             self.history += [text, answer]
         return answer
+
+    def say(self, text):
+        """Print the reply to a line, as it is written unless streaming is off."""
+        printed = PrintedReply(self.out) if self.stream else None
+        try:
+            answer = self.reply(text, printed.update if printed else None)
+        except ServerError as error:
+            print(f"system_prompt.py: warning: {error}", file=sys.stderr, flush=True)
+            answer = SERVER_ERROR_NOTICE
+        if printed:
+            printed.finish(answer)
+        else:
+            print(BOT_PREFIX + answer, file=self.out, flush=True)
 
     def handle(self, line):
         """Play one user line; False when the user said goodbye."""
@@ -624,7 +859,7 @@ class ConsoleChat:
             self.reset()
             print(BOT_PREFIX + RESET_NOTICE, file=self.out, flush=True)
         elif line:
-            print(BOT_PREFIX + self.reply(line), file=self.out, flush=True)
+            self.say(line)
         return True
 
 
@@ -680,6 +915,14 @@ def parse_args(argv):
                         help="int8 weights for the linear layers: about 2x faster on a CPU (auto: int8 on a CPU, "
                              "none on a GPU)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for the model (default: physical cores)")
+    parser.add_argument("--server", default=SERVER,
+                        help="base URL of an OpenAI-compatible inference server that runs the model (transformers "
+                             "serve, vLLM), e.g. http://127.0.0.1:8000; --model still gives the tokenizer and the "
+                             "chat settings (default: the model runs in this process)")
+    parser.add_argument("--server-timeout", type=float, default=SERVER_TIMEOUT,
+                        help="seconds a reply from the server may take, its wait in the server's queue included")
+    parser.add_argument("--no-stream", action="store_true", default=NO_STREAM,
+                        help="print a reply once it is complete, not as it is written")
     parser.add_argument("--script", help="play this file of user lines (UTF-8, one a line) and print the transcript")
     parser.add_argument("--show-prompt", action="store_true", help="print the prompt given to the model")
     return parser.parse_args(argv)
@@ -694,16 +937,21 @@ def main(argv=None):
                             f"(below 1 it rewards repetition)")
         if args.threads < 0:
             raise UserError("--threads must be 0 (physical cores) or more")
-        chat = open_model_folder(args.model, args.device)
+        if not args.server_timeout > 0:
+            raise UserError("--server-timeout must be above 0 seconds")
+        chat = open_model_folder(args.model, args.device, need_weights=not args.server)
         settings = resolve_settings(args, chat)
-        load_weights(chat, args.quantize, args.threads)
+        if args.server:
+            chat["server"] = open_server(args.server, chat["tokenizer"], args.server_timeout, settings["generation"])
+        else:
+            load_weights(chat, args.quantize, args.threads)
     except UserError as error:
         print(f"system_prompt.py: error: {error}", file=sys.stderr)
         return 1
-    for warning in settings["warnings"]:
+    for warning in settings["warnings"] + (chat["server"]["notes"] if args.server else []):
         print(f"system_prompt.py: warning: {warning}", file=sys.stderr)
     set_seed(args.seed)
-    session = ConsoleChat(chat, settings, show_prompt=args.show_prompt)
+    session = ConsoleChat(chat, settings, show_prompt=args.show_prompt, stream=not args.no_stream)
     if lines is None:
         talk(session)
     else:

@@ -48,6 +48,7 @@ import argparse
 import contextlib
 import copy
 import html
+import itertools
 import json
 import logging
 import os
@@ -72,6 +73,7 @@ from telebot import apihelper, types, util
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList,
                           StopStringCriteria, StoppingCriteriaList, set_seed)
 from transformers.activations import NewGELUActivation
+from transformers.generation import BaseStreamer
 from transformers.pytorch_utils import Conv1D
 
 # -----------------------------------------------------------------------------
@@ -93,6 +95,11 @@ DEFAULT_MAX_QUEUE = 100         # messages taken and not yet answered, all chats
 DEFAULT_MAX_AGE_MINUTES = 5.0   # an older message (downtime) is not answered
 DEFAULT_OLD_MESSAGES = "note"   # ...but gets one short note per chat ("skip": nothing)
 DEFAULT_SEED = 42
+SERVER = None                   # base URL of an OpenAI-compatible inference server; None: the model runs here
+SERVER_TIMEOUT = 60.0           # seconds a reply from the server may take, its wait in the server's queue included
+NO_STREAM = False               # True: a reply is sent once complete, not shown as it is written
+STREAM_EVERY_SECONDS = 1.0      # a streamed reply is updated at most this often in a private chat...
+GROUP_STREAM_EVERY_SECONDS = 3.0  # ...and in a group (Telegram allows about 20 messages a minute there)
 ENV_PREFIX = "TG_BOT_"          # TG_BOT_PERSONA="..." is --persona "...", spaces and all
 TOKENIZER_COPIES = 4            # for building prompts, a millisecond each: more would only take memory
 MAX_PENDING_PER_CHAT = 5        # messages of one chat waiting for the model; more are turned away
@@ -356,10 +363,22 @@ MARKDOWN_LINK = re.compile(r"!?\[([^\]\n]*)\]\([^)\n]*\)")
 HTML_TAG = re.compile(r"</?[A-Za-z!|][^<>\n]{0,200}>")
 URL = re.compile(r"(?i)\b(?:https?://|ftp://|www\.|t\.me/)\S+")
 MARKUP_RUNS = re.compile(r"(\*\*|__|~~|```|`|^#{1,6}\s|^>\s?)", re.MULTILINE)
+# A reply shown while it is written holds back what the next tokens may still turn into something
+# the cleaning removes: a word that may become "Вопрос:", a link or a tag not closed yet.
+TRAILING_LABEL_WORD = re.compile(r"(?i)\b(?:вопрос|ответ)\s*$")
+UNCLOSED_MARKUP = re.compile(r"!?\[[^\]\n]*(?:\]\([^)\n]*)?$|<[^<>\n]*$")
+SERVER_CONNECT_SECONDS = 5.0  # an inference server that does not take the connection in this time is down
+# Counted by the server's tokenizer at the start: a BOS added, or "</s>" typed by a user read as the
+# end of text, would give a count other than the kit's.
+PROBE_PROMPT = "Вопрос: </s> проверка <s>\nОтвет:"
 
 
 class UserError(Exception):
     """A mistake in the user's input: reported as one line, exit code 1."""
+
+
+class ServerError(Exception):
+    """The inference server is down, slow, or answered with an error: the reply is an apology."""
 
 
 def chat_prompt_ids(history, settings, tokenizer):
@@ -387,13 +406,67 @@ def clean_reply(text, eos_token=None):
     return text if any(ch.isalnum() for ch in text) else FALLBACK_REPLY
 
 
-def find_weights_folder(folder):
-    """The folder's own weights, else its newest complete checkpoint-N/."""
+def stable_prefix(raw):
+    """The start of a raw continuation that the tokens still to come cannot change: up to its
+    last whitespace (the last word may still grow into a label, a link or an entity), less a
+    trailing label word (its colon may come next) and a link or tag not yet closed."""
+    cut = max(raw.rfind(" "), raw.rfind("\n"), raw.rfind("\t"))
+    text = raw[:cut + 1]
+    while match := TRAILING_LABEL_WORD.search(text) or UNCLOSED_MARKUP.search(text):
+        text = text[:match.start()]
+    return text
+
+
+def visible_reply(raw):
+    """What may be shown of a reply still being written ("" while nothing may): cleaned as the
+    finished reply is, so it is always a start of clean_reply of the whole continuation, and no
+    label, link or markup ever shows, not even for a moment."""
+    text = clean_reply(stable_prefix(raw))
+    return "" if text == FALLBACK_REPLY else text
+
+
+class ReplyStreamer(BaseStreamer):
+    """Hands each row of a batch being generated its visible text as it grows: on_text[row]
+    (None for a row nobody watches) gets each new text, every one a longer start of the last.
+    generate() calls put() with the padded prompts first, then with one new token per row at
+    every step (pad tokens for the rows that are done). It runs on the generating thread, so
+    on_text must only store the text, never wait."""
+
+    def __init__(self, tokenizer, on_text):
+        self.tokenizer, self.on_text = tokenizer, list(on_text)
+        self.ids = [[] for _ in self.on_text]
+        self.done = [callback is None for callback in self.on_text]
+        self.shown = ["" for _ in self.on_text]
+        self.prompts_seen = False
+
+    def put(self, value):
+        if not self.prompts_seen:
+            self.prompts_seen = True
+            return
+        for row, token in enumerate(value.tolist()):
+            if self.done[row]:
+                continue
+            if token == self.tokenizer.eos_token_id:
+                self.done[row] = True
+                continue
+            self.ids[row].append(token)
+            text = visible_reply(self.tokenizer.decode(self.ids[row], skip_special_tokens=True))
+            if text != self.shown[row] and text.startswith(self.shown[row]):
+                self.shown[row] = text
+                self.on_text[row](text)
+
+    def end(self):
+        pass
+
+
+def find_weights_folder(folder, need_weights=True):
+    """The folder's own weights, else its newest complete checkpoint-N/. Without need_weights
+    (a server runs the model) a folder with config.json and the tokenizer will do."""
     def complete(path):
         return (path / "config.json").is_file() and (
             (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file())
 
-    if complete(folder):
+    if complete(folder) or (not need_weights and (folder / "config.json").is_file()):
         return folder
     checkpoints = []
     for path in folder.glob("checkpoint-*"):
@@ -429,9 +502,10 @@ def read_chat_config(folder, weights):
     return config, path
 
 
-def open_model_folder(model_dir, device):
+def open_model_folder(model_dir, device, need_weights=True):
     """Tokenizer, model config and chat settings of a kit model folder: all that the
-    settings are checked against, before the slow part (load_weights)."""
+    settings are checked against, before the slow part (load_weights). With a server
+    running the model (need_weights=False) the folder needs no weights."""
     folder = Path(model_dir)
     if not folder.is_dir():
         raise UserError(f"{folder}: model folder not found")
@@ -442,7 +516,7 @@ def open_model_folder(model_dir, device):
             kind = None
         if kind:
             raise UserError(f"{folder}: this is an LSTM folder ({kind}); talk to it with its own script's chat mode")
-    weights = find_weights_folder(folder)
+    weights = find_weights_folder(folder, need_weights)
     chat_config, config_path = read_chat_config(folder, weights)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -614,11 +688,12 @@ class TopKTopPSampler(LogitsProcessor):
         return torch.full_like(scores, float("-inf")).scatter_(-1, token, 0.0)
 
 
-def generate_ids(chat, settings, prompts):
+def generate_ids(chat, settings, prompts, on_text=None):
     """The new token ids for each prompt (a list of token ids, as chat_prompt_ids gives it),
     generated as one batch, each row cut at its own EOS. Prompts are padded on the left so
     that all of them end where generation starts; a row that is done gets pad tokens while
-    the others go on."""
+    the others go on. on_text, one callable or None per prompt, gets that row's visible text
+    as it grows (ReplyStreamer); watching changes no token."""
     tokenizer, generation = chat["tokenizer"], settings["generation"]
     inputs = tokenizer.pad({"input_ids": [list(ids) for ids in prompts]}, padding=True, padding_side="left",
                            return_tensors="pt").to(chat["device"])
@@ -634,6 +709,8 @@ def generate_ids(chat, settings, prompts):
     if generation["do_sample"]:
         processors.append(TopKTopPSampler(float(generation["temperature"]), int(generation.get("top_k") or 0),
                                           float(generation["top_p"])))
+    if on_text is not None and any(callback is not None for callback in on_text):
+        options["streamer"] = ReplyStreamer(tokenizer, on_text)
     with torch.inference_mode():
         output = chat["model"].generate(**inputs, **options, logits_processor=LogitsProcessorList(processors))
     rows = []
@@ -653,9 +730,130 @@ def generate_replies(chat, settings, prompts):
     return [decode_reply(chat["tokenizer"], ids) for ids in generate_ids(chat, settings, prompts)]
 
 
-def generate_reply(chat, settings, prompt):
-    """The model's cleaned answer to a prompt (a list of token ids)."""
-    return generate_replies(chat, settings, [prompt])[0]
+def generate_reply(chat, settings, prompt, on_text=None):
+    """The model's cleaned answer to a prompt (a list of token ids), from this process or from
+    the inference server the chat was opened with; on_text, if given, gets the visible text as
+    it grows."""
+    if chat.get("server"):
+        return server_reply(chat["server"], settings, chat["tokenizer"].decode(prompt), on_text)
+    ids = generate_ids(chat, settings, [prompt], [on_text])[0]
+    return decode_reply(chat["tokenizer"], ids)
+
+
+def open_server(url, tokenizer, timeout, generation=None):
+    """The inference server that runs the model (an OpenAI-compatible one: transformers serve,
+    vLLM): its address, the model it serves (GET /v1/models, sent with every request), and
+    notes for the caller to show: penalties of the generation settings it cannot apply, a
+    server that does not answer yet, or one whose tokenizer counts a prompt otherwise than the
+    kit (a BOS added, a user's "</s>" read as the end of text)."""
+    base = url.rstrip("/").removesuffix("/v1")
+    if not re.match(r"https?://[^/\s]+", base):
+        raise UserError(f"--server {url!r}: expected the base URL of an OpenAI-compatible server, such as "
+                        f"http://127.0.0.1:8000")
+    server = {"url": base, "timeout": float(timeout), "model": None, "eos_token": tokenizer.eos_token,
+              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, "notes": []}
+    generation = generation or {}
+    if float(generation.get("repetition_penalty") or 1.0) != 1.0 or int(generation.get("no_repeat_ngram_size") or 0):
+        server["notes"].append("the repetition penalty and n-gram blocking of the generation settings are not sent to "
+                               "the server: its own would count the prompt's words too (see deploy/README.md)")
+    limits = (SERVER_CONNECT_SECONDS, server["timeout"])
+    try:
+        listed = requests.get(base + "/v1/models", timeout=limits)
+        listed.raise_for_status()
+        server["model"] = listed.json()["data"][0]["id"]
+        probe = requests.post(base + "/v1/completions", timeout=limits, json={
+            "model": server["model"], "prompt": PROBE_PROMPT, "max_tokens": 1, "temperature": 0.0})
+        probe.raise_for_status()
+        counted = probe.json()["usage"]["prompt_tokens"]
+    except (requests.RequestException, ValueError, LookupError, TypeError) as error:
+        server["notes"].append(f"--server {base}: no answer as an OpenAI-compatible server ({type(error).__name__}: "
+                               f"{error}); every reply is an apology until it answers")
+        return server
+    ours = len(encode_text(tokenizer, PROBE_PROMPT))
+    if counted != ours:
+        server["notes"].append(f"--server {base} counts {counted} tokens in a prompt where the kit counts {ours}: "
+                               f"its tokenizer adds a BOS or reads a user's '</s>' as the end of text; serve a "
+                               f"model folder whose tokenizer_config.json has \"split_special_tokens\": true")
+    return server
+
+
+def server_body(server, settings, prompt_text):
+    """The /v1/completions request for a prompt: the kit's prompt as text, the reply's length,
+    sampling and the label stop strings, streamed. transformers serve samples only when its own
+    generation_config says so (which replaces the folder's: the EOS and pad ids go with it);
+    vLLM ignores that key and samples whenever the temperature is above 0. The penalties are
+    left out: both servers would count the prompt's tokens too."""
+    generation = settings["generation"]
+    sample, length = bool(generation["do_sample"]), int(generation["max_new_tokens"])
+    config = {"do_sample": sample, "max_new_tokens": length, "eos_token_id": server["eos_token_id"],
+              "pad_token_id": server["pad_token_id"]}
+    body = {"prompt": prompt_text, "max_tokens": length, "temperature": 0.0, "stop": STOP_STRINGS, "stream": True}
+    if sample:
+        config.update(temperature=float(generation["temperature"]), top_p=float(generation["top_p"]),
+                      top_k=int(generation.get("top_k") or 0))
+        body.update(temperature=config["temperature"], top_p=config["top_p"])
+    if generation.get("min_new_tokens"):
+        config["min_new_tokens"] = int(generation["min_new_tokens"])  # fixed-length replies, for benchmarks
+    body["generation_config"] = json.dumps(config)
+    if server["model"]:
+        body["model"] = server["model"]
+    return body
+
+
+def server_pieces(server, body):
+    """The text pieces of a streamed /v1/completions answer as they come. Closing the generator
+    closes the connection, which stops the server writing (a request not streamed would run to
+    its end after the client gave up). ServerError when the server does not take the connection,
+    answers with an error (an HTTP error, or an error event inside a 200 stream), or the reply is
+    not complete within server["timeout"] seconds, its wait in the server's queue included."""
+    deadline = time.monotonic() + server["timeout"]
+    try:
+        with requests.post(server["url"] + "/v1/completions", json=body, stream=True,
+                           timeout=(SERVER_CONNECT_SECONDS, server["timeout"])) as response:
+            if response.status_code != 200:
+                raise ServerError(f"{server['url']}: HTTP {response.status_code} {response.text[:200]!r}")
+            for line in response.iter_lines():
+                if time.monotonic() > deadline:
+                    raise ServerError(f"{server['url']}: no complete reply within {server['timeout']:g} s")
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[len(b"data:"):].strip()
+                if data == b"[DONE]":  # vLLM ends a stream so; transformers serve closes it
+                    return
+                try:
+                    event = json.loads(data)
+                    choice = None if "error" in event else event["choices"][0]
+                except (ValueError, LookupError, TypeError):
+                    raise ServerError(f"{server['url']}: an event that is not JSON: {data[:200]!r}") from None
+                if choice is None:
+                    raise ServerError(f"{server['url']}: {str(event['error'])[:200]}")
+                if choice.get("text"):
+                    yield choice["text"]
+                if choice.get("finish_reason"):
+                    return
+    except requests.RequestException as error:
+        raise ServerError(f"{server['url']}: {type(error).__name__}: {error}") from None
+
+
+def server_reply(server, settings, prompt_text, on_text=None):
+    """The cleaned reply to a prompt (its text) from the inference server, read as it is
+    streamed: on_text, if given, gets the visible text as it grows, and the stream is closed as
+    soon as the model starts the next turn, which the cleaning would cut anyway. The same
+    cleaning as in this process, so both give the same reply for the same continuation."""
+    raw, shown = "", ""
+    pieces = server_pieces(server, server_body(server, settings, prompt_text))
+    try:
+        for piece in pieces:
+            raw += piece
+            if NEXT_TURN.search(LEADING_LABELS.sub("", raw)):
+                break
+            text = visible_reply(raw) if on_text is not None else ""
+            if text != shown and text.startswith(shown):
+                shown = text
+                on_text(text)
+    finally:
+        pieces.close()
+    return clean_reply(raw, server["eos_token"])
 # --- end of the mirrored part
 
 
@@ -989,6 +1187,151 @@ def keep_typing(send_action, every=TYPING_EVERY_SECONDS):
         done.set()
 
 
+class LiveReply:
+    """A reply shown to its chat while it is written. In a private chat the text grows in a
+    draft (sendMessageDraft: a temporary bubble, which the final message replaces); where
+    drafts are refused (a group, a Bot API server without them) the first part is sent as a
+    message and edited as it grows. At most one call per `every` seconds, counted from the
+    start of the reply, so a reply written faster than that is just sent; a 429 is waited out
+    and halves the pace; a text over 4096 characters goes on in a second message. Runs on the
+    chat's worker (the generating thread only stores the text), and every update is the start
+    of the final text. An update that fails stops the updates, never the reply."""
+
+    draft_ids = itertools.count(1)  # non-zero; a new id is a new draft bubble
+
+    def __init__(self, bot, chat_id, group, reply_to, stopping, drafts=True):
+        self.bot, self.chat_id, self.reply_to, self.stopping = bot, chat_id, reply_to, stopping
+        self.mode = "draft" if drafts and not group else "edit"  # "off" once an update failed
+        self.every = GROUP_STREAM_EVERY_SECONDS if group else STREAM_EVERY_SECONDS
+        self.next_at = time.monotonic() + self.every
+        self.shown = ""            # the text visible now, all its parts together
+        self.messages = []         # [message id, text] of each message of this reply, in order
+        self.draft_id = next(self.draft_ids)
+        self.drafts_refused = False  # a 404: the Bot API server has no drafts at all
+
+    def follow(self, request):
+        """Show the request's text as it grows, paced, until the reply is done; its result."""
+        while True:
+            with request.changed:
+                while not request.done.is_set():
+                    wait = self.next_at - time.monotonic()
+                    news = self.mode != "off" and request.visible != self.shown
+                    if news and wait <= 0:
+                        break
+                    request.changed.wait(min(wait, 1.0) if news else 1.0)
+                if request.done.is_set():
+                    return request.result()
+                text = request.visible
+            self.show(text)
+
+    def show(self, text):
+        parts = util.smart_split(text, util.MAX_MESSAGE_LENGTH)
+        try:
+            if self.mode == "draft":
+                try:
+                    self._draft(parts)
+                except apihelper.ApiTelegramException as error:
+                    if error.error_code not in (400, 404):
+                        raise
+                    # 404: a Bot API server older than drafts; 400: a chat that takes none
+                    log.info("chat %s: no drafts (%s %s): the reply is sent and edited as it grows", self.chat_id,
+                             error.error_code, error.description)
+                    self.drafts_refused |= error.error_code == 404
+                    self.mode = "edit"
+                    self._edit(parts)
+            else:
+                self._edit(parts)
+        except RetryAfter as wait:
+            if self.stopping.wait(wait.seconds):
+                self.mode = "off"
+            self.every *= 2  # Telegram said too fast: slower for the rest of this reply
+            self.next_at = time.monotonic()  # ...but the text waiting now goes out at once
+            return
+        except Exception as error:  # the final send tries again and reports what fails
+            log.warning("chat %s: an update of the reply being written failed (%s): the reply comes whole",
+                        self.chat_id, error)
+            self.mode = "off"
+            return
+        self.shown = text
+        self.next_at = time.monotonic() + self.every
+
+    def _draft(self, parts):
+        for part in parts[len(self.messages):-1]:  # parts complete now: messages; the draft goes on after them
+            self.messages.append([once(lambda: self.bot.send_message(self.chat_id, part)).message_id, part])
+            self.draft_id = next(self.draft_ids)
+        once(lambda: self.bot.send_message_draft(self.chat_id, self.draft_id, parts[-1]))
+
+    def _edit(self, parts):
+        for number, part in enumerate(parts):
+            if number < len(self.messages):
+                if self.messages[number][1] != part:
+                    once(lambda: self.bot.edit_message_text(part, chat_id=self.chat_id,
+                                                            message_id=self.messages[number][0]))
+                    self.messages[number][1] = part
+            else:
+                sent = once(lambda: self.bot.send_message(self.chat_id, part,
+                                                          reply_parameters=self._reply_parameters(number)))
+                self.messages.append([sent.message_id, part])
+
+    def _reply_parameters(self, number):
+        if self.reply_to is None or number > 0:
+            return None
+        return types.ReplyParameters(self.reply_to, allow_sending_without_reply=True)
+
+    def finish(self, reply):
+        """Deliver the finished reply, each call tried as send_reply tries one: the messages
+        sent so far edited where the text changed (paced), the rest sent. A draft is temporary,
+        so in a private chat the reply itself is always sent as a message."""
+        for number, part in enumerate(util.smart_split(reply, util.MAX_MESSAGE_LENGTH)):
+            if number < len(self.messages):
+                if self.messages[number][1] != part and not self._final_edit(number, part):
+                    self.messages[number] = [self._final_send(number, part), part]
+            else:
+                self.messages.append([self._final_send(number, part), part])
+
+    def _final_edit(self, number, part):
+        """False when the message cannot be edited (deleted): it is sent anew instead."""
+        wait = self.next_at - time.monotonic()
+        if wait > 0:
+            self.stopping.wait(wait)  # the pace; stopping: the reply still goes
+        try:
+            call_with_retry(lambda: self.bot.edit_message_text(part, chat_id=self.chat_id,
+                                                               message_id=self.messages[number][0]), self.stopping)
+        except apihelper.ApiTelegramException as error:
+            if error.error_code != 400:
+                raise
+            if "not modified" not in error.description:
+                log.info("chat %s: cannot edit the reply (%s); sending it anew", self.chat_id, error.description)
+                return False
+        self.messages[number][1] = part
+        self.next_at = time.monotonic() + self.every
+        return True
+
+    def _final_send(self, number, part):
+        sent = call_with_retry(lambda: self.bot.send_message(self.chat_id, part,
+                                                             reply_parameters=self._reply_parameters(number)),
+                               self.stopping)
+        return sent.message_id
+
+
+class RetryAfter(Exception):
+    """Telegram answered 429: the call may be tried again after `seconds`."""
+
+    def __init__(self, seconds):
+        super().__init__(f"retry after {seconds} s")
+        self.seconds = seconds
+
+
+def once(call):
+    """call() tried once; a 429 comes as RetryAfter, for the caller to wait out and slow down."""
+    try:
+        return call()
+    except apihelper.ApiTelegramException as error:
+        if error.error_code == 429:
+            raise RetryAfter(retry_wait(error, 1)) from error
+        raise
+
+
 class Notifier:
     """Short notices (busy, too fast, offline, not allowed) sent from a small pool of
     their own, so that waiting out a 429 for one of them never holds up the polling
@@ -1084,12 +1427,28 @@ class TokenizerPool:
 
 
 class ReplyRequest:
-    """A prompt waiting for the model, and then its reply (or the error instead)."""
+    """A prompt waiting for the model (its ids, and its text for a server), then its reply or
+    the error instead; with stream, also the visible text of the reply while it is written."""
 
-    def __init__(self, prompt, tokens):
-        self.prompt, self.tokens, self.arrived = prompt, tokens, time.monotonic()
+    def __init__(self, prompt, tokens, stream=False, prompt_text=None):
+        self.prompt, self.tokens, self.stream, self.prompt_text = prompt, tokens, stream, prompt_text
+        self.arrived = time.monotonic()
+        self.visible = ""
         self.reply = self.error = None
         self.done = threading.Event()
+        self.changed = threading.Condition()
+
+    def show(self, text):
+        """The reply so far (from the thread that generates: it only stores the text)."""
+        with self.changed:
+            self.visible = text
+            self.changed.notify_all()
+
+    def finish(self, reply=None, error=None):
+        with self.changed:
+            self.reply, self.error = reply, error
+            self.done.set()
+            self.changed.notify_all()
 
     def result(self):
         self.done.wait()
@@ -1128,8 +1487,8 @@ class ReplyBatcher:
             self.coming -= 1
             self.changed.notify_all()
 
-    def submit(self, prompt, tokens=0, announced=False):
-        request = ReplyRequest(prompt, tokens)
+    def submit(self, prompt, tokens=0, announced=False, stream=False, prompt_text=None):
+        request = ReplyRequest(prompt, tokens, stream, prompt_text)
         with self.changed:
             self.coming -= bool(announced)
             self.pending.append(request)
@@ -1165,14 +1524,17 @@ class ReplyBatcher:
     def _run(self):
         while (batch := self._next_batch()) is not None:
             try:
-                replies = self.generate([request.prompt for request in batch])
-                for request, reply in zip(batch, replies, strict=True):
-                    request.reply = reply
+                # Each streamed row hands its text to its own request, so to its own chat.
+                replies = self.generate([request.prompt for request in batch],
+                                        [request.show if request.stream else None for request in batch])
+                replies = list(zip(batch, replies, strict=True))
             except Exception as error:  # every waiting worker answers its chat with an apology
-                for request in batch:
-                    request.error = error
-            for request in batch:
-                request.done.set()
+                replies = [(request, error) for request in batch]
+            for request, reply in replies:
+                if isinstance(reply, Exception):
+                    request.finish(error=reply)
+                else:
+                    request.finish(reply)
 
     def close(self):
         """Finish what is queued, then stop the thread."""
@@ -1180,6 +1542,38 @@ class ReplyBatcher:
             self.closing = True
             self.changed.notify_all()
         self.thread.join()
+
+
+class ServerReplies:
+    """The replies from an inference server instead of the model thread (--server): each
+    request is sent, streamed, from a pool of threads as large as the bot's workers, and the
+    server batches (vLLM) or queues (transformers serve) them. The same interface as
+    ReplyBatcher, so a worker does not know which one answers."""
+
+    def __init__(self, server, settings, threads):
+        self.server, self.settings = server, settings
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="server")
+
+    def announce(self):
+        pass  # nothing waits for company: the server does its own batching
+
+    def withdraw(self):
+        pass
+
+    def submit(self, prompt, tokens=0, announced=False, stream=False, prompt_text=None):
+        request = ReplyRequest(prompt, tokens, stream, prompt_text)
+        self.pool.submit(self._run, request)
+        return request
+
+    def _run(self, request):
+        try:
+            request.finish(server_reply(self.server, self.settings, request.prompt_text,
+                                        request.show if request.stream else None))
+        except Exception as error:  # ServerError: the worker apologises to its chat
+            request.finish(error=error)
+
+    def close(self):
+        self.pool.shutdown(wait=True)
 
 
 # --- one request at a time per chat, a bounded pool for all
@@ -1284,6 +1678,8 @@ class ChatBot:
         self.max_age = args.max_age_minutes * 60
         self.old_messages = args.old_messages
         self.log_prompts = args.log_prompts
+        self.stream = not args.no_stream
+        self.drafts = hasattr(bot, "send_message_draft")  # pyTelegramBotAPI before 4.32 has no drafts: edits
         self.username = (me.username or "").lower()
         self.rate = RateLimit(args.rate_limit)
         self.notifier = Notifier(bot, self.stopping)
@@ -1439,6 +1835,9 @@ class ChatBot:
             finished = False
             log.info("chat %s: stopping while a send waited to be tried again; the message waits in the "
                      "database for the next start", chat_id)
+        except ServerError as error:
+            log.error("chat %s: no reply from the inference server: %s", chat_id, error)
+            self.safe_send(chat_id, APOLOGY_TEXT)
         except SendFailed as error:
             log.error("chat %s: cannot send the reply: %s", chat_id, error)
             self.safe_send(chat_id, SEND_FAILED_TEXT)
@@ -1514,14 +1913,26 @@ class ChatBot:
         turns = [f"{who}: {said}" if who else said for who, said in history + [(speaker, text)]]
         with self.tokenizers.borrow() as tokenizer:
             prompt = chat_prompt_ids(turns, self.settings, tokenizer)
-            if self.log_prompts:
-                log.info("prompt chat=%s: %s", chat_id, json.dumps(tokenizer.decode(prompt), ensure_ascii=False))
-        tokens = len(prompt)
+            prompt_text = tokenizer.decode(prompt)  # what a server is sent
+        if self.log_prompts:
+            log.info("prompt chat=%s: %s", chat_id, json.dumps(prompt_text, ensure_ascii=False))
+        live = None
+        if self.stream:
+            live = LiveReply(self.bot, chat_id, in_group(message), message.message_id if in_group(message) else None,
+                             self.stopping, self.drafts)
         with keep_typing(lambda: self.bot.send_chat_action(chat_id, "typing")):
-            request = self.batcher.submit(prompt, tokens, announced=True)
+            request = self.batcher.submit(prompt, len(prompt), announced=True, stream=live is not None,
+                                          prompt_text=prompt_text)
             self.local.announced = False
-            reply = request.result()
-        self.send(message, reply)
+            reply = live.follow(request) if live else request.result()
+        if live:
+            if live.drafts_refused and self.drafts:
+                self.drafts = False
+                log.warning("the Bot API server has no sendMessageDraft (404): replies are shown by editing a "
+                            "message as they grow")
+            live.finish(reply)
+        else:
+            self.send(message, reply)
         if reply == FALLBACK_REPLY:
             # The model said nothing usable: remembering the stock line would only teach the
             # prompt to repeat it, so the exchange is left out (the message is answered, though).
@@ -1557,13 +1968,14 @@ class ChatBot:
 
 
 def model_thread_generate(chat, settings):
-    """generate(prompts) -> replies for the model thread, with its own tokenizer
-    (the workers' copies are busy building prompts)."""
+    """generate(prompts, on_text) -> replies for the model thread, with its own tokenizer
+    (the workers' copies are busy building prompts); on_text, one callable or None a prompt,
+    gets that reply's visible text as it grows."""
     chat = dict(chat, tokenizer=copy.deepcopy(chat["tokenizer"]))
 
-    def generate(prompts):
+    def generate(prompts, on_text=None):
         start = time.monotonic()
-        rows = generate_ids(chat, settings, prompts)
+        rows = generate_ids(chat, settings, prompts, on_text)
         log.debug("batch of %d: %s new tokens in %.2f s", len(rows), ",".join(str(len(row)) for row in rows),
                   time.monotonic() - start)
         return [decode_reply(chat["tokenizer"], row) for row in rows]
@@ -1765,6 +2177,15 @@ def build_parser():
     parser.add_argument("--workers", type=int,
                         help="messages handled at once; each waits while the model writes its reply "
                              "(default: 2 x --max-batch, so the next batch is ready when the model frees)")
+    parser.add_argument("--server", default=SERVER,
+                        help="base URL of an OpenAI-compatible inference server that runs the model (transformers "
+                             "serve, vLLM), e.g. http://127.0.0.1:8000; --model still gives the tokenizer and the "
+                             "chat settings (default: the model runs in this process)")
+    parser.add_argument("--server-timeout", type=float, default=SERVER_TIMEOUT,
+                        help="seconds a reply from the server may take, its wait in the server's queue included; "
+                             "later, the user gets an apology")
+    parser.add_argument("--no-stream", action="store_true", default=NO_STREAM,
+                        help="send a reply once it is complete instead of showing it as it is written")
     parser.add_argument("--max-input-chars", type=int, default=DEFAULT_MAX_INPUT_CHARS,
                         help="a longer message keeps its last this many characters")
     parser.add_argument("--poll-seconds", type=int, default=DEFAULT_POLL_SECONDS, help="getUpdates long-poll time")
@@ -1804,6 +2225,8 @@ def check_args(args):
         raise UserError("--max-queue must be at least 1")
     if args.max_age_minutes < 0:
         raise UserError("--max-age-minutes must be 0 (answer everything) or more")
+    if not args.server_timeout > 0:
+        raise UserError("--server-timeout must be above 0 seconds")
     args.allowed_users = parse_user_ids(args.allowed_users)
 
 
@@ -1824,23 +2247,32 @@ def connect(token, api_url):
 
 def run(args, token):
     bot, me = connect(token, args.api_url)
-    chat = open_model_folder(args.model, args.device)
+    chat = open_model_folder(args.model, args.device, need_weights=not args.server)
     settings = resolve_settings(args, chat)
     for warning in settings["warnings"]:
         log.warning("%s", warning)
+    server = None
+    if args.server:
+        server = open_server(args.server, chat["tokenizer"], args.server_timeout, settings["generation"])
+        for note in server["notes"]:
+            log.warning("%s", note)
     # Opened only once the settings are known to be good, so a mistake leaves no new file behind.
     store = HistoryStore(args.db)
-    try:
-        load_weights(chat, args.quantize, args.threads)
-    except UserError:
-        store.close()
-        raise
+    if server is None:
+        try:
+            load_weights(chat, args.quantize, args.threads)
+        except UserError:
+            store.close()
+            raise
     set_seed(args.seed)
-    if args.workers is not None and args.workers < args.max_batch:
+    if server is None and args.workers is not None and args.workers < args.max_batch:
         log.warning("--workers %d: at most %d replies can be generated together, not --max-batch %d",
                     args.workers, args.workers, args.max_batch)
-    batcher = ReplyBatcher(model_thread_generate(chat, settings), args.max_batch, args.batch_wait_ms / 1000,
-                           args.max_batch_tokens, int(settings["generation"]["max_new_tokens"]))
+    if server is None:
+        batcher = ReplyBatcher(model_thread_generate(chat, settings), args.max_batch, args.batch_wait_ms / 1000,
+                               args.max_batch_tokens, int(settings["generation"]["max_new_tokens"]))
+    else:
+        batcher = ServerReplies(server, settings, args.workers or 2 * args.max_batch)
     stopping = threading.Event()
     chat_bot = ChatBot(bot, me, store, chat, settings, args, batcher, stopping)
 
@@ -1850,10 +2282,16 @@ def run(args, token):
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info("bot @%s is up: model %s (%s, %s), prompt budget %d tokens, up to %d replies at once, "
-             "history in %s", me.username, chat["weights"], "int8" if chat["quantize"] == "int8" else "plain weights",
-             f"{chat['threads']} threads" if chat["device"] == "cpu" else chat["device"], settings["budget"],
-             args.max_batch, args.db)
+    streaming = "sent whole" if args.no_stream else "shown as they are written"
+    if server is None:
+        log.info("bot @%s is up: model %s (%s, %s), prompt budget %d tokens, up to %d replies at once, replies %s, "
+                 "history in %s", me.username, chat["weights"], "int8" if chat["quantize"] == "int8" else
+                 "plain weights", f"{chat['threads']} threads" if chat["device"] == "cpu" else chat["device"],
+                 settings["budget"], args.max_batch, streaming, args.db)
+    else:
+        log.info("bot @%s is up: replies from the inference server %s (model %s; tokenizer and chat settings of %s), "
+                 "prompt budget %d tokens, replies %s, history in %s", me.username, server["url"],
+                 server["model"] or "not known yet", chat["weights"], settings["budget"], streaming, args.db)
     log.info("access: %s", describe_access(args.allowed_users))
     try:
         serve(bot, chat_bot, stopping, args.poll_seconds)

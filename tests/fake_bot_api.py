@@ -2,15 +2,19 @@
 and LiveBot, the real bot process talking to it (tests and bench/bot_load.py).
 
 It speaks the few methods the bot uses (getMe, getUpdates with long polling and
-offsets, sendMessage, sendChatAction, getChatMember, getWebhookInfo and
-deleteWebhook, plus a plain "ok" for anything else), hands out the updates a test
+offsets, sendMessage, sendMessageDraft, editMessageText, sendChatAction,
+getChatMember, getWebhookInfo and deleteWebhook, plus a plain "ok" for anything
+else), hands out the updates a test
 queues (with the entities Telegram would mark: mentions, commands, emails), and
 records what the bot sent. A test can make the next call of a method fail (a 429
 with retry_after, a 5xx, a dropped connection, a 400), possibly for one chat
 only, or slow; throttle a chat (every send to it 429 for a while), or answer
 with a 429 every send that comes sooner than chat_send_interval after the last
 one to that chat, as Telegram does with bursts; leave a webhook set; have another
-copy "poll" (409); or revoke the token (401).
+copy "poll" (409); or revoke the token (401). Drafts are taken in private chats only
+(400 elsewhere), or nowhere (drafts=False: 404, as a Bot API server older than
+them answers); an edit that changes nothing gets Telegram's 400 "message is not
+modified". visible(chat_id) lists every text a user could have seen, in order.
 
     with FakeBotApi(token) as api:
         start the bot with --api-url api.url
@@ -58,14 +62,17 @@ def entities_of(text):
 
 
 class FakeBotApi:
-    def __init__(self, token):
+    def __init__(self, token, drafts=True):
         self.token = token
+        self.drafts_supported = drafts  # False: sendMessageDraft is an unknown method (404), as on older servers
         self.lock = threading.Condition()
         self.updates = []             # queued, not yet confirmed by an offset
         self.next_update_id = 1000
         self.next_message_id = 1
         self.chats = {}               # chat id -> chat object of the updates pushed
-        self.sent = []                # sendMessage calls answered with success
+        self.sent = []                # sendMessage calls answered with success; "text" follows later edits
+        self.drafts = []              # sendMessageDraft calls answered with success
+        self.edits = []               # editMessageText calls answered with success
         self.actions = []             # sendChatAction calls
         self.calls = []               # (method, time, HTTP status) of every call
         self.requests = []            # every call answered: {"method", "chat_id", "text", "offset", "status", "time"}
@@ -200,6 +207,14 @@ class FakeBotApi:
         with self.lock:
             return [m for m in self.sent if m["chat_id"] == chat_id]
 
+    def visible(self, chat_id):
+        """What a user of the chat could have seen, in order: (method, text, time, message id or
+        draft id) of every sendMessage, sendMessageDraft and editMessageText answered with success."""
+        with self.lock:
+            return [(r["method"], r["text"], r["time"], r["message_id"] or r["draft_id"]) for r in self.requests
+                    if r["chat_id"] == chat_id and r["status"] == 200
+                    and r["method"] in ("sendMessage", "sendMessageDraft", "editMessageText")]
+
     def wait_for_messages(self, chat_id, count, timeout=30.0):
         """The first `count` messages sent to a chat, once that many have arrived."""
         def enough():
@@ -292,6 +307,8 @@ class FakeBotApi:
             failure = self._failure(method, chat_id)
         if delay:
             time.sleep(delay)
+        if failure is None:
+            failure = self._refusal(method, params, chat_id)
         if failure is not None:
             status, body = failure
         elif method == "getUpdates":
@@ -301,9 +318,37 @@ class FakeBotApi:
         with self.lock:
             self.calls.append((method, time.monotonic(), status))
             self.requests.append({"method": method, "chat_id": chat_id, "text": params.get("text"), "status": status,
-                                  "offset": params.get("offset"), "time": time.monotonic()})
+                                  "offset": params.get("offset"), "time": time.monotonic(),
+                                  "message_id": body["result"].get("message_id") if status == 200 and isinstance(
+                                      body.get("result"), dict) else None,
+                                  "draft_id": int(params["draft_id"]) if "draft_id" in params else None})
             self.lock.notify_all()
         return status, body
+
+    def _refusal(self, method, params, chat_id):
+        """Telegram's answer to a draft or an edit it does not take, else None."""
+        def bad(description):
+            return 400, {"ok": False, "error_code": 400, "description": "Bad Request: " + description}
+
+        with self.lock:
+            if method == "sendMessageDraft":
+                if not self.drafts_supported:
+                    return 404, {"ok": False, "error_code": 404, "description": "Not Found"}
+                if self.chats.get(chat_id, {"type": "private"})["type"] != "private":
+                    return bad("method is available only in private chats")
+                if int(params.get("draft_id") or 0) == 0:
+                    return bad("draft_id must be non-zero")
+                if not params.get("text"):
+                    return bad("message text is empty")
+            if method == "editMessageText":
+                target = [m for m in self.sent if m["chat_id"] == chat_id
+                          and m["message_id"] == int(params.get("message_id") or 0)]
+                if not target:
+                    return bad("message to edit not found")
+                if target[0]["text"] == params.get("text"):
+                    return bad("message is not modified: specified new message content and reply markup are "
+                               "exactly the same as a current content and reply markup of the message")
+        return None
 
     def _get_updates(self, params):
         offset = int(params.get("offset", 0))
@@ -348,6 +393,21 @@ class FakeBotApi:
             with self.lock:
                 self.actions.append({"chat_id": chat_id, "action": params.get("action"), "time": time.monotonic()})
             return True
+        if method == "sendMessageDraft":
+            with self.lock:
+                self.drafts.append({"chat_id": chat_id, "draft_id": int(params["draft_id"]), "text": params["text"],
+                                    "time": time.monotonic()})
+            return True
+        if method == "editMessageText":
+            with self.lock:
+                [message] = [m for m in self.sent if m["chat_id"] == chat_id
+                             and m["message_id"] == int(params["message_id"])]
+                message["text"] = params["text"]
+                self.edits.append({"chat_id": chat_id, "message_id": message["message_id"], "text": params["text"],
+                                   "time": time.monotonic()})
+                chat = self.chats.get(chat_id, {"id": chat_id, "type": "private", "first_name": "user"})
+            return {"message_id": message["message_id"], "date": int(time.time()), "edit_date": int(time.time()),
+                    "chat": chat, "from": BOT_USER, "text": params["text"]}
         if method == "sendMessage":
             reply = json.loads(params["reply_parameters"]) if params.get("reply_parameters") else {}
             with self.lock:

@@ -254,7 +254,7 @@ class StubModel:
         if not hold_first:
             self.release.set()
 
-    def __call__(self, prompts):
+    def __call__(self, prompts, on_text=None):
         self.batches.append(list(prompts))
         self.started.set()
         assert self.release.wait(RESULT_TIMEOUT)

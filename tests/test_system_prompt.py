@@ -195,7 +195,7 @@ def test_the_fallback_reply_is_not_kept_as_the_bots_turn(model_dir, monkeypatch)
     replies = iter([sp.FALLBACK_REPLY, "Тебя зовут Аня."])
     seen = []
 
-    def fake_reply(chat, settings, prompt):
+    def fake_reply(chat, settings, prompt, on_text=None):
         seen.append(chat["tokenizer"].decode(prompt))
         return next(replies)
 

@@ -47,7 +47,7 @@ class StubModel:
         if not held:
             self.free.set()
 
-    def __call__(self, prompts):
+    def __call__(self, prompts, on_text=None):
         prompts = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in prompts]
         self.prompts += prompts
         assert self.free.wait(WAIT), "the stub model was never released"

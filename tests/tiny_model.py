@@ -62,3 +62,34 @@ def build_tiny_model(folder, lines=TRAINING_LINES, n_positions=256, seed=0, chat
     cfg = dict(CHAT_CONFIG if chat_config is None else chat_config)
     (folder / "chat_config.json").write_text(json.dumps(cfg, ensure_ascii=False, indent=2), encoding="utf-8")
     return folder
+
+
+# One conversation in the kit's prompt format (the persona first), for build_parrot_model.
+PARROT_TEXT = ("Вопрос: Кто ты?\nОтвет: Я дружелюбный помощник. Отвечаю коротко и по делу.\n"
+               "Вопрос: Привет! Как дела?\nОтвет: Привет, всё хорошо, спасибо.\n"
+               "Вопрос: Какая завтра погода?\nОтвет: Обещают дождь и ветер.")
+PARROT_QUESTION = "Привет! Как дела?"
+PARROT_ANSWER = "Привет, всё хорошо, спасибо."
+
+
+def build_parrot_model(folder, steps=300, seed=0, chat_config=None):
+    """The tiny model trained on PARROT_TEXT until it knows it by heart (about a second): asked
+    PARROT_QUESTION after the persona, greedy decoding writes PARROT_ANSWER and then goes on to
+    write the next question itself ("\\nВопрос: ..."), which a chat must cut. Its replies are
+    known in advance, so two ways of running it (in-process, a server) can be compared."""
+    import torch
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    folder = build_tiny_model(folder, seed=seed, chat_config=chat_config)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = GPT2LMHeadModel.from_pretrained(folder)
+    ids = torch.tensor([tokenizer(PARROT_TEXT, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]])
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval().save_pretrained(folder)
+    return folder

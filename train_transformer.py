@@ -38,8 +38,14 @@ Run it:
     # continue an interrupted run from its newest complete checkpoint (early
     # stopping's patience included): the first run's flags plus --resume
     python train_transformer.py --from-scratch --device cpu --max-steps 600 --resume
+
+In a notebook (Jupyter, Colab): paste this whole file into one cell, set the
+defaults block below (FROM_SCRATCH, DEVICE, MAX_STEPS, ...), run the cell; the
+training curves show in the cell. `%run train_transformer.py --flags` and
+`!python train_transformer.py --flags` take flags as above.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -49,7 +55,7 @@ import sys
 import unicodedata
 
 # ----------------------------------------------------------------------------
-# defaults
+# defaults: every flag's default; in a notebook cell, set them here
 DATA_DIR = "data"
 OUTPUT_DIR = "rugpt3_50k"
 MODEL_NAME = "ai-forever/rugpt3small_based_on_gpt2"
@@ -68,8 +74,16 @@ PATIENCE = 3                # evaluations without improvement before stopping
 SAVE_TOTAL_LIMIT = 2
 VAL_ROWS = 2000             # validation rows used (evaluating all of a big split is slow)
 SEED = 42
+DEVICE = "auto"             # "auto", "cpu" or "cuda"
+LR = None                   # None: LR_PRETRAINED, or LR_FROM_SCRATCH with FROM_SCRATCH
+ROWS = None                 # use the first N training rows (None: all)
+RESUME = False              # True: continue from the newest complete checkpoint
+NO_PERSONA = False          # True: persona null in chat_config.json
 # --from-scratch model and tokenizer
-N_LAYER, N_HEAD, N_EMBD = 4, 4, 256
+FROM_SCRATCH = False        # True: a new GPT-2 and BPE tokenizer trained on the data instead of MODEL_NAME
+N_LAYER = 4
+N_HEAD = 4
+N_EMBD = 256
 VOCAB_SIZE = 8000
 N_POSITIONS = 256
 # chat_config.json
@@ -85,6 +99,7 @@ EOS_CANDIDATES = ("</s>", "<|endoftext|>")   # where the files declare no EOS th
 BOS_CANDIDATES = ("<s>", "<|endoftext|>")
 IGNORE_INDEX = -100         # label value the loss skips
 
+DEVICES = ("auto", "cpu", "cuda")
 PROG = "train_transformer.py"
 FINAL_TMP = ".final-tmp"
 MODEL_FILE_RE = re.compile(r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors"
@@ -723,15 +738,15 @@ def save_tokenizer_and_chat_config(tokenizer, config, out):
 
 def plot_training_curves(log_history, path):
     """Training loss, validation loss and grad-norm by step: the curves to stop before over-fitting."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # The Figure class, not pyplot: no backend to choose, so a notebook keeps its own (Agg would blank its plots).
+    from matplotlib.figure import Figure
 
     def series(key):
         points = [(h["step"], h[key]) for h in log_history if key in h and "step" in h]
         return [p[0] for p in points], [p[1] for p in points]
 
-    fig, (ax_loss, ax_grad) = plt.subplots(2, 1, sharex=True, figsize=(8, 6))
+    fig = Figure(figsize=(8, 6))
+    ax_loss, ax_grad = fig.subplots(2, 1, sharex=True)
     ax_loss.plot(*series("loss"), label="training loss")
     ax_loss.plot(*series("eval_answer_loss"), "o-", label="validation loss (answer tokens)")
     ax_loss.set_ylabel("loss")
@@ -744,8 +759,15 @@ def plot_training_curves(log_history, path):
     fig.tight_layout()
     tmp = f"{path}.tmp-{os.getpid()}"
     fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
     os.replace(tmp, path)
+
+
+def show_in_notebook(png_path):
+    """Show a saved chart in the notebook cell running this script (pasted or %run); elsewhere the file is all."""
+    if "ipykernel" in sys.modules:
+        from IPython.display import Image, display
+
+        display(Image(filename=png_path))
 
 
 # ----------------------------------------------------------------------------
@@ -754,6 +776,8 @@ def plot_training_curves(log_history, path):
 def pick_device(device):
     import torch
 
+    if device not in DEVICES:  # a DEVICE set in the defaults block, which argparse does not check
+        raise UserError(f"--device {device!r}: must be one of {', '.join(DEVICES)}")
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible to torch; use --device cpu")
     return "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
@@ -914,6 +938,7 @@ def run(args, train_rows, val_rows, max_turns, persona):
         publish_folder(final_tmp, args.output)
         trainer.state.save_to_json(os.path.join(args.output, "trainer_state.json"))
         plot_training_curves(trainer.state.log_history, os.path.join(args.output, "training_curves.png"))
+        show_in_notebook(os.path.join(args.output, "training_curves.png"))
         # the trainer validates at the last step too, so the best metric covers the whole run
         loss = trainer.state.best_metric
         summary = "no validation ran" if loss is None else \
@@ -939,23 +964,23 @@ def add_common_arguments(parser, output, model, max_length=MAX_LENGTH):
     parser.add_argument("--data-dir", default=DATA_DIR, help="folder of the data splits (default %(default)s)")
     parser.add_argument("--output", default=output, help="model folder to write (default %(default)s)")
     parser.add_argument("--model", default=model, help="hub name or local folder to fine-tune (default %(default)s)")
-    parser.add_argument("--from-scratch", action="store_true",
+    parser.add_argument("--from-scratch", action="store_true", default=FROM_SCRATCH,
                         help="train a new GPT-2 model and BPE tokenizer on the data instead of --model")
     parser.add_argument("--n-layer", type=positive_int, default=N_LAYER)
     parser.add_argument("--n-head", type=positive_int, default=N_HEAD)
     parser.add_argument("--n-embd", type=positive_int, default=N_EMBD)
     parser.add_argument("--vocab-size", type=positive_int, default=VOCAB_SIZE)
     parser.add_argument("--n-positions", type=positive_int, default=N_POSITIONS)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--device", choices=DEVICES, default=DEVICE)
     parser.add_argument("--epochs", type=float, default=EPOCHS)
     parser.add_argument("--max-steps", type=int, default=MAX_STEPS, help="optimizer steps; overrides --epochs")
     parser.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE, help="per device")
     parser.add_argument("--grad-accum", type=positive_int, default=GRAD_ACCUM)
-    parser.add_argument("--lr", type=float, default=None,
+    parser.add_argument("--lr", type=float, default=LR,
                         help=f"learning rate (default {LR_PRETRAINED} fine-tuning, {LR_FROM_SCRATCH} from scratch)")
     parser.add_argument("--max-length", type=positive_int, default=max_length,
                         help="tokens per example, prompt + answer + EOS (default %(default)s)")
-    parser.add_argument("--rows", type=positive_int, default=None, help="use the first N training rows")
+    parser.add_argument("--rows", type=positive_int, default=ROWS, help="use the first N training rows")
     parser.add_argument("--val-rows", type=positive_int, default=VAL_ROWS)
     parser.add_argument("--eval-steps", type=positive_int, default=EVAL_STEPS,
                         help="validate and save a checkpoint every N optimizer steps")
@@ -963,8 +988,8 @@ def add_common_arguments(parser, output, model, max_length=MAX_LENGTH):
     parser.add_argument("--patience", type=positive_int, default=PATIENCE,
                         help="stop after N validations without improvement")
     parser.add_argument("--save-total-limit", type=positive_int, default=SAVE_TOTAL_LIMIT)
-    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    parser.add_argument("--no-persona", action="store_true", help="write persona: null into chat_config.json")
+    parser.add_argument("--resume", action="store_true", default=RESUME, help="continue from the newest complete checkpoint")
+    parser.add_argument("--no-persona", action="store_true", default=NO_PERSONA, help="write persona: null into chat_config.json")
     parser.add_argument("--seed", type=int, default=SEED)
 
 
@@ -989,4 +1014,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if "__file__" in globals():  # `python <script> ...` or `%run <script> ...`: the flags given there
+        sys.exit(main())
+    # Pasted into a notebook cell, which has no __file__: the settings of the defaults block, never the
+    # kernel's own argv, and no SystemExit, which a notebook shows as an exception (argparse prints why it stops).
+    with contextlib.suppress(SystemExit):
+        main([])

@@ -531,3 +531,13 @@ def test_persona_leads_the_training_prompt_and_is_not_scored():
     assert tokenizer.decode(example["input_ids"][:prompt_len]).startswith("Вопрос: Кто ты?")
     assert example["labels"][:prompt_len] == [tt.IGNORE_INDEX] * prompt_len
     assert example["labels"][prompt_len:] == example["input_ids"][prompt_len:]
+
+
+def test_a_defaults_block_device_outside_the_choices_is_one_line(tmp_path, capfd, monkeypatch):
+    """argparse checks choices only on the command line; DEVICE set in the defaults block (a notebook) is checked too."""
+    data = write_pairs(tmp_path / "data", PAIRS)
+    monkeypatch.setattr(tt, "DEVICE", "tpu")
+    argv = [a for a in TINY if a not in ("--device", "cpu")]
+    assert tt.main(argv + ["--data-dir", str(data), "--output", str(tmp_path / "m")]) == 1
+    assert "--device 'tpu': must be one of auto, cpu, cuda" in one_line_error(capfd)
+    assert not (tmp_path / "m").exists()

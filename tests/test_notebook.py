@@ -37,7 +37,8 @@ CELL_TIMEOUT = 300  # seconds for one cell; the slowest here trains a tiny model
 
 # The scripts that follow the notebook pattern; the others' tests skip until they are added here.
 CONVERTED = {"parser_dataset.py", "cleaner_text.py", "create_dataset.py", "pytorch_chatbot.py",
-             "tensorflow_chatbot.py", "perplexity.py", "evaluate.py"}
+             "tensorflow_chatbot.py", "train_transformer.py", "train_medium_context.py", "perplexity.py",
+             "evaluate.py"}
 
 LSTM_TINY = {"EMB_DIM": 16, "HIDDEN": 32, "EPOCHS": 2, "BATCH_SIZE": 32, "VOCAB_SIZE": 500,
              "DEVICE": "cpu", "THREADS": 1, "SEED": 7}

@@ -327,12 +327,15 @@ def clean_reply(text, eos_token=None):
 def stable_prefix(raw):
     """The start of a raw continuation that the tokens still to come cannot change: up to its
     last whitespace (the last word may still grow into a label, a link or an entity), less a
-    trailing label word (its colon may come next) and a link or tag not yet closed."""
-    cut = max(raw.rfind(" "), raw.rfind("\n"), raw.rfind("\t"))
-    text = raw[:cut + 1]
-    while match := TRAILING_LABEL_WORD.search(text) or UNCLOSED_MARKUP.search(text):
+    trailing label word (its colon may come next) and a link or tag not yet closed, and again
+    up to the whitespace before what that leaves."""
+    text = raw
+    while True:
+        text = text[:max(text.rfind(" "), text.rfind("\n"), text.rfind("\t")) + 1]
+        match = TRAILING_LABEL_WORD.search(text) or UNCLOSED_MARKUP.search(text)
+        if match is None:
+            return text
         text = text[:match.start()]
-    return text
 
 
 def visible_reply(raw):

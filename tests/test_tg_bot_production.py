@@ -76,20 +76,23 @@ def api():
 
 class Harness:
     """tg_bot's ChatBot and serve() on a thread of this process, with `flags` as on
-    the command line; the database is `db`."""
+    the command line; the database is `db`. The replies come from `model` (a StubModel
+    by default) through the model thread's batcher, or from `batcher` itself (a real
+    model's, an inference server's) with its `settings`."""
 
-    def __init__(self, api, tokenizer, db, flags=(), model=None):
+    def __init__(self, api, tokenizer, db, flags=(), model=None, batcher=None, settings=None):
         self.api, self.db = api, Path(db)
         self.args = tg_bot.parse_args(["--db", str(db), "--poll-seconds", "1", "--workers", "4", "--max-batch", "4",
                                        "--batch-wait-ms", "0", *flags], environ={})
         tg_bot.check_args(self.args)
         self.bot, self.me = tg_bot.connect(TOKEN, api.url)
         self.store = tg_bot.HistoryStore(str(db))
-        self.model = model or StubModel()
-        self.model.tokenizer = tokenizer
-        self.batcher = tg_bot.ReplyBatcher(self.model, 4, 0.0)
+        self.model = None if batcher is not None else model or StubModel()
+        if self.model is not None:
+            self.model.tokenizer = tokenizer
+        self.batcher = batcher or tg_bot.ReplyBatcher(self.model, 4, 0.0)
         self.stopping = threading.Event()
-        settings = {"persona": PERSONA, "budget": 192, "max_turns": 8, "facts": None, "generation": {}}
+        settings = settings or {"persona": PERSONA, "budget": 192, "max_turns": 8, "facts": None, "generation": {}}
         self.chat_bot = tg_bot.ChatBot(self.bot, self.me, self.store, {"tokenizer": tokenizer}, settings, self.args,
                                        self.batcher, self.stopping)
         self.error, self.stopped = None, False
@@ -112,7 +115,8 @@ class Harness:
         self.stopped = True
         self.stopping.set()
         self.api.end_long_polls()
-        self.model.release()
+        if self.model is not None:
+            self.model.release()
         self.thread.join(WAIT)
         assert not self.thread.is_alive(), "serve() did not return"
         self.batcher.close()
@@ -145,8 +149,8 @@ def harness(api, tokenizer, tmp_path, monkeypatch):
     monkeypatch.setattr(tg_bot, "SEND_BACKOFF_SECONDS", 0.01)  # retries after a 5xx come quickly here
     started = []
 
-    def make(flags=(), model=None, db=None):
-        bot = Harness(api, tokenizer, db or tmp_path / "history.sqlite3", flags, model).start()
+    def make(flags=(), model=None, db=None, batcher=None, settings=None, tokenizer=tokenizer):
+        bot = Harness(api, tokenizer, db or tmp_path / "history.sqlite3", flags, model, batcher, settings).start()
         started.append(bot)
         return bot
 

@@ -38,11 +38,16 @@ perplexity.py counts it; early stopping and the best checkpoint go by it too.
 Run it:
     # CPU, a tiny model and tokenizer built from the data (no internet needed)
     python train_medium_context.py --from-scratch --device cpu --max-steps 300
-    # GPU, ruGPT-3 medium from the model hub (bf16/fp16 where the GPU has it)
+    # GPU, ruGPT-3 medium from the model hub (bf16 from Ampere on, fp16 with loss scaling on a T4)
     python train_medium_context.py --device cuda --epochs 2 --batch-size 8 --grad-accum 2
-    # several GPUs: the same flags under torchrun or accelerate
+    # a bigger model on a small GPU: LoRA adapters (merged into the saved model) and activations
+    # recomputed in the backward pass; --model takes ruGPT-3 small, medium and large by hub name
+    python train_medium_context.py --device cuda --lora --gradient-checkpointing --model ai-forever/rugpt3large_based_on_gpt2
+    # several GPUs: the same flags under torchrun or accelerate, with DeepSpeed ZeRO if you like
+    # (pip install deepspeed; deepspeed/zero3_offload.json also moves the weights to CPU memory)
     torchrun --nproc_per_node 4 train_medium_context.py --epochs 3
     accelerate launch train_medium_context.py --epochs 3
+    accelerate launch --use_deepspeed --num_processes 4 train_medium_context.py --deepspeed deepspeed/zero2.json
     # continue an interrupted run from its newest complete checkpoint (early
     # stopping's patience included): the first run's flags plus --resume
     python train_medium_context.py --from-scratch --device cpu --max-steps 600 --resume
@@ -54,6 +59,7 @@ training curves show in the cell. `%run train_medium_context.py --flags` and
 """
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -94,6 +100,16 @@ N_HEAD = 4
 N_EMBD = 256
 VOCAB_SIZE = 8000
 N_POSITIONS = 256
+# bigger models on small GPUs, and past one GPU (the README's table says which model fits where)
+LORA = False                # True: train LoRA adapters instead of every weight; the saved model has them merged in
+LORA_R = 16                 # adapter rank
+LORA_ALPHA = 32             # adapter updates are scaled by LORA_ALPHA / LORA_R
+LORA_DROPOUT = 0.05
+LR_LORA = 2e-4              # adapters start at zero and want a larger step than a full fine-tune
+SAVE_ADAPTER = False        # True (with LORA): also keep the adapter alone in <output>/adapter/
+GRADIENT_CHECKPOINTING = False  # True: recompute activations in the backward pass (less memory, slower)
+OPTIM_8BIT = False          # True: AdamW with 8-bit state (pip install bitsandbytes)
+DEEPSPEED = None            # a DeepSpeed config, e.g. "deepspeed/zero2.json" (under accelerate launch or torchrun)
 # chat_config.json
 MAX_NEW_TOKENS = 64         # the reply's room: prompts (training and chat) get at most MAX_LENGTH less this
 MAX_TURNS = 16              # turns before the answer, the question included: what the chat keeps
@@ -110,6 +126,9 @@ IGNORE_INDEX = -100         # label value the loss skips
 DEVICES = ("auto", "cpu", "cuda")
 PROG = "train_medium_context.py"
 FINAL_TMP = ".final-tmp"
+LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]  # GPT-2's Conv1D layers; c_proj: the attention's and the MLP's output
+ADAPTER_DIR = "adapter"     # --save-adapter: <output>/adapter/
+RUGPT3_LARGE = "ai-forever/rugpt3large_based_on_gpt2"
 MODEL_FILE_RE = re.compile(r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors"
                            r"|model\.safetensors\.index\.json|pytorch_model.*\.bin|training_args\.bin)$")
 RUN_FILES = {"chat_config.json", "training_curves.png", "trainer_state.json", "tokenizer.json",
@@ -409,15 +428,22 @@ def load_pretrained(name):
     """Model and tokenizer from a local folder or the model hub, as UserError when neither works."""
     import logging
 
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     local = os.path.isdir(name)
     if not local and not looks_like_hub_name(name):
         raise UserError(f"{name}: model folder not found")
+    if not local and name.lower().rsplit("/", 1)[-1] == "rugpt3xl":
+        raise UserError(f"{name}: ruGPT-3 XL is a Megatron-DeepSpeed checkpoint with sparse attention and no "
+                        f"config.json, not a transformers model; use {RUGPT3_LARGE} or a local GPT-2 folder")
     if local and not os.path.isfile(os.path.join(name, "config.json")):
         # a kit folder whose run has not finished: its newest complete checkpoint
         checkpoint = complete_checkpoint(name)
+        if checkpoint is None and complete_checkpoint(name, adapter=True):
+            raise UserError(f"{name}: a --lora run that has not finished: its checkpoints hold the adapters only "
+                            f"(the merged model is saved at the end); wait for it, or --resume it with --lora")
         if checkpoint is None:
             raise UserError(f"{name}: not a transformers model folder (no config.json)")
         name = checkpoint
@@ -440,7 +466,9 @@ def load_pretrained(name):
         if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
             raise UserError(f"{name}: model type '{config.model_type}' is not a causal language model")
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, config=config)
+        # fp32 whatever the folder was saved in (transformers 5 would keep a 16-bit folder 16-bit): mixed
+        # precision wants fp32 master weights, and the merge of --lora adapters an fp32 base
+        model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=torch.float32)
     except UserError:
         raise
     except (OSError, ValueError, KeyError) as exc:
@@ -686,10 +714,248 @@ def set_sampling_defaults(model):
 
 
 # ----------------------------------------------------------------------------
+# bigger models on small GPUs (LoRA, 16 bits, checkpointing, 8-bit AdamW), and past one GPU (DeepSpeed)
+
+def package_installed(name):
+    """Whether pip installed `name`: its metadata, not an import spec, since the repository's own
+    deepspeed/ folder of configs would pass for a package where the real one is missing."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version(name)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def check_training_flags(args):
+    """The one-line errors of the flags that only make sense together, or need a package."""
+    if args.lora and args.from_scratch:
+        raise UserError("--lora adapts a trained model; with --from-scratch there is nothing to adapt (drop one)")
+    if args.save_adapter and not args.lora:
+        raise UserError("--save-adapter keeps the LoRA adapter of a --lora run; add --lora")
+    if args.lora_r < 1 or args.lora_alpha <= 0:
+        raise UserError(f"--lora-r {args.lora_r} --lora-alpha {args.lora_alpha}: both must be positive")
+    if not 0 <= args.lora_dropout < 1:
+        raise UserError(f"--lora-dropout {args.lora_dropout}: must be at least 0 and below 1")
+    if args.optim_8bit and args.deepspeed:
+        raise UserError("--optim-8bit with --deepspeed: ZeRO already splits (or offloads) the AdamW state; drop one")
+    if args.optim_8bit and not package_installed("bitsandbytes"):
+        raise UserError("--optim-8bit needs the bitsandbytes package, which is not installed "
+                        "(pip install bitsandbytes), or drop --optim-8bit")
+    if args.deepspeed:
+        if not os.path.isfile(args.deepspeed):
+            raise UserError(f"{args.deepspeed}: DeepSpeed config not found (the kit ships deepspeed/zero2.json and "
+                            f"deepspeed/zero3_offload.json)")
+        try:
+            with open(args.deepspeed, encoding="utf-8") as f:
+                config = json.load(f)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise UserError(f"{args.deepspeed}: not a JSON DeepSpeed config ({first_line(exc)})")
+        if not isinstance(config, dict):
+            raise UserError(f"{args.deepspeed}: not a JSON DeepSpeed config (expected an object)")
+        if not package_installed("deepspeed"):
+            raise UserError("--deepspeed needs the deepspeed package, which is not installed (pip install deepspeed)")
+
+
+def lora_config(args, new_token_ids):
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=args.lora_r, lora_alpha=args.lora_alpha,
+                      lora_dropout=args.lora_dropout, target_modules=LORA_TARGETS, bias="none",
+                      fan_in_fan_out=True,  # GPT-2's Conv1D keeps its weight as in x out
+                      # the rows of the tokens fix_special_tokens added (the pad), and with them the tied LM
+                      # head's: d parameters a token, not the whole V x d table that modules_to_save would train
+                      trainable_token_indices=list(new_token_ids) or None)
+
+
+@contextlib.contextmanager
+def peft_quietly():
+    """peft reads model.is_gradient_checkpointing, which transformers 5 deprecates: a FutureWarning a model."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        yield
+
+
+def slim_adapter_saves(model):
+    """The Trainer's checkpoints hold the adapters and the token rows only: peft, seeing a resized vocabulary
+    (the added pad), would add both whole embedding tables to each (about 400 MB for ruGPT-3 medium) and look
+    the base up on the hub at every save, while the rows it needs are in the adapter already. The Trainer
+    cannot pass peft's flag, so the model's own save_pretrained carries it."""
+    model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
+    return model
+
+
+def apply_lora(model, args, new_token_ids, source):
+    """The model with LoRA adapters on every block's c_attn, c_proj and c_fc; only they (and the rows of
+    new_token_ids) train."""
+    from peft import get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    layers = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, Conv1D)}
+    if not set(LORA_TARGETS) <= layers:
+        raise UserError(f"{source}: --lora adapts GPT-2 blocks ({', '.join(LORA_TARGETS)}), which this "
+                        f"{model.config.model_type} model does not have")
+    with peft_quietly():
+        return slim_adapter_saves(get_peft_model(model, lora_config(args, new_token_ids)))
+
+
+def resume_lora(base, checkpoint):
+    """A --lora run's checkpoint holds the adapter, and its adapter_config.json the token rows: back onto
+    the base (resized to the run's tokenizer), trainable."""
+    from peft import PeftModel
+
+    with peft_quietly():
+        return slim_adapter_saves(PeftModel.from_pretrained(base, checkpoint, is_trainable=True))
+
+
+def describe_memory_settings(args, precision):
+    settings = [(precision or "fp32") + (" (frozen weights in 16 bits)" if args.lora and precision and
+                                         not args.deepspeed else "")]
+    settings += ["gradient checkpointing"] * args.gradient_checkpointing + ["8-bit AdamW"] * args.optim_8bit
+    settings += [f"DeepSpeed {args.deepspeed}"] if args.deepspeed else []
+    return "precision: " + ", ".join(settings)
+
+
+def describe_lora(model):
+    trainable, total = model.get_nb_trainable_parameters()
+    rows = model.peft_config["default"].trainable_token_indices
+    added = f", with the rows of {len(rows)} added token(s)" if rows else ""
+    return (f"LoRA r={model.peft_config['default'].r} on {', '.join(LORA_TARGETS)}: {trainable:,} trainable "
+            f"parameters of {total:,} ({100 * trainable / total:.2f}%){added}")
+
+
+def mixed_precision(device):
+    """"bf16" on a GPU that computes in bf16 (compute capability 8: A100, A10, L4, RTX 30xx and later),
+    "fp16" with loss scaling on one that does not (T4, V100), None on a CPU. The hardware generation
+    decides: torch.cuda.is_bf16_supported() says yes on a T4 too, where bf16 is emulated and slow."""
+    import torch
+
+    if device != "cuda":
+        return None
+    return "bf16" if torch.cuda.get_device_capability()[0] >= 8 else "fp16"
+
+
+def cast_frozen_weights(model, precision):
+    """Under --lora on a GPU the frozen weights in 16 bits (2 bytes a parameter instead of 4) and what trains
+    in fp32, as mixed precision wants; the saved folder is merged onto an fp32 base all the same."""
+    import torch
+    from peft import cast_mixed_precision_params
+
+    cast_mixed_precision_params(model, torch.bfloat16 if precision == "bf16" else torch.float16)
+    return model
+
+
+def checkpointing_arguments(enabled):
+    """TrainingArguments keywords for gradient checkpointing, non-reentrant (the same loss, and no inputs that
+    must require grad under --lora). transformers 5 calls it activation_checkpointing and warns on the old
+    name, which earlier versions use: the name this version has."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    if not enabled:
+        return {}
+    names = {field.name for field in dataclasses.fields(TrainingArguments)}
+    key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {key: True, f"{key}_kwargs": {"use_reentrant": False}}
+
+
+def launch_alone(args):
+    """`python <script> --deepspeed CONFIG` (or accelerate launch without --use_deepspeed) on one GPU: the
+    environment a launcher gives its one process, without which DeepSpeed looks for MPI and stops."""
+    if not args.deepspeed or "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    print("--deepspeed with no launcher: one process", flush=True)
+
+
+def check_deepspeed_engaged(trainer, args):
+    """accelerate launch --cpu drops DeepSpeed without a word (measured): stop instead of training without it."""
+    if args.deepspeed and not trainer.is_deepspeed_enabled:
+        raise UserError(f"--deepspeed {args.deepspeed}: the launcher turned DeepSpeed off (accelerate launch --cpu "
+                        f"does); launch without --cpu, with torchrun or the deepspeed launcher")
+
+
+def upcast_saved_weights(folder):
+    """The saved weights in fp32: DeepSpeed saves the 16-bit ones it computes with, transformers 5 loads a
+    folder in the dtype it was saved in, and the chat's int8 path fails on a bf16 folder (measured)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    changed = False
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not name.endswith(".safetensors"):
+            continue
+        tensors = load_file(path)
+        if all(t.dtype == torch.float32 or not t.is_floating_point() for t in tensors.values()):
+            continue
+        tmp = f"{path}.tmp-{os.getpid()}"
+        save_file({k: t.float() if t.is_floating_point() else t for k, t in tensors.items()}, tmp,
+                  metadata={"format": "pt"})
+        os.replace(tmp, path)
+        changed = True
+    config_path = os.path.join(folder, "config.json")
+    if changed and os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+        config.pop("torch_dtype", None)
+        write_json_atomic(config_path, dict(config, dtype="float32"))
+    return changed
+
+
+def merge_lora(args, tokenizer, adapter_dir, adapter_copy=None):
+    """The trained adapter merged into a fresh fp32 copy of the base on the CPU: a plain GPT-2 model.
+
+    From the saved adapter rather than the live model, so one way serves one process, DDP and ZeRO-3
+    (whose live weights are split across processes). adapter_copy: where --save-adapter keeps it."""
+    from peft import PeftModel
+
+    if args.deepspeed:  # while a ZeRO-3 config is alive, from_pretrained would build the base split, empty
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+    base, _ = load_pretrained(args.model)
+    base, _, _ = fix_special_tokens(base, tokenizer)  # the run's tokenizer: the same rows as in training
+    with peft_quietly():
+        model = PeftModel.from_pretrained(set_sampling_defaults(base), adapter_dir)
+    if adapter_copy:
+        model.save_pretrained(adapter_copy, save_embedding_layers=False)  # as the checkpoints: no tables
+    return model.merge_and_unload()
+
+
+def save_final_model(trainer, args, tokenizer, final_tmp):
+    """The output folder's model into final_tmp, fp32 whatever the launcher. Every process calls it:
+    ZeRO-3 gathers the weights there; only the main one writes."""
+    if not args.lora:
+        trainer.save_model(final_tmp)
+        if trainer.is_world_process_zero():
+            upcast_saved_weights(final_tmp)
+        return
+    adapter_tmp = final_tmp + "-adapter"
+    trainer.save_model(adapter_tmp)  # the best adapter: the Trainer loaded it at the end
+    if trainer.is_world_process_zero():
+        adapter_copy = os.path.join(final_tmp, ADAPTER_DIR) if args.save_adapter else None
+        merged = merge_lora(args, tokenizer, adapter_tmp, adapter_copy)
+        merged.save_pretrained(final_tmp)
+        tokenizer.save_pretrained(final_tmp)
+        shutil.rmtree(adapter_tmp)
+
+
+# ----------------------------------------------------------------------------
 # output folder
 
-def complete_checkpoint(folder):
-    """Newest checkpoint-N/ whose save finished (trainer_state.json is written last), else None."""
+def complete_checkpoint(folder, adapter=False):
+    """Newest checkpoint-N/ whose save finished (trainer_state.json is written last), else None; with
+    adapter=True, of a --lora run, whose checkpoints hold the adapter instead of the model."""
     if not os.path.isdir(folder):
         return None
     steps = []
@@ -697,10 +963,22 @@ def complete_checkpoint(folder):
         match = re.fullmatch(r"checkpoint-(\d+)", name)
         path = os.path.join(folder, name)
         has = lambda f: os.path.isfile(os.path.join(path, f))  # noqa: E731
-        if match and has("trainer_state.json") and has("config.json") and \
-                (has("model.safetensors") or has("model.safetensors.index.json")):
+        weights = has("adapter_config.json") and has("adapter_model.safetensors") if adapter else \
+            has("config.json") and (has("model.safetensors") or has("model.safetensors.index.json"))
+        if match and has("trainer_state.json") and weights:
             steps.append((int(match.group(1)), path))
     return max(steps)[1] if steps else None
+
+
+def resume_checkpoint(out, lora):
+    """The checkpoint --resume continues from: the newest complete one of the kind this run saves."""
+    checkpoint = complete_checkpoint(out, adapter=lora)
+    if checkpoint is None and complete_checkpoint(out, adapter=not lora):
+        raise UserError(f"{out}: --resume: its checkpoints are of a run {'without' if lora else 'with'} --lora; "
+                        f"{'drop' if lora else 'add'} --lora as that run had it")
+    if checkpoint is None:
+        raise UserError(f"{out}: --resume found no complete checkpoint-N/ folder to continue from")
+    return checkpoint
 
 
 def check_output_dir(out):
@@ -723,7 +1001,7 @@ def clear_previous_run(out):
     removed = False
     for name in os.listdir(out):
         path = os.path.join(out, name)
-        if re.fullmatch(r"checkpoint-\d+", name) or name == FINAL_TMP:
+        if re.fullmatch(r"checkpoint-\d+", name) or name in (FINAL_TMP, FINAL_TMP + "-adapter", ADAPTER_DIR):
             shutil.rmtree(path)
             removed = True
         elif os.path.isfile(path) and (MODEL_FILE_RE.match(name) or name in RUN_FILES):
@@ -752,6 +1030,8 @@ def publish_folder(src, dest):
         os.remove(old_config)
     names = sorted(os.listdir(src), key=lambda n: n == "config.json")
     for name in names:
+        if os.path.isdir(os.path.join(dest, name)):  # a folder (adapter/) replaces the old one whole
+            shutil.rmtree(os.path.join(dest, name))
         os.replace(os.path.join(src, name), os.path.join(dest, name))
     os.rmdir(src)
 
@@ -814,16 +1094,17 @@ def pick_device(device):
 
 
 def training_arguments(args, device, lr):
-    import torch
     from transformers import TrainingArguments
 
-    cuda = device == "cuda"
-    bf16 = cuda and torch.cuda.is_bf16_supported()
+    precision = mixed_precision(device)
     return TrainingArguments(
         output_dir=args.output,
-        use_cpu=not cuda,
-        bf16=bf16,
-        fp16=cuda and not bf16,
+        use_cpu=device != "cuda",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",            # with dynamic loss scaling
+        deepspeed=args.deepspeed,            # its "auto" values are filled from these arguments
+        **({"optim": "adamw_bnb_8bit"} if args.optim_8bit else {}),
+        **checkpointing_arguments(args.gradient_checkpointing),
         num_train_epochs=args.epochs,
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
@@ -851,7 +1132,7 @@ def training_arguments(args, device, lr):
         report_to="none",
         seed=args.seed,
         dataloader_num_workers=0,
-        ddp_find_unused_parameters=False,    # every GPT-2 weight takes part in each step
+        ddp_find_unused_parameters=False,    # every GPT-2 weight (or adapter) takes part in each step
     )
 
 
@@ -896,11 +1177,12 @@ def make_callbacks(args):
 
 
 def prepare_model(args, train_rows, max_turns, persona):
-    """(model, tokenizer, where they came from, lines on the special tokens) for a fresh run or a resumed one."""
-    from transformers import set_seed
+    """(model, tokenizer, where they came from, lines on the special tokens) for a fresh run or a resumed
+    one; with --lora the model carries its adapters (resumed: the checkpoint's, on --model)."""
+    from transformers import AutoTokenizer, set_seed
 
-    set_seed(args.seed)
-    if args.resume_from:
+    set_seed(args.seed)  # before the model and the adapters: the pad row and LoRA's A matrices are random
+    if args.resume_from and not args.lora:
         # the checkpoint's own tokenizer: a retrained BPE might number tokens differently
         source = args.resume_from
         model, tokenizer = load_pretrained(source)
@@ -910,22 +1192,29 @@ def prepare_model(args, train_rows, max_turns, persona):
     else:
         source = args.model
         model, tokenizer = load_pretrained(source)
+        if args.resume_from:  # a --lora checkpoint: the adapter and the run's tokenizer, the base is --model
+            tokenizer = AutoTokenizer.from_pretrained(args.resume_from)
+    vocabulary_before = len(tokenizer)
     model, tokenizer, notes = fix_special_tokens(model, tokenizer)
-    return set_sampling_defaults(model), tokenizer, source, notes
+    set_sampling_defaults(model)
+    if args.lora:
+        model = resume_lora(model, args.resume_from) if args.resume_from else \
+            apply_lora(model, args, range(vocabulary_before, len(tokenizer)), source)
+    return model, tokenizer, source, notes
 
 
 def run(args, train_rows, val_rows, max_turns, persona):
     """Train and write the output folder; returns the Trainer (tests look at its state)."""
     from transformers import Trainer
 
+    check_training_flags(args)
     device = pick_device(args.device)
     check_output_dir(args.output)
-    args.resume_from = None
-    if args.resume:
-        args.resume_from = complete_checkpoint(args.output)
-        if args.resume_from is None:
-            raise UserError(f"{args.output}: --resume found no complete checkpoint-N/ folder to continue from")
+    args.resume_from = resume_checkpoint(args.output, args.lora) if args.resume else None
     model, tokenizer, source, notes = prepare_model(args, train_rows, max_turns, persona)
+    precision = mixed_precision(device)
+    if args.lora and precision and not args.deepspeed:  # DeepSpeed casts the model itself
+        cast_frozen_weights(model, precision)
     window = training_window(model, args.max_length, max_turns)
     prepare_folder_tokenizer(tokenizer, window, persona)
     train_set, train_skipped = encode_examples(tokenizer, train_rows, window, "encoding train", persona)
@@ -934,14 +1223,18 @@ def run(args, train_rows, val_rows, max_turns, persona):
     if not train_set or not val_set:
         raise UserError(f"no {'training' if not train_set else 'validation'} example fits in "
                         f"--max-length {window['max_length']} tokens; raise --max-length")
-    lr = args.lr or (LR_FROM_SCRATCH if args.from_scratch else LR_PRETRAINED)
+    lr = args.lr or (LR_FROM_SCRATCH if args.from_scratch else LR_LORA if args.lora else LR_PRETRAINED)
 
+    launch_alone(args)
     targs = training_arguments(args, device, lr)
     is_main = targs.process_index == 0
     if is_main:
         print(f"model: {source}, {model.num_parameters() / 1e6:.1f}M parameters, vocabulary {len(tokenizer)}",
               flush=True)
         print("special tokens: " + "; ".join(notes), flush=True)
+        if args.lora:
+            print(describe_lora(model), flush=True)
+        print(describe_memory_settings(args, precision), flush=True)
         print(f"examples: {len(train_set)} train, {len(val_set)} val (at most {window['max_length']} tokens, "
               f"prompts at most {window['context_tokens']} and {window['max_turns']} turns; skipped because the "
               f"answer leaves no room: {train_skipped} train, {val_skipped} val)", flush=True)
@@ -957,13 +1250,14 @@ def run(args, train_rows, val_rows, max_turns, persona):
                       data_collator=make_collator(tokenizer, device), processing_class=tokenizer,
                       callbacks=make_callbacks(args), compute_metrics=token_weighted_loss,
                       preprocess_logits_for_metrics=answer_nll_sums)
+    check_deepspeed_engaged(trainer, args)
     trainer.train(resume_from_checkpoint=args.resume_from)
 
     # every process takes part (sharded models gather here); only the main one writes
     final_tmp = os.path.join(args.output, FINAL_TMP)
     if trainer.is_world_process_zero() and os.path.isdir(final_tmp):
         shutil.rmtree(final_tmp)
-    trainer.save_model(final_tmp)
+    save_final_model(trainer, args, tokenizer, final_tmp)
     if trainer.is_world_process_zero():
         publish_folder(final_tmp, args.output)
         trainer.state.save_to_json(os.path.join(args.output, "trainer_state.json"))
@@ -993,7 +1287,9 @@ def positive_int(text):
 def add_common_arguments(parser, output, model, max_length=MAX_LENGTH):
     parser.add_argument("--data-dir", default=DATA_DIR, help="folder of the data splits (default %(default)s)")
     parser.add_argument("--output", default=output, help="model folder to write (default %(default)s)")
-    parser.add_argument("--model", default=model, help="hub name or local folder to fine-tune (default %(default)s)")
+    parser.add_argument("--model", default=model,
+                        help="hub name or local GPT-2-style folder to fine-tune (default %(default)s); ruGPT-3: "
+                             "ai-forever/rugpt3{small,medium,large}_based_on_gpt2")
     parser.add_argument("--from-scratch", action="store_true", default=FROM_SCRATCH,
                         help="train a new GPT-2 model and BPE tokenizer on the data instead of --model")
     parser.add_argument("--n-layer", type=positive_int, default=N_LAYER)
@@ -1018,9 +1314,30 @@ def add_common_arguments(parser, output, model, max_length=MAX_LENGTH):
     parser.add_argument("--patience", type=positive_int, default=PATIENCE,
                         help="stop after N validations without improvement")
     parser.add_argument("--save-total-limit", type=positive_int, default=SAVE_TOTAL_LIMIT)
-    parser.add_argument("--resume", action="store_true", default=RESUME, help="continue from the newest complete checkpoint")
-    parser.add_argument("--no-persona", action="store_true", default=NO_PERSONA, help="write persona: null into chat_config.json")
+    parser.add_argument("--resume", action="store_true", default=RESUME,
+                        help="continue from the newest complete checkpoint")
+    parser.add_argument("--no-persona", action="store_true", default=NO_PERSONA,
+                        help="write persona: null into chat_config.json")
     parser.add_argument("--seed", type=int, default=SEED)
+    # bigger models on small GPUs, and past one GPU
+    parser.add_argument("--lora", action="store_true", default=LORA,
+                        help=f"train LoRA adapters (and the rows of added tokens) instead of every weight; the "
+                             f"saved model has them merged in (learning rate {LR_LORA} unless --lr)")
+    parser.add_argument("--lora-r", type=positive_int, default=LORA_R, help="adapter rank (default %(default)s)")
+    parser.add_argument("--lora-alpha", type=float, default=LORA_ALPHA,
+                        help="adapter updates are scaled by alpha / r (default %(default)s)")
+    parser.add_argument("--lora-dropout", type=float, default=LORA_DROPOUT, help="(default %(default)s)")
+    parser.add_argument("--save-adapter", action="store_true", default=SAVE_ADAPTER,
+                        help=f"with --lora, also keep the adapter alone in <output>/{ADAPTER_DIR}/")
+    parser.add_argument("--gradient-checkpointing", action="store_true", default=GRADIENT_CHECKPOINTING,
+                        help="recompute activations in the backward pass: less memory, about a third slower")
+    parser.add_argument("--optim-8bit", action="store_true", default=OPTIM_8BIT,
+                        help="AdamW with 8-bit state (bitsandbytes): 10 instead of 16 bytes a parameter")
+    parser.add_argument("--deepspeed", default=DEEPSPEED, metavar="CONFIG",
+                        help="DeepSpeed config (deepspeed/zero2.json, deepspeed/zero3_offload.json); launch with "
+                             "accelerate launch, torchrun or deepspeed")
+    # the deepspeed launcher passes --local_rank=N; torch.distributed's LOCAL_RANK says the same
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
 
 
 # --- end of the mirrored part

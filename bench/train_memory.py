@@ -4,8 +4,10 @@ A GPT-2 of ruGPT-3 medium's shape (24 layers, 1024 wide, 16 heads, vocabulary
 50,257, 2,048 positions; 356M parameters) is built from a config with random
 weights, since the weights cannot be downloaded here, and trained for one
 optimizer step (forward, backward, AdamW step) through transformers' Trainer on
-the CPU in fp32. Each variant runs in a process of its own and reports the peak
-of its own resident memory (VmHWM of /proc/self/status, which a child process
+the CPU in fp32, set up by train_medium_context.py's own functions (parse_args
+with the variant's flags, apply_lora, cast_frozen_weights, training_arguments),
+so it measures the trainer's path. Each variant runs in a process of its own and
+reports the peak of its own resident memory (VmHWM of /proc/self/status, which a child process
 does not inherit); the table gives each peak as a ratio to the full fine-tune of
 the same run, beside the bytes per parameter the arithmetic predicts for the
 weights, gradients and AdamW state:
@@ -28,6 +30,7 @@ with --seq-len 256 --batch-size 4):
     python bench/train_memory.py --variants full,lora,ckpt,lora+ckpt,full-8bit,lora-bf16
 """
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -36,6 +39,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import train_medium_context as tm  # noqa: E402  (the trainer of ruGPT-3 medium: its flags and functions are measured)
 
 # ----------------------------------------------------------------------------
 # defaults: ruGPT-3 medium's shape
@@ -44,8 +50,8 @@ VOCAB_SIZE = 50257
 N_POSITIONS = 2048
 SEQ_LEN = 128               # tokens an example; small so that a step takes seconds on 2 cores
 BATCH_SIZE = 2
-LORA_R, LORA_ALPHA = 16, 32
-LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]   # c_proj: the attention output and the MLP output
+LORA_R, LORA_ALPHA = tm.LORA_R, tm.LORA_ALPHA
+LORA_TARGETS = tm.LORA_TARGETS   # c_proj: the attention output and the MLP output
 VARIANTS = "full,lora,ckpt,lora+ckpt"
 ALL_VARIANTS = ("full", "lora", "ckpt", "lora+ckpt", "full-8bit", "lora-bf16")
 THREADS = 2
@@ -63,62 +69,46 @@ def vm_kib(field):
 
 
 # ----------------------------------------------------------------------------
-# one variant, in a child process
-#
-# The setup below is local until the trainers have --lora and --gradient-checkpointing.
-# Then build_variant() becomes: args = tt.parse_args([...the flags of the variant...]);
-# model = tt.apply_lora(...) where the trainers do it; targs = tt.training_arguments(args,
-# "cpu", lr), so that the bench measures exactly the trainers' path (see the notes of
-# issue 15 for the names).
+# one variant, in a child process: the trainer's own flags, LoRA, casting and TrainingArguments
 
-def checkpointing_arguments(enabled):
-    """TrainingArguments keywords for activation checkpointing (transformers 5 renamed gradient_*)."""
-    import dataclasses
-
-    from transformers import TrainingArguments
-
-    if not enabled:
-        return {}
-    names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
-    return {key: True, f"{key}_kwargs": {"use_reentrant": False}}
+def variant_flags(variant, args, output_dir):
+    """The train_medium_context.py command line of a variant."""
+    flags = ["--output", output_dir, "--device", "cpu", "--batch-size", str(args.batch_size), "--grad-accum", "1",
+             "--lora-r", str(args.lora_r), "--lora-alpha", str(args.lora_alpha), "--lora-dropout", "0",
+             "--seed", str(args.seed)]
+    if variant.startswith("lora"):
+        flags.append("--lora")
+    if variant.endswith("ckpt"):
+        flags.append("--gradient-checkpointing")
+    if variant == "full-8bit":
+        flags.append("--optim-8bit")
+    return flags
 
 
-def build_model(args, dtype):
+def build_model(args):
+    """ruGPT-3 medium's shape with random weights (the hub is out of reach), fp32 as the trainer loads it."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(vocab_size=args.vocab_size, n_positions=args.n_positions, n_embd=args.n_embd,
                         n_layer=args.n_layer, n_head=args.n_head)
     torch.manual_seed(args.seed)
-    model = GPT2LMHeadModel(config)
-    return model.to(dtype) if dtype != torch.float32 else model
-
-
-def apply_lora(model, args):
-    from peft import LoraConfig, TaskType, get_peft_model
-
-    config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=args.lora_r, lora_alpha=args.lora_alpha,
-                        lora_dropout=0.0, target_modules=LORA_TARGETS, fan_in_fan_out=True, bias="none")
-    return get_peft_model(model, config)
+    return GPT2LMHeadModel(config)
 
 
 def build_variant(variant, args, output_dir):
-    """(model, TrainingArguments) for one variant."""
-    import torch
-    from transformers import TrainingArguments
-
-    lora = variant.startswith("lora")
-    model = build_model(args, torch.bfloat16 if variant == "lora-bf16" else torch.float32)
-    if lora:
-        model = apply_lora(model, args)     # peft keeps the adapters in fp32 over a bf16 base
-    extra = {"optim": "adamw_bnb_8bit"} if variant == "full-8bit" else {}
-    targs = TrainingArguments(output_dir=output_dir, use_cpu=True, max_steps=1,
-                              per_device_train_batch_size=args.batch_size, learning_rate=1e-4,
-                              weight_decay=0.01, eval_strategy="no", save_strategy="no", logging_steps=1,
-                              report_to="none", disable_tqdm=True, seed=args.seed, remove_unused_columns=False,
-                              dataloader_num_workers=0, **checkpointing_arguments(variant.endswith("ckpt")),
-                              **extra)
+    """(model, TrainingArguments) for one variant, through the trainer's functions; one optimizer step, no
+    evaluation or checkpoint."""
+    trainer_args = tm.parse_args(variant_flags(variant, args, output_dir))
+    tm.check_training_flags(trainer_args)
+    model = build_model(args)
+    if trainer_args.lora:
+        model = tm.apply_lora(model, trainer_args, [], "bench")
+    if variant == "lora-bf16":  # what --lora does on a GPU with bf16: the frozen weights in 16 bits
+        tm.cast_frozen_weights(model, "bf16")
+    targs = dataclasses.replace(tm.training_arguments(trainer_args, "cpu", 1e-4), max_steps=1, eval_strategy="no",
+                                save_strategy="no", load_best_model_at_end=False, logging_steps=1,
+                                logging_first_step=False, disable_tqdm=True)
     return model, targs
 
 

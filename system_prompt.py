@@ -10,9 +10,14 @@ beyond training), fed to the model as the very token ids training gave it.
 Repetition penalty and n-gram blocking look at the reply only, never at the
 prompt, so an answer may repeat the question's words and the name the user gave.
 Replies are cut at EOS or at a label that starts a line, cleaned of markup and
-links, and never empty; an empty one is not kept in the conversation. On a CPU the model runs
+links, and never empty; an empty one is not kept in the conversation. A reply is printed as
+it is written, cleaned as the whole one is (a label the model goes on to write never shows;
+--no-stream prints it once complete). On a CPU the model runs
 with int8 linear layers on one thread per physical core, about twice as fast as
-plain fp32 (bench/generation.py measures it); --quantize none turns that off.
+plain fp32 (bench/generation.py measures it); --quantize none turns that off. Or the model
+runs in an OpenAI-compatible inference server (--server: transformers serve, vLLM), asked
+only for the continuation of the chat's own prompt; the folder then gives the tokenizer and
+the chat settings and needs no weights.
 
 Run it (CPU):
     python system_prompt.py --model rugpt3_50k
@@ -20,6 +25,9 @@ Run it (CPU):
     python system_prompt.py --model rugpt3_50k --quantize none --threads 4   # plain fp32 weights
 on a GPU:
     python system_prompt.py --model rugpt3_medium_CLEAN_model --device cuda
+with the model in an inference server (deploy/README.md has the ways to run one):
+    transformers serve rugpt3_50k --host 127.0.0.1 --port 8000 --device cpu &
+    python system_prompt.py --model rugpt3_50k --server http://127.0.0.1:8000
 without a person (tests, the demo): play a file of user lines, print the transcript
     python system_prompt.py --model rugpt3_50k --script data/demo_chat.txt --show-prompt
 

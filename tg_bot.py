@@ -23,6 +23,18 @@ together as one batch (--max-batch). On a CPU the model runs with int8 linear
 layers on one thread per physical core (--quantize, --threads).
 bench/generation.py and bench/bot_load.py measure both.
 
+A reply is shown as it is written (--no-stream: sent once complete): in a private
+chat as a draft that grows about once a second (sendMessageDraft) and is then sent
+as the message, in a group (or where the Bot API server has no drafts) as a message
+edited as it grows, every three seconds; each row of a batch streams to its own
+chat, and nothing the cleaning would remove (a label the model goes on to write, a
+link) ever shows. When one machine is not enough, the model runs in an
+OpenAI-compatible inference server (--server URL: transformers serve, vLLM with
+replicas or tensor parallelism; deploy/README.md): the bot keeps the persona, the
+memory, the database, the allow-lists and the streaming, and asks the server only
+for the continuation of its prompt, streamed. A server that is down, slow or
+failing gets the user an apology; the bot goes on.
+
 Run it (CPU, a small server):
     export TELEGRAM_BOT_TOKEN=123456:ABC...      # from @BotFather; never put it in code
     python tg_bot.py --model rugpt3_50k
@@ -34,6 +46,9 @@ one reply at a time, plain fp32 weights (what the kit did before batching):
     python tg_bot.py --model rugpt3_50k --max-batch 1 --quantize none
 on a GPU:
     python tg_bot.py --model rugpt3_medium_CLEAN_model --device cuda --max-batch 16
+with the model in an inference server (the folder gives the tokenizer and chat settings):
+    vllm serve rugpt3_medium_CLEAN_model --port 8000 --generation-config vllm &
+    python tg_bot.py --model rugpt3_medium_CLEAN_model --server http://127.0.0.1:8000
 against a self-hosted Bot API server (also what the tests do with a fake one):
     python tg_bot.py --api-url http://127.0.0.1:8081 --model rugpt3_50k
 A systemd unit and an env file for a server are in deploy/ (see deploy/README.md).

@@ -1,7 +1,15 @@
-"""The real bot under load, two scenarios in one run.
+"""The real bot under load, three scenarios in one run.
 
 batching: twenty chats writing at once: replies per second and latency, one
 reply at a time (--max-batch 1) against batched (the bot's default --max-batch).
+
+serving: the same twenty chats, three bots: the model in the bot's process with
+replies sent whole (--no-stream), the same streamed (the default: drafts growing
+about once a second), and the bot asking an inference server (--server: a
+`transformers serve` started here on the same model folder, on the same CPU).
+Time to the first visible text (the first draft, message or edit a chat gets
+after its message), streamed against sent whole, as a ratio; replies per second
+and p95 latency of the whole reply, server against in-process, as ratios.
 
 flood: one chat writes normally (each message a second after the reply to the one
 before; a fresh chat in each phase, so that its prompts grow alike) while another
@@ -28,18 +36,22 @@ chats start together. Latency is from a message's arrival at the server to the
 reply's; replies per second count every reply over the whole run. All runs use
 the bot's fast path (int8 on a CPU) and its default threads.
 
-    python bench/bot_load.py                           # both scenarios, about 7 minutes on 2 cores
+    python bench/bot_load.py                           # all three scenarios, about 12 minutes on 2 cores
+    python bench/bot_load.py --scenario serving        # streamed against whole, server against in-process
     python bench/bot_load.py --scenario batching --chats 20 --rounds 3 --new-tokens 32 --batch 16
     python bench/bot_load.py --scenario flood --flood-rounds 20 --flood-rate 5
     git show 2292eb2:tg_bot.py > /tmp/tg_bot_old.py   # the bot before issue 12, for comparison:
     python bench/bot_load.py --scenario flood --flood-rounds 10 --flood-seconds 30 --bot-script /tmp/tg_bot_old.py
 """
 import argparse
+import contextlib
 import json
 import os
 import random
 import re
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -48,6 +60,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
 
 from fake_bot_api import FakeBotApi, LiveBot  # noqa: E402  (the tests' fake server and bot runner)
 
@@ -69,6 +82,10 @@ THINK_SECONDS = 1.0         # the normal chat writes this long after a reply, as
 CHAT_SEND_INTERVAL = 1.0    # Telegram answers faster sends to one chat with 429
 NORMAL_CHAT, FLOOD_CHAT = 2001, 2002
 BATCH_LINE = re.compile(r"batch of \d+: ([\d,]+) new tokens in ([\d.]+) s")
+SERVE = Path(sys.executable).with_name("transformers")  # `transformers serve`, beside this Python
+SERVER_START_SECONDS = 600
+SERVER_TIMEOUT = 900        # the bot's --server-timeout: transformers serve queues the twenty chats' requests
+VISIBLE = ("sendMessage", "sendMessageDraft", "editMessageText")
 # ----------------------------------------------------------------------------
 
 
@@ -106,6 +123,8 @@ def write_model_folder(folder, new_tokens, seed):
                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model = GPT2LMHeadModel(config)
     model.save_pretrained(folder)
+    import train_transformer  # the folder's tokenizer as the trainers save it, for a server to read
+    train_transformer.prepare_folder_tokenizer(tokenizer, {"max_turns": 4}, None)
     tokenizer.save_pretrained(folder)
     chat_config = {"format_version": 1, "question_label": "Вопрос: ", "answer_label": "Ответ: ", "turn_separator": "\n",
                    "persona": {"question": "Кто ты?", "answer": "Я дружелюбный помощник. Отвечаю коротко и по делу."},
@@ -117,9 +136,17 @@ def write_model_folder(folder, new_tokens, seed):
     return len(tokenizer), sum(p.numel() for p in model.parameters())
 
 
-def chat_load(api, chats, rounds):
+def first_visible(api, chat_id, since):
+    """When the chat first saw something of the reply to a message sent at `since`."""
+    with api.lock:
+        return min(r["time"] for r in api.requests if r["chat_id"] == chat_id and r["status"] == 200
+                   and r["method"] in VISIBLE and r["time"] >= since)
+
+
+def chat_load(api, chats, rounds, firsts=None):
     """Every chat writes `rounds` messages, each after the reply to the one before;
-    (latencies, seconds from the first message to the last reply)."""
+    (latencies, seconds from the first message to the last reply). `firsts`, a list,
+    gets the time from each message to the first text of its reply the chat saw."""
     latencies, lock = [], threading.Lock()
     start = threading.Barrier(len(chats) + 1)
 
@@ -131,6 +158,8 @@ def chat_load(api, chats, rounds):
             reply = api.wait_for_messages(chat_id, number + 1, timeout=REPLY_TIMEOUT)[-1]
             with lock:
                 latencies.append(reply["time"] - sent)
+                if firsts is not None:
+                    firsts.append(first_visible(api, chat_id, sent) - sent)
 
     threads = [threading.Thread(target=talk, args=(chat_id,), daemon=True) for chat_id in chats]
     for thread in threads:
@@ -149,15 +178,18 @@ def run_bot(model_dir, workdir, name, bot_flags, chats, rounds, new_tokens):
     with FakeBotApi(TOKEN) as api:
         bot = LiveBot(api, TOKEN, workdir, ["--model", str(model_dir), "--db", str(workdir / "history.sqlite3"),
                                             "--poll-seconds", "1", "--log-level", "DEBUG"] + bot_flags)
+        firsts = []
         try:
             bot.start(timeout=600)
             api.push_text(1, "Разминка")  # the first reply pays for allocations; not counted
             api.wait_for_messages(1, 1, timeout=REPLY_TIMEOUT)
-            latencies, seconds = chat_load(api, chats, rounds)
+            latencies, seconds = chat_load(api, chats, rounds, firsts)
         finally:
             code = bot.stop(timeout=REPLY_TIMEOUT)
     if code != 0:
         raise RuntimeError(f"the bot ({name}) exited with {code}; its log is in {workdir}")
+    if "no reply from the inference server" in bot.log_text():
+        raise RuntimeError(f"the bot ({name}) got no reply from the server for some messages; its log is in {workdir}")
     # The model thread logs "batch of N: <new tokens of each reply> new tokens in S s".
     found = BATCH_LINE.findall(bot.log_text())[1:]  # [1:]: the warm-up
     batches = [[int(n) for n in lengths.split(",")] for lengths, _ in found]
@@ -167,7 +199,8 @@ def run_bot(model_dir, workdir, name, bot_flags, chats, rounds, new_tokens):
     return {"name": name, "replies": replies, "seconds": seconds, "rate": replies / seconds,
             "p50": statistics.median(latencies), "p95": statistics.quantiles(latencies, n=20, method="inclusive")[18],
             "batches": len(batches), "mean_batch": sum(map(len, batches)) / max(1, len(batches)),
-            "largest": max(map(len, batches), default=0), "short": short, "timeline": timeline}
+            "largest": max(map(len, batches), default=0), "short": short, "timeline": timeline,
+            "first_p50": statistics.median(firsts), "first_p95": p95(firsts)}
 
 
 def p95(values):
@@ -237,6 +270,66 @@ def run_flood(model_dir, workdir, bot_flags, rounds, rate, seconds, script=None)
     return phases
 
 
+@contextlib.contextmanager
+def model_server(model_dir, workdir, threads):
+    """`transformers serve` pinned to the model folder on 127.0.0.1 (a port the kernel picks);
+    its base URL once the model is loaded."""
+    log_path = workdir / "serve.log"
+    environ = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if threads:
+        environ["OMP_NUM_THREADS"] = str(threads)
+    with open(log_path, "w", encoding="utf-8") as log:
+        process = subprocess.Popen([str(SERVE), "serve", str(model_dir), "--host", "127.0.0.1", "--port", "0",
+                                    "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT, env=environ)
+    try:
+        deadline = time.monotonic() + SERVER_START_SECONDS
+        while not (found := re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", log_path.read_text())):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"transformers serve did not start; its log is {log_path}")
+            time.sleep(0.2)
+        yield found.group(1)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def run_serving(model_dir, workdir, common, chats, rounds, new_tokens, threads):
+    """In-process sent whole, in-process streamed, and through transformers serve (streamed)."""
+    results = []
+    for name, flags in (("in-process, whole", ["--no-stream"]), ("in-process, streamed", [])):
+        results.append(run_bot(model_dir, workdir, name.replace(", ", "-"), flags + common, chats, rounds,
+                               new_tokens))
+        results[-1].update(name=name, flags=" ".join(flags) or "(defaults)")
+        print(f"  {name}: done in {results[-1]['seconds']:.0f} s", flush=True)
+    (workdir / "serve").mkdir()
+    with model_server(model_dir, workdir / "serve", threads) as url:
+        flags = ["--server", url, "--server-timeout", str(SERVER_TIMEOUT)]
+        results.append(run_bot(model_dir, workdir, "server-streamed", flags, chats, rounds, new_tokens))
+    results[-1].update(name="server, streamed", flags="--server URL")
+    print(f"  server, streamed: done in {results[-1]['seconds']:.0f} s", flush=True)
+    return results
+
+
+def report_serving(results, chats, rounds, new_tokens):
+    print(f"\nserving: {chats} chats at once, {rounds} messages each, replies of exactly {new_tokens} tokens; latency "
+          f"from a message to the first text of its reply the chat sees, and to the whole reply")
+    print(f"{'run':22} {'bot flags':14} {'replies':>7} {'replies/s':>10} {'first p50 s':>12} {'first p95 s':>12} "
+          f"{'reply p50 s':>12} {'reply p95 s':>12}")
+    for r in results:
+        print(f"{r['name']:22} {r['flags']:14} {r['replies']:7d} {r['rate']:10.2f} {r['first_p50']:12.2f} "
+              f"{r['first_p95']:12.2f} {r['p50']:12.2f} {r['p95']:12.2f}")
+    whole, streamed, server = results
+    print(f"time to the first visible text, streamed / sent whole: p50 {streamed['first_p50'] / whole['first_p50']:.2f}x, "
+          f"p95 {streamed['first_p95'] / whole['first_p95']:.2f}x (whole replies: p95 "
+          f"{streamed['p95'] / whole['p95']:.2f}x)")
+    print(f"server / in-process (both streamed): replies per second {server['rate'] / streamed['rate']:.2f}x, "
+          f"p95 of the whole reply {server['p95'] / streamed['p95']:.2f}x, p95 of the first text "
+          f"{server['first_p95'] / streamed['first_p95']:.2f}x")
+
+
 def report_flood(phases, rounds, rate, seconds, script):
     print(f"\nflood: a chat (a fresh one each phase) writes {rounds} messages, each {THINK_SECONDS:.0f} s after the reply; "
           f"in the middle phase chat {FLOOD_CHAT} sends {rate:g} messages a second (for at most {seconds:g} s); a send "
@@ -260,7 +353,7 @@ def parse_args(argv):
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="the fixed length of every reply")
     parser.add_argument("--batch", type=int, help="--max-batch of the batched run (default: the bot's default)")
     parser.add_argument("--threads", type=int, help="--threads of both bots (default: the bot's default)")
-    parser.add_argument("--scenario", default="all", choices=("all", "batching", "flood"))
+    parser.add_argument("--scenario", default="all", choices=("all", "batching", "flood", "serving"))
     parser.add_argument("--flood-rounds", type=int, default=FLOOD_ROUNDS,
                         help="messages the normal chat writes in each phase of the flood scenario")
     parser.add_argument("--flood-rate", type=float, default=FLOOD_RATE, help="messages a second from the flooding chat")
@@ -291,7 +384,7 @@ def main(argv=None):
         vocab, params = write_model_folder(tmp / "model", args.new_tokens, args.seed)
         print(f"model folder: {N_LAYER} layers, {N_EMBD} wide, vocabulary {vocab}, {params / 1e6:.1f} M parameters, "
               f"random weights; written in {time.monotonic() - started:.0f} s", flush=True)
-        results, phases = [], None
+        results, phases, serving = [], None, None
         if args.scenario in ("all", "batching"):
             print(f"{args.chats} chats at once, {args.rounds} messages each (each after the reply to the one before), "
                   f"replies of exactly {args.new_tokens} tokens (sampling as in chat_config.json)", flush=True)
@@ -301,12 +394,21 @@ def main(argv=None):
                 result["name"], result["flags"] = name, " ".join(flags) or "(defaults)"
                 results.append(result)
                 print(f"  {name}: done in {result['seconds']:.0f} s", flush=True)
+        if args.scenario in ("all", "serving"):
+            if not SERVE.is_file():
+                print(f"serving: {SERVE} is missing (pip install 'transformers[serving]'); scenario skipped")
+            else:
+                print(f"serving: {args.chats} chats at once, {args.rounds} messages each", flush=True)
+                serving = run_serving(tmp / "model", tmp, batched + common, chats, args.rounds, args.new_tokens,
+                                      args.threads)
         if args.scenario in ("all", "flood"):
             phases = run_flood(tmp / "model", tmp, batched + common, args.flood_rounds, args.flood_rate,
                                args.flood_seconds, args.bot_script)
             print("  flood: done", flush=True)
     if results:
         report_batching(results, args.new_tokens)
+    if serving:
+        report_serving(serving, args.chats, args.rounds, args.new_tokens)
     if phases:
         report_flood(phases, args.flood_rounds, args.flood_rate, args.flood_seconds, args.bot_script)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")

@@ -152,12 +152,72 @@ def test_bad_input_leaves_previous_files(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
 
 
+INTRODUCTIONS = [
+    "Привет! Меня зовут Аня, я из Казани.",            # 0: the side asking before answers 1, 3, 5, 7
+    "Привет, Аня! А меня зовут Борис, я из Москвы.",   # 1: the other side, asking before 2, 4, 6, 8
+    "Как дела?",
+    "Хорошо, работаю.",
+    "Кстати, я недавно переехала в Самару.",           # 4: a later city replaces Казань
+    "Ого, и как там?",
+    "Нравится, только жарко.",
+    "Понимаю.",
+    "А что ты любишь?",
+]
+
+
+def context_rows(folder):
+    return pd.concat([pd.read_parquet(folder / f"context_{split}.parquet") for split in cd.SPLITS])
+
+
+def test_facts_are_what_the_asking_side_said_before_beyond_the_window(tmp_path):
+    src = tmp_path / "c.parquet"
+    write_dialogues(src, [(ids_in("train", 1)[0], INTRODUCTIONS)])
+    assert cd.main(["--input", str(src), "--output", str(tmp_path), "--max-turns", "2"]) == 0
+    rows = context_rows(tmp_path)
+    assert list(rows.columns) == ["dialogue_id", "context", "answer", "facts"]
+    facts = dict(zip(rows["answer"], rows["facts"]))
+    anya_kazan, anya_samara = "Тебя зовут Аня, ты живёшь в Казани.", "Тебя зовут Аня, ты живёшь в Самаре."
+    boris = "Тебя зовут Борис, ты живёшь в Москве."
+    assert [facts[turn] for turn in INTRODUCTIONS[1:]] == [anya_kazan, boris, anya_kazan, boris,
+                                                           anya_samara, boris, anya_samara, boris]
+    # six turns after the introduction, far outside a two-turn window
+    last_of_anya = rows[rows["answer"] == INTRODUCTIONS[7]].iloc[0]
+    assert list(last_of_anya["context"]) == INTRODUCTIONS[5:7]
+    assert last_of_anya["facts"] == anya_samara
+
+
+def test_facts_are_empty_where_nothing_was_said_and_absent_with_no_facts(tmp_path):
+    src = tmp_path / "c.parquet"
+    write_dialogues(src, [(i, ["Как дела?", "Хорошо.", "А у тебя?"]) for i in range(5)]
+                    + [(5, INTRODUCTIONS[:3])])
+    with_facts, without = tmp_path / "with", tmp_path / "without"
+    assert cd.main(["--input", str(src), "--output", str(with_facts)]) == 0
+    assert cd.main(["--input", str(src), "--output", str(without), "--no-facts"]) == 0
+    rows = context_rows(with_facts)
+    assert sorted(rows["facts"]) == [""] * 10 + ["Тебя зовут Аня, ты живёшь в Казани.",
+                                                 "Тебя зовут Борис, ты живёшь в Москве."]
+    assert list(context_rows(without).columns) == ["dialogue_id", "context", "answer"]
+    for split in cd.SPLITS:
+        name = f"pairs_{split}.csv"
+        assert (with_facts / name).read_bytes() == (without / name).read_bytes()
+    assert cd.parse_args([]).facts is cd.FACTS is True and cd.parse_args(["--no-facts"]).facts is False
+
+
+def test_facts_are_read_once_per_turn(monkeypatch):
+    seen = []
+    real = cd.extract_user_facts
+    monkeypatch.setattr(cd, "extract_user_facts", lambda text: seen.append(text) or real(text))
+    assert len(list(cd.facts_before_answers(INTRODUCTIONS))) == len(INTRODUCTIONS) - 1
+    assert seen == INTRODUCTIONS[:-1]
+
+
 @pytest.mark.shared_data
 def test_real_corpus_has_no_pair_in_train_and_test(tmp_path, shared_data):
     raw = tmp_path / "raw.parquet"
     assert parser_dataset.main(["--input", str(shared_data / "anekdot_dialogues.parquet"),
                                 "--output", str(raw)]) == 0
-    counts, moved = cd.create_dataset(raw, tmp_path, max_turns=1)
+    # facts=False: the grouping is under test here, and facts would add a minute
+    counts, moved = cd.create_dataset(raw, tmp_path, max_turns=1, facts=False)
     pairs = {split: pd.read_csv(tmp_path / f"pairs_{split}.csv", keep_default_na=False)
              for split in cd.SPLITS}
     text = {split: set(zip(frame["question"], frame["answer"])) for split, frame in pairs.items()}

@@ -203,6 +203,20 @@ def test_facts_are_empty_where_nothing_was_said_and_absent_with_no_facts(tmp_pat
     assert cd.parse_args([]).facts is cd.FACTS is True and cd.parse_args(["--no-facts"]).facts is False
 
 
+def test_facts_without_their_packages_are_one_line_naming_the_way_out(tmp_path, capsys, monkeypatch):
+    src = tmp_path / "c.parquet"
+    write_dialogues(src, [(0, INTRODUCTIONS)])
+
+    def missing():
+        raise ImportError("No module named 'yargy'")
+    monkeypatch.setattr(cd, "load_fact_tools", missing)
+    assert cd.main(["--input", str(src), "--output", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "yargy" in err[0] and "--no-facts" in err[0]
+    assert not list(tmp_path.glob("pairs_*.csv"))
+    assert cd.main(["--input", str(src), "--output", str(tmp_path), "--no-facts"]) == 0
+
+
 def test_facts_are_read_once_per_turn(monkeypatch):
     seen = []
     real = cd.extract_user_facts

@@ -124,11 +124,14 @@ def deepspeed_starts(config_path, cwd):
         pytest.skip(f"DeepSpeed cannot start on this machine with {config_path.name}: {last}")
 
 
-@pytest.mark.parametrize("name, lora, launcher", [("zero2.json", False, False), ("zero3_offload.json", True, True)],
-                         ids=["zero2-full-plain-python", "zero3_offload-lora-launcher-env"])
-def test_a_one_process_cpu_run_saves_a_folder_the_chat_reads(repo_root, tmp_path, name, lora, launcher):
-    """With a launcher's environment (torchrun, accelerate launch --use_deepspeed, deepspeed), and as plain
-    `python <script> --deepspeed CONFIG`, for which the trainer sets that environment itself."""
+@pytest.mark.parametrize("name, lora, launcher", [("zero2.json", False, None), ("zero3_offload.json", True, "env"),
+                                                  ("zero3_offload.json", False, "torchrun")],
+                         ids=["zero2-full-plain-python", "zero3_offload-lora-launcher-env",
+                              "zero3_offload-full-two-processes"])
+def test_a_cpu_run_saves_a_folder_the_chat_reads(repo_root, tmp_path, name, lora, launcher):
+    """One process with a launcher's environment (what torchrun, accelerate launch --use_deepspeed or deepspeed
+    give it), one as plain `python <script> --deepspeed CONFIG`, for which the trainer sets that environment
+    itself, and two processes under torchrun, whose ZeRO-3 shards are gathered for the save."""
     import system_prompt as sp
     from safetensors.torch import load_file
 
@@ -139,15 +142,19 @@ def test_a_one_process_cpu_run_saves_a_folder_the_chat_reads(repo_root, tmp_path
     model = ["--lora", "--model", str(write_base_without_pad(tmp_path / "base"))] if lora else \
         ["--from-scratch", "--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--vocab-size", "400",
          "--n-positions", "128"]
-    done = subprocess.run([sys.executable, str(repo_root / "train_transformer.py"), *model, "--device", "cpu",
+    python = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+              str(free_port())] if launcher == "torchrun" else [sys.executable]
+    done = subprocess.run([*python, str(repo_root / "train_transformer.py"), *model, "--device", "cpu",
                            "--data-dir", str(data), "--output", str(out), "--max-steps", "4", "--eval-steps", "2",
                            "--batch-size", "4", "--deepspeed", str(config), "--seed", "0"],
-                          cwd=tmp_path, env=launcher_env() if launcher else plain_env(), capture_output=True, text=True,
-                          timeout=900)
+                          cwd=tmp_path, env=launcher_env() if launcher == "env" else plain_env(), capture_output=True,
+                          text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert ("--deepspeed with no launcher: one process" in done.stdout) is not launcher
+    assert ("--deepspeed with no launcher: one process" in done.stdout) is (launcher is None)
+    assert done.stdout.count("done: step 4") == 1  # the main process reports; the others only train and save
     assert f"DeepSpeed {config}" in done.stdout
-    assert all(t.dtype == torch.float32 for t in load_file(out / "model.safetensors").values())
+    weights = load_file(out / "model.safetensors")
+    assert all(t.dtype == torch.float32 and t.numel() > 0 for t in weights.values())  # gathered, not shards
     chat = sp.load_weights(sp.open_model_folder(str(out), "cpu"), quantize="int8", threads=1)
     ids = torch.tensor([tt.fit_prompt(chat["tokenizer"], ["Где мои ключи?"], 1, 64, tt.PERSONA)])
     reply = chat["model"].generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,

@@ -136,11 +136,12 @@ def write_model_folder(folder, new_tokens, seed):
     return len(tokenizer), sum(p.numel() for p in model.parameters())
 
 
-def first_visible(api, chat_id, since):
-    """When the chat first saw something of the reply to a message sent at `since`."""
+def first_visible(api, chat_id, since, reply):
+    """When the chat first saw something of the reply to a message sent at `since`: its first
+    draft or message (the reply itself when there was nothing before it)."""
     with api.lock:
-        return min(r["time"] for r in api.requests if r["chat_id"] == chat_id and r["status"] == 200
-                   and r["method"] in VISIBLE and r["time"] >= since)
+        return min([reply["time"]] + [r["time"] for r in api.requests if r["chat_id"] == chat_id
+                                      and r["status"] == 200 and r["method"] in VISIBLE and r["time"] >= since])
 
 
 def chat_load(api, chats, rounds, firsts=None):
@@ -159,7 +160,7 @@ def chat_load(api, chats, rounds, firsts=None):
             with lock:
                 latencies.append(reply["time"] - sent)
                 if firsts is not None:
-                    firsts.append(first_visible(api, chat_id, sent) - sent)
+                    firsts.append(first_visible(api, chat_id, sent, reply) - sent)
 
     threads = [threading.Thread(target=talk, args=(chat_id,), daemon=True) for chat_id in chats]
     for thread in threads:

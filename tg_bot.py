@@ -758,16 +758,22 @@ def generate_reply(chat, settings, prompt, on_text=None):
     return decode_reply(chat["tokenizer"], ids)
 
 
+def server_base_url(url):
+    """--server as the base the routes are added to ("/v1/completions"); a UserError unless it is an HTTP URL."""
+    base = url.rstrip("/").removesuffix("/v1")
+    if not re.match(r"https?://[^/\s]+", base):
+        raise UserError(f"--server {url!r}: expected the base URL of an OpenAI-compatible server, such as "
+                        f"http://127.0.0.1:8000")
+    return base
+
+
 def open_server(url, tokenizer, timeout, generation=None):
     """The inference server that runs the model (an OpenAI-compatible one: transformers serve,
     vLLM): its address, the model it serves (GET /v1/models, sent with every request), and
     notes for the caller to show: penalties of the generation settings it cannot apply, a
     server that does not answer yet, or one whose tokenizer counts a prompt otherwise than the
     kit (a BOS added, a user's "</s>" read as the end of text)."""
-    base = url.rstrip("/").removesuffix("/v1")
-    if not re.match(r"https?://[^/\s]+", base):
-        raise UserError(f"--server {url!r}: expected the base URL of an OpenAI-compatible server, such as "
-                        f"http://127.0.0.1:8000")
+    base = server_base_url(url)
     server = {"url": base, "timeout": float(timeout), "model": None, "eos_token": tokenizer.eos_token,
               "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, "notes": []}
     generation = generation or {}
@@ -2245,6 +2251,8 @@ def check_args(args):
         raise UserError("--max-age-minutes must be 0 (answer everything) or more")
     if not args.server_timeout > 0:
         raise UserError("--server-timeout must be above 0 seconds")
+    if args.server:
+        server_base_url(args.server)
     args.allowed_users = parse_user_ids(args.allowed_users)
 
 

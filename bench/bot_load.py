@@ -323,8 +323,9 @@ def report_serving(results, chats, rounds, new_tokens):
         print(f"{r['name']:22} {r['flags']:14} {r['replies']:7d} {r['rate']:10.2f} {r['first_p50']:12.2f} "
               f"{r['first_p95']:12.2f} {r['p50']:12.2f} {r['p95']:12.2f}")
     whole, streamed, server = results
-    print(f"time to the first visible text, streamed / sent whole: p50 {streamed['first_p50'] / whole['first_p50']:.2f}x, "
-          f"p95 {streamed['first_p95'] / whole['first_p95']:.2f}x (whole replies: p95 "
+    print(f"time to the first visible text, streamed / sent whole: p50 "
+          f"{streamed['first_p50'] / whole['first_p50']:.2f}x, p95 {streamed['first_p95'] / whole['first_p95']:.2f}x "
+          f"(whole replies: p95 "
           f"{streamed['p95'] / whole['p95']:.2f}x)")
     print(f"server / in-process (both streamed): replies per second {server['rate'] / streamed['rate']:.2f}x, "
           f"p95 of the whole reply {server['p95'] / streamed['p95']:.2f}x, p95 of the first text "

@@ -22,7 +22,8 @@ MIRRORED_FUNCTIONS = ["chat_prompt_ids", "clean_reply", "find_weights_folder", "
                       "open_model_folder", "physical_cores", "choose_quantization", "conv1d_to_linear",
                       "quantize_int8", "fuse_gelu", "fast_path", "load_weights", "resolve_settings", "TopKTopPSampler",
                       "generate_ids", "decode_reply", "generate_replies", "generate_reply", "stable_prefix",
-                      "visible_reply", "ReplyStreamer", "open_server", "server_body", "server_pieces", "server_reply"]
+                      "visible_reply", "ReplyStreamer", "server_base_url", "open_server", "server_body",
+                      "server_pieces", "server_reply"]
 MIRRORED_CONSTANTS = ["CHAT_CONFIG_NAME", "FALLBACK_REPLY", "DEFAULT_PERSONA", "DEFAULT_GENERATION",
                       "MIN_QUESTION_TOKENS", "SERVER_CONNECT_SECONDS", "PROBE_PROMPT"]
 CHAT_BLOCK = r"(# --- mirrored in system_prompt.py and tg_bot.py .*?# --- end of the mirrored part\n)"
@@ -268,7 +269,7 @@ def test_persona_flags(model_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["no_model", "lstm_folder", "no_weights", "script_not_utf8", "low_penalty",
-                                  "tiny_budget"])
+                                  "tiny_budget", "server_not_a_url", "server_timeout_zero"])
 def test_bad_input_is_one_line_and_exit_1(case, model_dir, tmp_path, capsys):
     script = tmp_path / "chat.txt"
     script.write_text("Привет\n", encoding="utf-8")
@@ -289,6 +290,10 @@ def test_bad_input_is_one_line_and_exit_1(case, model_dir, tmp_path, capsys):
         extra = ["--repetition-penalty", "0.5"]
     elif case == "tiny_budget":
         extra = ["--context-tokens", "30"]
+    elif case == "server_not_a_url":
+        extra = ["--server", "localhost:8000"]
+    elif case == "server_timeout_zero":
+        extra = ["--server", "http://127.0.0.1:9", "--server-timeout", "0"]
     capsys.readouterr()
     assert sp.main(["--model", model, "--script", str(script)] + extra) == 1
     captured = capsys.readouterr()

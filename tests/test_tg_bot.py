@@ -40,6 +40,15 @@ def test_missing_token_is_a_clear_error(monkeypatch, capsys):
                    f"(get one from @BotFather)"]
 
 
+def test_bad_server_settings_are_one_line_before_anything_starts(monkeypatch, capsys):
+    monkeypatch.setenv(tg_bot.TOKEN_ENV, TOKEN)
+    assert tg_bot.main(["--server", "localhost:8000"]) == 1
+    assert tg_bot.main(["--server", "http://127.0.0.1:8000", "--server-timeout", "0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("tg_bot.py: error: --server") for line in err)
+    assert "localhost:8000" in err[0] and "--server-timeout" in err[1]
+
+
 def test_malformed_token_file_is_not_echoed(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv(tg_bot.TOKEN_ENV, raising=False)
     token_file = tmp_path / "token"

@@ -136,6 +136,16 @@ def test_the_console_talks_through_the_server_as_in_process(server_url, model_di
     assert capsys.readouterr().out == here.out
 
 
+def test_the_console_with_a_server_that_is_down_says_so_and_goes_on(model_dir, tmp_path, capsys):
+    script = tmp_path / "chat.txt"
+    script.write_text("Привет\nЕщё раз\n", encoding="utf-8")
+    assert sp.main(["--model", str(model_dir), "--script", str(script), "--server",
+                    f"http://127.0.0.1:{closed_port()}"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count(f"{sp.BOT_PREFIX}{sp.SERVER_ERROR_NOTICE}\n") == 2
+    assert "no answer as an OpenAI-compatible server" in captured.err and "Traceback" not in captured.err
+
+
 def test_the_bot_process_answers_through_the_server(server_url, model_dir, tmp_path):
     with FakeBotApi(TOKEN) as api:
         bot = LiveBot(api, TOKEN, tmp_path, ["--model", str(model_dir), "--server", server_url, "--db",

@@ -770,6 +770,7 @@ def run_transformers(folder, examples, probe, options):
     # transformers' own ones, which would look at the prompt too, stay off.
     generation_config = GenerationConfig(
         max_new_tokens=max_new, do_sample=False, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0,
+        temperature=1.0, top_p=1.0,  # greedy: the folder's sampling defaults would only draw a warning
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
     stop = StoppingCriteriaList([StopStringCriteria(tokenizer, STOP_STRINGS)])

@@ -691,12 +691,11 @@ def open_server(url, tokenizer, timeout, generation=None):
     if float(generation.get("repetition_penalty") or 1.0) != 1.0 or int(generation.get("no_repeat_ngram_size") or 0):
         server["notes"].append("the repetition penalty and n-gram blocking of the generation settings are not sent to "
                                "the server: its own would count the prompt's words too (see deploy/README.md)")
-    limits = (SERVER_CONNECT_SECONDS, server["timeout"])
+    server["model"] = served_model(server)
     try:
-        listed = requests.get(base + "/v1/models", timeout=limits)
-        listed.raise_for_status()
-        server["model"] = listed.json()["data"][0]["id"]
-        probe = requests.post(base + "/v1/completions", timeout=limits, json={
+        if server["model"] is None:
+            raise ValueError("GET /v1/models names no model")
+        probe = requests.post(base + "/v1/completions", timeout=(SERVER_CONNECT_SECONDS, server["timeout"]), json={
             "model": server["model"], "prompt": PROBE_PROMPT, "max_tokens": 1, "temperature": 0.0})
         probe.raise_for_status()
         counted = probe.json()["usage"]["prompt_tokens"]
@@ -710,6 +709,17 @@ def open_server(url, tokenizer, timeout, generation=None):
                                f"its tokenizer adds a BOS or reads a user's '</s>' as the end of text; serve a "
                                f"model folder whose tokenizer_config.json has \"split_special_tokens\": true")
     return server
+
+
+def served_model(server):
+    """The id of the model the server serves (GET /v1/models), sent with every request; None
+    while the server does not say."""
+    try:
+        listed = requests.get(server["url"] + "/v1/models", timeout=(SERVER_CONNECT_SECONDS, server["timeout"]))
+        listed.raise_for_status()
+        return listed.json()["data"][0]["id"]
+    except (requests.RequestException, ValueError, LookupError, TypeError):
+        return None
 
 
 def server_body(server, settings, prompt_text):
@@ -775,6 +785,8 @@ def server_reply(server, settings, prompt_text, on_text=None):
     streamed: on_text, if given, gets the visible text as it grows, and the stream is closed as
     soon as the model starts the next turn, which the cleaning would cut anyway. The same
     cleaning as in this process, so both give the same reply for the same continuation."""
+    if server["model"] is None:  # the server did not answer at the start: what does it serve now?
+        server["model"] = served_model(server)
     raw, shown = "", ""
     pieces = server_pieces(server, server_body(server, settings, prompt_text))
     try:

@@ -220,7 +220,8 @@ def closed_port():
 
 
 @pytest.mark.parametrize("fault", ["down", "hangs", "error event", "HTTP error"])
-def test_a_failing_server_gets_an_apology_and_the_bot_goes_on(fault, server_url, local, api, harness, caplog):
+def test_a_failing_server_gets_an_apology_and_the_bot_goes_on(fault, server_url, local, api, harness, caplog,
+                                                             model_dir):
     chat, _ = local
     listener = None
     if fault == "down":
@@ -247,10 +248,14 @@ def test_a_failing_server_gets_an_apology_and_the_bot_goes_on(fault, server_url,
         listener.close()
     assert any("no reply from the inference server" in record.getMessage() for record in caplog.records)
     # the bot is still there: once the server answers, so does the bot
-    bot.chat_bot.batcher.server = tg_bot.open_server(server_url, chat["tokenizer"], 30)
+    if fault == "down":  # it comes up where the bot looks for it
+        server.update(url=server_url)
+    else:
+        bot.chat_bot.batcher.server = tg_bot.open_server(server_url, chat["tokenizer"], 30)
     bot.chat_bot.settings = local[1]
     api.push_text(44, tiny_model.PARROT_QUESTION)
     assert api.wait_for_messages(44, 2, timeout=WAIT)[1]["text"] == tiny_model.PARROT_ANSWER
+    assert bot.chat_bot.batcher.server["model"] == str(model_dir)  # learnt once it answered
 
 
 # --- the folder's chat template through the server's /v1/chat/completions

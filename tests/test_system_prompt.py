@@ -22,7 +22,7 @@ MIRRORED_FUNCTIONS = ["chat_prompt_ids", "clean_reply", "find_weights_folder", "
                       "open_model_folder", "physical_cores", "choose_quantization", "conv1d_to_linear",
                       "quantize_int8", "fuse_gelu", "fast_path", "load_weights", "resolve_settings", "TopKTopPSampler",
                       "generate_ids", "decode_reply", "generate_replies", "generate_reply", "stable_prefix",
-                      "visible_reply", "ReplyStreamer", "server_base_url", "open_server", "server_body",
+                      "visible_reply", "ReplyStreamer", "server_base_url", "open_server", "served_model", "server_body",
                       "server_pieces", "server_reply"]
 MIRRORED_CONSTANTS = ["CHAT_CONFIG_NAME", "FALLBACK_REPLY", "DEFAULT_PERSONA", "DEFAULT_GENERATION",
                       "MIN_QUESTION_TOKENS", "SERVER_CONNECT_SECONDS", "PROBE_PROMPT"]

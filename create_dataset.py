@@ -121,6 +121,7 @@ NOT_OCCUPATIONS = {"человек", "девушка", "парень", "мужч
                    "фанат", "фанатка", "любитель", "любительница", "поклонник", "поклонница", "бот", "друг",
                    "подруга", "дурак", "дура", "идиот", "хозяин", "хозяйка", "гость", "новичок", "сам",
                    "робот", "пользователь"} | KIN_LEMMAS | PET_LEMMAS
+MINE_LEMMAS = {"мой", "свой"}
 MODAL_VERBS = {"собираться", "планировать", "хотеть", "думать", "мечтать", "быть"}
 WEEKDAYS = {"понедельник", "вторник", "среда", "четверг", "пятница", "суббота", "воскресенье"}
 MONTHS = {"январь", "февраль", "март", "апрель", "май", "июнь", "июль", "август", "сентябрь", "октябрь",
@@ -188,9 +189,14 @@ def load_fact_tools():
     parses = functools.lru_cache(maxsize=20000)(morph.parse)
 
     def forms_of(lemmas):
-        # Every word has_lemma(lemmas) can match, as the tokens are written (е for ё too).
+        # Every dictionary word has_lemma(lemmas) can match, as tokens are written (е for ё too).
         forms = {form.word for lemma in lemmas if " " not in lemma for p in morph.parse(lemma) for form in p.lexeme}
         return frozenset(forms | {form.replace("ё", "е") for form in forms})
+
+    @functools.lru_cache(maxsize=50000)
+    def guessed_lemmas(word):
+        # The lemmas pymorphy3 guesses for a word its dictionary lacks: "свого" is свой to has_lemma.
+        return frozenset() if morph.word_is_known(word) else frozenset(p.normal_form for p in parses(word))
 
     def has_form(*grammemes):
         wanted = set(grammemes)
@@ -276,7 +282,7 @@ def load_fact_tools():
     kin = has_lemma(KIN_LEMMAS)
     pet = has_lemma(PET_LEMMAS)
     relative = or_(kin, pet)
-    mine = has_lemma({"мой", "свой"})
+    mine = has_lemma(MINE_LEMMAS)
     count = or_(token_type("INT"), has_form("NUMR"), has_lemma({"двое", "трое", "четверо", "пятеро"}))
     owner = rule(words("у"), words("меня", "нас"), words("есть", "живет", "живёт", "живут").optional())
     pet_name = and_(or_(has_form("Name", "nomn"), has_form("NOUN", "nomn"), unknown_word),
@@ -330,9 +336,9 @@ def load_fact_tools():
         rule(words("в"), words("следующем", "этом"), words("месяце", "году")),
     )
     parser = lambda grammar: Parser(grammar, tokenizer=tokenizer)
-    return {"morph": morph, "parse": parses, "tokenizer": tokenizer, "mine_forms": forms_of({"мой", "свой"}),
-            "relative_forms": forms_of(KIN_LEMMAS | PET_LEMMAS), "number_forms": forms_of(set(NUMBER_WORDS)),
-            "date_forms": forms_of(WEEKDAYS | MONTHS) | set(DATE_WORDS),
+    return {"morph": morph, "parse": parses, "tokenizer": tokenizer, "guessed_lemmas": guessed_lemmas,
+            "mine_forms": forms_of(MINE_LEMMAS), "relative_forms": forms_of(KIN_LEMMAS | PET_LEMMAS),
+            "number_forms": forms_of(set(NUMBER_WORDS)), "date_forms": forms_of(WEEKDAYS | MONTHS),
             "name": parser(name_rules), "city": parser(city_rules), "age": parser(age_rules),
             "occupation": parser(occupation_rules), "study": parser(study_rules),
             "family": parser(family_rules), "like": parser(like_rules), "date": parser(date)}
@@ -847,12 +853,22 @@ def grammars_for_sentence(written):
     seen = set(words)
     tools = load_fact_tools()
     has = lambda *options: not seen.isdisjoint(options)
-    has_any = lambda forms: not seen.isdisjoint(forms)
+    guessed = []
+
+    def has_lemma(lemmas, forms):
+        # The grammars' has_lemma: a dictionary form, or a word pymorphy3 guesses to be one.
+        if not seen.isdisjoint(forms):
+            return True
+        if not guessed:
+            guessed.append(frozenset().union(*map(tools["guessed_lemmas"], seen)))
+        return not guessed[0].isdisjoint(lemmas)
+
     grammemes = lambda word: [p.tag.grammemes for p in tools["parse"](word)]
-    name_like = lambda word: any("Name" in g for g in grammemes(word)) or not tools["morph"].word_is_known(word)
+    name_like = lambda word: any("Name" in g for g in grammemes(word)) or not tools["morph"].word_is_known(word.lower())
     person_like = lambda word: word == "по" or any({"NOUN", "anim", "nomn"} <= g or {"ADJF", "nomn"} <= g
                                                    for g in grammemes(word))
-    number_like = lambda word: word.isdigit() or word.lower() in tools["number_forms"]
+    number_like = lambda word: word.isdigit() or word.lower() in tools["number_forms"] or \
+        not tools["guessed_lemmas"](word.lower()).isdisjoint(NUMBER_WORDS)
     after = lambda trigger, like: any(like(word) for i, w in enumerate(words) if w == trigger
                                       for word in next_words(written, words, i))
     worth = {
@@ -865,11 +881,11 @@ def grammars_for_sentence(written):
         "occupation": has(*WORK_VERBS, "пенсии", "декрете") or after("я", person_like),
         "study": has(*STUDY_VERBS) or ("я" in seen and has("классе", "класе")),
         "family": ("я" in seen and has(*MARITAL_WORDS)) or (
-            has_any(tools["relative_forms"]) and (has_any(tools["mine_forms"]) or ("у" in seen and has("меня", "нас"))
-                                                  or ("мы" in seen and has("с", "со")) or "а" in seen
-                                                  or any(word.isdigit() for word in words))),
+            ("а" in seen or ("у" in seen and has("меня", "нас")) or ("мы" in seen and has("с", "со"))
+             or any(word.isdigit() for word in words) or has_lemma(MINE_LEMMAS, tools["mine_forms"]))
+            and has_lemma(KIN_LEMMAS | PET_LEMMAS, tools["relative_forms"])),
         "like": has(*LOVE_VERBS, *PLEASE_VERBS, "увлекаюсь", *FAN_WORDS, *FAVOURITE_WORDS, "терпеть", *HATE_VERBS),
-        "date": not seen.isdisjoint(tools["date_forms"]),
+        "date": has(*DATE_WORDS) or has_lemma(WEEKDAYS | MONTHS, tools["date_forms"]),
     }
     return [grammar for grammar in EXTRACTORS if worth[grammar]]
 

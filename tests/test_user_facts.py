@@ -218,6 +218,13 @@ def test_the_look_at_the_words_skips_messages_that_state_nothing():
     assert facts.extract_user_facts(text) == [("name", "Аня")]
 
 
+def test_the_look_at_the_words_knows_what_pymorphy3_guesses():
+    # "свого" is in no dictionary; pymorphy3 guesses свой, so the grammars take it for "мой".
+    text = "Так иди же, обними свого папу, сынок!"
+    assert facts.sentences_worth_parsing(text)
+    assert facts.extract_user_facts(text) == every_grammar_everywhere(text) != []
+
+
 def test_the_look_at_the_words_never_changes_what_is_found(labelled, sample_path):
     texts = [row["text"] for row in labelled]
     texts += [turn for line in sample_path.read_text(encoding="utf-8").splitlines() if line.strip()

@@ -399,7 +399,7 @@ def test_create_dataset_in_a_cell(folder):
         pairs = pd.read_csv(folder / "data" / f"pairs_{split}.csv")
         assert list(pairs.columns) == ["dialogue_id", "question", "answer"] and len(pairs) > 0
         context = pd.read_parquet(folder / "data" / f"context_{split}.parquet")
-        assert list(context.columns) == ["dialogue_id", "context", "answer"] and len(context) > 0
+        assert list(context.columns) == ["dialogue_id", "context", "answer", "facts"] and len(context) > 0
     assert kernel_state(cells[0]) == kernel_state(cells[-1])
 
 

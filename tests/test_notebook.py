@@ -8,8 +8,8 @@ test checks that its stage wrote what the next one reads; a bad input gives the 
 checks that a script leaves the kernel as it found it (signal handlers, the matplotlib backend,
 CUDA_VISIBLE_DEVICES, exception hooks), since a notebook keeps running after the cell.
 
-Scripts not yet converted to the notebook pattern (issue 10) are skipped with the reason; converting
-one means adding it to CONVERTED. Until a stage is converted, or
+Scripts not yet converted to the notebook pattern (issue 10: an entry point that tells a pasted cell
+from a run) are skipped with the reason. Until a stage is converted, or
 when its own test did not produce its output, `produce` makes that output with the script's command line.
 """
 import ast
@@ -35,10 +35,9 @@ REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "sample_dialogues.jsonl"
 CELL_TIMEOUT = 300  # seconds for one cell; the slowest here trains a tiny model
 
-# The scripts that follow the notebook pattern; the others' tests skip until they are added here.
-CONVERTED = {"parser_dataset.py", "cleaner_text.py", "create_dataset.py", "pytorch_chatbot.py",
-             "tensorflow_chatbot.py", "train_transformer.py", "train_medium_context.py", "perplexity.py",
-             "evaluate.py"}
+# A script follows the notebook pattern when its entry point tells a pasted cell (no __file__) from a run.
+PATTERN_LINE = 'if "__file__" in globals():'
+CONVERTED = {path.name for path in REPO.glob("*.py") if PATTERN_LINE in path.read_text(encoding="utf-8")}
 
 LSTM_TINY = {"EMB_DIM": 16, "HIDDEN": 32, "EPOCHS": 2, "BATCH_SIZE": 32, "VOCAB_SIZE": 500,
              "DEVICE": "cpu", "THREADS": 1, "SEED": 7}

@@ -30,10 +30,20 @@ with the model in an inference server (deploy/README.md has the ways to run one)
     python system_prompt.py --model rugpt3_50k --server http://127.0.0.1:8000
 without a person (tests, the demo): play a file of user lines, print the transcript
     python system_prompt.py --model rugpt3_50k --script data/demo_chat.txt --show-prompt
+In a notebook (Jupyter, Colab): paste this whole file into one cell, set the defaults block
+below (DEFAULT_MODEL, DEFAULT_DEVICE = "cuda" on a GPU...), run the cell and chat in it; "выход"
+ends the chat. `%run system_prompt.py --flags` and `!python system_prompt.py --flags` take flags
+as above (`!python` cannot ask for input: give it --script).
 
-In the chat: "выход" ends it, "/reset" forgets the conversation.
+In the chat: "выход" ends it, "/reset" forgets the conversation. Long-term memory: what the user
+says about themselves (name, city, age, work, study, family, pets, likes, dislikes, plans) is
+kept for the session, outlives /reset and the prompt's turn window, and goes into every prompt
+as the facts exchange after the persona when the model was trained with it (chat_config.json
+"facts": true); "/memory" lists it, "/forget" deletes it all, "/forget <слово>" what matches,
+and with it the exchanges of the conversation that hold it. --no-memory turns it off.
 """
 import argparse
+import contextlib
 import functools
 import html
 import json
@@ -63,8 +73,24 @@ DEFAULT_QUANTIZE = "auto"       # int8 linear layers on a CPU, plain weights on 
 SERVER = None                   # base URL of an OpenAI-compatible inference server; None: the model runs here
 SERVER_TIMEOUT = 60.0           # seconds a reply from the server may take, its wait in the server's queue included
 NO_STREAM = False               # True: print a reply once it is complete, not as it is written
+NO_MEMORY = False               # True: no long-term memory: nothing the user says about themselves is kept
+PERSONA = None                  # the bot's answer to the persona question (None: chat_config.json's)
+NO_PERSONA = False              # True: no persona exchange in the prompt
+MAX_NEW_TOKENS = None           # None: chat_config.json's generation settings, for these five
+TEMPERATURE = None
+TOP_P = None
+REPETITION_PENALTY = None       # must be >= 1.0
+CONTEXT_TOKENS = None           # prompt budget in tokens (None: what the model was trained with)
+MAX_TURNS = None                # turns in the prompt, the new message included (None: as trained)
+THREADS = 0                     # CPU threads for the model (0: physical cores)
+CHAT_SCRIPT = None              # play this file of user lines instead of asking (None: ask)
+SHOW_PROMPT = False             # True: print the prompt given to the model
+DEVICES = ("auto", "cpu", "cuda")
+QUANTIZE_CHOICES = ("auto", "int8", "none")
 EXIT_WORDS = ("выход", "exit", "quit")
 RESET_COMMAND = "/reset"
+MEMORY_COMMAND = "/memory"
+FORGET_COMMAND = "/forget"      # alone: forget everything; "/forget <слово>": the facts that match
 USER_PREFIX = "Вы: "
 BOT_PREFIX = "Бот: "
 RESET_NOTICE = "(история разговора очищена)"
@@ -1902,20 +1928,66 @@ class PrintedReply:
             print(BOT_PREFIX + answer, file=self.out, flush=True)
 
 
-class ConsoleChat:
-    """One conversation: the turns so far, and the reply to each new line."""
+def value_words(text):
+    return [word for word in re.split(r"[^\w]+", fold(text)) if word]
 
-    def __init__(self, chat, settings, show_prompt=False, out=None, stream=True):
+
+def holds_fact(turn, fact):
+    """Whether a turn of the conversation states or repeats a fact: the facts block finds it there,
+    or every word of its value is in the turn in some form ("Казань" in "я из Казани")."""
+    kind, value = fact
+    if any(k == kind and fold(v) == fold(value) for k, v in extract_user_facts(turn)):
+        return True
+    parse = load_fact_tools()["parse"]
+    said = set(value_words(turn))
+    said_lemmas = {fold(p.normal_form) for word in said for p in parse(word)}
+    wanted = value_words(value)
+    return bool(wanted) and all(word in said or {fold(p.normal_form) for p in parse(word)} & said_lemmas
+                                for word in wanted)
+
+
+class ConsoleChat:
+    """One conversation: the turns so far, what the user said about themselves (kept for the
+    session, /reset included), and the reply to each new line."""
+
+    def __init__(self, chat, settings, show_prompt=False, out=None, stream=True, memory=True):
         self.chat, self.settings, self.show_prompt, self.stream = chat, settings, show_prompt, stream
         self.out = out or sys.stdout
+        self.memory = memory
         self.history = []
+        self.facts = []
 
     def reset(self):
-        self.history = []
+        self.history = []  # the facts stay: long-term memory outlives the conversation
+
+    def remember(self, text):
+        """Merge what the line says about the user, before its prompt is built: the question's own
+        facts count for its answer, as in training."""
+        if self.memory:
+            self.facts = merge_user_facts(self.facts, extract_user_facts(text))
+
+    def forget(self, word):
+        """Drop the facts that match word (all of them for ""), and the exchanges of the conversation
+        that hold them, so that no prompt carries them again; the facts dropped."""
+        if word:
+            self.facts, removed = forget_user_facts(self.facts, word)
+        else:
+            self.facts, removed = [], self.facts
+        if removed:
+            # Whole exchanges go, question and answer: the labels count back from the answer, so a
+            # lone turn dropped would turn every older question into an answer.
+            kept = []
+            for start in range(0, len(self.history), 2):
+                exchange = self.history[start:start + 2]
+                if not any(holds_fact(turn, fact) for turn in exchange for fact in removed):
+                    kept += exchange
+            self.history = kept
+        return removed
 
     def reply(self, text, on_text=None):
         tokenizer = self.chat["tokenizer"]
-        prompt = chat_prompt_ids(self.history + [text], self.settings, tokenizer)
+        self.remember(text)
+        prompt = chat_prompt_ids(self.history + [text], self.settings, tokenizer, self.facts)
         if self.show_prompt:
             print(f"[prompt]\n{tokenizer.decode(prompt)}\n[/prompt]", file=self.out, flush=True)
         answer = generate_reply(self.chat, self.settings, prompt, on_text)
@@ -1938,13 +2010,32 @@ class ConsoleChat:
         else:
             print(BOT_PREFIX + answer, file=self.out, flush=True)
 
+    def tell(self, text):
+        """The bot's own words (not the model's), a line under the other, aligned after the prefix."""
+        print(BOT_PREFIX + text.replace("\n", "\n" + " " * len(BOT_PREFIX)), file=self.out, flush=True)
+
+    def memory_command(self, command, argument):
+        if not self.memory:
+            self.tell(MEMORY_OFF_REPLY)
+        elif command == MEMORY_COMMAND:
+            self.tell(render_facts_list(self.facts) if self.facts else NO_FACTS_ANSWER)
+        elif not argument:
+            self.forget("")
+            self.tell(FORGOT_ALL_REPLY)
+        else:
+            removed = self.forget(argument)
+            self.tell(FORGOT_SOME_REPLY + "\n" + render_facts_list(removed) if removed else NOTHING_TO_FORGET_REPLY)
+
     def handle(self, line):
         """Play one user line; False when the user said goodbye."""
         if line.lower() in EXIT_WORDS:
             return False
+        command, _, argument = line.partition(" ")
         if line == RESET_COMMAND:
             self.reset()
             print(BOT_PREFIX + RESET_NOTICE, file=self.out, flush=True)
+        elif line == MEMORY_COMMAND or command == FORGET_COMMAND:
+            self.memory_command(command, argument.strip())
         elif line:
             self.say(line)
         return True
@@ -1963,8 +2054,9 @@ def undecodable(line):
 
 
 def talk(session):
-    print(f"Пишите сообщение. «{EXIT_WORDS[0]}» — закончить, «{RESET_COMMAND}» — начать заново.",
-          file=session.out, flush=True)
+    print(f"Пишите сообщение. «{EXIT_WORDS[0]}» — закончить, «{RESET_COMMAND}» — начать заново, "
+          f"«{MEMORY_COMMAND}» — что я о вас помню, «{FORGET_COMMAND}» — забыть это "
+          f"(«{FORGET_COMMAND} слово» — только то, где есть слово).", file=session.out, flush=True)
     if hasattr(sys.stdin, "reconfigure"):
         # A line that is not UTF-8 (a pipe from a cp1251 file) is told about and skipped, not a traceback.
         sys.stdin.reconfigure(errors="surrogateescape")
@@ -1974,6 +2066,8 @@ def talk(session):
         except (EOFError, KeyboardInterrupt):
             print(file=session.out)
             return
+        except NotImplementedError:  # IPython's answer where no person can type (nbconvert, papermill)
+            raise UserError("this run cannot ask for input; set CHAT_SCRIPT (--script) to a file of lines") from None
         if undecodable(line):
             print(BOT_PREFIX + NOT_UTF8_NOTICE, file=session.out, flush=True)
             continue
@@ -1982,26 +2076,29 @@ def talk(session):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Console chat with a trained model folder.")
+    parser = argparse.ArgumentParser(prog="system_prompt.py", description="Console chat with a trained model folder.")
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="model folder (its newest complete checkpoint-N/ when it has no weights of its own)")
-    parser.add_argument("--device", default=DEFAULT_DEVICE, choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--persona", help="the bot's answer to the persona question (default: chat_config.json)")
-    parser.add_argument("--no-persona", action="store_true", help="no persona exchange in the prompt")
-    parser.add_argument("--max-new-tokens", type=int)
-    parser.add_argument("--temperature", type=float)
-    parser.add_argument("--top-p", type=float)
-    parser.add_argument("--repetition-penalty", type=float, help="must be >= 1.0")
-    parser.add_argument("--context-tokens", type=int,
+    parser.add_argument("--device", default=DEFAULT_DEVICE, choices=DEVICES)
+    parser.add_argument("--persona", default=PERSONA,
+                        help="the bot's answer to the persona question (default: chat_config.json)")
+    parser.add_argument("--no-persona", action="store_true", default=NO_PERSONA,
+                        help="no persona exchange in the prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
+    parser.add_argument("--temperature", type=float, default=TEMPERATURE)
+    parser.add_argument("--top-p", type=float, default=TOP_P)
+    parser.add_argument("--repetition-penalty", type=float, default=REPETITION_PENALTY, help="must be >= 1.0")
+    parser.add_argument("--context-tokens", type=int, default=CONTEXT_TOKENS,
                         help="prompt budget in tokens (default: chat_config.json, what the model was trained with)")
-    parser.add_argument("--max-turns", type=int,
+    parser.add_argument("--max-turns", type=int, default=MAX_TURNS,
                         help="turns of the conversation in the prompt, the new message included (default: "
                              "chat_config.json, what the model was trained with)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    parser.add_argument("--quantize", default=DEFAULT_QUANTIZE, choices=("auto", "int8", "none"),
+    parser.add_argument("--quantize", default=DEFAULT_QUANTIZE, choices=QUANTIZE_CHOICES,
                         help="int8 weights for the linear layers: about 2x faster on a CPU (auto: int8 on a CPU, "
                              "none on a GPU)")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads for the model (default: physical cores)")
+    parser.add_argument("--threads", type=int, default=THREADS,
+                        help="CPU threads for the model (default: physical cores)")
     parser.add_argument("--server", default=SERVER,
                         help="base URL of an OpenAI-compatible inference server that runs the model (transformers "
                              "serve, vLLM), e.g. http://127.0.0.1:8000; --model still gives the tokenizer and the "
@@ -2010,22 +2107,58 @@ def parse_args(argv):
                         help="seconds a reply from the server may take, its wait in the server's queue included")
     parser.add_argument("--no-stream", action="store_true", default=NO_STREAM,
                         help="print a reply once it is complete, not as it is written")
-    parser.add_argument("--script", help="play this file of user lines (UTF-8, one a line) and print the transcript")
-    parser.add_argument("--show-prompt", action="store_true", help="print the prompt given to the model")
+    parser.add_argument("--no-memory", action="store_true", default=NO_MEMORY,
+                        help="no long-term memory: keep nothing of what the user says about themselves "
+                             "(and no facts exchange in the prompt)")
+    parser.add_argument("--script", default=CHAT_SCRIPT,
+                        help="play this file of user lines (UTF-8, one a line) and print the transcript")
+    parser.add_argument("--show-prompt", action="store_true", default=SHOW_PROMPT,
+                        help="print the prompt given to the model")
     return parser.parse_args(argv)
+
+
+def check_args(args):
+    """What argparse leaves unchecked: a `choices` value set in the defaults block (argparse checks
+    only the command line's), and numbers out of range."""
+    for flag, value, choices in (("--device", args.device, DEVICES), ("--quantize", args.quantize, QUANTIZE_CHOICES)):
+        if value not in choices:
+            raise UserError(f"{flag} {value!r}: must be one of {', '.join(choices)}")
+    if args.repetition_penalty is not None and args.repetition_penalty < 1.0:
+        raise UserError(f"--repetition-penalty: {args.repetition_penalty} must be >= 1.0 "
+                        f"(below 1 it rewards repetition)")
+    if args.threads is None:  # THREADS = None, as other settings say "the default"
+        args.threads = 0
+    if args.threads < 0:
+        raise UserError("--threads must be 0 (physical cores) or more")
+    if args.server_timeout is None or not args.server_timeout > 0:
+        raise UserError("--server-timeout must be above 0 seconds")
+
+
+def check_memory(args):
+    """Load the facts tools now, so that a missing package stops the chat before it starts."""
+    if args.no_memory:
+        return
+    try:
+        load_fact_tools()
+    except ImportError as error:
+        raise UserError(f"long-term memory needs yargy and pymorphy3 ({error}); install them "
+                        f"(pip install -r requirements.txt) or turn memory off with --no-memory") from None
+
+
+def memory_notes(args, chat, settings):
+    if args.no_memory or settings["facts_exchange"]:
+        return []
+    return [f"{chat['config_path'] or args.model}: the model was not trained with the facts exchange (no "
+            f"\"facts\": true), so the prompt will not carry what the user says about themselves; "
+            f"{MEMORY_COMMAND} and {FORGET_COMMAND} still work"]
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
+        check_args(args)
         lines = read_script(args.script) if args.script else None
-        if args.repetition_penalty is not None and args.repetition_penalty < 1.0:
-            raise UserError(f"--repetition-penalty: {args.repetition_penalty} must be >= 1.0 "
-                            f"(below 1 it rewards repetition)")
-        if args.threads < 0:
-            raise UserError("--threads must be 0 (physical cores) or more")
-        if not args.server_timeout > 0:
-            raise UserError("--server-timeout must be above 0 seconds")
+        check_memory(args)
         chat = open_model_folder(args.model, args.device, need_weights=not args.server)
         settings = resolve_settings(args, chat)
         if args.server:
@@ -2037,14 +2170,26 @@ def main(argv=None):
         return 1
     for warning in settings["warnings"] + (chat["server"]["notes"] if args.server else []):
         print(f"system_prompt.py: warning: {warning}", file=sys.stderr)
+    for note in memory_notes(args, chat, settings):
+        print(f"system_prompt.py: note: {note}", file=sys.stderr)
     set_seed(args.seed)
-    session = ConsoleChat(chat, settings, show_prompt=args.show_prompt, stream=not args.no_stream)
+    session = ConsoleChat(chat, settings, show_prompt=args.show_prompt, stream=not args.no_stream,
+                          memory=not args.no_memory)
     if lines is None:
-        talk(session)
+        try:
+            talk(session)
+        except UserError as error:
+            print(f"system_prompt.py: error: {error}", file=sys.stderr)
+            return 1
     else:
         play_script(session, lines)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if "__file__" in globals():  # `python <script> ...` or `%run <script> ...`: the flags given there
+        sys.exit(main())
+    # Pasted into a notebook cell, which has no __file__: the settings of the defaults block, never the
+    # kernel's own argv, and no SystemExit, which a notebook shows as an exception (argparse prints why it stops).
+    with contextlib.suppress(SystemExit):
+        main([])

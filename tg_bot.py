@@ -12,6 +12,17 @@ starts afresh. The prompt holds the persona and as many of the latest turns as
 fit in the model's context budget; in groups each turn carries its speaker's
 first name.
 
+It also remembers what each user tells it about themselves (name, city, age, work,
+study, family, pets, likes and dislikes, plans): the facts are found in each message
+(yargy grammars over pymorphy3, the same block as create_dataset.py's), kept per user
+and chat in the same database (in a group, per member, and only for that group), and
+put into every prompt of that user as an exchange after the persona ("Что ты обо мне
+знаешь?"), when the model folder was trained with it (chat_config.json "facts": true).
+They outlive the context window, /reset, idle resets and restarts. /memory shows them,
+/forget deletes them all and /forget <слово> the matching ones, for good: the fact rows,
+and every stored message that holds the forgotten words in any form, are overwritten
+and checkpointed out of the write-ahead log. --no-memory turns it off.
+
 The polling thread only decides and records: the replies and every notice
 (busy, too fast, offline, not allowed) are sent by other threads, so a slow or
 rate-limited send never holds up other chats. A bounded pool of workers handles
@@ -53,8 +64,14 @@ against a self-hosted Bot API server (also what the tests do with a fake one):
     python tg_bot.py --api-url http://127.0.0.1:8081 --model rugpt3_50k
 A systemd unit and an env file for a server are in deploy/ (see deploy/README.md).
 
-Commands in the chat: /start, /help, /reset (in a group, admins only). SIGTERM
-(or Ctrl+C) stops polling, finishes the replies in progress and closes the
+In a notebook (Jupyter, Colab): paste this whole file into one cell, set the
+defaults block below (never the token: set os.environ["TELEGRAM_BOT_TOKEN"] in a cell
+before, in Colab from its secrets: userdata.get(...)), and run the cell; it serves until
+the notebook's Stop button, then stops cleanly and gives the notebook its Ctrl+C back.
+`%run tg_bot.py --flags` and `!python tg_bot.py --flags` take flags as above.
+
+Commands in the chat: /start, /help, /reset (in a group, admins only), /memory,
+/forget [слово]. SIGTERM (or Ctrl+C, or a notebook's Stop button) stops polling, finishes the replies in progress and closes the
 database; messages not yet started wait there for the next start. A token that
 Telegram no longer accepts (401), or another copy of the bot polling with the
 same token (409), ends the bot with one line and exit code 1.
@@ -111,6 +128,22 @@ DEFAULT_MAX_QUEUE = 100         # messages taken and not yet answered, all chats
 DEFAULT_MAX_AGE_MINUTES = 5.0   # an older message (downtime) is not answered
 DEFAULT_OLD_MESSAGES = "note"   # ...but gets one short note per chat ("skip": nothing)
 DEFAULT_SEED = 42
+PERSONA = None                  # the bot's answer to the persona question (None: chat_config.json's)
+NO_PERSONA = False              # True: no persona exchange in the prompt
+MAX_NEW_TOKENS = None           # None: chat_config.json's generation settings, for these five
+TEMPERATURE = None
+TOP_P = None
+REPETITION_PENALTY = None       # must be >= 1.0
+CONTEXT_TOKENS = None           # prompt budget in tokens (None: chat_config.json's)
+MAX_TURNS = None                # turns in the prompt, the new message included (None: chat_config.json's)
+THREADS = 0                     # CPU threads for the model (0: physical cores)
+TOKEN_FILE = None               # file holding the bot token (None: $TELEGRAM_BOT_TOKEN; never the token itself here)
+API_URL = None                  # self-hosted Bot API server (None: $TELEGRAM_API_URL, else Telegram's own)
+ALLOWED_USERS = None            # "id1,id2": only these Telegram users (None: everyone)
+WORKERS = None                  # messages handled at once (None: 2 x DEFAULT_MAX_BATCH)
+NO_MEMORY = False               # True: remember nothing users say about themselves; /memory, /forget say so
+LOG_PROMPTS = False             # True: log every prompt (users' words: for debugging only)
+LOG_LEVEL = "INFO"              # DEBUG, INFO, WARNING or ERROR
 SERVER = None                   # base URL of an OpenAI-compatible inference server; None: the model runs here
 SERVER_TIMEOUT = 60.0           # seconds a reply from the server may take, its wait in the server's queue included
 NO_STREAM = False               # True: a reply is sent once complete, not shown as it is written
@@ -134,7 +167,7 @@ HISTORY_ROWS_LOADED = 2000      # far beyond any context budget; only bounds the
 MAX_SPEAKER_CHARS = 32
 TOKEN_ENV = "TELEGRAM_BOT_TOKEN"
 API_URL_ENV = "TELEGRAM_API_URL"
-COMMANDS = ("start", "help", "reset")
+COMMANDS = ("start", "help", "reset", "memory", "forget")
 ANONYMOUS_ADMIN_ID = 1087968824  # @GroupAnonymousBot: the sender of an anonymous group admin's messages
 
 # What the bot says to people.
@@ -142,6 +175,8 @@ START_TEXT = ("Привет! Я бот-собеседник. Пишите мне
               "/reset — начать разговор заново, /help — подсказка.")
 HELP_TEXT = ("Просто напишите сообщение, и я отвечу. Я помню наш разговор, пока он помещается в мою память, "
              "а после долгой паузы начинаю заново.\n/reset — забыть разговор и начать сначала.")
+COMMAND_DESCRIPTIONS = {"start": "начать", "help": "что я умею", "reset": "забыть разговор и начать заново",
+                        "memory": "что я о тебе помню", "forget": "забыть то, что я о тебе знаю"}
 RESET_TEXT = "Хорошо, начнём с чистого листа. О чём поговорим?"
 ADMINS_ONLY_TEXT = "Забыть разговор в группе могут только её администраторы."
 UNKNOWN_COMMAND_TEXT = "Такой команды я не знаю. Список команд — /help."
@@ -2017,8 +2052,35 @@ def api_url_template(url):
 class Change:
     """One write to the database, kept in memory until it is written."""
 
-    def __init__(self, kind, chat_id=None, rows=(), done=None, offset=None):
+    def __init__(self, kind, chat_id=None, rows=(), done=None, offset=None, user_id=None, holds=None):
         self.kind, self.chat_id, self.rows, self.done, self.offset = kind, chat_id, list(rows), done, offset
+        self.user_id = user_id
+        self.holds = holds  # "forget": holds(text) is True for a message to delete with the facts
+
+
+def exchanges_holding(rows, holds):
+    """The ids of the stored turns, (id, role, text) oldest first, that go with a forgotten
+    word: every turn that holds it, and the other turn of its exchange, so that the
+    history left still alternates question and answer."""
+    doomed = set()
+    for i, (row_id, role, text) in enumerate(rows):
+        if not holds(text):
+            continue
+        doomed.add(row_id)
+        if role == "user" and i + 1 < len(rows) and rows[i + 1][1] == "bot":
+            doomed.add(rows[i + 1][0])
+        elif role == "bot" and i > 0 and rows[i - 1][1] == "user":
+            doomed.add(rows[i - 1][0])
+    return doomed
+
+
+def message_text(raw):
+    """The text (or caption) of a message kept in the inbox as JSON."""
+    try:
+        message = json.loads(raw)
+        return (message.get("text") or message.get("caption") or "") if isinstance(message, dict) else ""
+    except json.JSONDecodeError:
+        return raw
 
 
 def restrict_to_owner(path):
@@ -2029,10 +2091,11 @@ def restrict_to_owner(path):
 
 
 class HistoryStore:
-    """Each chat's turns, and the messages taken and not yet answered (the inbox),
-    in SQLite, readable by its owner only. Deleted rows are overwritten
-    (secure_delete) and a reset is checkpointed out of the write-ahead log, so
-    forgotten words do not linger in the files. A write that fails (a full disk, an
+    """Each chat's turns, the messages taken and not yet answered (the inbox), and
+    what each user said about themselves (user_facts, per chat and user), in SQLite,
+    readable by its owner only. Deleted rows are overwritten (secure_delete) and a
+    reset or a /forget is checkpointed out of the write-ahead log, so forgotten words
+    do not linger in the files. A write that fails (a full disk, an
     I/O error) is kept in memory, where reads see it, and tried again with the next
     write: the bot keeps answering from memory, says so once in the log, and
     catches up when the disk has room again."""
@@ -2061,6 +2124,9 @@ class HistoryStore:
                 self.db.execute("CREATE TABLE IF NOT EXISTS inbox (update_id INTEGER PRIMARY KEY, "
                                 "chat_id INTEGER NOT NULL, message TEXT NOT NULL, taken REAL NOT NULL)")
                 self.db.execute("CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+                self.db.execute("CREATE TABLE IF NOT EXISTS user_facts (chat_id INTEGER NOT NULL, "
+                                "user_id INTEGER NOT NULL, position INTEGER NOT NULL, kind TEXT NOT NULL, "
+                                "value TEXT NOT NULL, PRIMARY KEY (chat_id, user_id, position))")
                 self.db.commit()
             finally:
                 os.umask(previous)
@@ -2075,6 +2141,22 @@ class HistoryStore:
                                 [(change.chat_id,) + row for row in change.rows])
         elif change.kind == "clear":
             self.db.execute("DELETE FROM messages WHERE chat_id = ?", (change.chat_id,))
+        elif change.kind in ("facts", "forget"):
+            self.db.execute("DELETE FROM user_facts WHERE chat_id = ? AND user_id = ?", (change.chat_id, change.user_id))
+            self.db.executemany("INSERT INTO user_facts (chat_id, user_id, position, kind, value) VALUES (?, ?, ?, ?, ?)",
+                                [(change.chat_id, change.user_id, position, kind, value)
+                                 for position, (kind, value) in enumerate(change.rows)])
+            if change.kind == "forget" and change.holds is not None:
+                rows = self.db.execute("SELECT id, role, text FROM messages WHERE chat_id = ? ORDER BY id",
+                                       (change.chat_id,)).fetchall()
+                self.db.executemany("DELETE FROM messages WHERE id = ?",
+                                    [(row_id,) for row_id in sorted(exchanges_holding(rows, change.holds))])
+                inbox = self.db.execute("SELECT update_id, message FROM inbox WHERE chat_id = ?",
+                                        (change.chat_id,)).fetchall()
+                self.db.executemany("DELETE FROM inbox WHERE update_id = ?",
+                                    [(update_id,) for update_id, raw in inbox
+                                     if (change.done is None or update_id < change.done)
+                                     and change.holds(message_text(raw))])
         elif change.kind == "take":
             self.db.executemany("INSERT OR REPLACE INTO inbox (update_id, chat_id, message, taken) VALUES (?, ?, ?, ?)",
                                 change.rows)
@@ -2101,7 +2183,7 @@ class HistoryStore:
                     log.error("history database %s: cannot write (%s); answering from memory, and saving "
                               "what is kept there once it can", self.path, error)
                 return False
-            cleared = any(waiting.kind == "clear" for waiting in self.backlog)
+            cleared = any(waiting.kind in ("clear", "forget") for waiting in self.backlog)
             if self.fault is not None:
                 log.warning("history database %s: writable again; %d changes kept in memory are saved",
                             self.path, len(self.backlog))
@@ -2117,7 +2199,7 @@ class HistoryStore:
         try:
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as error:
-            log.warning("history database %s: checkpoint after a reset failed (%s)", self.path, error)
+            log.warning("history database %s: checkpoint after a reset or /forget failed (%s)", self.path, error)
 
     def take(self, rows, offset):
         """Messages taken from Telegram, (update id, chat id, message JSON) each, and the
@@ -2137,6 +2219,16 @@ class HistoryStore:
         """The message is answered (or deliberately not): the next start leaves it alone."""
         return self._write(Change("done", done=update_id))
 
+    def set_user_facts(self, chat_id, user_id, facts):
+        """What the user has said about themselves in this chat, (kind, value) pairs oldest first."""
+        return self._write(Change("facts", chat_id, facts, user_id=user_id))
+
+    def forget(self, chat_id, user_id, kept, holds=None, done=None):
+        """Keep only `kept` of the user's facts in this chat, and delete for good every stored
+        message of the chat (both sides of its exchange, the inbox too) for which holds(text)
+        is True; `done` is the /forget's own update, whose inbox row goes in the same write."""
+        return self._write(Change("forget", chat_id, kept, done=done, user_id=user_id, holds=holds))
+
     # --- reading: the database, then what is still in memory
     def _read(self, sql, parameters):
         try:
@@ -2153,15 +2245,19 @@ class HistoryStore:
         with self.lock:
             cleared = any(change.kind == "clear" and change.chat_id == chat_id for change in self.backlog)
             rows = [] if cleared else self._read(
-                "SELECT speaker, text, created FROM messages WHERE chat_id = ? ORDER BY id DESC LIMIT ?",
+                "SELECT id, role, speaker, text, created FROM messages WHERE chat_id = ? ORDER BY id DESC LIMIT ?",
                 (chat_id, HISTORY_ROWS_LOADED))[::-1]
             for change in self.backlog:
                 if change.chat_id == chat_id and change.kind == "clear":
                     rows = []
                 elif change.chat_id == chat_id and change.kind == "exchange":
-                    rows += [(speaker, text, created) for _, text, created, speaker in change.rows]
-        last = rows[-1][2] if rows else None
-        turns = [(speaker, text) for speaker, text, _ in rows]
+                    rows += [(None, role, speaker, text, created) for role, text, created, speaker in change.rows]
+                elif change.chat_id == chat_id and change.kind == "forget" and change.holds is not None:
+                    numbered = [(i, role, text) for i, (_, role, _, text, _) in enumerate(rows)]
+                    doomed = exchanges_holding(numbered, change.holds)
+                    rows = [row for i, row in enumerate(rows) if i not in doomed]
+        last = rows[-1][4] if rows else None
+        turns = [(speaker, text) for _, _, speaker, text, _ in rows]
         return (turns[1:] if len(turns) % 2 else turns), last
 
     def turns(self, chat_id):
@@ -2179,6 +2275,22 @@ class HistoryStore:
                             if change.kind == "take")
                 rows.pop(change.done, None)
         return sorted(rows.items())
+
+    def user_facts(self, chat_id, user_id):
+        """The user's facts in this chat, (kind, value) pairs oldest first; None when the
+        database cannot be read (so that nothing is merged into, and written over, an empty list)."""
+        with self.lock:
+            try:
+                facts = [tuple(row) for row in self.db.execute(
+                    "SELECT kind, value FROM user_facts WHERE chat_id = ? AND user_id = ? ORDER BY position",
+                    (chat_id, user_id))]
+            except sqlite3.Error as error:
+                log.error("history database %s: cannot read a user's facts (%s)", self.path, error)
+                facts = None
+            for change in self.backlog:
+                if change.kind in ("facts", "forget") and (change.chat_id, change.user_id) == (chat_id, user_id):
+                    facts = list(change.rows)
+        return facts
 
     def saved_offset(self):
         with self.lock:
@@ -2749,6 +2861,44 @@ def speaker_name(user):
     return name or "Участник"
 
 
+def speaker_id(message):
+    """Whose facts a message adds to: its sender (an anonymous group admin or a channel
+    speaking in a group: that chat)."""
+    user = message.from_user
+    if message.sender_chat is not None or user is None or user.id == ANONYMOUS_ADMIN_ID:
+        return (message.sender_chat or message.chat).id
+    return user.id
+
+
+def content_words(value, parse):
+    """The words of a fact's value that a forgotten fact takes with it from stored messages:
+    not prepositions, conjunctions, particles or pronouns ("поехать в Сочи" takes поехать
+    and Сочи, not every message with "в")."""
+    words = [word for word in re.split(r"[^\w]+", fold(value)) if word]
+    function_words = {"PREP", "CONJ", "PRCL", "INTJ", "NPRO"}
+    return [word for word in words
+            if word.isdigit() or (len(word) > 1 and not all(p.tag.POS in function_words for p in parse(word)))]
+
+
+def any_form_matcher(words, parse):
+    """holds(text): True when text has one of `words` in any form ("Казани", "казанью" for
+    Казань): a word whose normal forms meet theirs, or one of their inflected forms."""
+    lemmas, forms = set(), set()
+    for word in words:
+        lemmas |= {word} | {fold(p.normal_form) for p in parse(word)}
+        forms |= {word} | {fold(form.word) for p in parse(word)[:3] for form in p.lexeme}
+    if not lemmas:
+        return None
+
+    def holds(text):
+        for word in re.findall(r"\w+", fold(text)):
+            if word in forms or word in lemmas or any(fold(p.normal_form) in lemmas for p in parse(word)):
+                return True
+        return False
+
+    return holds
+
+
 class Taken:
     """A message the bot took: its update id, and whether the inbox holds it on disk."""
 
@@ -2784,6 +2934,10 @@ class ChatBot:
         self.local = threading.local()
         self.tokenizers = TokenizerPool(chat["tokenizer"], TOKENIZER_COPIES)
         self.told_unsaved = {}   # chat id -> the spell of database trouble it was told about
+        self.memory = not args.no_memory
+        # One user's read-merge-write at a time (a user writes in several chats, the workers
+        # run chats in parallel), and the grammars are not known to be safe in threads.
+        self.facts_lock = threading.Lock()
 
     # --- on the polling thread: decide quickly, record, leave the work (and any wait) to others
     def take_updates(self, updates):
@@ -2958,7 +3112,7 @@ class ChatBot:
         if command == "start":
             self.send(message, START_TEXT)
         elif command == "help":
-            self.send(message, HELP_TEXT)
+            self.send(message, HELP_TEXT + ("\n" + MEMORY_HELP if self.memory else ""))
         elif command == "reset":
             if in_group(message) and not self.is_group_admin(message):
                 log.info("chat %s: /reset by user %s refused: not an admin", chat_id,
@@ -2970,12 +3124,78 @@ class ChatBot:
             log.info("chat %s: history reset", chat_id)
             self.send(message, RESET_TEXT)
             self.tell_if_unsaved(message, saved)
+        elif command == "memory":
+            self.show_memory(item)
+        elif command == "forget":
+            self.forget(item, util.extract_arguments(text) or "")
         elif command is not None:
             self.send(message, UNKNOWN_COMMAND_TEXT)  # groups never get here (triage)
         elif not text:
             self.send(message, EMPTY_TEXT)
         else:
             self.answer(item, text)
+
+    # --- long-term memory: what each user said about themselves, per chat
+    def remember(self, message, text):
+        """Merge the facts the user states in `text` into what is kept of them in this chat
+        (the message's own facts count for its answer, as in training); the facts for the prompt."""
+        if not self.memory:
+            return ()
+        chat_id, user_id = message.chat.id, speaker_id(message)
+        with self.facts_lock:
+            new = extract_user_facts(text)
+            stored = self.store.user_facts(chat_id, user_id)
+            if stored is None:  # unreadable: answer with what this message says, write nothing over the rest
+                return merge_user_facts([], new)
+            merged = merge_user_facts(stored, new) if new else stored
+            if merged != stored:
+                self.store.set_user_facts(chat_id, user_id, merged)
+                log.info("chat %s: user %s: %d facts kept (%d new in this message)", chat_id, user_id, len(merged),
+                         len(new))
+        return merged
+
+    def show_memory(self, item):
+        message = item.message
+        if not self.memory:
+            self.send(message, MEMORY_OFF_REPLY)
+            return
+        with self.facts_lock:
+            facts = self.store.user_facts(message.chat.id, speaker_id(message)) or []
+        self.send(message, render_facts_list(facts) if facts else NO_FACTS_ANSWER)
+
+    def forget(self, item, argument):
+        """/forget: all the user's facts in this chat; /forget <слово>: the ones that hold the
+        word in any form. The stored messages holding the forgotten words (and the word asked
+        about) go too, both sides of their exchanges, and the command's own text."""
+        message, chat_id, user_id = item.message, item.chat_id, speaker_id(item.message)
+        if not self.memory:
+            self.send(message, MEMORY_OFF_REPLY)
+            return
+        words = argument.split()
+        with self.facts_lock:
+            facts = self.store.user_facts(chat_id, user_id) or []
+            kept, removed = facts, []
+            if words:
+                for word in words:
+                    kept, gone = forget_user_facts(kept, word)
+                    removed += gone
+            else:
+                kept, removed = [], facts
+            parse = load_fact_tools()["parse"]
+            labels = {word for label in FACT_LABELS.values() for word in fold(label).split()}
+            doomed = [word for value in [value for _, value in removed] + [w for w in words if fold(w) not in labels]
+                      for word in content_words(value, parse)]
+            saved = self.store.forget(chat_id, user_id, kept, any_form_matcher(doomed, parse), done=item.update_id)
+        self.local.recorded = True
+        log.info("chat %s: user %s: /forget%s: %d facts forgotten, %d kept", chat_id, user_id,
+                 " <word>" if words else "", len(removed), len(kept))
+        if not words:
+            self.send(message, FORGOT_ALL_REPLY)
+        elif removed:
+            self.send(message, FORGOT_SOME_REPLY + "\n" + render_facts_list(removed))
+        else:
+            self.send(message, NOTHING_TO_FORGET_REPLY)
+        self.tell_if_unsaved(message, saved)
 
     def is_group_admin(self, message):
         """Whether the sender may change the group's bot: its creator or an administrator
@@ -3003,10 +3223,11 @@ class ChatBot:
             self.store.clear(chat_id)
             log.info("chat %s: idle for %.0f min, starting afresh", chat_id, (time.time() - last) / 60)
             history = []
+        facts = self.remember(message, text)
         # In a group, whose words a turn holds: one member's words are not another's.
         turns = [f"{who}: {said}" if who else said for who, said in history + [(speaker, text)]]
         with self.tokenizers.borrow() as tokenizer:
-            prompt = chat_prompt_ids(turns, self.settings, tokenizer)
+            prompt = chat_prompt_ids(turns, self.settings, tokenizer, facts)
             prompt_text = tokenizer.decode(prompt)  # what a server is sent
         if self.log_prompts:
             log.info("prompt chat=%s: %s", chat_id, json.dumps(prompt_text, ensure_ascii=False))
@@ -3218,32 +3439,32 @@ def environment_argv(parser, environ):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="Telegram bot that talks with a trained model folder. Every flag "
+    parser = argparse.ArgumentParser(prog="tg_bot.py", description="Telegram bot that talks with a trained model folder. Every flag "
                                                  f"can also be set as {ENV_PREFIX}<FLAG> in the environment "
                                                  f"(--max-batch: {ENV_PREFIX}MAX_BATCH); the command line wins.")
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="model folder (its newest complete checkpoint-N/ when it has no weights of its own)")
     parser.add_argument("--device", default=DEFAULT_DEVICE, choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--persona", help="the bot's answer to the persona question (default: chat_config.json)")
-    parser.add_argument("--no-persona", action="store_true", help="no persona exchange in the prompt")
-    parser.add_argument("--max-new-tokens", type=int)
-    parser.add_argument("--temperature", type=float)
-    parser.add_argument("--top-p", type=float)
-    parser.add_argument("--repetition-penalty", type=float, help="must be >= 1.0")
-    parser.add_argument("--context-tokens", type=int,
+    parser.add_argument("--persona", default=PERSONA, help="the bot's answer to the persona question (default: chat_config.json)")
+    parser.add_argument("--no-persona", action="store_true", default=NO_PERSONA, help="no persona exchange in the prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
+    parser.add_argument("--temperature", type=float, default=TEMPERATURE)
+    parser.add_argument("--top-p", type=float, default=TOP_P)
+    parser.add_argument("--repetition-penalty", type=float, default=REPETITION_PENALTY, help="must be >= 1.0")
+    parser.add_argument("--context-tokens", type=int, default=CONTEXT_TOKENS,
                         help="prompt budget in tokens (default: chat_config.json, what the model was trained with)")
-    parser.add_argument("--max-turns", type=int,
+    parser.add_argument("--max-turns", type=int, default=MAX_TURNS,
                         help="turns of the conversation in the prompt, the new message included (default: "
                              "chat_config.json, what the model was trained with)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    parser.add_argument("--token-file", help=f"file holding the bot token (default: ${TOKEN_ENV})")
-    parser.add_argument("--api-url", default=os.environ.get(API_URL_ENV),
+    parser.add_argument("--token-file", default=TOKEN_FILE, help=f"file holding the bot token (default: ${TOKEN_ENV})")
+    parser.add_argument("--api-url", default=API_URL or os.environ.get(API_URL_ENV),
                         help=f"self-hosted Bot API server, e.g. http://127.0.0.1:8081 (default: ${API_URL_ENV}, "
                              f"else Telegram's own)")
     parser.add_argument("--db", default=DEFAULT_DB, help="SQLite file of the chats' history (created 0600)")
     parser.add_argument("--idle-minutes", type=float, default=DEFAULT_IDLE_MINUTES,
                         help="a chat silent this long starts afresh (0: never)")
-    parser.add_argument("--allowed-users",
+    parser.add_argument("--allowed-users", default=ALLOWED_USERS,
                         help="comma-separated Telegram user ids; others are refused (default: all; an empty list "
                              "is an error)")
     parser.add_argument("--rate-limit", type=int, default=DEFAULT_RATE_LIMIT,
@@ -3267,8 +3488,8 @@ def build_parser():
     parser.add_argument("--quantize", default=DEFAULT_QUANTIZE, choices=("auto", "int8", "none"),
                         help="int8 weights for the linear layers: about 2x faster on a CPU (auto: int8 on a CPU, "
                              "none on a GPU)")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads for the model (default: physical cores)")
-    parser.add_argument("--workers", type=int,
+    parser.add_argument("--threads", type=int, default=THREADS, help="CPU threads for the model (default: physical cores)")
+    parser.add_argument("--workers", type=int, default=WORKERS,
                         help="messages handled at once; each waits while the model writes its reply "
                              "(default: 2 x --max-batch, so the next batch is ready when the model frees)")
     parser.add_argument("--server", default=SERVER,
@@ -3283,9 +3504,12 @@ def build_parser():
     parser.add_argument("--max-input-chars", type=int, default=DEFAULT_MAX_INPUT_CHARS,
                         help="a longer message keeps its last this many characters")
     parser.add_argument("--poll-seconds", type=int, default=DEFAULT_POLL_SECONDS, help="getUpdates long-poll time")
-    parser.add_argument("--log-prompts", action="store_true",
+    parser.add_argument("--no-memory", action="store_true", default=NO_MEMORY,
+                        help="remember nothing users say about themselves (name, city...); /memory and /forget "
+                             "then say that memory is off")
+    parser.add_argument("--log-prompts", action="store_true", default=LOG_PROMPTS,
                         help="log every prompt given to the model (holds users' words: for debugging only)")
-    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    parser.add_argument("--log-level", default=LOG_LEVEL, choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return parser
 
 
@@ -3295,7 +3519,17 @@ def parse_args(argv, environ=None):
     return parser.parse_args(environment_argv(parser, environ) + list(sys.argv[1:] if argv is None else argv))
 
 
+def check_choices(parser, args):
+    """argparse checks `choices` only for values given as flags; a wrong value in the defaults
+    block (a notebook cell) or a setting read back from elsewhere is caught here."""
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if action.choices is not None and value not in action.choices:
+            raise UserError(f"{action.option_strings[0]} {value!r}: must be one of {', '.join(action.choices)}")
+
+
 def check_args(args):
+    check_choices(build_parser(), args)
     if args.repetition_penalty is not None and args.repetition_penalty < 1.0:
         raise UserError(f"--repetition-penalty: {args.repetition_penalty} must be >= 1.0 "
                         f"(below 1 it rewards repetition)")
@@ -3326,10 +3560,30 @@ def check_args(args):
     args.allowed_users = parse_user_ids(args.allowed_users)
 
 
+def check_memory(args):
+    """With memory on, the packages it needs are there, or one line says how to do without."""
+    if args.no_memory:
+        return
+    try:
+        load_fact_tools()
+    except ImportError as error:
+        raise UserError(f"long-term memory needs yargy and pymorphy3 ({error}); install them "
+                        "(pip install -r requirements.txt) or pass --no-memory") from None
+
+
+def register_commands(bot, memory):
+    """The command list Telegram shows when a user types "/" (setMyCommands); nice to have, so never fatal."""
+    names = [name for name in COMMANDS if memory or name not in ("memory", "forget")]
+    try:
+        bot.set_my_commands([types.BotCommand(name, COMMAND_DESCRIPTIONS[name]) for name in names])
+    except Exception as error:
+        log.warning("cannot register the command list (setMyCommands): %s", error)
+
+
 def connect(token, api_url):
     """The telebot client and the bot's own user (for mentions in groups)."""
-    if api_url:
-        apihelper.API_URL = api_url_template(api_url)
+    # Set either way: a notebook kernel keeps the module (and an earlier cell's server) between runs.
+    apihelper.API_URL = api_url_template(api_url) if api_url else None
     where = (apihelper.API_URL or "https://api.telegram.org/bot{0}/{1}").format("<token>", "getMe")
     bot = telebot.TeleBot(token, threaded=False, parse_mode=None)
     try:
@@ -3347,6 +3601,10 @@ def run(args, token):
     settings = resolve_settings(args, chat)
     for warning in settings["warnings"]:
         log.warning("%s", warning)
+    if not args.no_memory and not settings["facts_exchange"]:
+        log.warning("memory: %s was not trained with the facts exchange (its chat_config.json has no \"facts\": "
+                    "true), so the prompt will not carry what users said about themselves; /memory and /forget work",
+                    chat["weights"])
     server = None
     if args.server:
         server = open_server(args.server, chat["tokenizer"], args.server_timeout, settings["generation"])
@@ -3389,6 +3647,9 @@ def run(args, token):
                  "prompt budget %d tokens, replies %s, history in %s", me.username, server["url"],
                  server["model"] or "not known yet", chat["weights"], settings["budget"], streaming, args.db)
     log.info("access: %s", describe_access(args.allowed_users))
+    log.info("memory: %s", "off (--no-memory)" if args.no_memory else
+             f"what users say about themselves is kept in {args.db} (/memory, /forget)")
+    register_commands(bot, not args.no_memory)
     try:
         serve(bot, chat_bot, stopping, args.poll_seconds)
     finally:
@@ -3398,18 +3659,44 @@ def run(args, token):
     return 0
 
 
-def main(argv=None):
-    token = None
+@contextlib.contextmanager
+def process_hooks_restored():
+    """Give back the signal handlers, exception hooks and root log handlers the bot replaces: a notebook
+    kernel lives on after the cell, and its Stop button (SIGINT) must interrupt the next cell again."""
+    root = logging.getLogger()
+    saved = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), sys.excepthook,
+             threading.excepthook, root.handlers[:], root.level)
     try:
-        args = parse_args(argv)
-        check_args(args)
-        token = read_token(args.token_file)
-        setup_logging(args.log_level, token)
-        return run(args, token)
-    except UserError as error:
-        print("tg_bot.py: error: " + redact(str(error), [token] if token else []), file=sys.stderr)
-        return 1
+        yield
+    finally:
+        signal.signal(signal.SIGINT, saved[0])
+        signal.signal(signal.SIGTERM, saved[1])
+        sys.excepthook, threading.excepthook = saved[2], saved[3]
+        root.handlers[:], root.level = saved[4], saved[5]
+
+
+def main(argv=None):
+    with process_hooks_restored():
+        token = None
+        try:
+            args = parse_args(argv)
+            check_args(args)
+            check_memory(args)
+            token = read_token(args.token_file)
+            setup_logging(args.log_level, token)
+            return run(args, token)
+        except UserError as error:
+            print("tg_bot.py: error: " + redact(str(error), [token] if token else []), file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:  # Ctrl+C or a notebook's Stop button before the bot took over SIGINT
+            print("tg_bot.py: stopped before the bot was up", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if "__file__" in globals():  # `python <script> ...` or `%run <script> ...`: the flags given there
+        sys.exit(main())
+    # Pasted into a notebook cell, which has no __file__: the settings of the defaults block, never the
+    # kernel's own argv, and no SystemExit, which a notebook shows as an exception (argparse prints why it stops).
+    with contextlib.suppress(SystemExit):
+        main([])

@@ -210,7 +210,7 @@ def say(live, chat_id, text, count, **kwargs):
 
 def test_start_and_help(live):
     assert say(live, 101, "/start", 1) == tg_bot.START_TEXT
-    assert say(live, 101, "/help", 2) == tg_bot.HELP_TEXT
+    assert say(live, 101, "/help", 2) == tg_bot.HELP_TEXT + "\n" + tg_bot.MEMORY_HELP
     assert live.prompts(101) == []  # commands never reach the model
 
 

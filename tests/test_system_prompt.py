@@ -300,3 +300,56 @@ def test_bad_input_is_one_line_and_exit_1(case, model_dir, tmp_path, capsys):
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("system_prompt.py: error: ")
     assert "Бот: " not in captured.out
+
+
+# --- pasted into a notebook cell (issue 10): the defaults block is the only way to set things
+FLAG_CONSTANTS = {"model": "DEFAULT_MODEL", "device": "DEFAULT_DEVICE", "persona": "PERSONA",
+                  "no_persona": "NO_PERSONA", "max_new_tokens": "MAX_NEW_TOKENS", "temperature": "TEMPERATURE",
+                  "top_p": "TOP_P", "repetition_penalty": "REPETITION_PENALTY", "context_tokens": "CONTEXT_TOKENS",
+                  "max_turns": "MAX_TURNS", "seed": "DEFAULT_SEED", "quantize": "DEFAULT_QUANTIZE",
+                  "threads": "THREADS", "server": "SERVER", "server_timeout": "SERVER_TIMEOUT",
+                  "no_stream": "NO_STREAM", "no_memory": "NO_MEMORY", "script": "CHAT_SCRIPT",
+                  "show_prompt": "SHOW_PROMPT"}
+
+
+def test_every_flag_takes_its_default_from_the_defaults_block(monkeypatch):
+    assert set(vars(sp.parse_args([]))) == set(FLAG_CONSTANTS)  # a new flag needs its constant here too
+    for dest, constant in FLAG_CONSTANTS.items():
+        monkeypatch.setattr(sp, constant, ("set in the block", constant))  # not a str: argparse converts those
+    args = vars(sp.parse_args([]))
+    assert args == {dest: ("set in the block", constant) for dest, constant in FLAG_CONSTANTS.items()}
+
+
+@pytest.mark.parametrize("constant, value, flag", [("DEFAULT_DEVICE", "tpu", "--device 'tpu'"),
+                                                   ("DEFAULT_QUANTIZE", "int4", "--quantize 'int4'")])
+def test_a_choice_set_in_the_block_is_checked(constant, value, flag, model_dir, tmp_path, capsys, monkeypatch):
+    script = tmp_path / "chat.txt"
+    script.write_text("Привет\n", encoding="utf-8")
+    monkeypatch.setattr(sp, constant, value)  # argparse checks `choices` only for what the command line gives
+    capsys.readouterr()
+    assert sp.main(["--model", str(model_dir), "--script", str(script)]) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"system_prompt.py: error: {flag}: must be one of "), lines
+    assert "Бот: " not in captured.out
+
+
+def test_where_nobody_can_type_the_error_names_chat_script(model_dir, capsys, monkeypatch):
+    def no_stdin(prompt=""):
+        raise NotImplementedError("raw_input was called, but this frontend does not support input requests.")
+
+    monkeypatch.setattr("builtins.input", no_stdin)  # what IPython's input() does under nbconvert or papermill
+    capsys.readouterr()
+    assert sp.main(["--model", str(model_dir), "--max-new-tokens", "2"]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error" in line]  # the model's loading bar goes there too
+    assert len(lines) == 1 and lines[0].startswith("system_prompt.py: error: ") and "CHAT_SCRIPT" in lines[0]
+    assert "Traceback" not in err
+
+
+def test_the_program_is_named_whatever_argv_says(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["/usr/lib/python3/site-packages/ipykernel_launcher.py", "-f", "k.json"])
+    with pytest.raises(SystemExit):
+        sp.parse_args(["--device", "tpu"])
+    err = capsys.readouterr().err
+    assert "system_prompt.py: error:" in err and "ipykernel_launcher" not in err

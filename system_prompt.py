@@ -1932,18 +1932,19 @@ def value_words(text):
     return [word for word in re.split(r"[^\w]+", fold(text)) if word]
 
 
-def holds_fact(turn, fact):
-    """Whether a turn of the conversation states or repeats a fact: the facts block finds it there,
-    or every word of its value is in the turn in some form ("Казань" in "я из Казани")."""
-    kind, value = fact
-    if any(k == kind and fold(v) == fold(value) for k, v in extract_user_facts(turn)):
-        return True
+def holds_any_fact(turn, facts):
+    """Whether a turn of the conversation states or repeats one of the facts: the facts block finds it
+    there, or every word of its value is in the turn in some form ("Казань" in "я из Казани")."""
+    stated = {(kind, fold(value)) for kind, value in extract_user_facts(turn)}
     parse = load_fact_tools()["parse"]
     said = set(value_words(turn))
     said_lemmas = {fold(p.normal_form) for word in said for p in parse(word)}
-    wanted = value_words(value)
-    return bool(wanted) and all(word in said or {fold(p.normal_form) for p in parse(word)} & said_lemmas
-                                for word in wanted)
+    for kind, value in facts:
+        wanted = value_words(value)
+        if (kind, fold(value)) in stated or wanted and all(
+                word in said or {fold(p.normal_form) for p in parse(word)} & said_lemmas for word in wanted):
+            return True
+    return False
 
 
 class ConsoleChat:
@@ -1979,7 +1980,7 @@ class ConsoleChat:
             kept = []
             for start in range(0, len(self.history), 2):
                 exchange = self.history[start:start + 2]
-                if not any(holds_fact(turn, fact) for turn in exchange for fact in removed):
+                if not any(holds_any_fact(turn, removed) for turn in exchange):
                     kept += exchange
             self.history = kept
         return removed
@@ -2034,7 +2035,7 @@ class ConsoleChat:
         if line == RESET_COMMAND:
             self.reset()
             print(BOT_PREFIX + RESET_NOTICE, file=self.out, flush=True)
-        elif line == MEMORY_COMMAND or command == FORGET_COMMAND:
+        elif command in (MEMORY_COMMAND, FORGET_COMMAND):
             self.memory_command(command, argument.strip())
         elif line:
             self.say(line)

@@ -57,6 +57,8 @@ one reply at a time, plain fp32 weights (what the kit did before batching):
     python tg_bot.py --model rugpt3_50k --max-batch 1 --quantize none
 on a GPU:
     python tg_bot.py --model rugpt3_medium_CLEAN_model --device cuda --max-batch 16
+without long-term memory (nothing users say about themselves is kept; no yargy/pymorphy3 needed):
+    python tg_bot.py --model rugpt3_50k --no-memory
 with the model in an inference server (the folder gives the tokenizer and chat settings):
     vllm serve rugpt3_medium_CLEAN_model --port 8000 --generation-config vllm &
     python tg_bot.py --model rugpt3_medium_CLEAN_model --server http://127.0.0.1:8000
@@ -71,10 +73,11 @@ the notebook's Stop button, then stops cleanly and gives the notebook its Ctrl+C
 `%run tg_bot.py --flags` and `!python tg_bot.py --flags` take flags as above.
 
 Commands in the chat: /start, /help, /reset (in a group, admins only), /memory,
-/forget [слово]. SIGTERM (or Ctrl+C, or a notebook's Stop button) stops polling, finishes the replies in progress and closes the
-database; messages not yet started wait there for the next start. A token that
-Telegram no longer accepts (401), or another copy of the bot polling with the
-same token (409), ends the bot with one line and exit code 1.
+/forget [слово]. SIGTERM (or Ctrl+C, or a notebook's Stop button) stops polling,
+finishes the replies in progress and closes the database; messages not yet started
+wait there for the next start. A token that Telegram no longer accepts (401), or
+another copy of the bot polling with the same token (409), ends the bot with one
+line and exit code 1.
 """
 import argparse
 import contextlib
@@ -2142,8 +2145,10 @@ class HistoryStore:
         elif change.kind == "clear":
             self.db.execute("DELETE FROM messages WHERE chat_id = ?", (change.chat_id,))
         elif change.kind in ("facts", "forget"):
-            self.db.execute("DELETE FROM user_facts WHERE chat_id = ? AND user_id = ?", (change.chat_id, change.user_id))
-            self.db.executemany("INSERT INTO user_facts (chat_id, user_id, position, kind, value) VALUES (?, ?, ?, ?, ?)",
+            self.db.execute("DELETE FROM user_facts WHERE chat_id = ? AND user_id = ?",
+                            (change.chat_id, change.user_id))
+            self.db.executemany("INSERT INTO user_facts (chat_id, user_id, position, kind, value) "
+                                "VALUES (?, ?, ?, ?, ?)",
                                 [(change.chat_id, change.user_id, position, kind, value)
                                  for position, (kind, value) in enumerate(change.rows)])
             if change.kind == "forget" and change.holds is not None:
@@ -3439,14 +3444,18 @@ def environment_argv(parser, environ):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="tg_bot.py", description="Telegram bot that talks with a trained model folder. Every flag "
+    # prog: pasted into a notebook cell, sys.argv[0] is the kernel's launcher, which names no script.
+    parser = argparse.ArgumentParser(prog="tg_bot.py",
+                                     description="Telegram bot that talks with a trained model folder. Every flag "
                                                  f"can also be set as {ENV_PREFIX}<FLAG> in the environment "
                                                  f"(--max-batch: {ENV_PREFIX}MAX_BATCH); the command line wins.")
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="model folder (its newest complete checkpoint-N/ when it has no weights of its own)")
     parser.add_argument("--device", default=DEFAULT_DEVICE, choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--persona", default=PERSONA, help="the bot's answer to the persona question (default: chat_config.json)")
-    parser.add_argument("--no-persona", action="store_true", default=NO_PERSONA, help="no persona exchange in the prompt")
+    parser.add_argument("--persona", default=PERSONA,
+                        help="the bot's answer to the persona question (default: chat_config.json)")
+    parser.add_argument("--no-persona", action="store_true", default=NO_PERSONA,
+                        help="no persona exchange in the prompt")
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     parser.add_argument("--temperature", type=float, default=TEMPERATURE)
     parser.add_argument("--top-p", type=float, default=TOP_P)
@@ -3488,7 +3497,8 @@ def build_parser():
     parser.add_argument("--quantize", default=DEFAULT_QUANTIZE, choices=("auto", "int8", "none"),
                         help="int8 weights for the linear layers: about 2x faster on a CPU (auto: int8 on a CPU, "
                              "none on a GPU)")
-    parser.add_argument("--threads", type=int, default=THREADS, help="CPU threads for the model (default: physical cores)")
+    parser.add_argument("--threads", type=int, default=THREADS,
+                        help="CPU threads for the model (default: physical cores)")
     parser.add_argument("--workers", type=int, default=WORKERS,
                         help="messages handled at once; each waits while the model writes its reply "
                              "(default: 2 x --max-batch, so the next batch is ready when the model frees)")

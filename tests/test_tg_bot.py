@@ -49,6 +49,49 @@ def test_bad_server_settings_are_one_line_before_anything_starts(monkeypatch, ca
     assert "localhost:8000" in err[0] and "--server-timeout" in err[1]
 
 
+BLOCK_SETTINGS = [  # (defaults-block name, flag's dest, a value other than the default): what a notebook cell sets
+    ("DEFAULT_MODEL", "model", "my_model"), ("DEFAULT_DEVICE", "device", "cpu"), ("PERSONA", "persona", "Я бот."),
+    ("NO_PERSONA", "no_persona", True), ("MAX_NEW_TOKENS", "max_new_tokens", 8), ("TEMPERATURE", "temperature", 0.5),
+    ("TOP_P", "top_p", 0.5), ("REPETITION_PENALTY", "repetition_penalty", 1.3),
+    ("CONTEXT_TOKENS", "context_tokens", 99),
+    ("MAX_TURNS", "max_turns", 3), ("DEFAULT_SEED", "seed", 7), ("TOKEN_FILE", "token_file", "/tmp/t"),
+    ("API_URL", "api_url", "http://127.0.0.1:1"), ("DEFAULT_DB", "db", "x.sqlite3"),
+    ("DEFAULT_IDLE_MINUTES", "idle_minutes", 5.0), ("ALLOWED_USERS", "allowed_users", "1,2"),
+    ("DEFAULT_RATE_LIMIT", "rate_limit", 3), ("DEFAULT_MAX_QUEUE", "max_queue", 4),
+    ("DEFAULT_MAX_AGE_MINUTES", "max_age_minutes", 1.0), ("DEFAULT_OLD_MESSAGES", "old_messages", "skip"),
+    ("DEFAULT_MAX_BATCH", "max_batch", 2), ("DEFAULT_MAX_BATCH_TOKENS", "max_batch_tokens", 100),
+    ("DEFAULT_BATCH_WAIT_MS", "batch_wait_ms", 5.0), ("DEFAULT_QUANTIZE", "quantize", "none"),
+    ("THREADS", "threads", 1), ("WORKERS", "workers", 2), ("SERVER", "server", "http://127.0.0.1:2"),
+    ("SERVER_TIMEOUT", "server_timeout", 9.0), ("NO_STREAM", "no_stream", True),
+    ("DEFAULT_MAX_INPUT_CHARS", "max_input_chars", 50), ("DEFAULT_POLL_SECONDS", "poll_seconds", 2),
+    ("NO_MEMORY", "no_memory", True), ("LOG_PROMPTS", "log_prompts", True), ("LOG_LEVEL", "log_level", "DEBUG"),
+]
+
+
+def test_every_flag_takes_its_default_from_the_defaults_block(monkeypatch):
+    # Pasted into a notebook cell, the block is the only way to set anything (issue 10).
+    dests = {action.dest for action in tg_bot.build_parser()._actions if action.dest != "help"}
+    assert dests == {dest for _, dest, _ in BLOCK_SETTINGS}
+    for name, dest, value in BLOCK_SETTINGS:
+        monkeypatch.setattr(tg_bot, name, value)
+    args = tg_bot.parse_args([], environ={})
+    assert {dest: getattr(args, dest) for _, dest, _ in BLOCK_SETTINGS} == {dest: v for _, dest, v in BLOCK_SETTINGS}
+    assert tg_bot.build_parser().prog == "tg_bot.py"
+
+
+@pytest.mark.parametrize("name,value,flag", [("DEFAULT_DEVICE", "tpu", "--device"),
+                                             ("DEFAULT_QUANTIZE", "int4", "--quantize"),
+                                             ("DEFAULT_OLD_MESSAGES", "answer", "--old-messages"),
+                                             ("LOG_LEVEL", "LOUD", "--log-level")])
+def test_a_wrong_choice_in_the_defaults_block_is_one_line(monkeypatch, capsys, name, value, flag):
+    # argparse checks choices only for values given as flags, never for a default.
+    monkeypatch.setenv(tg_bot.TOKEN_ENV, TOKEN)
+    monkeypatch.setattr(tg_bot, name, value)
+    assert tg_bot.main([]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"tg_bot.py: error: {flag} {value!r}: must be one of "), err
+
+
 def test_malformed_token_file_is_not_echoed(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv(tg_bot.TOKEN_ENV, raising=False)
     token_file = tmp_path / "token"
@@ -230,10 +273,17 @@ def test_three_turns_the_prompt_holds_the_earlier_ones(live, tokenizer):
     assert any(action["chat_id"] == 102 and action["action"] == "typing" for action in live.api.actions)
 
 
+def test_a_model_without_the_facts_exchange_still_remembers_for_memory(live):
+    # The tiny model's chat_config.json has no "facts": true: one line at the start says the prompt goes
+    # without the facts (test_three_turns compares its prompts), and /memory still shows what chat 102 said.
+    assert live.log_text().count("was not trained with the facts exchange") == 1
+    assert say(live, 102, "/memory", 4) == "имя: Аня\nгород: Казань"
+
+
 def test_reset_empties_the_history(live):
-    say(live, 102, "/reset", 4)
-    assert live.api.messages_to(102)[3]["text"] == tg_bot.RESET_TEXT
-    say(live, 102, "Что ты помнишь?", 5)
+    say(live, 102, "/reset", 5)
+    assert live.api.messages_to(102)[4]["text"] == tg_bot.RESET_TEXT
+    say(live, 102, "Что ты помнишь?", 6)
     assert live.prompts(102)[-1] == tg_bot.prompt_text(["Что ты помнишь?"], PERSONA)
 
 

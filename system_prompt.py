@@ -33,7 +33,7 @@ without a person (tests, the demo): play a file of user lines, print the transcr
 In a notebook (Jupyter, Colab): paste this whole file into one cell, set the defaults block
 below (DEFAULT_MODEL, DEFAULT_DEVICE = "cuda" on a GPU...), run the cell and chat in it; "выход"
 ends the chat. `%run system_prompt.py --flags` and `!python system_prompt.py --flags` take flags
-as above (`!python` cannot ask for input: give it --script).
+as above.
 
 In the chat: "выход" ends it, "/reset" forgets the conversation. Long-term memory: what the user
 says about themselves (name, city, age, work, study, family, pets, likes, dislikes, plans) is

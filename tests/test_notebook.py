@@ -561,14 +561,15 @@ def test_system_prompt_chat_in_a_cell(folder):
     (before, bad, nobody, outputs, after), prompts = run_cells_typing(
         folder, [PROBE, cell(script, **{**settings, "DEFAULT_MODEL": "no_such_model"}),
                  (cell(script, **settings), False), cell(script, **settings), PROBE],
-        ["Привет! Меня зовут Илья.", "/reset", "Как дела?", "выход"])
+        ["Привет! Меня зовут Илья.", "/reset", "/memory", "Как дела?", "выход"])
     assert_user_error(bad, script, "no_such_model")
     assert_user_error(nobody, script, "cannot ask for input", "CHAT_SCRIPT")
     assert_no_exception(outputs)
-    assert len(prompts) == 4, prompts  # one input() a line, none after «выход»
+    assert len(prompts) == 5, prompts  # one input() a line, none after «выход»
     said = [line for line in stream(outputs, "stdout").splitlines() if line.startswith("Бот: ")]
-    assert len(said) == 3, describe(outputs)  # two replies and the notice that the history was cleared
+    assert len(said) == 4, describe(outputs)  # two replies, the notice that the history was cleared, the memory
     assert "(история разговора очищена)" in said[1]
+    assert said[2] == "Бот: имя: Илья"  # long-term memory outlives /reset in a cell too
     assert kernel_state(before) == kernel_state(after)
 
 

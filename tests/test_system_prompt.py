@@ -252,7 +252,8 @@ def test_flags_that_widen_the_trained_window_warn(model_dir, tmp_path, capsys):
 
 def test_demo_script_is_playable():
     lines = sp.read_script(Path(sp.__file__).parent / "data" / "demo_chat.txt")
-    assert 4 <= len(lines) <= 5
+    assert 4 <= len(lines) <= 6
+    assert sp.MEMORY_COMMAND in lines  # the demo shows what the chat remembers
 
 
 def test_persona_flags(model_dir, tmp_path, capsys):

@@ -3625,7 +3625,7 @@ def run(args, token):
     if server is None:
         try:
             load_weights(chat, args.quantize, args.threads)
-        except UserError:
+        except (UserError, KeyboardInterrupt):  # a Stop while the weights load: the database is closed too
             store.close()
             raise
     set_seed(args.seed)

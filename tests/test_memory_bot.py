@@ -10,6 +10,7 @@ import json
 import re
 import sqlite3
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -221,6 +222,18 @@ def test_in_a_group_each_member_has_their_own_facts_and_they_stay_in_that_group(
     assert ask(api, group, "/memory", user_id=peter, chat_type="group") == "имя: Петя\nгород: Омск"
     assert ask(api, group, "/memory", user_id=olga, chat_type="group") == tg_bot.NO_FACTS_ANSWER
     assert query(bot.db, "SELECT DISTINCT chat_id, user_id FROM user_facts") == [(group, peter)]
+
+
+def test_facts_outlive_an_idle_reset(api, harness):
+    bot = harness(["--idle-minutes", "0.002"])  # 0.12 s
+    ask(api, 51, INTRODUCTION)
+    time.sleep(0.3)
+    ask(api, 51, "как дела?")
+    prompt = bot.model.prompts[-1]
+    assert INTRODUCTION not in prompt  # the conversation started afresh...
+    assert "Тебя зовут Аня, ты живёшь в Казани." in prompt  # ...and the facts stayed
+    bot.wait_until(lambda: bot.chat_bot.store.turns(51) == ["как дела?", "ответ на «как дела?»"],
+                   "only the new exchange is in the history")
 
 
 def test_no_memory_stores_nothing_and_the_commands_say_so(api, harness, tmp_path):

@@ -8,9 +8,9 @@ test checks that its stage wrote what the next one reads; a bad input gives the 
 checks that a script leaves the kernel as it found it (signal handlers, the matplotlib backend,
 CUDA_VISIBLE_DEVICES, exception hooks), since a notebook keeps running after the cell.
 
-Scripts not yet converted to the notebook pattern (issue 10: an entry point that tells a pasted cell
-from a run) are skipped with the reason. Until a stage is converted, or
-when its own test did not produce its output, `produce` makes that output with the script's command line.
+Every one of the eleven scripts follows the notebook pattern (issue 10); a script that loses it fails
+here, it is not skipped. Where a stage's own test did not produce its output (a test run alone with -k),
+`produce` makes that output with the script's command line.
 """
 import ast
 import asyncio
@@ -35,9 +35,6 @@ REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "sample_dialogues.jsonl"
 CELL_TIMEOUT = 300  # seconds for one cell; the slowest here trains a tiny model
 
-# A script follows the notebook pattern when its entry point tells a pasted cell (no __file__) from a run.
-PATTERN_LINE = 'if "__file__" in globals():'
-CONVERTED = {path.name for path in REPO.glob("*.py") if PATTERN_LINE in path.read_text(encoding="utf-8")}
 
 LSTM_TINY = {"EMB_DIM": 16, "HIDDEN": 32, "EPOCHS": 2, "BATCH_SIZE": 32, "VOCAB_SIZE": 500,
              "DEVICE": "cpu", "THREADS": 1, "SEED": 7}
@@ -102,11 +99,6 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 # ---- the harness ----------------------------------------------------------------------------------
-def need_converted(script):
-    if script not in CONVERTED:
-        pytest.skip(f"{script} does not follow the notebook pattern yet (issue 10, second pass)")
-
-
 def set_defaults(text, **values):
     """The script's text with `NAME = value` lines of its defaults block rewritten, as a notebook user edits them.
 
@@ -311,7 +303,6 @@ def test_set_defaults_rewrites_only_the_named_lines_and_refuses_unknown_names():
 
 @pytest.mark.parametrize("script", sorted(NEEDS))
 def test_converted_script_ends_with_the_notebook_ending(script):
-    need_converted(script)
     text = (REPO / script).read_text(encoding="utf-8")
     ending = text[text.index('if __name__ == "__main__":'):]
     # The same lines everywhere, so that what the LSTM tests show of `%run` and `!python` (flags as on a
@@ -327,7 +318,6 @@ def test_parser_dataset_in_a_cell(folder):
     """Pasted unchanged into a notebook in a folder that holds the sample, the cell reads the sample (INPUT's
     default); wrong settings in the block give one `parser_dataset.py: error:` line; %run takes flags."""
     script = "parser_dataset.py"
-    need_converted(script)
     cells = run_notebook(folder, [
         PROBE,
         cell(script, INPUT="data/no_such_file.jsonl"),
@@ -352,7 +342,6 @@ def test_parser_dataset_in_a_cell(folder):
 
 def test_cleaner_text_in_a_cell(folder):
     script = "cleaner_text.py"
-    need_converted(script)
     produce(folder, script)
     cells = run_notebook(folder, [
         PROBE,
@@ -378,7 +367,6 @@ def test_cleaner_text_in_a_cell(folder):
 
 def test_create_dataset_in_a_cell(folder):
     script = "create_dataset.py"
-    need_converted(script)
     produce(folder, script)
     cells = run_notebook(folder, [
         PROBE,
@@ -407,7 +395,6 @@ def test_create_dataset_in_a_cell(folder):
 def test_lstm_train_and_eval_in_cells(folder, script):
     """In one kernel, as a user goes: a wrong MODE, a wrong DEVICE, a missing folder, train, eval, chat where
     nobody can type, then the same script by %run and by !python with flags the defaults block does not have."""
-    need_converted(script)
     produce(folder, script)
     kit = LSTM_MODELS[script]  # the model folder's name and its kit_model
     test_rows = len(pd.read_csv(folder / "data" / "pairs_test.csv"))
@@ -453,7 +440,6 @@ def test_lstm_train_and_eval_in_cells(folder, script):
 
 @pytest.mark.parametrize("script", ["pytorch_chatbot.py", "tensorflow_chatbot.py"])
 def test_lstm_chat_in_a_cell_reads_input_and_stops_on_vyhod(folder, script):
-    need_converted(script)
     produce(folder, script)
     produce_output_of(folder, script)  # the model, where the test before did not make it
     [outputs], prompts = run_cells_typing(folder, [cell(script, MODE="chat", DEVICE="cpu", THREADS=1)],
@@ -467,7 +453,6 @@ def test_lstm_chat_in_a_cell_reads_input_and_stops_on_vyhod(folder, script):
 # ---- 6-7: the transformers ------------------------------------------------------------------------
 @pytest.mark.parametrize("script", ["train_transformer.py", "train_medium_context.py"])
 def test_transformer_training_in_a_cell_shows_its_curves(folder, script):
-    need_converted(script)
     produce(folder, script)
     model = TRANSFORMER_MODELS[script]
     cells = run_notebook(folder, [PROBE, cell(script, DATA_DIR="no_such_folder", **TRANSFORMER_TINY),
@@ -486,7 +471,6 @@ def test_perplexity_in_a_cell(folder):
     """The defaults block names the trainer's folder (MODEL); wrong settings in the block give one
     `perplexity.py: error:` line, DEVICE included (argparse checks choices only for flags); %run takes flags."""
     script = "perplexity.py"
-    need_converted(script)
     produce(folder, script)
     model = TRANSFORMER_MODELS["train_transformer.py"]
     cells = run_notebook(folder, [
@@ -515,7 +499,6 @@ def test_evaluate_in_a_cell_shows_its_chart(folder):
     """The defaults block's MODELS are the four folders the trainers write; the chart shows in the cell and the
     kernel keeps its matplotlib backend; wrong settings give one `evaluate.py: error:` line."""
     script = "evaluate.py"
-    need_converted(script)
     produce(folder, script)
     models = ["rugpt3_50k", "rugpt3_medium_CLEAN_model", "lstm_pytorch", "lstm_keras"]
     probe = REPO / "data" / "memory_probe.jsonl"
@@ -554,7 +537,6 @@ def test_evaluate_in_a_cell_shows_its_chart(folder):
 # ---- 10-11: talking --------------------------------------------------------------------------------
 def test_system_prompt_chat_in_a_cell(folder):
     script = "system_prompt.py"
-    need_converted(script)
     produce(folder, script)
     settings = {"DEFAULT_MODEL": "rugpt3_medium_CLEAN_model", "DEFAULT_DEVICE": "cpu", "MAX_NEW_TOKENS": 8,
                 "THREADS": 1}
@@ -577,7 +559,6 @@ def test_tg_bot_in_a_cell_answers_and_stops_on_a_kernel_interrupt(folder):
     """The bot pasted into a cell serves a fake Bot API until the notebook's Stop button (a kernel interrupt,
     SIGINT): it then stops cleanly, the cell ends without an exception, and the kernel gets its handlers back."""
     script = "tg_bot.py"
-    need_converted(script)
     produce(folder, script)
     from fake_bot_api import FakeBotApi
 

@@ -223,6 +223,7 @@ ANSWER_LABEL = "Ответ: "
 TURN_SEPARATOR = "\n"
 FACTS_QUESTION = "Что ты обо мне знаешь?"
 DEFAULT_MAX_TURNS = 16         # the turn window of a model folder whose chat_config.json records none
+FACTS_ROOM_FOR_QUESTION = 16   # tokens the facts exchange leaves the question (its own length, if shorter)
 LABEL_PATTERN = re.compile(r"(?i)\b(вопрос|ответ)\s*:")
 
 
@@ -294,15 +295,36 @@ def fit_question(tokenizer, question, budget, persona=None, facts=None):
     return question[start:]
 
 
+def facts_that_fit(tokenizer, facts, budget, persona=None, question=""):
+    """The facts answer as a prompt of budget tokens holds it beside the persona, leaving the
+    question FACTS_ROOM_FOR_QUESTION tokens (or its own length, if shorter): whole, or cut
+    clause by clause from its end, where the answer keeps what matters least (it names the
+    user first, their plans last); None when not even its first clause fits. Training and
+    chat both cut here, so the exchange a model learnt is the one it is sent."""
+    bare = len(encode_text(tokenizer, prompt_text([""], persona)))
+    room = min(FACTS_ROOM_FOR_QUESTION, len(encode_text(tokenizer, prompt_text([question], persona))) - bare)
+
+    def fits(text):
+        return len(encode_text(tokenizer, prompt_text([""], persona, text))) + room <= budget
+
+    if fits(facts):
+        return facts
+    clauses = facts.rstrip(".").split(", ")
+    for count in range(len(clauses) - 1, 0, -1):
+        text = ", ".join(clauses[:count]) + "."
+        if fits(text):
+            return text
+    return None
+
+
 def fit_prompt(tokenizer, turns, max_turns, budget, persona=None, facts=None):
     """Prompt ids for a conversation (turns oldest first, the user's question last): the
-    persona, the facts when they fit beside it, the question (its end, if it alone is too
+    persona, the facts as far as they fit beside it (facts_that_fit), the question (its end, if it alone is too
     long), and the newest earlier turns that fit the turn window (max_turns turns, the
     question included) and budget tokens; the oldest go first. None when not even the
     persona and an empty question fit."""
     turns = [prepare_turn(turn) for turn in turns[-max_turns:]]
-    if facts and len(encode_text(tokenizer, prompt_text([""], persona, facts))) > budget:
-        facts = None
+    facts = facts_that_fit(tokenizer, facts, budget, persona, turns[-1]) if facts else None
     whole = encode_text(tokenizer, prompt_text(turns, persona, facts))
     if len(whole) <= budget:
         return whole
@@ -1489,13 +1511,9 @@ def chat_prompt_ids(history, settings, tokenizer, facts=()):
     last the user's new message): the prompt rule with the model's turn window and budget,
     the ids the model is fed as they are. `facts`, what the user said about themselves
     ((kind, value) pairs), become the facts exchange after the persona when the model was
-    trained with one (settings["facts_exchange"]), counted first: shortened until it leaves
-    the question MIN_QUESTION_TOKENS."""
-    answer = None
-    if facts and settings.get("facts_exchange"):
-        room = settings["budget"] - MIN_QUESTION_TOKENS
-        answer = facts_answer_that_fits(
-            facts, lambda text: len(encode_text(tokenizer, prompt_text([""], settings["persona"], text))) <= room)
+    trained with one (settings["facts_exchange"]): the answer create_dataset.py's facts
+    column holds, cut by the prompt rule as training cut it."""
+    answer = render_facts_answer(facts) if facts and settings.get("facts_exchange") else None
     return fit_prompt(tokenizer, history, settings["max_turns"], settings["budget"], settings["persona"], answer)
 
 

@@ -163,6 +163,7 @@ ANSWER_LABEL = "Ответ: "
 TURN_SEPARATOR = "\n"
 FACTS_QUESTION = "Что ты обо мне знаешь?"
 DEFAULT_MAX_TURNS = 16         # the turn window of a model folder whose chat_config.json records none
+FACTS_ROOM_FOR_QUESTION = 16   # tokens the facts exchange leaves the question (its own length, if shorter)
 LABEL_PATTERN = re.compile(r"(?i)\b(вопрос|ответ)\s*:")
 
 
@@ -234,15 +235,36 @@ def fit_question(tokenizer, question, budget, persona=None, facts=None):
     return question[start:]
 
 
+def facts_that_fit(tokenizer, facts, budget, persona=None, question=""):
+    """The facts answer as a prompt of budget tokens holds it beside the persona, leaving the
+    question FACTS_ROOM_FOR_QUESTION tokens (or its own length, if shorter): whole, or cut
+    clause by clause from its end, where the answer keeps what matters least (it names the
+    user first, their plans last); None when not even its first clause fits. Training and
+    chat both cut here, so the exchange a model learnt is the one it is sent."""
+    bare = len(encode_text(tokenizer, prompt_text([""], persona)))
+    room = min(FACTS_ROOM_FOR_QUESTION, len(encode_text(tokenizer, prompt_text([question], persona))) - bare)
+
+    def fits(text):
+        return len(encode_text(tokenizer, prompt_text([""], persona, text))) + room <= budget
+
+    if fits(facts):
+        return facts
+    clauses = facts.rstrip(".").split(", ")
+    for count in range(len(clauses) - 1, 0, -1):
+        text = ", ".join(clauses[:count]) + "."
+        if fits(text):
+            return text
+    return None
+
+
 def fit_prompt(tokenizer, turns, max_turns, budget, persona=None, facts=None):
     """Prompt ids for a conversation (turns oldest first, the user's question last): the
-    persona, the facts when they fit beside it, the question (its end, if it alone is too
+    persona, the facts as far as they fit beside it (facts_that_fit), the question (its end, if it alone is too
     long), and the newest earlier turns that fit the turn window (max_turns turns, the
     question included) and budget tokens; the oldest go first. None when not even the
     persona and an empty question fit."""
     turns = [prepare_turn(turn) for turn in turns[-max_turns:]]
-    if facts and len(encode_text(tokenizer, prompt_text([""], persona, facts))) > budget:
-        facts = None
+    facts = facts_that_fit(tokenizer, facts, budget, persona, turns[-1]) if facts else None
     whole = encode_text(tokenizer, prompt_text(turns, persona, facts))
     if len(whole) <= budget:
         return whole
@@ -344,14 +366,14 @@ def encode_examples(tokenizer, rows, window, desc, persona=None):
 
 
 def facts_exchanges(tokenizer, rows, window, persona=None):
-    """How many rows' prompts hold the facts exchange: those with facts that fit beside the persona in
-    the prompt's budget (fit_prompt's own test; it leaves the exchange out where they do not)."""
+    """How many rows' prompts hold the facts exchange, whole or cut: those with facts of which
+    fit_prompt's own test (facts_that_fit) keeps some beside the persona in the prompt's budget."""
     count = 0
     for row in rows:
-        _, answer, facts = row_parts(row)
-        if facts:
+        turns, answer, facts = row_parts(row)
+        if facts and turns:
             budget = min(window["context_tokens"], window["max_length"] - len(answer_ids(tokenizer, answer)))
-            count += len(encode_text(tokenizer, prompt_text([""], persona, facts))) <= budget
+            count += facts_that_fit(tokenizer, facts, budget, persona, prepare_turn(turns[-1])) is not None
     return count
 
 

@@ -320,6 +320,35 @@ def test_facts_come_first_after_the_persona_and_only_when_they_fit(kit_folders):
                                                                               facts))
 
 
+MANY_FACTS = [("name", "Аня"), ("city", "Казань"), ("age", "25"), ("occupation", "программист"),
+              ("pet", "кот Барсик"), ("like", "корейские дорамы"), ("like", "кофе"), ("dislike", "запах сигарет"),
+              ("plan", "ехать на дачу (в субботу)")]
+
+
+def test_training_and_chat_cut_the_facts_exchange_alike(kit_folders):
+    """Where the facts do not all fit, training (the facts column's text) and the chat (the user's stored
+    facts) cut the exchange the same way, to the same ids: plans and likes go, the name stays."""
+    made = kit_folders["rugpt3", True]
+    tokenizer, window = made["tokenizer"], made["window"]
+    whole = sp.render_facts_answer(MANY_FACTS)  # what create_dataset.py writes into the facts column
+    turns, answer = ["Привет, я тут.", "Привет!", "Что посоветуешь на вечер?"], "Посмотри дораму."
+    header = len(tt.encode_text(tokenizer, tt.prompt_text([""], PERSONA)))
+    full = len(tt.encode_text(tokenizer, tt.prompt_text([""], PERSONA, whole)))
+    cut_seen = 0
+    for budget in range(header + 12, full + 40, 3):
+        tight = dict(window, context_tokens=budget)
+        example = tm.encode_example(tokenizer, turns, answer, tight, PERSONA, whole)
+        trained = example["input_ids"][:example["labels"].count(tt.IGNORE_INDEX)]
+        effective = min(budget, window["max_length"] - len(tt.answer_ids(tokenizer, answer)))
+        settings = {"max_turns": window["max_turns"], "budget": effective, "persona": PERSONA, "facts_exchange": True}
+        assert sp.chat_prompt_ids(turns, settings, tokenizer, MANY_FACTS) == trained, budget
+        text = tokenizer.decode(trained)
+        if "Что ты обо мне знаешь?" in text and "в субботу" not in text:
+            cut_seen += 1
+            assert "Тебя зовут Аня" in text  # the name goes last
+    assert cut_seen >= 3  # budgets where the exchange was kept but cut
+
+
 def test_prompt_window_reads_training_and_warns_when_widened():
     config = {"prompt_rule": 2, "max_turns": 4, "context_tokens": 192}
     assert tt.prompt_window(config, 2048, 64) == (4, 192, [])

@@ -1965,6 +1965,12 @@ def holds_any_fact(turn, facts):
     return False
 
 
+def forget_words(argument):
+    """The words of "/forget <слова>", each on its own as tg_bot.py takes them, the punctuation around
+    them stripped ("/forget Аня," forgets the name; a hyphen inside a word stays)."""
+    return [word for word in (re.sub(r"^\W+|\W+$", "", word) for word in argument.split()) if word]
+
+
 class ConsoleChat:
     """One conversation: the turns so far, what the user said about themselves (kept for the
     session, /reset included), and the reply to each new line."""
@@ -1985,11 +1991,14 @@ class ConsoleChat:
         if self.memory:
             self.facts = merge_user_facts(self.facts, extract_user_facts(text))
 
-    def forget(self, word):
-        """Drop the facts that match word (all of them for ""), and the exchanges of the conversation
-        that hold them, so that no prompt carries them again; the facts dropped."""
-        if word:
-            self.facts, removed = forget_user_facts(self.facts, word)
+    def forget(self, argument):
+        """Drop the facts that match a word of argument (all of them for ""), and the exchanges of the
+        conversation that hold them, so that no prompt carries them again; the facts dropped."""
+        if argument.strip():
+            removed = []
+            for word in forget_words(argument):
+                self.facts, gone = forget_user_facts(self.facts, word)
+                removed += gone
         else:
             self.facts, removed = [], self.facts
         if removed:

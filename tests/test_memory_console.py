@@ -169,3 +169,16 @@ def test_typed_chat_tells_about_the_commands(facts_model, capsys, monkeypatch):
     assert said[1:] == [sp.BOT_PREFIX + "имя: Аня", sp.BOT_PREFIX + sp.FORGOT_SOME_REPLY,
                         sp.BOT_PREFIX + "город: Казань"]
     assert " " * len(sp.BOT_PREFIX) + "имя: Аня" in out  # the forgotten fact, under "Забыл:"
+
+
+def test_forget_takes_each_word_of_its_argument(facts_model, tmp_path, capsys):
+    # As tg_bot.py's /forget: each word on its own, its punctuation stripped.
+    told = "меня зовут аня я из казани"
+    lines = [told, "/forget казань аня", sp.MEMORY_COMMAND, "Что нового?",
+             told, "/forget Аня,", sp.MEMORY_COMMAND, "/forget , …", sp.MEMORY_COMMAND]
+    code, said, prompts, err = chat_through_script(facts_model, lines, tmp_path, capsys)
+    assert code == 0, err
+    assert said[1:3] == [f"{sp.FORGOT_SOME_REPLY}\nимя: Аня\nгород: Казань", sp.NO_FACTS_ANSWER]
+    assert "Аня" not in prompts[1] and "азан" not in prompts[1]  # nor the exchange that said them
+    assert said[5:] == [f"{sp.FORGOT_SOME_REPLY}\nимя: Аня", "город: Казань",
+                        sp.NOTHING_TO_FORGET_REPLY, "город: Казань"]  # only punctuation: not "forget all"

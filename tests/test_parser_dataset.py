@@ -1,4 +1,5 @@
 """parser_dataset.py: every input kind, the Telegram export, and bad input."""
+import gzip
 import json
 import lzma
 import os
@@ -277,3 +278,22 @@ def test_preset_names_the_columns_it_misses(tmp_path, capsys):
     assert len(err) == 1 and "qa.csv" in err[0] and "relevance" in err[0]
     assert pd_stage.parse_args(["--input", "Den4ikAI/russian_dialogues"]).preset == "russian_dialogues"
     assert pd_stage.parse_args(["--input", "SiberiaSoft/SiberianPersonaChat"]).preset == "siberian_persona_chat"
+
+
+def write_dialogue_text(path, text):
+    opener = {".xz": lzma.open, ".gz": gzip.open}.get(path.suffix, open)
+    with opener(path, "wt", encoding="utf-8") as f:
+        f.write(text)
+
+
+@pytest.mark.parametrize("name", ["bom.txt.xz", "bom.txt.gz", "bom.csv.gz"])
+def test_byte_order_mark_in_compressed_text_is_not_text(tmp_path, name):
+    """The compressed branch opens its text on its own, so it needs its own check."""
+    text = ('question,answer\nКак дела?,"Хорошо, спасибо"\n' if ".csv" in name
+            else "- Как дела?\n- Хорошо, спасибо\n")
+    src = tmp_path / name
+    write_dialogue_text(src, BOM + text)
+    out = tmp_path / "d.parquet"
+    assert run(["--input", src, "--output", out]) == 0
+    assert read(out)["sample"] == [["Как дела?", "Хорошо, спасибо"]]
+

@@ -568,22 +568,44 @@ def pick_reader(source):
 
 
 # ---------------------------------------------------------------- writing
+def check_output(output):
+    """Refuse an output the write would fail on, before any input is read."""
+    if output.is_dir():
+        raise UserError(f"{output}: is a folder; --output needs a file name "
+                        f"(e.g. {output / Path(DEFAULT_OUTPUT).name})")
+
+
+@contextlib.contextmanager
+def writing(output):
+    """An OSError here is the output's fault (a read-only or missing place, a
+    full disk): say so, where main would otherwise blame the input."""
+    try:
+        yield
+    except OSError as exc:
+        # pyarrow's message names the temporary file: the errno's own words say the reason alone.
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise UserError(f"{output}: cannot write the --output file ({reason})") from None
+
+
 def write_dialogues(dialogues, output, source_name, limit=None, min_turns=MIN_TURNS):
     """Stream dialogues into a parquet file through a temporary name.
     Returns (written, skipped_short, skipped_by_the_data_set)."""
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    check_output(output)
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     written = skipped = negatives = 0
     buffer = []
-    writer = pq.ParquetWriter(tmp, SCHEMA)
+    with writing(output):
+        output.parent.mkdir(parents=True, exist_ok=True)
+        writer = pq.ParquetWriter(tmp, SCHEMA)
 
     def flush():
         if buffer:
             ids = range(written - len(buffer), written)
             table = pa.table({"sample": buffer, "dialogue_id": list(ids),
                               "source": [source_name] * len(buffer)}, schema=SCHEMA)
-            writer.write_table(table)
+            with writing(output):
+                writer.write_table(table)
             buffer.clear()
 
     try:
@@ -602,12 +624,15 @@ def write_dialogues(dialogues, output, source_name, limit=None, min_turns=MIN_TU
             if limit and written >= limit:
                 break
         flush()
-        writer.close()
+        with writing(output):
+            writer.close()
         if written == 0:
             raise UserError(f"{source_name}: no dialogues of {min_turns} or more turns found")
-        os.replace(tmp, output)
+        with writing(output):
+            os.replace(tmp, output)
     except BaseException:
-        writer.close()
+        with contextlib.suppress(OSError):  # the first error is the one to report
+            writer.close()
         tmp.unlink(missing_ok=True)
         raise
     return written, skipped, negatives

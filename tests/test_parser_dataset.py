@@ -297,3 +297,43 @@ def test_byte_order_mark_in_compressed_text_is_not_text(tmp_path, name):
     assert run(["--input", src, "--output", out]) == 0
     assert read(out)["sample"] == [["Как дела?", "Хорошо, спасибо"]]
 
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("parser_dataset.py: error: "), err
+    return err[0]
+
+
+def test_output_that_is_a_folder_is_named_as_the_fault(tmp_path, capsys, sample_path):
+    folder = tmp_path / "adir"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("x", encoding="utf-8")
+    assert run(["--input", sample_path, "--output", folder]) == 1
+    err = one_error_line(capsys)
+    assert "adir" in err and "--output" in err and "folder" in err
+    assert "sample_dialogues" not in err and "cannot read" not in err
+    assert sorted(p.name for p in folder.iterdir()) == ["keep.txt"]
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_output_that_cannot_be_written_is_named_not_the_input(tmp_path, capsys, sample_path, monkeypatch):
+    # /proc takes no new files, even for root.
+    assert run(["--input", sample_path, "--output", "/proc/d.parquet"]) == 1
+    err = one_error_line(capsys)
+    assert "/proc/d.parquet" in err and "cannot write" in err
+    assert "sample_dialogues" not in err and ".tmp-" not in err
+    # A failure at the last step (a full disk, a read-only target) leaves the previous output and no temp file.
+    out = tmp_path / "d.parquet"
+    out.write_bytes(b"previous result")
+
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied", str(dst))
+
+    monkeypatch.setattr(pd_stage.os, "replace", refuse)
+    assert run(["--input", sample_path, "--output", out]) == 1
+    err = one_error_line(capsys)
+    assert "d.parquet" in err and "cannot write" in err and "Permission denied" in err
+    assert "sample_dialogues" not in err
+    assert out.read_bytes() == b"previous result"
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+

@@ -648,7 +648,7 @@ def parse_args(argv):
     parser.add_argument("--limit", "--rows", type=int, default=LIMIT, dest="limit",
                         help="stop after this many dialogues")
     parser.add_argument("--min-turns", type=int, default=MIN_TURNS,
-                        help="drop dialogues with fewer turns")
+                        help="drop dialogues with fewer turns (at least 2)")
     parser.add_argument("--max-gap-minutes", type=float, default=MAX_GAP_MINUTES,
                         help="Telegram: silence that starts a new dialogue")
     parser.add_argument("--turns-column", default=TURNS_COLUMN, help="name of the list-of-turns column")
@@ -660,6 +660,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be positive")
+    if args.min_turns < 2:
+        parser.error("--min-turns must be at least 2 (a dialogue needs a question and an answer)")
     if args.preset is not None and args.preset not in PRESETS:  # a PRESET set in the defaults block
         parser.error(f"--preset {args.preset!r}: must be one of {', '.join(sorted(PRESETS))}")
     if args.preset is None:

@@ -337,3 +337,14 @@ def test_output_that_cannot_be_written_is_named_not_the_input(tmp_path, capsys, 
     assert out.read_bytes() == b"previous result"
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
 
+
+@pytest.mark.parametrize("value", ["0", "1", "-3"])
+def test_min_turns_below_two_is_refused(tmp_path, capsys, sample_path, value):
+    out = tmp_path / "d.parquet"
+    with pytest.raises(SystemExit) as stop:
+        run(["--input", sample_path, "--output", out, "--min-turns", value])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("parser_dataset.py: error: ") and "--min-turns" in err[-1] and "2" in err[-1]
+    assert not out.exists()
+    assert pd_stage.parse_args(["--min-turns", "2"]).min_turns == 2

@@ -2145,9 +2145,48 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+# What each setting of the defaults block must be: argparse converts a string default with the flag's
+# `type`, but passes any other value on as it is (None for a folder, a list for a file, "no" for False).
+PATH_KINDS, TEXT_KINDS = (str, os.PathLike), (str,)
+WHOLE_KINDS, NUMBER_KINDS, SWITCH_KINDS = (int,), (int, float), (bool,)
+BLOCK_VALUE_KINDS = (  # (dest, kinds, None allowed, what to call it)
+    ("model", PATH_KINDS, False, "a folder name (a string)"),
+    ("script", PATH_KINDS, True, "a file name (a string)"),
+    ("persona", TEXT_KINDS, True, "a text (a string)"),
+    ("server", TEXT_KINDS, True, "a URL (a string)"),
+    ("max_new_tokens", WHOLE_KINDS, True, "a whole number"),
+    ("context_tokens", WHOLE_KINDS, True, "a whole number"),
+    ("max_turns", WHOLE_KINDS, True, "a whole number"),
+    ("threads", WHOLE_KINDS, True, "a whole number"),
+    ("seed", WHOLE_KINDS, False, "a whole number"),
+    ("temperature", NUMBER_KINDS, True, "a number"),
+    ("top_p", NUMBER_KINDS, True, "a number"),
+    ("repetition_penalty", NUMBER_KINDS, True, "a number"),
+    ("server_timeout", NUMBER_KINDS, False, "a number of seconds"),
+    ("no_persona", SWITCH_KINDS, False, "True or False"),
+    ("no_stream", SWITCH_KINDS, False, "True or False"),
+    ("no_memory", SWITCH_KINDS, False, "True or False"),
+    ("show_prompt", SWITCH_KINDS, False, "True or False"),
+)
+
+
+def check_value_kinds(args):
+    """A setting of the defaults block of the wrong kind, named by its flag, before it becomes a
+    traceback (Path(None)) or a silent mistake (NO_MEMORY = "no" is true)."""
+    for dest, kinds, none_allowed, what in BLOCK_VALUE_KINDS:
+        value = getattr(args, dest)
+        if value is None and none_allowed:
+            continue
+        # bool is an int to isinstance: True is no seed, 1 no switch
+        if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
+            flag = "--" + dest.replace("_", "-")
+            raise UserError(f"{flag}: must be {what}{' or None' if none_allowed else ''}, not {value!r}")
+
+
 def check_args(args):
-    """What argparse leaves unchecked: a `choices` value set in the defaults block (argparse checks
-    only the command line's), and numbers out of range."""
+    """What argparse leaves unchecked: the kind of a value set in the defaults block and a `choices`
+    value set there (argparse checks only the command line's), and numbers out of range."""
+    check_value_kinds(args)
     for flag, value, choices in (("--device", args.device, DEVICES), ("--quantize", args.quantize, QUANTIZE_CHOICES)):
         if value not in choices:
             raise UserError(f"{flag} {value!r}: must be one of {', '.join(choices)}")

@@ -335,6 +335,42 @@ def test_a_choice_set_in_the_block_is_checked(constant, value, flag, model_dir, 
     assert "Бот: " not in captured.out
 
 
+@pytest.mark.parametrize("constant, value, error", [
+    ("DEFAULT_MODEL", None, "--model: must be a folder name (a string), not None"),
+    ("CHAT_SCRIPT", ["one.txt"], "--script: must be a file name (a string) or None, not ['one.txt']"),
+    ("NO_MEMORY", "no", "--no-memory: must be True or False, not 'no'"),  # a truthy string would turn memory off
+    ("SHOW_PROMPT", 1, "--show-prompt: must be True or False, not 1"),
+    ("PERSONA", 5, "--persona: must be a text (a string) or None, not 5"),
+    ("MAX_NEW_TOKENS", 64.5, "--max-new-tokens: must be a whole number or None, not 64.5"),
+    ("DEFAULT_SEED", True, "--seed: must be a whole number, not True"),
+    ("TEMPERATURE", [0.7], "--temperature: must be a number or None, not [0.7]"),
+    ("SERVER_TIMEOUT", None, "--server-timeout: must be a number of seconds, not None")])
+def test_a_wrong_type_set_in_the_block_is_one_line(constant, value, error, model_dir, tmp_path, capsys, monkeypatch):
+    # Set in a pasted cell's defaults block, argparse passes such a value on as it is (it converts strings only).
+    script = tmp_path / "chat.txt"
+    script.write_text("Привет\n", encoding="utf-8")
+    monkeypatch.setattr(sp, constant, value)
+    argv = {"DEFAULT_MODEL": ["--script", str(script)], "CHAT_SCRIPT": ["--model", str(model_dir)]}.get(
+        constant, ["--model", str(model_dir), "--script", str(script)])
+    capsys.readouterr()
+    assert sp.main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [f"system_prompt.py: error: {error}"]
+    assert "Бот: " not in captured.out
+
+
+def test_paths_in_the_block_may_be_path_objects(model_dir, tmp_path, capsys, monkeypatch):
+    script = tmp_path / "chat.txt"
+    script.write_text("Привет\n", encoding="utf-8")
+    monkeypatch.setattr(sp, "DEFAULT_MODEL", Path(model_dir))
+    monkeypatch.setattr(sp, "CHAT_SCRIPT", script)
+    monkeypatch.setattr(sp, "MAX_NEW_TOKENS", 2)
+    monkeypatch.setattr(sp, "THREADS", None)  # None for "the default", as the block's other settings say
+    capsys.readouterr()
+    assert sp.main([]) == 0
+    assert capsys.readouterr().out.startswith(sp.USER_PREFIX + "Привет\n" + sp.BOT_PREFIX)
+
+
 def test_where_nobody_can_type_the_error_names_chat_script(model_dir, capsys, monkeypatch):
     def no_stdin(prompt=""):
         raise NotImplementedError("raw_input was called, but this frontend does not support input requests.")

@@ -467,27 +467,46 @@ def open_input(path):
     return parquet
 
 
-def atomic_write_text(path, text):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def check_outputs(output_path, report_path):
+    """Refuse outputs the write would fail on, before any input is read."""
+    for path, flag in ((output_path, "--output"), (report_path, "--report")):
+        if path.is_dir():
+            raise UserError(f"{path}: is a folder; {flag} needs a file name")
+    if output_path.resolve() == report_path.resolve():
+        raise UserError(f"{output_path}: --output and --report name the same file")
+
+
+@contextlib.contextmanager
+def writing(path, flag):
+    """An OSError here is the output's fault (a read-only or missing place, a
+    full disk): one line naming the file, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        # pyarrow's message names the temporary file: the errno's own words say the reason alone.
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise UserError(f"{path}: cannot write the {flag} file ({reason})") from None
+
+
+def temp_name(path):
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def clean_file(input_path, output_path, report_path, min_chars=MIN_CHARS, max_chars=MAX_CHARS,
                min_turns=MIN_TURNS, dedupe=True, trace=None):
+    output_path, report_path = Path(output_path), Path(report_path)
+    check_outputs(output_path, report_path)
     parquet = open_input(input_path)
     thresholds = {"min_chars": min_chars, "max_chars": max_chars, "min_turns": min_turns,
                   "dedupe": dedupe}
     report = Report(thresholds, trace)
     seen = set()
-    output_path = Path(output_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_path.with_name(f".{output_path.name}.tmp-{os.getpid()}")
+    tmp, report_tmp = temp_name(output_path), temp_name(report_path)
     has_source = "source" in parquet.schema_arrow.names
     columns = ["sample", "dialogue_id"] + (["source"] if has_source else [])
-    writer = pq.ParquetWriter(tmp, SCHEMA)
+    with writing(output_path, "--output"):
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        writer = pq.ParquetWriter(tmp, SCHEMA)
     try:
         for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns):
             data = batch.to_pydict()
@@ -512,19 +531,31 @@ def clean_file(input_path, output_path, report_path, min_chars=MIN_CHARS, max_ch
                 report.counts["dialogues_out"] += 1
                 report.counts["turns_out"] += len(cleaned)
             if out["sample"]:
-                writer.write_table(pa.table(out, schema=SCHEMA))
-        writer.close()
+                with writing(output_path, "--output"):
+                    writer.write_table(pa.table(out, schema=SCHEMA))
+        with writing(output_path, "--output"):
+            writer.close()
         if report.counts["dialogues_in"] == 0:
             raise UserError(f"{input_path}: the file has no dialogues")
         if report.counts["dialogues_out"] == 0:
             raise UserError(f"{input_path}: no dialogue survived cleaning (check --min-chars/--max-chars)")
         summary = report.as_dict(input_path, output_path)
-        os.replace(tmp, output_path)
+        # Both files are whole under their temporary names before either replaces
+        # its previous version, so a report that cannot be written leaves the
+        # previous output, not a new output beside an old report.
+        with writing(report_path, "--report"):
+            report_path.parent.mkdir(parents=True, exist_ok=True)
+            report_tmp.write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        with writing(output_path, "--output"):
+            os.replace(tmp, output_path)
+        with writing(report_path, "--report"):
+            os.replace(report_tmp, report_path)
     except BaseException:
-        writer.close()
+        with contextlib.suppress(OSError):  # the first error is the one to report
+            writer.close()
         tmp.unlink(missing_ok=True)
+        report_tmp.unlink(missing_ok=True)
         raise
-    atomic_write_text(report_path, json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
     return summary
 
 

@@ -335,3 +335,65 @@ def test_bad_input(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "strings.parquet" in err[0] and "'sample'" in err[0] and "list" in err[0]
     assert not out.exists()
+
+
+def write_raw(path, dialogues):
+    pq.write_table(pa.table({"sample": dialogues,
+                             "dialogue_id": pa.array(range(len(dialogues)), pa.int64())}), path)
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cleaner_text.py: error: "), err
+    return err[0]
+
+
+def temp_files(*folders):
+    return [p.name for folder in folders for p in folder.iterdir() if ".tmp-" in p.name]
+
+
+def test_output_or_report_that_is_a_folder_is_refused(tmp_path, capsys):
+    raw = tmp_path / "raw.parquet"
+    write_raw(raw, [["Привет", "Привет"]])
+    folder = tmp_path / "adir"
+    folder.mkdir()
+    assert ct.main(["--input", str(raw), "--output", str(folder), "--report", str(tmp_path / "r.json")]) == 1
+    err = one_error_line(capsys)
+    assert "adir" in err and "--output" in err and "folder" in err
+    assert list(folder.iterdir()) == [] and not (tmp_path / "r.json").exists()
+    out = tmp_path / "out.parquet"
+    out.write_bytes(b"previous result")
+    assert ct.main(["--input", str(raw), "--output", str(out), "--report", str(folder)]) == 1
+    err = one_error_line(capsys)
+    assert "adir" in err and "--report" in err and "folder" in err
+    assert out.read_bytes() == b"previous result"
+    assert temp_files(tmp_path, folder) == []
+
+
+def test_output_or_report_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
+    raw = tmp_path / "raw.parquet"
+    write_raw(raw, [["Привет", "Привет"]])
+    # /proc takes no new files, even for root.
+    assert ct.main(["--input", str(raw), "--output", "/proc/c.parquet", "--report", str(tmp_path / "r.json")]) == 1
+    err = one_error_line(capsys)
+    assert "/proc/c.parquet" in err and "cannot write" in err and ".tmp-" not in err
+    assert not (tmp_path / "r.json").exists()
+    # The report cannot be written: the previous output stays too, so the two never disagree.
+    out = tmp_path / "out.parquet"
+    out.write_bytes(b"previous result")
+    assert ct.main(["--input", str(raw), "--output", str(out), "--report", "/proc/r.json"]) == 1
+    err = one_error_line(capsys)
+    assert "/proc/r.json" in err and "cannot write" in err and ".tmp-" not in err
+    assert out.read_bytes() == b"previous result"
+    assert temp_files(tmp_path) == []
+    # A failure at the last step (a full disk, a read-only target): the same.
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied", str(dst))
+
+    monkeypatch.setattr(ct.os, "replace", refuse)
+    assert ct.main(["--input", str(raw), "--output", str(out)]) == 1
+    err = one_error_line(capsys)
+    assert "out.parquet" in err and "Permission denied" in err
+    assert out.read_bytes() == b"previous result" and not (tmp_path / "clean_report.json").exists()
+    assert temp_files(tmp_path) == []
+

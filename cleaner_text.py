@@ -13,8 +13,9 @@ emphasis ("???" stays; longer runs shorten to three), emoji sequences joined by
 U+200D, a one-letter answer ("Я"), a label that is the answer ("Минусы: 5").
 Where nothing usable is left of a turn or it is outside the length window, the
 dialogue is cut around it: the longest run of clean turns survives when it
-still has --min-turns turns. Exact duplicate dialogues go. A second pass over
-the output changes nothing.
+still has --min-turns turns. A dialogue with fewer than --min-turns turns
+goes too, cut or not (a missing turn is no turn). Exact duplicate dialogues
+go. A second pass over the output changes nothing.
 
 Run it:
     python cleaner_text.py
@@ -350,6 +351,7 @@ class Report:
                 "dialogues_in": self.counts["dialogues_in"], "dialogues_out": self.counts["dialogues_out"],
                 "turns_in": self.counts["turns_in"], "turns_out": self.counts["turns_out"],
                 "repair_rules": rules, "cut_rules": cuts,
+                "too_few_turns_dropped": self.counts["too_few_turns"],
                 "duplicates_dropped": self.counts["duplicates"],
                 "thresholds": self.thresholds}
 
@@ -424,10 +426,15 @@ def longest_clean_run(turns, faults):
 
 
 def clean_dialogue(turns, report, min_chars, max_chars, min_turns):
-    """Return the cleaned turns, or None when too little is left."""
+    """Return the cleaned turns, or None when fewer than min_turns are left,
+    whether or not the dialogue was cut."""
     turns = repair_turns(turns, report)
     faults = [turn_fault(t, min_chars, max_chars) for t in turns]
     if not any(faults):
+        if len(turns) < min_turns:
+            # Short from the start (or a turn was missing): no rule cut it, so it counts on its own.
+            report.counts["too_few_turns"] += 1
+            return None
         return turns
     kept = longest_clean_run(turns, faults)
     first_fault = next(f for f in faults if f)
@@ -570,7 +577,7 @@ def parse_args(argv):
     parser.add_argument("--min-chars", type=int, default=MIN_CHARS, help="shortest turn kept")
     parser.add_argument("--max-chars", type=int, default=MAX_CHARS, help="longest turn kept")
     parser.add_argument("--min-turns", type=int, default=MIN_TURNS,
-                        help="shortest dialogue kept after a cut")
+                        help="fewest turns a dialogue keeps after cleaning, cut or not")
     parser.add_argument("--keep-duplicates", action="store_true", default=KEEP_DUPLICATES,
                         help="do not drop exact duplicates")
     args = parser.parse_args(argv)
@@ -599,6 +606,9 @@ def main(argv=None):
     for name, row in summary["cut_rules"].items():
         if row["dialogues_cut"] or row["dialogues_dropped"]:
             print(f"  {name:24s} cut {row['dialogues_cut']} dialogues, dropped {row['dialogues_dropped']}")
+    if summary["too_few_turns_dropped"]:
+        print(f"  {'too_few_turns':24s} dropped {summary['too_few_turns_dropped']} dialogues "
+              f"(fewer than {args.min_turns} turns without a cut)")
     if summary["duplicates_dropped"]:
         print(f"  {'duplicates':24s} dropped {summary['duplicates_dropped']} dialogues")
     print(f"report: {args.report}")

@@ -397,3 +397,26 @@ def test_output_or_report_that_cannot_be_written_is_one_line(tmp_path, capsys, m
     assert out.read_bytes() == b"previous result" and not (tmp_path / "clean_report.json").exists()
     assert temp_files(tmp_path) == []
 
+
+def test_min_turns_drops_short_dialogues_cut_or_not(tmp_path):
+    raw = tmp_path / "raw.parquet"
+    write_raw(raw, [["Привет", "Привет"],                        # 2 turns, clean
+                    ["Кто?", "Я", "Молодец"],                    # 3 turns, clean
+                    ["Как дела?", None],                         # a missing turn leaves one
+                    [],                                          # nothing at all
+                    ["Ты где?", "Дома", "https://example.ru/x"],  # cut to 2
+                    ["А", "Б", "В", "Г"]])
+    out = tmp_path / "out.parquet"
+    assert ct.main(["--input", str(raw), "--output", str(out), "--min-turns", "3"]) == 0
+    assert pq.read_table(out).to_pydict()["sample"] == [["Кто?", "Я", "Молодец"], ["А", "Б", "В", "Г"]]
+    report = json.loads((tmp_path / "clean_report.json").read_text(encoding="utf-8"))
+    # Uncut ones count on their own; a cut one is dropped under the rule that cut it.
+    assert report["too_few_turns_dropped"] == 3
+    assert report["cut_rules"]["empty_after_cleaning"] == {"dialogues_cut": 0, "dialogues_dropped": 1}
+    assert report["dialogues_in"] == 6 and report["dialogues_out"] == 2
+    # At the default of 2, the dialogue with a missing turn is not kept as a one-turn dialogue.
+    assert ct.main(["--input", str(raw), "--output", str(out)]) == 0
+    kept = pq.read_table(out).to_pydict()["sample"]
+    assert all(len(turns) >= 2 for turns in kept) and len(kept) == 4
+    report = json.loads((tmp_path / "clean_report.json").read_text(encoding="utf-8"))
+    assert report["too_few_turns_dropped"] == 2

@@ -166,6 +166,7 @@ NOTICE_INTERVAL_SECONDS = 60.0  # the same notice goes to a chat at most once in
 CONFLICT_LIMIT = 3              # this many 409s from getUpdates within CONFLICT_WINDOW_SECONDS: another copy polls
 CONFLICT_WINDOW_SECONDS = 60.0
 BACKLOG_LIMIT = 100_000         # database changes kept in memory while the disk is full
+HELD_RETRY_SECONDS = 1.0        # while taken updates are not on disk, Telegram resends them at once: the wait between
 HISTORY_ROWS_LOADED = 2000      # far beyond any context budget; only bounds the database read
 MAX_SPEAKER_CHARS = 32
 TOKEN_ENV = "TELEGRAM_BOT_TOKEN"
@@ -2188,10 +2189,11 @@ class HistoryStore:
         if change.done is not None:
             self.db.execute("DELETE FROM inbox WHERE update_id = ?", (change.done,))
 
-    def _write(self, change):
-        """Write `change` (after any kept in memory); False when it stays in memory."""
+    def _write(self, change=None):
+        """Write `change` (after any kept in memory; None: only those); False when it stays in memory."""
         with self.lock:
-            self.backlog.append(change)
+            if change is not None:
+                self.backlog.append(change)
             if len(self.backlog) > BACKLOG_LIMIT:
                 del self.backlog[0]
                 log.error("history database: more than %d changes waiting in memory; the oldest is dropped",
@@ -2229,6 +2231,10 @@ class HistoryStore:
         offset that confirms them: on disk before that offset goes to Telegram."""
         now = time.time()
         return self._write(Change("take", rows=[(u, c, m, now) for u, c, m in rows], offset=offset))
+
+    def flush(self):
+        """Try again to write what is kept in memory; True when nothing is left there."""
+        return self._write()
 
     def add_exchange(self, chat_id, question, answer, now=None, speaker=None, done=None):
         now = time.time() if now is None else now
@@ -2957,6 +2963,13 @@ class ChatBot:
         self.local = threading.local()
         self.tokenizers = TokenizerPool(chat["tokenizer"], TOKENIZER_COPIES)
         self.told_unsaved = {}   # chat id -> the spell of database trouble it was told about
+        # While the inbox cannot be written, the offset stays at the first update not on disk, so
+        # Telegram keeps it (and sends it again with every getUpdates); the updates seen since are
+        # not triaged twice, and they are confirmed once the disk takes them.
+        self.held_from = None    # the first update id taken and not on disk; None when there is none
+        self.held_ids = set()    # the update ids seen since, taken or turned away
+        self.held_items = []     # the Taken among them, marked saved once they are
+        self.next_offset = None  # past every update seen
         self.memory = not args.no_memory
         # One user's read-merge-write at a time (a user writes in several chats, the workers
         # run chats in parallel), and the grammars are not known to be safe in threads.
@@ -2966,10 +2979,13 @@ class ChatBot:
     def take_updates(self, updates):
         """Triage a getUpdates batch, write the messages taken (and the next offset) to
         the database, then hand them to the workers; returns the next offset. Only the
-        next getUpdates confirms these updates to Telegram, so they are on disk first."""
+        next getUpdates confirms these updates to Telegram, so they are on disk first:
+        while they cannot be written (a full disk), the offset returned stays at the first
+        one not on disk, and the updates Telegram sends again are not taken twice."""
         now = time.time()
+        fresh = [update for update in updates if update.update_id not in self.held_ids]
         taken, extra = [], Counter()
-        for update in updates:
+        for update in fresh:
             message = update.message
             try:
                 if message is not None and self.triage(message, now, extra, len(taken)):
@@ -2977,15 +2993,49 @@ class ChatBot:
                     extra[message.chat.id] += 1
             except Exception:
                 log.exception("cannot take update %s", update.update_id)
-        offset = updates[-1].update_id + 1
+        self.next_offset = max(updates[-1].update_id + 1, self.next_offset or 0)
         rows = [(item.update_id, item.chat_id, json.dumps(item.message.json, ensure_ascii=False)) for item in taken]
-        saved = self.store.take(rows, offset)
+        if fresh or self.held_from is None:
+            saved = self.store.take(rows, self.next_offset)
+        else:
+            saved = self.store.flush()  # only updates sent again: what is held may go to disk now
         for item in taken:
             item.saved = saved
             self.dispatcher.submit(item.chat_id, item, force=True)
         if len(self.rate.times) > 10_000:
             self.rate.forget_idle(time.monotonic())
-        return offset
+        if saved:
+            self.release_held()
+            return self.next_offset
+        if self.held_from is None:
+            self.held_from = updates[0].update_id
+            log.warning("updates from %d on are not on disk: Telegram keeps them until they are", self.held_from)
+        self.held_ids.update(update.update_id for update in fresh)
+        self.held_items += taken
+        if not fresh:  # Telegram answers at once while it keeps updates: no tight loop of getUpdates
+            self.stopping.wait(HELD_RETRY_SECONDS)
+        return self.held_from
+
+    def release_held(self):
+        """The updates held in memory are on disk now: the next offset confirms them."""
+        if self.held_from is None:
+            return
+        log.info("%d updates kept in memory are on disk now: confirming them", len(self.held_ids))
+        for item in self.held_items:
+            item.saved = True
+        self.held_from, self.held_ids, self.held_items = None, set(), []
+
+    def offset_to_confirm(self, offset):
+        """At a stop: past every update seen once those held in memory are on disk; else
+        `offset`, and Telegram sends them to the next start (answered again if they were)."""
+        if self.held_from is None:
+            return offset
+        if self.store.flush():
+            self.release_held()
+            return self.next_offset
+        log.error("%d updates seen while the database could not be written stay unconfirmed: Telegram sends "
+                  "them to the next start, which answers them (again, where they were answered)", len(self.held_ids))
+        return self.held_from
 
     def triage(self, message, now, extra=None, taken_so_far=0):
         """True when the bot takes the message; notices for the ones it turns away."""
@@ -3411,7 +3461,7 @@ def serve(bot, chat_bot, stopping, poll_seconds):
         fatal = error
     stopping.set()
     if fatal is None:
-        confirm_updates(bot, offset)
+        confirm_updates(bot, chat_bot.offset_to_confirm(offset))
     chat_bot.close()
     if fatal is not None:
         raise fatal

@@ -159,6 +159,11 @@ def harness(api, tokenizer, tmp_path, monkeypatch):
         bot.stop()
 
 
+def polls_at(api, offset):
+    """getUpdates calls made with this offset (called under the fake API's lock)."""
+    return sum(r["method"] == "getUpdates" and str(r["offset"]) == str(offset) for r in api.requests)
+
+
 def texts(api, chat_id):
     return [m["text"] for m in api.messages_to(chat_id)]
 
@@ -246,14 +251,19 @@ def test_a_full_disk_is_told_once_answered_from_memory_and_caught_up(api, harnes
     with bot.store.lock:  # the database may not grow by a page: what a full disk does to SQLite
         pages = bot.store.db.execute("PRAGMA page_count").fetchone()[0]
         bot.store.db.execute(f"PRAGMA max_page_count = {pages}")
+    updates = [api.next_update_id]
     api.push_text(7, "бла " * 2000 + "Меня зовут Аня.")  # the inbox needs new pages for this one
     first, notice = [m["text"] for m in api.wait_for_messages(7, 2)]
     assert first.startswith("ответ на «") and notice == tg_bot.UNSAVED_TEXT
+    updates.append(api.next_update_id)
     api.push_text(7, "А что я рассказывал?")
     second = api.wait_for_messages(7, 3)[2]["text"]
     assert second == "ответ на «А что я рассказывал?»"
     assert f"\nОтвет: {first}\nВопрос: А что я рассказывал?\nОтвет:" in bot.model.prompts[-1]  # from memory
     bot.wait_until(lambda: bot.chat_bot.dispatcher.total == 0, "the second message is handled, its write tried")
+    api.wait_for(lambda: api.confirmed or polls_at(api, updates[0]) >= 2)  # confirmed, or asked for again
+    # Telegram still holds both (each getUpdates sends them again), and neither is answered twice.
+    assert not set(updates) & set(api.confirmed) and set(updates) <= set(api.unconfirmed())
     assert bot.rows(7) == [] and texts(api, 7) == [first, notice, second]  # told once, not again
     with bot.store.lock:
         bot.store.db.execute("PRAGMA max_page_count = 1073741823")  # room again
@@ -264,9 +274,38 @@ def test_a_full_disk_is_told_once_answered_from_memory_and_caught_up(api, harnes
                                                       "ответ на «Ещё вопрос»"]
     assert texts(api, 7).count(tg_bot.UNSAVED_TEXT) == 1 and len(texts(api, 7)) == 4
     assert bot.inbox() == []
+    api.wait_for(lambda: len(api.confirmed) == 3)  # once on disk, all three are confirmed, each once
+    assert api.confirmed == updates + [updates[1] + 1]
     log = [r.getMessage() for r in caplog.records if r.name == "tg_bot"]
     assert sum("cannot write" in line for line in log) == 1
     assert sum("writable again" in line for line in log) == 1
+
+
+def test_during_a_disk_fault_an_update_is_confirmed_only_once_it_is_on_disk(api, harness, tmp_path):
+    db = tmp_path / "history.sqlite3"
+    seen = {}
+
+    def on_confirm(update_id):  # the moment Telegram may forget the update
+        seen[update_id] = query(db, "SELECT update_id FROM inbox WHERE update_id = ?", (update_id,))
+
+    api.on_confirm = on_confirm
+    bot = harness(model=StubModel(held=True), db=db)
+    with bot.store.lock:  # the database may not grow by a page: what a full disk does to SQLite
+        pages = bot.store.db.execute("PRAGMA page_count").fetchone()[0]
+        bot.store.db.execute(f"PRAGMA max_page_count = {pages}")
+    update = api.next_update_id
+    api.push_text(4, "бла " * 2000 + "Что нового?")  # taken, not on disk, not answered (the model is held)
+    api.wait_for(lambda: api.confirmed or polls_at(api, update) >= 2)  # confirmed, or asked for again
+    assert api.confirmed == [] and api.unconfirmed() == [update] and bot.inbox() == []
+    with bot.store.lock:
+        bot.store.db.execute("PRAGMA max_page_count = 1073741823")  # room again
+    api.wait_for(lambda: api.confirmed == [update])
+    assert seen == {update: [(update,)]}  # on disk when Telegram forgot it
+    bot.model.release()
+    api.wait_for_messages(4, 1)
+    bot.wait_until(lambda: bot.inbox() == [], "the answered message leaves the inbox")
+    replies = texts(api, 4)
+    assert len(replies) == 1 and replies[0].startswith("ответ на «") and replies[0].endswith("Что нового?»")
 
 
 def test_the_fallback_reply_is_sent_but_not_remembered(api, harness):

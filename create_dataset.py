@@ -1114,23 +1114,6 @@ def render_facts_answer(facts):
     return text[:1].upper() + text[1:]
 
 
-DROP_FIRST = ("plan", "dislike", "like", "pet", "family", "study", "occupation", "age", "city", "name")
-
-
-def facts_answer_that_fits(facts, fits):
-    """The answer for the prompt's facts exchange, shortened until fits(answer) holds:
-    plans, then dislikes and likes, oldest first, go before the name and the city.
-    None when not even the name fits (the prompt then goes without the exchange)."""
-    facts = list(facts)
-    while facts:
-        answer = render_facts_answer(facts)
-        if fits(answer):
-            return answer
-        kind = next(kind for kind in DROP_FIRST if any(fact[0] == kind for fact in facts))
-        facts.remove(next(fact for fact in facts if fact[0] == kind))
-    return None
-
-
 def render_facts_list(facts):
     """The /memory list: one fact a line, as stored, so that /forget <слово> can name it."""
     in_kind_order = sorted(facts, key=lambda fact: FACT_KINDS.index(fact[0]))

@@ -181,12 +181,13 @@ def test_the_answer_is_inflected():
     assert facts.render_facts_answer([]) == facts.NO_FACTS_ANSWER
 
 
-def test_the_prompts_answer_drops_plans_and_likes_before_the_name():
-    stored = [("name", "Аня"), ("city", "Казань"), ("like", "пицца"), ("plan", "ехать на дачу (в субботу)")]
-    assert facts.facts_answer_that_fits(stored, lambda answer: True) == facts.render_facts_answer(stored)
-    short = facts.facts_answer_that_fits(stored, lambda answer: len(answer) <= 40)
-    assert short == "Тебя зовут Аня, ты живёшь в Казани."
-    assert facts.facts_answer_that_fits(stored, lambda answer: False) is None
+def test_the_answer_names_the_user_first_and_their_plans_last():
+    # The prompt rule cuts the facts exchange clause by clause from its end (facts_that_fit in the
+    # prompt rule block), so this order decides what a tight prompt keeps.
+    stored = [("plan", "ехать на дачу (в субботу)"), ("like", "пицца"), ("city", "Казань"), ("name", "Аня")]
+    clauses = facts.render_facts_answer(stored).rstrip(".").split(", ")
+    assert clauses[:2] == ["Тебя зовут Аня", "ты живёшь в Казани"]
+    assert "в субботу" in clauses[-1] and "пиццу" in clauses[-2]
 
 
 def test_the_memory_list_has_one_fact_a_line():

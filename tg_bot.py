@@ -92,6 +92,7 @@ import queue
 import re
 import signal
 import sqlite3
+import stat
 import sys
 import threading
 import time
@@ -166,6 +167,7 @@ NOTICE_INTERVAL_SECONDS = 60.0  # the same notice goes to a chat at most once in
 CONFLICT_LIMIT = 3              # this many 409s from getUpdates within CONFLICT_WINDOW_SECONDS: another copy polls
 CONFLICT_WINDOW_SECONDS = 60.0
 BACKLOG_LIMIT = 100_000         # database changes kept in memory while the disk is full
+GET_UPDATES_LIMIT = 100         # the most updates one getUpdates returns (Telegram's default and maximum)
 HELD_RETRY_SECONDS = 1.0        # while taken updates are not on disk, Telegram resends them at once: the wait between
 HISTORY_ROWS_LOADED = 2000      # far beyond any context budget; only bounds the database read
 MAX_SPEAKER_CHARS = 32
@@ -2106,10 +2108,21 @@ def message_text(raw):
 
 
 def restrict_to_owner(path):
-    """The database and its -wal and -shm files readable by their owner only."""
+    """The database and its -wal and -shm files readable by their owner only. Regular files
+    only: os.chmod follows a symbolic link, and a folder at 0600 would lock its owner out."""
     for name in (path, path + "-wal", path + "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            os.chmod(name, 0o600)
+        try:
+            if stat.S_ISREG(os.lstat(name).st_mode):
+                os.chmod(name, 0o600)
+        except FileNotFoundError:
+            pass
+
+
+def check_database_path(path):
+    """--db names a file: a folder there is a mistake to say, before anything is touched."""
+    if os.path.isdir(path):
+        raise UserError(f"--db {path}: is a folder; give the database file, e.g. "
+                        f"{os.path.join(path, DEFAULT_DB)}")
 
 
 class HistoryStore:
@@ -2129,6 +2142,7 @@ class HistoryStore:
         self.fault = None          # the error that keeps changes in memory, while it lasts
         self.faults = 0            # how many such spells there were, so each is told about once
         self.read_fault_logged = False
+        check_database_path(self.path)
         try:
             restrict_to_owner(self.path)
             previous = os.umask(0o077)  # new files (the database, -wal, -shm) come out 0600
@@ -2970,6 +2984,7 @@ class ChatBot:
         self.held_ids = set()    # the update ids seen since, taken or turned away
         self.held_items = []     # the Taken among them, marked saved once they are
         self.next_offset = None  # past every update seen
+        self.held_full_logged = False
         self.memory = not args.no_memory
         # One user's read-merge-write at a time (a user writes in several chats, the workers
         # run chats in parallel), and the grammars are not known to be safe in threads.
@@ -3013,6 +3028,10 @@ class ChatBot:
         self.held_ids.update(update.update_id for update in fresh)
         self.held_items += taken
         if not fresh:  # Telegram answers at once while it keeps updates: no tight loop of getUpdates
+            if len(updates) >= GET_UPDATES_LIMIT and not self.held_full_logged:
+                self.held_full_logged = True
+                log.error("%d updates wait for the database: Telegram sends no more than these, so new messages "
+                          "wait there until it can be written", len(updates))
             self.stopping.wait(HELD_RETRY_SECONDS)
         return self.held_from
 
@@ -3024,6 +3043,7 @@ class ChatBot:
         for item in self.held_items:
             item.saved = True
         self.held_from, self.held_ids, self.held_items = None, set(), []
+        self.held_full_logged = False
 
     def offset_to_confirm(self, offset):
         """At a stop: past every update seen once those held in memory are on disk; else
@@ -3635,6 +3655,7 @@ def check_args(args):
         raise UserError("--server-timeout must be above 0 seconds")
     if args.server:
         server_base_url(args.server)
+    check_database_path(args.db)
     args.allowed_users = parse_user_ids(args.allowed_users)
 
 

@@ -465,6 +465,38 @@ def test_the_database_files_are_readable_by_their_owner_only(tmp_path):
         os.umask(previous)
 
 
+def test_a_folder_given_as_db_is_a_one_line_error_and_keeps_its_mode(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(tg_bot.TOKEN_ENV, TOKEN)
+    folder = tmp_path / "chat-kit"
+    folder.mkdir()
+    folder.chmod(0o755)
+    assert tg_bot.main(["--db", str(folder), "--api-url", "http://127.0.0.1:9"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"tg_bot.py: error: --db {folder}: is a folder")
+    with pytest.raises(tg_bot.UserError, match="is a folder"):  # the store itself refuses it too
+        tg_bot.HistoryStore(str(folder))
+    assert folder.stat().st_mode & 0o777 == 0o755 and list(folder.iterdir()) == []
+
+
+def test_only_regular_files_are_made_owner_only(tmp_path):
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("не база")
+    target.chmod(0o644)
+    link = tmp_path / "history.sqlite3"
+    link.symlink_to(target)  # os.chmod would follow it
+    folder = tmp_path / "wal-folder.sqlite3-wal"
+    folder.mkdir()
+    folder.chmod(0o755)
+    tg_bot.restrict_to_owner(str(link))
+    tg_bot.restrict_to_owner(str(tmp_path / "wal-folder.sqlite3"))
+    assert target.stat().st_mode & 0o777 == 0o644 and folder.stat().st_mode & 0o777 == 0o755
+    plain = tmp_path / "plain.sqlite3"
+    plain.write_bytes(b"")
+    plain.chmod(0o644)
+    tg_bot.restrict_to_owner(str(plain))
+    assert plain.stat().st_mode & 0o777 == 0o600
+
+
 def test_a_reset_leaves_no_trace_in_the_database_files(tmp_path):
     path = tmp_path / "history.sqlite3"
     secret = "номер карты 4276 1234 5678 9012"

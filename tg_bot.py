@@ -3527,8 +3527,20 @@ def environment_argv(parser, environ):
             elif value.strip().lower() not in ("", "0", "false", "no", "off"):
                 raise UserError(f"{name}={value!r}: expected 1/0, true/false, yes/no or on/off")
         else:
+            check_environment_value(action, name, value)
             argv += [flags[0], value]
     return argv
+
+
+def check_environment_value(action, name, value):
+    """A bad value is named by its variable: argparse would name a flag the operator never typed."""
+    if action.type in (int, float):
+        try:
+            action.type(value)
+        except ValueError:
+            raise UserError(f"{name}={value!r}: not a {'whole ' if action.type is int else ''}number") from None
+    if action.choices is not None and value not in action.choices:
+        raise UserError(f"{name}={value!r}: must be one of {', '.join(action.choices)}")
 
 
 def build_parser():

@@ -585,6 +585,20 @@ def test_every_flag_can_come_from_the_environment_spaces_and_all():
         tg_bot.parse_args([], {"TG_BOT_LOG_PROMPTS": "sometimes"})
 
 
+def test_a_bad_value_in_the_environment_is_one_line_naming_the_variable(monkeypatch, capsys):
+    monkeypatch.setenv(tg_bot.TOKEN_ENV, TOKEN)
+    cases = {"TG_BOT_MAX_BATCH": ("abc", "not a whole number"), "TG_BOT_TEMPERATURE": ("warm", "not a number"),
+             "TG_BOT_QUANTIZE": ("int4", "must be one of auto, int8, none")}
+    for name, (value, why) in cases.items():
+        monkeypatch.setenv(name, value)
+        assert tg_bot.main(["--api-url", "http://127.0.0.1:9"]) == 1
+        monkeypatch.delenv(name)
+        err = capsys.readouterr().err
+        assert err == f"tg_bot.py: error: {name}={value!r}: {why}\n"
+    args = tg_bot.parse_args([], {"TG_BOT_MAX_BATCH": " 8 ", "TG_BOT_TEMPERATURE": "0.7", "TG_BOT_QUANTIZE": "none"})
+    assert (args.max_batch, args.temperature, args.quantize) == (8, 0.7, "none")  # good values still pass
+
+
 def read_environment_file(path, commented=False):
     """KEY=VALUE lines as systemd's EnvironmentFile= reads them (quotes removed);
     commented=True: the examples left commented out too."""

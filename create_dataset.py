@@ -1305,31 +1305,44 @@ class SplitWriters:
     def __init__(self, folder, facts):
         self.schema = CONTEXT_SCHEMA.append(FACTS_FIELD) if facts else CONTEXT_SCHEMA
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
         suffix = f".tmp-{os.getpid()}"
         self.targets, self.csv_files, self.csv, self.parquet, self.buffers = {}, {}, {}, {}, {}
-        for split in SPLITS:
-            pairs = self.folder / f"pairs_{split}.csv"
-            context = self.folder / f"context_{split}.parquet"
-            tmp_pairs = pairs.with_name(f".{pairs.name}{suffix}")
-            tmp_context = context.with_name(f".{context.name}{suffix}")
-            self.targets[split] = [(tmp_pairs, pairs), (tmp_context, context)]
-            self.csv_files[split] = open(tmp_pairs, "w", encoding="utf-8", newline="")
-            self.csv[split] = csv.writer(self.csv_files[split])
-            self.csv[split].writerow(["dialogue_id", "question", "answer"])
-            self.parquet[split] = pq.ParquetWriter(tmp_context, self.schema)
-            self.buffers[split] = {name: [] for name in self.schema.names}
+        with self.named_on_error():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for split in SPLITS:
+                pairs = self.folder / f"pairs_{split}.csv"
+                context = self.folder / f"context_{split}.parquet"
+                tmp_pairs = pairs.with_name(f".{pairs.name}{suffix}")
+                tmp_context = context.with_name(f".{context.name}{suffix}")
+                self.targets[split] = [(tmp_pairs, pairs), (tmp_context, context)]
+                self.csv_files[split] = open(tmp_pairs, "w", encoding="utf-8", newline="")
+                self.csv[split] = csv.writer(self.csv_files[split])
+                self.csv[split].writerow(["dialogue_id", "question", "answer"])
+                self.parquet[split] = pq.ParquetWriter(tmp_context, self.schema)
+                self.buffers[split] = {name: [] for name in self.schema.names}
+
+    @contextlib.contextmanager
+    def named_on_error(self):
+        """A failed write (no such folder, no permission, a full disk) is the --output folder's
+        fault, said in one line; what was opened so far is removed."""
+        try:
+            yield
+        except OSError as exc:
+            self.abort()
+            raise UserError(f"{self.folder}: cannot write the --output folder "
+                            f"({exc.strerror or exc})") from None
 
     def add(self, split, dialogue_id, context, answer, facts=None):
-        self.csv[split].writerow([dialogue_id, context[-1], answer])
-        buffer = self.buffers[split]
-        buffer["dialogue_id"].append(dialogue_id)
-        buffer["context"].append(list(context))
-        buffer["answer"].append(answer)
-        if "facts" in buffer:
-            buffer["facts"].append(facts)
-        if len(buffer["answer"]) >= BATCH_ROWS:
-            self.flush(split)
+        with self.named_on_error():
+            self.csv[split].writerow([dialogue_id, context[-1], answer])
+            buffer = self.buffers[split]
+            buffer["dialogue_id"].append(dialogue_id)
+            buffer["context"].append(list(context))
+            buffer["answer"].append(answer)
+            if "facts" in buffer:
+                buffer["facts"].append(facts)
+            if len(buffer["answer"]) >= BATCH_ROWS:
+                self.flush(split)
 
     def flush(self, split):
         buffer = self.buffers[split]
@@ -1345,17 +1358,21 @@ class SplitWriters:
             self.parquet[split].close()
 
     def commit(self):
-        self.close()
-        for split in SPLITS:
-            for tmp, final in self.targets[split]:
-                os.replace(tmp, final)
+        with self.named_on_error():
+            self.close()
+            for split in SPLITS:
+                for tmp, final in self.targets[split]:
+                    os.replace(tmp, final)
 
     def abort(self):
         for split in SPLITS:
-            self.csv_files[split].close()
-            self.parquet[split].close()
-            for tmp, _ in self.targets[split]:
-                tmp.unlink(missing_ok=True)
+            for opened in (self.csv_files.get(split), self.parquet.get(split)):
+                if opened is not None:
+                    with contextlib.suppress(OSError):
+                        opened.close()
+            for tmp, _ in self.targets.get(split, []):
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
 
 
 def usable_dialogues(parquet, rows):
@@ -1422,6 +1439,8 @@ def create_dataset(input_path, output_dir, max_turns=MAX_TURNS, rows=None, seed=
                    val_fraction=VAL_FRACTION, test_fraction=TEST_FRACTION, facts=FACTS):
     """Write the six split files; return the counts per split (with the rows
     whose facts are not empty) and what the grouping of repeated dialogues moved."""
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise UserError(f"{output_dir}: is a file; --output names the folder of the split files")
     parquet = open_input(input_path)
     if facts:
         check_fact_tools()

@@ -152,6 +152,36 @@ def test_bad_input_leaves_previous_files(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
 
 
+def test_a_bad_output_is_one_line_and_leaves_previous_files(splits, tmp_path, capsys, monkeypatch):
+    _, clean = splits
+    a_file = tmp_path / "a_file.csv"
+    a_file.write_text("old", encoding="utf-8")
+    assert cd.main(["--input", str(clean), "--output", str(a_file)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a_file.csv" in err[0] and "--output" in err[0]
+    assert a_file.read_text(encoding="utf-8") == "old"
+    assert cd.main(["--input", str(clean), "--output", "/proc/no_such_folder"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "/proc/no_such_folder" in err[0] and "cannot write" in err[0]
+    # the last rename fails (a full disk, a folder gone): the previous files stay, no temporary is left
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "context_test.parquet").write_text("old", encoding="utf-8")
+    real_replace = cd.os.replace
+
+    def failing_replace(src, dst):
+        if str(dst).endswith("context_test.parquet"):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(cd.os, "replace", failing_replace)
+    assert cd.main(["--input", str(clean), "--output", str(folder)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0]
+    assert (folder / "context_test.parquet").read_text(encoding="utf-8") == "old"
+    assert [p.name for p in folder.iterdir() if ".tmp-" in p.name] == []
+
+
 INTRODUCTIONS = [
     "Привет! Меня зовут Аня, я из Казани.",            # 0: the side asking before answers 1, 3, 5, 7
     "Привет, Аня! А меня зовут Борис, я из Москвы.",   # 1: the other side, asking before 2, 4, 6, 8

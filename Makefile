@@ -1,12 +1,13 @@
 # Two commands do everything on a fresh machine:
 #   make demo   - every stage of the kit on the bundled sample, one after another
 #   make test   - the test suite
-# Both create .venv and install requirements.txt into it first.
+# Both create .venv and install requirements.txt into it first (make test also requirements-dev.txt).
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+DEV_STAMP := $(VENV)/.installed-dev-stamp
 
 .PHONY: install test demo demo-data demo-lstm demo-transformers demo-eval demo-chat bench clean
 
@@ -16,9 +17,14 @@ $(STAMP): requirements.txt
 	$(BIN)/pip install -q -r requirements.txt
 	touch $(STAMP)
 
+# The tests also run the DeepSpeed and 8-bit optimizer paths, whose packages only they need.
+$(DEV_STAMP): $(STAMP) requirements-dev.txt
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $(DEV_STAMP)
+
 install: $(STAMP)
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q
 
 # The demo: tiny models trained for a few minutes on the bundled sample, so the

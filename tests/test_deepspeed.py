@@ -37,8 +37,8 @@ def auto_keys(node, path=""):
 
 def need_deepspeed():
     if not tt.package_installed("deepspeed"):
-        pytest.skip("deepspeed is not installed (pip install deepspeed; not in requirements.txt, it is for GPU "
-                    "servers): the DeepSpeed runs cannot start here")
+        pytest.skip("deepspeed is not installed (make test installs it from requirements-dev.txt; "
+                    "pip install deepspeed): the DeepSpeed runs cannot start here")
 
 
 def test_the_configs_are_zero2_and_zero3_with_cpu_offload(repo_root):

@@ -113,7 +113,8 @@ def test_optim_8bit_without_bitsandbytes_is_one_line(tmp_path, capfd, monkeypatc
 
 def test_optim_8bit_trains_with_8_bit_state(tmp_path):
     if not tt.package_installed("bitsandbytes"):
-        pytest.skip("bitsandbytes is not installed (pip install bitsandbytes): the 8-bit AdamW cannot run here")
+        pytest.skip("bitsandbytes is not installed (make test installs it from requirements-dev.txt; "
+                    "pip install bitsandbytes): the 8-bit AdamW cannot run here")
     data = write_pairs(tmp_path / "data", PAIRS)
     trainer = run(TINY + ["--data-dir", str(data), "--output", str(tmp_path / "m"), "--optim-8bit",
                           "--max-steps", "2", "--eval-steps", "2", "--batch-size", "4"])

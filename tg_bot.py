@@ -3638,8 +3638,38 @@ def check_choices(parser, args):
             raise UserError(f"{action.option_strings[0]} {value!r}: must be one of {', '.join(action.choices)}")
 
 
+# Settings that None leaves to chat_config.json, the environment or "none": every other one must be set.
+MAY_BE_NONE = {"persona", "max_new_tokens", "temperature", "top_p", "repetition_penalty", "context_tokens",
+               "max_turns", "token_file", "api_url", "allowed_users", "workers", "server"}
+
+
+def check_types(parser, args):
+    """argparse converts only strings: a default of the wrong type (a notebook cell's defaults
+    block: DEFAULT_MODEL = None, NO_MEMORY = "no", a list for a path) would pass through as it is."""
+    for action in parser._actions:
+        if action.dest == "help" or not hasattr(args, action.dest):
+            continue
+        value, flag = getattr(args, action.dest), action.option_strings[-1]
+        if action.nargs == 0:  # an on/off flag: "no" would be true
+            if value is not True and value is not False:
+                raise UserError(f"{flag} {value!r}: must be True or False")
+        elif value is None:
+            if action.dest not in MAY_BE_NONE:
+                raise UserError(f"{flag} None: must be set")
+        elif action.type is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UserError(f"{flag} {value!r}: must be a whole number, not {type(value).__name__}")
+        elif action.type is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UserError(f"{flag} {value!r}: must be a number, not {type(value).__name__}")
+        elif not isinstance(value, str):
+            raise UserError(f"{flag} {value!r}: must be text (a str), not {type(value).__name__}")
+
+
 def check_args(args):
-    check_choices(build_parser(), args)
+    parser = build_parser()
+    check_types(parser, args)
+    check_choices(parser, args)
     if args.repetition_penalty is not None and args.repetition_penalty < 1.0:
         raise UserError(f"--repetition-penalty: {args.repetition_penalty} must be >= 1.0 "
                         f"(below 1 it rewards repetition)")

@@ -92,6 +92,32 @@ def test_a_wrong_choice_in_the_defaults_block_is_one_line(monkeypatch, capsys, n
     assert len(err) == 1 and err[0].startswith(f"tg_bot.py: error: {flag} {value!r}: must be one of "), err
 
 
+@pytest.mark.parametrize("name,value,expected", [
+    ("DEFAULT_MODEL", None, "--model None: must be set"),
+    ("NO_MEMORY", "no", "--no-memory 'no': must be True or False"),
+    ("LOG_PROMPTS", 1, "--log-prompts 1: must be True or False"),
+    ("DEFAULT_DB", ["history.sqlite3"], "--db ['history.sqlite3']: must be text (a str), not list"),
+    ("DEFAULT_MAX_BATCH", 4.5, "--max-batch 4.5: must be a whole number, not float"),
+    ("DEFAULT_MAX_BATCH", True, "--max-batch True: must be a whole number, not bool"),
+    ("TEMPERATURE", [0.7], "--temperature [0.7]: must be a number, not list"),
+    ("DEFAULT_POLL_SECONDS", None, "--poll-seconds None: must be set"),
+])
+def test_a_wrong_typed_default_in_the_defaults_block_is_one_line(monkeypatch, capsys, name, value, expected):
+    # argparse converts only strings, so these came through as they were: a traceback or a silent "on".
+    monkeypatch.setenv(tg_bot.TOKEN_ENV, TOKEN)
+    monkeypatch.setattr(tg_bot, name, value)
+    assert tg_bot.main(["--api-url", "http://127.0.0.1:9"]) == 1
+    assert capsys.readouterr().err == f"tg_bot.py: error: {expected}\n"
+
+
+def test_right_typed_defaults_pass_the_type_check(monkeypatch):
+    for name, value in (("TEMPERATURE", 1), ("PERSONA", None), ("WORKERS", None), ("NO_MEMORY", True)):
+        monkeypatch.setattr(tg_bot, name, value)  # an int where a float goes, None where the flag may be unset
+    args = tg_bot.parse_args([], environ={})
+    tg_bot.check_args(args)
+    assert args.temperature == 1 and args.no_memory is True and args.workers is None
+
+
 def test_malformed_token_file_is_not_echoed(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv(tg_bot.TOKEN_ENV, raising=False)
     token_file = tmp_path / "token"

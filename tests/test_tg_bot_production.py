@@ -308,6 +308,18 @@ def test_during_a_disk_fault_an_update_is_confirmed_only_once_it_is_on_disk(api,
     assert len(replies) == 1 and replies[0].startswith("ответ на «") and replies[0].endswith("Что нового?»")
 
 
+def test_a_stop_during_a_disk_fault_leaves_the_unsaved_updates_to_telegram(api, harness, tmp_path):
+    bot = harness(model=StubModel(held=True))
+    with bot.store.lock:
+        pages = bot.store.db.execute("PRAGMA page_count").fetchone()[0]
+        bot.store.db.execute(f"PRAGMA max_page_count = {pages}")
+    update = api.next_update_id
+    api.push_text(5, "бла " * 2000 + "Ты здесь?")
+    api.wait_for(lambda: api.confirmed or polls_at(api, update) >= 2)
+    bot.stop()  # SIGTERM: the disk is still full, so the update cannot be confirmed
+    assert api.confirmed == [] and api.unconfirmed() == [update]  # the next start gets it from Telegram
+
+
 def test_the_fallback_reply_is_sent_but_not_remembered(api, harness):
     bot = harness()
     api.push_text(8, "непонятно что")

@@ -557,7 +557,8 @@ def test_system_prompt_chat_in_a_cell(folder):
 
 def test_tg_bot_in_a_cell_answers_and_stops_on_a_kernel_interrupt(folder):
     """The bot pasted into a cell serves a fake Bot API until the notebook's Stop button (a kernel interrupt,
-    SIGINT): it then stops cleanly, the cell ends without an exception, and the kernel gets its handlers back."""
+    SIGINT): it then stops cleanly, the cell ends without an exception, and the kernel gets its handlers back.
+    Before that, a cell without the token and one with a wrong model folder each end in the one-line error."""
     script = "tg_bot.py"
     produce(folder, script)
     from fake_bot_api import FakeBotApi
@@ -575,10 +576,13 @@ def test_tg_bot_in_a_cell_answers_and_stops_on_a_kernel_interrupt(folder):
             answered.extend(api.wait_for_messages(7, count=1, timeout=CELL_TIMEOUT))
             asyncio.run(client.km.interrupt_kernel())  # what the notebook's Stop button sends
 
-        cells = run_notebook(folder, [PROBE, setup, bot, PROBE], while_running=talk_then_stop)
-    assert answered and answered[0]["text"].strip(), describe(cells[2])
-    assert_no_exception(cells[2])
-    assert "stopped cleanly" in stream(cells[2], "stderr"), describe(cells[2])
-    assert token not in describe(cells[2])
+        no_model = cell(script, DEFAULT_MODEL="no_such_model", DEFAULT_DEVICE="cpu", DEFAULT_DB="bot_history.sqlite3")
+        cells = run_notebook(folder, [PROBE, bot, setup, no_model, bot, PROBE], while_running=talk_then_stop)
+    assert_user_error(cells[1], script, "TELEGRAM_BOT_TOKEN")  # the secret not set yet
+    assert_user_error(cells[3], script, "no_such_model")
+    assert answered and answered[0]["text"].strip(), describe(cells[4])
+    assert_no_exception(cells[4])
+    assert "stopped cleanly" in stream(cells[4], "stderr"), describe(cells[4])
+    assert token not in describe(cells[4])
     assert (folder / "bot_history.sqlite3").is_file()
     assert kernel_state(cells[0]) == kernel_state(cells[-1])  # SIGINT is the kernel's again, hooks restored

@@ -22,12 +22,39 @@ Optional variants (--variants): full-8bit (AdamW with 8-bit state, bitsandbytes,
 4+4+2 = 10 B/param; skipped where bitsandbytes is not installed) and lora-bf16
 (the frozen weights stored in bf16, 2 B/param, as on a GPU).
 
-Run it (5-8 minutes on 2 cores; one variant at a time, peak 6.3 GiB at the defaults, 8.3 GiB
+Run it (4-8 minutes on 2 cores; one variant at a time, peak 6.4 GiB at the defaults, 8.4 GiB
 with --seq-len 256 --batch-size 4):
     python bench/train_memory.py
     python bench/train_memory.py --seq-len 256 --batch-size 4            # more activations
     python bench/train_memory.py --n-layer 4 --n-embd 256 --n-head 4     # a quick check
     python bench/train_memory.py --variants full,lora,ckpt,lora+ckpt,full-8bit,lora-bf16
+    python bench/train_memory.py --gpu-table                             # the README's GPU table, arithmetic
+
+--gpu-table prints the README's table "Which model on which GPU" in markdown: the GPU memory of a
+training step by arithmetic, not measured (no model is loaded, no GPU needed; GB = 10**9 bytes).
+For a GPT-2 of L layers, width h, vocabulary V and P positions, s x b tokens a batch (384 x 8, the
+defaults of train_medium_context.py) and LoRA of rank r on c_attn, c_proj and c_fc:
+
+    N parameters   V*h + P*h + L*(12*h*h + 13*h) + 2*h     (the head shares the embeddings' weights)
+    A adapter      r*(fan_in + fan_out) for each adapted layer = 16*r*h a block (c_attn h->3h,
+      parameters   attention c_proj h->h, c_fc h->4h, MLP c_proj 4h->h), so 16*r*h*L
+    activations    34*s*b*h*L bytes: 16-bit, per block 34*s*b*h (Korthikanti et al. 2022 without the
+                   attention scores, which SDPA does not keep)
+    checkpointed   2*s*b*h*L + 34*s*b*h: only the block inputs (16-bit) are kept, and one block's
+                   activations are alive again while it is recomputed
+    logits, loss   10*s*b*V: the 16-bit logits (2), their fp32 copy for the loss (4), its gradient (4)
+    CUDA           1 GB: the context and the allocator's slack
+
+    full fine-tune               16*N + activations     4 fp32 weight + 4 gradient + 8 AdamW (m, v)
+    + --gradient-checkpointing   16*N + checkpointed
+    + --optim-8bit too           10*N + checkpointed    AdamW's m and v in 1 byte each: 4 + 4 + 2
+    --lora                       2*N + 16*A + activations   frozen weights in 16 bits; adapters fp32
+                                                            with gradient and AdamW state, 16 B each
+    --lora --gradient-checkpointing   2*N + 16*A + checkpointed
+
+each plus the logits and loss and CUDA's 1 GB. A cell reads "T4" up to 15 GB (what a T4, sold as
+16 GB, offers), "too tight for a T4" up to 16 GB, else the smallest of a 24, 40 or 80 GB GPU that
+holds it.
 """
 import argparse
 import dataclasses
@@ -57,6 +84,18 @@ ALL_VARIANTS = ("full", "lora", "ckpt", "lora+ckpt", "full-8bit", "lora-bf16")
 THREADS = 2
 SEED = 0
 GIB = 1024 ** 3
+GPU_TABLE = False           # True: print the GPU table by arithmetic (the docstring's formulas) instead of measuring
+GPU_MODELS = (              # the table's rows: (label, parameters' shape: layers, width, vocabulary, positions)
+    ("ruGPT-3 small (`train_transformer.py`)", 12, 768, 50264, 2048),
+    ("ruGPT-3 medium (`train_medium_context.py`)", 24, 1024, 50257, 2048),
+    ("ruGPT-3 large (`train_medium_context.py --model ai-forever/rugpt3large_based_on_gpt2`)", 24, 1536, 50257, 2048),
+    ("a GPT-2 folder of ruGPT-3 XL's size", 24, 2048, 50264, 2048),
+)
+GPU_BATCH_SIZE, GPU_SEQ_LEN = 8, 384   # train_medium_context.py's BATCH_SIZE and MAX_LENGTH
+CUDA_GB = 1.0               # CUDA's context and the allocator's slack
+T4_GB = 15.0                # what a T4 offers of its 16 GB
+GPU_SIZES_GB = (24, 40, 80)
+GB = 10 ** 9
 
 
 def vm_kib(field):
@@ -257,6 +296,72 @@ def print_table(results, args):
               f"{activations / GIB:6.2f}; loss {r['loss']:.3f}")
 
 
+# ----------------------------------------------------------------------------
+# --gpu-table: the README's "Which model on which GPU", by the docstring's arithmetic
+
+# (fan_in, fan_out) of each Conv1D a GPT-2 block has, in multiples of the width h
+GPT2_BLOCK_LAYERS = {"c_attn": [(1, 3)], "c_proj": [(1, 1), (4, 1)], "c_fc": [(1, 4)]}
+
+
+def gpt2_parameters(n_layer, n_embd, vocab_size, n_positions):
+    """GPT-2's parameter count: embeddings, 12h^2 + 13h a block (weights, biases, two LayerNorms), the final
+    LayerNorm; the LM head is the token embedding's matrix, so it adds nothing."""
+    h = n_embd
+    return vocab_size * h + n_positions * h + n_layer * (12 * h * h + 13 * h) + 2 * h
+
+
+def lora_parameters(n_layer, n_embd, lora_r, targets=LORA_TARGETS):
+    """A rank-r adapter on a fan_in -> fan_out layer has r*(fan_in + fan_out) parameters (A and B)."""
+    per_block = sum(lora_r * (fan_in + fan_out) * n_embd
+                    for name in targets for fan_in, fan_out in GPT2_BLOCK_LAYERS[name])
+    return n_layer * per_block
+
+
+def gpu_memory_bytes(n_layer, n_embd, vocab_size, n_positions, lora_r, batch_size=GPU_BATCH_SIZE,
+                     seq_len=GPU_SEQ_LEN):
+    """{column: bytes} of one training step on a GPU, the docstring's formulas."""
+    n = gpt2_parameters(n_layer, n_embd, vocab_size, n_positions)
+    adapters = lora_parameters(n_layer, n_embd, lora_r)
+    tokens = batch_size * seq_len
+    activations = 34 * tokens * n_embd * n_layer
+    checkpointed = 2 * tokens * n_embd * n_layer + 34 * tokens * n_embd
+    fixed = 10 * tokens * vocab_size + CUDA_GB * GB          # logits and loss, CUDA
+    return {
+        "full": 16 * n + activations + fixed,
+        "ckpt": 16 * n + checkpointed + fixed,
+        "8bit+ckpt": 10 * n + checkpointed + fixed,
+        "lora": 2 * n + 16 * adapters + activations + fixed,
+        "lora+ckpt": 2 * n + 16 * adapters + checkpointed + fixed,
+    }
+
+
+def gpu_that_fits(gb):
+    if gb <= T4_GB:
+        return "T4"
+    if gb <= 16:     # within the T4's nominal 16 GB, but above what it leaves free
+        return "too tight for a T4"
+    return next((f"{size} GB GPU" for size in GPU_SIZES_GB if gb <= size), f"more than {GPU_SIZES_GB[-1]} GB")
+
+
+def parameters_text(n):
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+
+
+def print_gpu_table(lora_r):
+    columns = ("full", "ckpt", "8bit+ckpt", "lora", "lora+ckpt")
+    print(f"GPU memory of a training step by arithmetic (bench/train_memory.py --gpu-table; formulas in its "
+          f"docstring): batch {GPU_BATCH_SIZE} x {GPU_SEQ_LEN} tokens, LoRA r={lora_r} on "
+          f"{', '.join(LORA_TARGETS)}, {CUDA_GB:g} GB for CUDA, GB = 10^9 bytes, T4: {T4_GB:g} GB\n")
+    print("| model (trainer) | parameters | full fine-tune (16 B/param) | + `--gradient-checkpointing` "
+          "| + `--optim-8bit` too (10 B/param) | `--lora` (2 B/param frozen) | `--lora --gradient-checkpointing` |")
+    print("|---|---|---|---|---|---|---|")
+    for label, n_layer, n_embd, vocab_size, n_positions in GPU_MODELS:
+        memory = gpu_memory_bytes(n_layer, n_embd, vocab_size, n_positions, lora_r)
+        cells = [f"{memory[c] / GB:.1f} GB: {gpu_that_fits(memory[c] / GB)}" for c in columns]
+        n = gpt2_parameters(n_layer, n_embd, vocab_size, n_positions)
+        print(f"| {label} | {parameters_text(n)} | " + " | ".join(cells) + " |")
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-layer", type=int, default=N_LAYER)
@@ -272,6 +377,8 @@ def parse_args(argv):
                         help=f"comma-separated, of {', '.join(ALL_VARIANTS)} (default %(default)s)")
     parser.add_argument("--threads", type=int, default=THREADS, help="torch CPU threads (default %(default)s)")
     parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--gpu-table", action="store_true", default=GPU_TABLE,
+                        help="print the README's GPU memory table by arithmetic (no model, no measurement) and exit")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -286,6 +393,9 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.gpu_table:
+        print_gpu_table(args.lora_r)
+        return 0
     if args.child:
         run_child(args.child, args)
         return 0

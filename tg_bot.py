@@ -468,6 +468,7 @@ NOT_OCCUPATIONS = {"человек", "девушка", "парень", "мужч
                    "подруга", "дурак", "дура", "идиот", "хозяин", "хозяйка", "гость", "новичок", "сам",
                    "робот", "пользователь"} | KIN_LEMMAS | PET_LEMMAS
 MINE_LEMMAS = {"мой", "свой"}
+POSSESSIVE_LEMMAS = MINE_LEMMAS | {"наш"}   # the user's own: no part of the relative kept ("у меня мой брат")
 MODAL_VERBS = {"собираться", "планировать", "хотеть", "думать", "мечтать", "быть"}
 WEEKDAYS = {"понедельник", "вторник", "среда", "четверг", "пятница", "суббота", "воскресенье"}
 MONTHS = {"январь", "февраль", "март", "апрель", "май", "июнь", "июль", "август", "сентябрь", "октябрь",
@@ -591,6 +592,8 @@ def load_fact_tools():
     other_place = rule(words("в", "во", "на"), and_(has_form("NOUN"), not_(has_form("Geox"))))
     city_rules = or_(
         rule(live, filler, other_place.optional(), words("в", "во"), place),   # живу в общаге в москве
+        rule(live, filler, eq("не"), words("в", "во"), place, eq(",").optional(),
+             words("а"), words("в", "во"), place),                             # живу не в москве а в казани
         rule(words("теперь", "сейчас"), words("в", "во"), place),              # жила в омске, теперь в томске
         rule(words("в", "во"), place, filler, live),
         rule(moved, filler, words("в", "во"), place),
@@ -865,7 +868,11 @@ def extract_names(text, message):
 def extract_city(text, message):
     cities = []
     for start, stop, words in matches_of("city", text, message):
-        if message.is_negated(start, stop) or message.is_question(start, stop):
+        lowered = [w.lower() for w in words]
+        # "живу не в москве а в казани": the "не" inside corrects the place; one before still negates.
+        contrast = "не" in lowered and "а" in lowered
+        negated = "не" in message.words[max(0, start - 2):start] if contrast else message.is_negated(start, stop)
+        if negated or message.is_question(start, stop):
             continue
         if words[0].lower() in ("из", "с", "со"):
             if not message.said_by_me_earlier(start):
@@ -878,7 +885,6 @@ def extract_city(text, message):
         if words[0].lower() in ("теперь", "сейчас") and not any(
                 best_parse(word).normal_form in ("жить", "переехать", "проживать") for word in message.words[:start]):
             continue  # "теперь в томске" moves house only after talk of living somewhere
-        lowered = [w.lower() for w in words]
         while lowered[-1] in FILLER_WORDS or best_parse(lowered[-1]).tag.POS == "VERB":
             lowered.pop()  # "в казани живу"
         last_preposition = max(i for i, w in enumerate(lowered) if w in ("в", "во", "из", "с", "со")
@@ -964,7 +970,9 @@ def extract_study(text, message):
 def relative_value(words, named_later=None):
     """"сестру" -> сестра, "старший брат миша" -> старший брат Миша, "двое детей" as said;
     None where the kin reading is not the word's likeliest noun ("мой внучек")."""
-    lowered = [w.lower() for w in words]
+    lowered = [w.lower() for w in words if best_parse(w).normal_form not in POSSESSIVE_LEMMAS]
+    if not lowered:
+        return None
     if lowered[0].isdigit() or "NUMR" in best_parse(lowered[0]).tag.grammemes or \
             best_parse(lowered[0]).normal_form in ("двое", "трое", "четверо", "пятеро"):
         return " ".join(lowered)
@@ -994,14 +1002,25 @@ def split_relatives(words):
 
 
 NAMING_WORDS = ("зовут", "кличке", "кличка", "назвала", "назвал", "назвали", "зову")
+# What may stand between the last relative of a list and its name: "... и сестра, которую зовут оля".
+BEFORE_NAMING = {"и", "по", "его", "её", "ее", "их", "которого", "которую", "которых", "которая", "который"}
 
 
-def name_given_after(message, start, stop):
-    """The name in "... зовут X", "по кличке X", "я назвала X" in the same clause."""
+def name_given_after(message, start, stop, listed=False):
+    """The name in "... зовут X", "по кличке X", "я назвала X" in the same clause; after a
+    list of relatives (`listed`), only right after it, where it names the last one.
+    "меня зовут X" names the user, not a relative."""
     first, last = message.clause_bounds(start, stop)
-    for i in range(first, last - 1):
-        if message.words[i] in NAMING_WORDS:
+    for i in range(stop if listed else first, last - 1):
+        word = message.words[i]
+        if word in NAMING_WORDS and (i > 0 and message.words[i - 1] in ME_WORDS or message.words[i + 1] in ME_WORDS):
+            if listed:
+                return None
+            continue
+        if word in NAMING_WORDS:
             return message.words[i + 1]
+        if listed and word not in BEFORE_NAMING:
+            return None
     return None
 
 
@@ -1030,14 +1049,14 @@ def extract_family_and_pets(text, message):
         else:
             groups = [[w for w in lowered if w not in ("у", "меня", "мы", "с", "со") and not w.isdigit()
                        and best_parse(w).normal_form not in ("мой", "свой")]]
-        named_later = name_given_after(message, start, stop) if len(groups) == 1 else None
-        for group in groups:
+        named_later = name_given_after(message, start, stop, listed=len(groups) > 1)
+        for number, group in enumerate(groups, 1):
             lemma = {best_parse(w, "NOUN").normal_form for w in group}
             if lemma & PARTNER_LEMMAS and not (owned or best_parse(lowered[0]).normal_form == "мой" or
                                               best_parse(lowered[-1]).normal_form == "мой"):
                 continue
             kind = "pet" if lemma & PET_LEMMAS else "family"
-            value = relative_value(group, named_later)
+            value = relative_value(group, named_later if number == len(groups) else None)
             if value:
                 found.append((kind, value))
     return found
@@ -1441,33 +1460,29 @@ def render_facts_answer(facts):
     return text[:1].upper() + text[1:]
 
 
-DROP_FIRST = ("plan", "dislike", "like", "pet", "family", "study", "occupation", "age", "city", "name")
-
-
-def facts_answer_that_fits(facts, fits):
-    """The answer for the prompt's facts exchange, shortened until fits(answer) holds:
-    plans, then dislikes and likes, oldest first, go before the name and the city.
-    None when not even the name fits (the prompt then goes without the exchange)."""
-    facts = list(facts)
-    while facts:
-        answer = render_facts_answer(facts)
-        if fits(answer):
-            return answer
-        kind = next(kind for kind in DROP_FIRST if any(fact[0] == kind for fact in facts))
-        facts.remove(next(fact for fact in facts if fact[0] == kind))
-    return None
-
-
 def render_facts_list(facts):
     """The /memory list: one fact a line, as stored, so that /forget <слово> can name it."""
     in_kind_order = sorted(facts, key=lambda fact: FACT_KINDS.index(fact[0]))
     return "\n".join(f"{FACT_LABELS[kind]}: {value}" for kind, value in in_kind_order)
 
 
+FUNCTION_WORD_TAGS = {"PREP", "CONJ", "PRCL", "NPRO", "INTJ"}   # "в", "и", "не", "мне", "ой"
+
+
+def is_function_word(word):
+    """A preposition, conjunction, particle, pronoun or interjection in its likeliest reading,
+    and never a name ("ли" is also Ли): it is in many facts and names none of them."""
+    parses = load_fact_tools()["parse"](word)
+    return parses[0].tag.POS in FUNCTION_WORD_TAGS and not any("Name" in p.tag.grammemes for p in parses)
+
+
 def forget_user_facts(facts, word):
     """(kept, removed): the facts whose value or label holds `word` in any form
-    ("/forget казани" removes Казань; "/forget город" removes the city)."""
-    query = fold(word)
+    ("/forget казани" removes Казань; "/forget город" removes the city). Punctuation around
+    the word is ignored ("Аня,"), and a function word ("в", "не") removes nothing."""
+    query = re.sub(r"^\W+|\W+$", "", fold(word))
+    if not query or is_function_word(query):
+        return list(facts), []
     query_lemmas = {fold(p.normal_form) for p in load_fact_tools()["parse"](query)} | {query}
     kept, removed = [], []
     for kind, value in facts:
@@ -2913,14 +2928,12 @@ def speaker_id(message):
     return user.id
 
 
-def content_words(value, parse):
+def content_words(value):
     """The words of a fact's value that a forgotten fact takes with it from stored messages:
     not prepositions, conjunctions, particles or pronouns ("поехать в Сочи" takes поехать
-    and Сочи, not every message with "в")."""
+    and Сочи, not every message with "в"), by the user facts block's own rule (is_function_word)."""
     words = [word for word in re.split(r"[^\w]+", fold(value)) if word]
-    function_words = {"PREP", "CONJ", "PRCL", "INTJ", "NPRO"}
-    return [word for word in words
-            if word.isdigit() or (len(word) > 1 and not all(p.tag.POS in function_words for p in parse(word)))]
+    return [word for word in words if word.isdigit() or (len(word) > 1 and not is_function_word(word))]
 
 
 def any_form_matcher(words, parse):
@@ -3264,11 +3277,14 @@ class ChatBot:
         if not self.memory:
             self.send(message, MEMORY_OFF_REPLY)
             return
-        words = argument.split()
+        # Punctuation around a word is not part of it ("/forget Аня,"); an argument of
+        # punctuation alone forgets nothing rather than everything.
+        words = [word for word in (re.sub(r"^\W+|\W+$", "", word) for word in argument.split()) if word]
+        forget_all = not argument.strip()
         with self.facts_lock:
             facts = self.store.user_facts(chat_id, user_id) or []
             kept, removed = facts, []
-            if words:
+            if not forget_all:
                 for word in words:
                     kept, gone = forget_user_facts(kept, word)
                     removed += gone
@@ -3277,12 +3293,12 @@ class ChatBot:
             parse = load_fact_tools()["parse"]
             labels = {word for label in FACT_LABELS.values() for word in fold(label).split()}
             doomed = [word for value in [value for _, value in removed] + [w for w in words if fold(w) not in labels]
-                      for word in content_words(value, parse)]
+                      for word in content_words(value)]
             saved = self.store.forget(chat_id, user_id, kept, any_form_matcher(doomed, parse), done=item.update_id)
         self.local.recorded = True
         log.info("chat %s: user %s: /forget%s: %d facts forgotten, %d kept", chat_id, user_id,
-                 " <word>" if words else "", len(removed), len(kept))
-        if not words:
+                 "" if forget_all else " <word>", len(removed), len(kept))
+        if forget_all:
             self.send(message, FORGOT_ALL_REPLY)
         elif removed:
             self.send(message, FORGOT_SOME_REPLY + "\n" + render_facts_list(removed))

@@ -66,7 +66,7 @@ def test_forget_deletes_the_facts_and_every_exchange_holding_their_words_from_th
     assert holds_any(db, KAZAN)  # the check below can see the bytes
     kept, removed = tg_bot.forget_user_facts(store.user_facts(1, 10), "казань")
     assert removed == [("city", "Казань")]
-    holds = tg_bot.any_form_matcher(tg_bot.content_words("Казань", parse), parse)
+    holds = tg_bot.any_form_matcher(tg_bot.content_words("Казань"), parse)
     assert store.forget(1, 10, kept, holds, done=502)
     assert store.user_facts(1, 10) == [("name", "Аня")]
     assert store.turns(1) == ["поеду в Самару летом", "Отличный план"]  # whole exchanges go, the rest stays
@@ -83,8 +83,8 @@ def test_forget_deletes_the_facts_and_every_exchange_holding_their_words_from_th
 
 def test_any_form_of_a_forgotten_word_is_found_and_function_words_are_not_taken():
     parse = tg_bot.load_fact_tools()["parse"]
-    assert tg_bot.content_words("поехать в Сочи летом", parse) == ["поехать", "сочи", "летом"]
-    holds = tg_bot.any_form_matcher(tg_bot.content_words("Аня", parse), parse)
+    assert tg_bot.content_words("поехать в Сочи летом") == ["поехать", "сочи", "летом"]
+    holds = tg_bot.any_form_matcher(tg_bot.content_words("Аня"), parse)
     assert all(holds(text) for text in ("меня зовут Аня", "спроси у ани", "передай АНЕ привет", "с Аней"))
     assert not any(holds(text) for text in ("меня зовут Оля", "планы на неделю", "анализ"))
 
@@ -222,6 +222,15 @@ def test_in_a_group_each_member_has_their_own_facts_and_they_stay_in_that_group(
     assert ask(api, group, "/memory", user_id=peter, chat_type="group") == "имя: Петя\nгород: Омск"
     assert ask(api, group, "/memory", user_id=olga, chat_type="group") == tg_bot.NO_FACTS_ANSWER
     assert query(bot.db, "SELECT DISTINCT chat_id, user_id FROM user_facts") == [(group, peter)]
+
+
+def test_forget_takes_each_word_without_its_punctuation(api, harness):
+    harness()
+    ask(api, 61, INTRODUCTION)
+    assert ask(api, 61, "/forget , …") == tg_bot.NOTHING_TO_FORGET_REPLY  # punctuation alone forgets nothing
+    assert ask(api, 61, "/memory") == "имя: Аня\nгород: Казань"
+    assert ask(api, 61, "/forget Аня,") == tg_bot.FORGOT_SOME_REPLY + "\nимя: Аня"
+    assert ask(api, 61, "/memory") == "город: Казань"
 
 
 def test_facts_outlive_an_idle_reset(api, harness):

@@ -43,14 +43,22 @@ defaults of train_medium_context.py) and LoRA of rank r on c_attn, c_proj and c_
     checkpointed   2*s*b*h*L + 34*s*b*h: only the block inputs (16-bit) are kept, and one block's
                    activations are alive again while it is recomputed
     logits, loss   10*s*b*V: the 16-bit logits (2), their fp32 copy for the loss (4), its gradient (4)
+    LoRA dropout   7*s*b*h*L: with --lora-dropout above 0 (the trainers' default 0.05) each adapted
+      masks        layer keeps a mask of its input, 1 byte an element on a GPU (h + h + h + 4h a
+                   token a block); checkpointed, one block's: 7*s*b*h. (On a CPU the mask is fp32,
+                   which is why the CPU runs' LoRA peak is high at 4 x 256.)
+    8-bit state    AdamW keeps 32-bit state for the embeddings (V + P)*h, 6 bytes more a parameter
+      of the       than 8-bit state: 6*(V + P)*h
+      embeddings
     CUDA           1 GB: the context and the allocator's slack
 
     full fine-tune               16*N + activations     4 fp32 weight + 4 gradient + 8 AdamW (m, v)
     + --gradient-checkpointing   16*N + checkpointed
-    + --optim-8bit too           10*N + checkpointed    AdamW's m and v in 1 byte each: 4 + 4 + 2
-    --lora                       2*N + 16*A + activations   frozen weights in 16 bits; adapters fp32
-                                                            with gradient and AdamW state, 16 B each
-    --lora --gradient-checkpointing   2*N + 16*A + checkpointed
+    + --optim-8bit too           10*N + 6*(V + P)*h + checkpointed   AdamW's m and v in 1 byte each
+                                                                     (4 + 4 + 2), the embeddings' in 4
+    --lora                       2*N + 16*A + activations + masks   frozen weights in 16 bits; adapters
+                                                                    fp32 with gradient and AdamW state
+    --lora --gradient-checkpointing   2*N + 16*A + checkpointed + one block's masks
 
 each plus the logits and loss and CUDA's 1 GB. A cell reads "T4" up to 15 GB (what a T4, sold as
 16 GB, offers), "too tight for a T4" up to 16 GB, else the smallest of a 24, 40 or 80 GB GPU that
@@ -326,12 +334,14 @@ def gpu_memory_bytes(n_layer, n_embd, vocab_size, n_positions, lora_r, batch_siz
     activations = 34 * tokens * n_embd * n_layer
     checkpointed = 2 * tokens * n_embd * n_layer + 34 * tokens * n_embd
     fixed = 10 * tokens * vocab_size + CUDA_GB * GB          # logits and loss, CUDA
+    masks = 7 * tokens * n_embd                               # LoRA dropout masks of one block, 1 byte
+    embeddings_state = 6 * (vocab_size + n_positions) * n_embd  # 32-bit AdamW state kept by --optim-8bit
     return {
         "full": 16 * n + activations + fixed,
         "ckpt": 16 * n + checkpointed + fixed,
-        "8bit+ckpt": 10 * n + checkpointed + fixed,
-        "lora": 2 * n + 16 * adapters + activations + fixed,
-        "lora+ckpt": 2 * n + 16 * adapters + checkpointed + fixed,
+        "8bit+ckpt": 10 * n + embeddings_state + checkpointed + fixed,
+        "lora": 2 * n + 16 * adapters + activations + masks * n_layer + fixed,
+        "lora+ckpt": 2 * n + 16 * adapters + checkpointed + masks + fixed,
     }
 
 

@@ -494,6 +494,12 @@ def read_json(path):
         raise UserError(f"{path}: cannot read JSON ({exc.__class__.__name__})") from None
 
 
+def unfinished_lora_run(folder):
+    """Whether a folder with no model is a --lora run that has not finished: its
+    checkpoint-N/ folders hold the adapter only, and the merged model comes at the end."""
+    return any((path / "adapter_config.json").is_file() for path in Path(folder).glob("checkpoint-*"))
+
+
 def resolve_weights(folder):
     """The folder itself if it holds weights, else its newest complete checkpoint-N/."""
     folder = Path(folder)
@@ -502,6 +508,9 @@ def resolve_weights(folder):
     checkpoints = [p for p in folder.glob("checkpoint-*")
                    if p.is_dir() and p.name.split("-")[-1].isdigit() and has_weights(p)
                    and (p / "trainer_state.json").is_file()]  # written last by Trainer
+    if not checkpoints and unfinished_lora_run(folder):
+        raise UserError(f"{folder}: a --lora run that has not finished: its checkpoint-N/ folders hold the "
+                        f"adapter only, and the merged model is saved when it ends (--resume --lora continues it)")
     if not checkpoints:
         raise UserError(f"{folder}: no model of the kit here (no config.json with kit_model, and no "
                         f"config.json + model.safetensors at the top level or in a checkpoint-N/ folder)")

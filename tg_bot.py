@@ -1608,6 +1608,12 @@ class ReplyStreamer(BaseStreamer):
         pass
 
 
+def unfinished_lora_run(folder):
+    """Whether a folder with no model is a --lora run that has not finished: its
+    checkpoint-N/ folders hold the adapter only, and the merged model comes at the end."""
+    return any((path / "adapter_config.json").is_file() for path in Path(folder).glob("checkpoint-*"))
+
+
 def find_weights_folder(folder, need_weights=True):
     """The folder's own weights, else its newest complete checkpoint-N/. Without need_weights
     (a server runs the model) a folder with config.json and the tokenizer will do."""
@@ -1623,6 +1629,9 @@ def find_weights_folder(folder, need_weights=True):
         # Trainer writes trainer_state.json last: without it the save was cut short.
         if step.isdigit() and path.is_dir() and complete(path) and (path / "trainer_state.json").is_file():
             checkpoints.append((int(step), path))
+    if not checkpoints and unfinished_lora_run(folder):
+        raise UserError(f"{folder}: a --lora run that has not finished: its checkpoint-N/ folders hold the "
+                        f"adapter only, and the merged model is saved when it ends (--resume --lora continues it)")
     if not checkpoints:
         raise UserError(f"{folder}: no model weights (config.json + model.safetensors) "
                         f"at its top level or in a complete checkpoint-N/ folder")

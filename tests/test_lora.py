@@ -194,6 +194,16 @@ def test_a_lora_folder_mid_run_is_named_as_such(base, tmp_path, capfd):
         (folder / "checkpoint-2" / name).write_text("{}", encoding="utf-8")
     with pytest.raises(tt.UserError, match="a --lora run that has not finished"):
         tt.load_pretrained(str(folder))
+    import evaluate
+    import perplexity
+    import system_prompt
+    import tg_bot
+
+    for reader in (system_prompt.find_weights_folder, tg_bot.find_weights_folder, perplexity.resolve_weights,
+                   evaluate.resolve_weights):
+        with pytest.raises(Exception, match="a --lora run that has not finished") as raised:
+            reader(folder)
+        assert type(raised.value).__name__ == "UserError"
 
 
 def test_lora_one_line_errors(base, tmp_path, capfd):

@@ -18,7 +18,8 @@ import tg_bot  # noqa: E402
 
 torch.set_num_threads(1)
 PERSONA = tiny_model.CHAT_CONFIG["persona"]
-MIRRORED_FUNCTIONS = ["chat_prompt_ids", "clean_reply", "find_weights_folder", "read_chat_config",
+MIRRORED_FUNCTIONS = ["chat_prompt_ids", "clean_reply", "unfinished_lora_run", "find_weights_folder",
+                      "read_chat_config",
                       "open_model_folder", "physical_cores", "choose_quantization", "conv1d_to_linear",
                       "quantize_int8", "fuse_gelu", "fast_path", "load_weights", "resolve_settings", "TopKTopPSampler",
                       "generate_ids", "decode_reply", "generate_replies", "generate_reply", "stable_prefix",

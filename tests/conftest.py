@@ -1,4 +1,4 @@
-"""Fixtures shared by the tests: paths only, no kit logic (the scripts are self-contained)."""
+"""Fixtures shared by the tests: paths and the thread count, no kit logic (the scripts are self-contained)."""
 import os
 import sys
 from pathlib import Path
@@ -38,3 +38,14 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"../shared/data is absent ({SHARED_DATA}); this test needs the real corpus")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module's tests: tiny models train faster so on a shared CPU."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -21,12 +21,8 @@ EMBEDDING_SCALE = 10.0
 LORA_RUN = ["--device", "cpu", "--lora", "--lora-dropout", "0", "--lr", "2e-2", "--batch-size", "20", "--seed", "0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Training tests run on one thread each: two cores are shared by the whole suite.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_base_without_pad(folder, n_embd=64, n_layer=2):

@@ -16,12 +16,8 @@ from test_lora import LORA_RUN, error_after_loading, exact, replies, write_base_
 from test_train_transformer import PAIRS, TINY, one_line_error, write_pairs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Training tests run on one thread each: two cores are shared by the whole suite.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(argv, persona=tt.PERSONA):

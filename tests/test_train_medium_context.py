@@ -13,13 +13,8 @@ import train_medium_context as tm
 import train_transformer as tt
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, above all on a CPU shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models run faster on one thread, above all on a CPU shared with other jobs.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DIALOGUES = [
     ["Привет! Как дела?", "Привет, нормально. Только с работы пришёл.", "Устал, наверное?",

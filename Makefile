@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEV_STAMP := $(VENV)/.installed-dev-stamp
 
-.PHONY: install test demo demo-data demo-lstm demo-transformers demo-eval demo-chat bench clean
+.PHONY: install blocks test demo demo-data demo-lstm demo-transformers demo-eval demo-chat bench clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ $(DEV_STAMP): $(STAMP) requirements-dev.txt
 	touch $(DEV_STAMP)
 
 install: $(STAMP)
+
+# Shared code lives once in blocks/; this writes it into every script that lists it
+# (the suite's tests/test_blocks.py runs the same generator with --check).
+blocks:
+	$(PYTHON) blocks/build.py
 
 test: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q

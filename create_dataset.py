@@ -85,7 +85,389 @@ class UserError(Exception):
     """A mistake in the input that the user can fix; printed as one line."""
 
 
-# --- user facts: one block in create_dataset.py, system_prompt.py, tg_bot.py (tests/test_user_facts.py checks)
+def split_of(dialogue_id, seed, val_fraction, test_fraction):
+    """A stable split for a dialogue: a seeded hash mapped onto [0, 1)."""
+    digest = hashlib.blake2b(f"{seed}:{dialogue_id}".encode(), digest_size=8).digest()
+    point = int.from_bytes(digest, "big") / 2**64
+    if point < test_fraction:
+        return "test"
+    if point < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+WORD = re.compile(r"\w+")
+
+
+def normalized_words(text):
+    return WORD.findall(text.lower().replace("ё", "е"))
+
+
+def text_key(*parts):
+    digest = hashlib.blake2b("\x1f".join(parts).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def dialogue_fingerprint(turns):
+    """64-bit keys of every pair's text and of every long answer on its own,
+    and the word shingles of the whole dialogue. Text is compared lowercased,
+    without punctuation ("Нет." and "нет!" are one answer); a turn of marks
+    only keeps its marks."""
+    words = [normalized_words(turn) for turn in turns]
+    texts = [" ".join(w) or turn.strip() for w, turn in zip(words, turns)]
+    keys = []
+    for i in range(1, len(turns)):
+        keys.append(text_key(texts[i - 1], texts[i]))
+        if len(turns[i]) >= LONG_ANSWER_CHARS:
+            keys.append(text_key("", texts[i]))
+    flat = [w for turn_words in words for w in turn_words]
+    if len(flat) < SHINGLE_WORDS:
+        shingles = [" ".join(texts).encode("utf-8")]
+    else:
+        shingles = [" ".join(flat[i:i + SHINGLE_WORDS]).encode("utf-8")
+                    for i in range(len(flat) - SHINGLE_WORDS + 1)]
+    return keys, shingles
+
+
+# Odd 64-bit multipliers that fold a band's 8 MinHash values into one key.
+BAND_MIX = (np.random.default_rng(20240516).integers(1, 2**62, NUM_PERM // BANDS, dtype=np.uint64) * 2 + 1)
+
+
+def band_keys(shingle_sets):
+    """LSH band keys (len(shingle_sets) x BANDS): two dialogues share a key in
+    a band when their MinHash signatures agree on all of that band's rows,
+    which happens mostly for near-duplicates. One array per band, grouped by
+    sorting, holds what a dict-based index (datasketch's MinHashLSH, about 3 GB
+    for 900,000 dialogues) would, in 64 bytes a dialogue."""
+    signatures = np.stack([m.hashvalues for m in MinHash.generator(shingle_sets, num_perm=NUM_PERM)])
+    rows = signatures.astype(np.uint64).reshape(len(shingle_sets), BANDS, NUM_PERM // BANDS)
+    with np.errstate(over="ignore"):
+        return (rows * BAND_MIX).sum(axis=2, dtype=np.uint64).view(np.int64)
+
+
+def same_key_edges(keys, owners):
+    """(a, b) index pairs linking every owner of a key to the key's first owner."""
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
+    owners = owners[order]
+    del order
+    starts = np.empty(len(keys), dtype=bool)
+    starts[:1] = True
+    np.not_equal(keys[1:], keys[:-1], out=starts[1:])
+    del keys
+    first = owners[np.flatnonzero(starts)][np.cumsum(starts) - 1]
+    linked = first != owners
+    return first[linked], owners[linked]
+
+
+def connected_groups(count, edge_sets):
+    """For each of `count` nodes, the smallest node of its connected component.
+    Edge sets, (a, b) arrays, are merged one at a time, so that only one is in
+    memory: each edge lowers the larger root of its two ends to the smaller,
+    and pointer jumping carries the new roots to every node."""
+    label = np.arange(count)
+    for a, b in edge_sets:
+        while True:
+            root_a, root_b = label[a], label[b]
+            if np.array_equal(root_a, root_b):
+                break
+            low = np.minimum(root_a, root_b)
+            np.minimum.at(label, root_a, low)
+            np.minimum.at(label, root_b, low)
+            while True:
+                jumped = label[label]  # every label is a node of the same group, no larger
+                if np.array_equal(jumped, label):
+                    break
+                label = jumped
+    return label
+
+
+def examples_from_dialogue(turns, max_turns):
+    """(context, answer) for every turn after the first."""
+    for i in range(1, len(turns)):
+        yield turns[max(0, i - max_turns):i], turns[i]
+
+
+def facts_before_answers(turns):
+    """For every turn after the first, the answer to FACTS_QUESTION from what its user side
+    said before it: turns k-1, k-3, ... for the answer turns[k], merged oldest first as the
+    chat merges them (a later name replaces an earlier one); "" where that side stated
+    nothing. Each turn is read once, whichever answers it comes before."""
+    stored, answer = [[], []], ["", ""]
+    for k in range(1, len(turns)):
+        side = (k - 1) % 2
+        new = extract_user_facts(turns[k - 1])
+        if new:
+            stored[side] = merge_user_facts(stored[side], new)
+            answer[side] = render_facts_answer(stored[side])
+        yield answer[side]
+
+
+def check_fact_tools():
+    try:
+        load_fact_tools()
+    except ImportError as exc:
+        raise UserError(f"the facts column needs yargy and pymorphy3 ({exc}); install them "
+                        "(pip install -r requirements.txt) or pass --no-facts") from None
+
+
+def open_input(path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file (run cleaner_text.py first)")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: the file is empty")
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise UserError(f"{path}: not a readable parquet file ({exc})") from None
+    schema = parquet.schema_arrow
+    missing = {"sample", "dialogue_id"} - set(schema.names)
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(sorted(missing))} "
+                        "(expected the output of cleaner_text.py)")
+    sample_type = schema.field("sample").type
+    if not (pa.types.is_list(sample_type) or pa.types.is_large_list(sample_type)):
+        # A string would be read letter by letter, each letter a "turn".
+        raise UserError(f"{path}: column 'sample' holds {sample_type}, not a list of turns "
+                        "(run parser_dataset.py and cleaner_text.py on it first)")
+    return parquet
+
+
+class SplitWriters:
+    """One CSV and one parquet writer per split, all on temporary names until
+    commit(), so that a failed run leaves the previous files untouched."""
+
+    def __init__(self, folder, facts):
+        self.schema = CONTEXT_SCHEMA.append(FACTS_FIELD) if facts else CONTEXT_SCHEMA
+        self.folder = Path(folder)
+        suffix = f".tmp-{os.getpid()}"
+        self.targets, self.csv_files, self.csv, self.parquet, self.buffers = {}, {}, {}, {}, {}
+        with self.named_on_error():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for split in SPLITS:
+                pairs = self.folder / f"pairs_{split}.csv"
+                context = self.folder / f"context_{split}.parquet"
+                tmp_pairs = pairs.with_name(f".{pairs.name}{suffix}")
+                tmp_context = context.with_name(f".{context.name}{suffix}")
+                self.targets[split] = [(tmp_pairs, pairs), (tmp_context, context)]
+                self.csv_files[split] = open(tmp_pairs, "w", encoding="utf-8", newline="")
+                self.csv[split] = csv.writer(self.csv_files[split])
+                self.csv[split].writerow(["dialogue_id", "question", "answer"])
+                self.parquet[split] = pq.ParquetWriter(tmp_context, self.schema)
+                self.buffers[split] = {name: [] for name in self.schema.names}
+
+    @contextlib.contextmanager
+    def named_on_error(self):
+        """A failed write (no such folder, no permission, a full disk) is the --output folder's
+        fault, said in one line; what was opened so far is removed."""
+        try:
+            yield
+        except OSError as exc:
+            self.abort()
+            raise UserError(f"{self.folder}: cannot write the --output folder "
+                            f"({exc.strerror or exc})") from None
+
+    def add(self, split, dialogue_id, context, answer, facts=None):
+        with self.named_on_error():
+            self.csv[split].writerow([dialogue_id, context[-1], answer])
+            buffer = self.buffers[split]
+            buffer["dialogue_id"].append(dialogue_id)
+            buffer["context"].append(list(context))
+            buffer["answer"].append(answer)
+            if "facts" in buffer:
+                buffer["facts"].append(facts)
+            if len(buffer["answer"]) >= BATCH_ROWS:
+                self.flush(split)
+
+    def flush(self, split):
+        buffer = self.buffers[split]
+        if buffer["answer"]:
+            self.parquet[split].write_table(pa.table(buffer, schema=self.schema))
+            for column in buffer.values():
+                column.clear()
+
+    def close(self):
+        for split in SPLITS:
+            self.flush(split)
+            self.csv_files[split].close()
+            self.parquet[split].close()
+
+    def commit(self):
+        with self.named_on_error():
+            self.close()
+            for split in SPLITS:
+                for tmp, final in self.targets[split]:
+                    os.replace(tmp, final)
+
+    def abort(self):
+        for split in SPLITS:
+            for opened in (self.csv_files.get(split), self.parquet.get(split)):
+                if opened is not None:
+                    with contextlib.suppress(OSError):
+                        opened.close()
+            for tmp, _ in self.targets.get(split, []):
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
+
+
+def usable_dialogues(parquet, rows):
+    """(dialogue_id, turns) of every dialogue with two or more turns, up to the
+    one that reaches `rows` pairs; the same sequence on every pass."""
+    total = 0
+    for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=["sample", "dialogue_id"]):
+        data = batch.to_pydict()
+        for turns, dialogue_id in zip(data["sample"], data["dialogue_id"]):
+            turns = [t for t in (turns or []) if t]
+            if len(turns) < 2:
+                continue
+            yield dialogue_id, turns
+            total += len(turns) - 1
+            if rows and total >= rows:
+                return
+
+
+def group_splits(parquet, rows, seed, val_fraction, test_fraction):
+    """For each usable dialogue (in reading order): its split after grouping,
+    and the split its own id would give. Also how many dialogues are in a
+    group of two or more. Keys are kept in numpy arrays a batch at a time,
+    so that the state stays near 100 bytes a dialogue."""
+    ids, pair_keys, pair_owners, bands = [], [], [], []
+    batch_ids, batch_keys, batch_owners, batch_shingles = [], [], [], []
+
+    def flush():
+        ids.append(np.array(batch_ids, dtype=np.int64))
+        pair_keys.append(np.array(batch_keys, dtype=np.int64))
+        pair_owners.append(np.array(batch_owners, dtype=np.int32))
+        bands.append(band_keys(batch_shingles))
+        for batch in (batch_ids, batch_keys, batch_owners, batch_shingles):
+            batch.clear()
+
+    for index, (dialogue_id, turns) in enumerate(usable_dialogues(parquet, rows)):
+        keys, shingles = dialogue_fingerprint(turns)
+        batch_ids.append(dialogue_id)
+        batch_keys.extend(keys)
+        batch_owners.extend([index] * len(keys))
+        batch_shingles.append(shingles)
+        if len(batch_ids) >= BATCH_ROWS:
+            flush()
+    if batch_ids:
+        flush()
+    if not ids:
+        return [], [], 0
+    ids = np.concatenate(ids)
+    count = len(ids)
+    pair_edges = same_key_edges(np.concatenate(pair_keys), np.concatenate(pair_owners))
+    del pair_keys, pair_owners
+    band_matrix = np.concatenate(bands)
+    del bands
+    owners = np.arange(count, dtype=np.int32)
+    band_edges = (same_key_edges(band_matrix[:, band], owners) for band in range(BANDS))
+    group = connected_groups(count, itertools.chain([pair_edges], band_edges))
+    del band_matrix, pair_edges
+    grouped = count - int(np.count_nonzero(np.bincount(group, minlength=count) == 1))
+    own = np.array([SPLITS.index(split_of(int(i), seed, val_fraction, test_fraction)) for i in ids],
+                   dtype=np.int8)
+    return own[group], own, grouped
+
+
+def create_dataset(input_path, output_dir, max_turns=MAX_TURNS, rows=None, seed=SEED,
+                   val_fraction=VAL_FRACTION, test_fraction=TEST_FRACTION, facts=FACTS):
+    """Write the six split files; return the counts per split (with the rows
+    whose facts are not empty) and what the grouping of repeated dialogues moved."""
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise UserError(f"{output_dir}: is a file; --output names the folder of the split files")
+    parquet = open_input(input_path)
+    if facts:
+        check_fact_tools()
+    splits, own, grouped = group_splits(parquet, rows, seed, val_fraction, test_fraction)
+    counts = {split: {"dialogues": 0, "pairs": 0, "facts": 0} for split in SPLITS}
+    moved = {"grouped": grouped, "dialogues": int(np.count_nonzero(splits != own)) if len(own) else 0,
+             "pairs": 0}
+    writers = SplitWriters(output_dir, facts)
+    total = 0
+    try:
+        for index, (dialogue_id, turns) in enumerate(usable_dialogues(parquet, rows)):
+            split = SPLITS[splits[index]]
+            was_moved = bool(splits[index] != own[index])
+            counts[split]["dialogues"] += 1
+            known = facts_before_answers(turns) if facts else itertools.repeat(None)
+            for (context, answer), known_facts in zip(examples_from_dialogue(turns, max_turns), known):
+                writers.add(split, dialogue_id, context, answer, known_facts)
+                counts[split]["pairs"] += 1
+                counts[split]["facts"] += bool(known_facts)
+                moved["pairs"] += was_moved
+                total += 1
+                if rows and total >= rows:
+                    break
+        if total == 0:
+            raise UserError(f"{input_path}: no dialogue with two or more turns")
+        writers.commit()
+    except BaseException:
+        writers.abort()
+        raise
+    return counts, moved
+
+
+def parse_args(argv):
+    # prog: in a notebook cell argparse would name the kernel (ipykernel_launcher.py) in its messages.
+    parser = argparse.ArgumentParser(prog="create_dataset.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", default=DEFAULT_INPUT, help="parquet from cleaner_text.py")
+    parser.add_argument("--output", default=DEFAULT_OUTPUT, help="folder for the split files")
+    parser.add_argument("--max-turns", type=int, default=MAX_TURNS, help="context turns before an answer")
+    parser.add_argument("--rows", type=int, default=ROWS, help="stop after this many pairs in all")
+    parser.add_argument("--seed", type=int, default=SEED, help="seed of the split hash")
+    parser.add_argument("--val-fraction", type=float, default=VAL_FRACTION)
+    parser.add_argument("--test-fraction", type=float, default=TEST_FRACTION)
+    parser.add_argument("--facts", action=argparse.BooleanOptionalAction, default=FACTS,
+                        help="write the facts column: what the user said about themselves earlier "
+                             "(--no-facts: leave it out, several times faster)")
+    args = parser.parse_args(argv)
+    if args.max_turns < 1:
+        parser.error("--max-turns must be at least 1")
+    if args.rows is not None and args.rows < 1:
+        parser.error("--rows must be positive")
+    if not (0 <= args.val_fraction < 1 and 0 <= args.test_fraction < 1
+            and args.val_fraction + args.test_fraction < 1):
+        parser.error("--val-fraction and --test-fraction must be in [0, 1) and sum below 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        counts, moved = create_dataset(args.input, args.output, args.max_turns, args.rows, args.seed,
+                                       args.val_fraction, args.test_fraction, args.facts)
+    except UserError as exc:
+        print(f"create_dataset.py: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{'split':6s} {'dialogues':>10s} {'pairs':>10s}" + (f" {'with facts':>11s}" if args.facts else ""))
+    for split in SPLITS:
+        print(f"{split:6s} {counts[split]['dialogues']:>10d} {counts[split]['pairs']:>10d}"
+              + (f" {counts[split]['facts']:>11d}" if args.facts else ""))
+        if counts[split]["pairs"] == 0:
+            print(f"warning: the {split} split is empty; use more data or a larger fraction",
+                  file=sys.stderr)
+    print(f"repeated dialogues: {moved['grouped']} share a pair's text or are near-duplicates of "
+          f"another; {moved['dialogues']} dialogues ({moved['pairs']} pairs) moved to their group's split")
+    print(f"wrote pairs_*.csv and context_*.parquet to {args.output}/")
+    return 0
+
+
+# ==================================================================================================
+# Generated blocks: shared code that blocks/build.py writes into every script that needs it.
+# Do not edit it here: change the block's source in blocks/, then run `make blocks`
+# (`python blocks/build.py`); the suite fails while a copy differs from its source.
+# ==================================================================================================
+
+
+# ==== block blocks/user_facts.py: generated, edit the source and run `make blocks` ====
+"""User facts: what people say about themselves (name, city, family, ...), read with yargy over pymorphy3.
+
+A block: blocks/build.py writes this file into the scripts that list it (make blocks).
+It imports nothing itself; its host script imports what it uses."""
+
 # What a user says about themselves (name, city, age, work, study, family, pets, likes,
 # dislikes, plans with dates), found with yargy grammars over pymorphy3's analyses, kept
 # in normal forms ("в Казани" is stored as Казань) and shown back inflected.
@@ -93,17 +475,7 @@ class UserError(Exception):
 FACT_KINDS = ("name", "city", "age", "occupation", "study", "family", "pet", "like", "dislike", "plan")
 SINGLE_VALUE_KINDS = ("name", "city", "age", "occupation", "study")  # a later statement replaces the earlier one
 MAX_VALUES_PER_KIND = 8       # likes, family, plans...: the oldest goes when a kind is full
-FACT_LABELS = {"name": "имя", "city": "город", "age": "возраст", "occupation": "работа", "study": "учёба",
-               "family": "семья", "pet": "питомец", "like": "нравится", "dislike": "не нравится",
-               "plan": "планы"}
 NO_FACTS_ANSWER = "Пока ничего. Расскажи о себе, и я запомню."
-FORGOT_ALL_REPLY = "Забыл всё, что знал о тебе."
-FORGOT_SOME_REPLY = "Забыл:"                 # followed by the forgotten facts, one a line
-NOTHING_TO_FORGET_REPLY = "Ничего такого я о тебе не помню."
-MEMORY_OFF_REPLY = "Память о собеседниках выключена."
-MEMORY_HELP = ("/memory — что я о тебе помню (имя, город, возраст, работа, учёба, семья, питомцы, "
-               "что любишь и не любишь, планы)\n"
-               "/forget — забыть всё о тебе; /forget <слово> — забыть то, где есть это слово")
 CITY_ABBREVIATIONS = {"мск": "Москва", "спб": "Санкт-Петербург", "питер": "Питер", "екб": "Екатеринбург",
                       "нск": "Новосибирск", "нн": "Нижний Новгород"}
 # No library marks kinship or pet nouns, so these few lemmas are listed here.
@@ -1112,411 +1484,7 @@ def render_facts_answer(facts):
         return NO_FACTS_ANSWER
     text = ", ".join(clauses) + "."
     return text[:1].upper() + text[1:]
-
-
-def render_facts_list(facts):
-    """The /memory list: one fact a line, as stored, so that /forget <слово> can name it."""
-    in_kind_order = sorted(facts, key=lambda fact: FACT_KINDS.index(fact[0]))
-    return "\n".join(f"{FACT_LABELS[kind]}: {value}" for kind, value in in_kind_order)
-
-
-FUNCTION_WORD_TAGS = {"PREP", "CONJ", "PRCL", "NPRO", "INTJ"}   # "в", "и", "не", "мне", "ой"
-
-
-def is_function_word(word):
-    """A preposition, conjunction, particle, pronoun or interjection in its likeliest reading,
-    and never a name ("ли" is also Ли): it is in many facts and names none of them."""
-    parses = load_fact_tools()["parse"](word)
-    return parses[0].tag.POS in FUNCTION_WORD_TAGS and not any("Name" in p.tag.grammemes for p in parses)
-
-
-def forget_user_facts(facts, word):
-    """(kept, removed): the facts whose value or label holds `word` in any form
-    ("/forget казани" removes Казань; "/forget город" removes the city). Punctuation around
-    the word is ignored ("Аня,"), and a function word ("в", "не") removes nothing."""
-    query = re.sub(r"^\W+|\W+$", "", fold(word))
-    if not query or is_function_word(query):
-        return list(facts), []
-    query_lemmas = {fold(p.normal_form) for p in load_fact_tools()["parse"](query)} | {query}
-    kept, removed = [], []
-    for kind, value in facts:
-        value_words = [w for w in re.split(r"[\s()\-]+", fold(value)) if w]
-        lemmas = {fold(p.normal_form) for w in value_words for p in load_fact_tools()["parse"](w)}
-        labels = {fold(FACT_LABELS[kind])} | set(fold(FACT_LABELS[kind]).split())
-        hit = query in value_words or query_lemmas & lemmas or query in labels or fold(value) == query
-        (removed if hit else kept).append((kind, value))
-    return kept, removed
-# --- end of the user facts block
-
-
-def split_of(dialogue_id, seed, val_fraction, test_fraction):
-    """A stable split for a dialogue: a seeded hash mapped onto [0, 1)."""
-    digest = hashlib.blake2b(f"{seed}:{dialogue_id}".encode(), digest_size=8).digest()
-    point = int.from_bytes(digest, "big") / 2**64
-    if point < test_fraction:
-        return "test"
-    if point < test_fraction + val_fraction:
-        return "val"
-    return "train"
-
-
-WORD = re.compile(r"\w+")
-
-
-def normalized_words(text):
-    return WORD.findall(text.lower().replace("ё", "е"))
-
-
-def text_key(*parts):
-    digest = hashlib.blake2b("\x1f".join(parts).encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
-
-
-def dialogue_fingerprint(turns):
-    """64-bit keys of every pair's text and of every long answer on its own,
-    and the word shingles of the whole dialogue. Text is compared lowercased,
-    without punctuation ("Нет." and "нет!" are one answer); a turn of marks
-    only keeps its marks."""
-    words = [normalized_words(turn) for turn in turns]
-    texts = [" ".join(w) or turn.strip() for w, turn in zip(words, turns)]
-    keys = []
-    for i in range(1, len(turns)):
-        keys.append(text_key(texts[i - 1], texts[i]))
-        if len(turns[i]) >= LONG_ANSWER_CHARS:
-            keys.append(text_key("", texts[i]))
-    flat = [w for turn_words in words for w in turn_words]
-    if len(flat) < SHINGLE_WORDS:
-        shingles = [" ".join(texts).encode("utf-8")]
-    else:
-        shingles = [" ".join(flat[i:i + SHINGLE_WORDS]).encode("utf-8")
-                    for i in range(len(flat) - SHINGLE_WORDS + 1)]
-    return keys, shingles
-
-
-# Odd 64-bit multipliers that fold a band's 8 MinHash values into one key.
-BAND_MIX = (np.random.default_rng(20240516).integers(1, 2**62, NUM_PERM // BANDS, dtype=np.uint64) * 2 + 1)
-
-
-def band_keys(shingle_sets):
-    """LSH band keys (len(shingle_sets) x BANDS): two dialogues share a key in
-    a band when their MinHash signatures agree on all of that band's rows,
-    which happens mostly for near-duplicates. One array per band, grouped by
-    sorting, holds what a dict-based index (datasketch's MinHashLSH, about 3 GB
-    for 900,000 dialogues) would, in 64 bytes a dialogue."""
-    signatures = np.stack([m.hashvalues for m in MinHash.generator(shingle_sets, num_perm=NUM_PERM)])
-    rows = signatures.astype(np.uint64).reshape(len(shingle_sets), BANDS, NUM_PERM // BANDS)
-    with np.errstate(over="ignore"):
-        return (rows * BAND_MIX).sum(axis=2, dtype=np.uint64).view(np.int64)
-
-
-def same_key_edges(keys, owners):
-    """(a, b) index pairs linking every owner of a key to the key's first owner."""
-    order = np.argsort(keys, kind="stable")
-    keys = keys[order]
-    owners = owners[order]
-    del order
-    starts = np.empty(len(keys), dtype=bool)
-    starts[:1] = True
-    np.not_equal(keys[1:], keys[:-1], out=starts[1:])
-    del keys
-    first = owners[np.flatnonzero(starts)][np.cumsum(starts) - 1]
-    linked = first != owners
-    return first[linked], owners[linked]
-
-
-def connected_groups(count, edge_sets):
-    """For each of `count` nodes, the smallest node of its connected component.
-    Edge sets, (a, b) arrays, are merged one at a time, so that only one is in
-    memory: each edge lowers the larger root of its two ends to the smaller,
-    and pointer jumping carries the new roots to every node."""
-    label = np.arange(count)
-    for a, b in edge_sets:
-        while True:
-            root_a, root_b = label[a], label[b]
-            if np.array_equal(root_a, root_b):
-                break
-            low = np.minimum(root_a, root_b)
-            np.minimum.at(label, root_a, low)
-            np.minimum.at(label, root_b, low)
-            while True:
-                jumped = label[label]  # every label is a node of the same group, no larger
-                if np.array_equal(jumped, label):
-                    break
-                label = jumped
-    return label
-
-
-def examples_from_dialogue(turns, max_turns):
-    """(context, answer) for every turn after the first."""
-    for i in range(1, len(turns)):
-        yield turns[max(0, i - max_turns):i], turns[i]
-
-
-def facts_before_answers(turns):
-    """For every turn after the first, the answer to FACTS_QUESTION from what its user side
-    said before it: turns k-1, k-3, ... for the answer turns[k], merged oldest first as the
-    chat merges them (a later name replaces an earlier one); "" where that side stated
-    nothing. Each turn is read once, whichever answers it comes before."""
-    stored, answer = [[], []], ["", ""]
-    for k in range(1, len(turns)):
-        side = (k - 1) % 2
-        new = extract_user_facts(turns[k - 1])
-        if new:
-            stored[side] = merge_user_facts(stored[side], new)
-            answer[side] = render_facts_answer(stored[side])
-        yield answer[side]
-
-
-def check_fact_tools():
-    try:
-        load_fact_tools()
-    except ImportError as exc:
-        raise UserError(f"the facts column needs yargy and pymorphy3 ({exc}); install them "
-                        "(pip install -r requirements.txt) or pass --no-facts") from None
-
-
-def open_input(path):
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file (run cleaner_text.py first)")
-    if path.stat().st_size == 0:
-        raise UserError(f"{path}: the file is empty")
-    try:
-        parquet = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise UserError(f"{path}: not a readable parquet file ({exc})") from None
-    schema = parquet.schema_arrow
-    missing = {"sample", "dialogue_id"} - set(schema.names)
-    if missing:
-        raise UserError(f"{path}: missing column(s) {', '.join(sorted(missing))} "
-                        "(expected the output of cleaner_text.py)")
-    sample_type = schema.field("sample").type
-    if not (pa.types.is_list(sample_type) or pa.types.is_large_list(sample_type)):
-        # A string would be read letter by letter, each letter a "turn".
-        raise UserError(f"{path}: column 'sample' holds {sample_type}, not a list of turns "
-                        "(run parser_dataset.py and cleaner_text.py on it first)")
-    return parquet
-
-
-class SplitWriters:
-    """One CSV and one parquet writer per split, all on temporary names until
-    commit(), so that a failed run leaves the previous files untouched."""
-
-    def __init__(self, folder, facts):
-        self.schema = CONTEXT_SCHEMA.append(FACTS_FIELD) if facts else CONTEXT_SCHEMA
-        self.folder = Path(folder)
-        suffix = f".tmp-{os.getpid()}"
-        self.targets, self.csv_files, self.csv, self.parquet, self.buffers = {}, {}, {}, {}, {}
-        with self.named_on_error():
-            self.folder.mkdir(parents=True, exist_ok=True)
-            for split in SPLITS:
-                pairs = self.folder / f"pairs_{split}.csv"
-                context = self.folder / f"context_{split}.parquet"
-                tmp_pairs = pairs.with_name(f".{pairs.name}{suffix}")
-                tmp_context = context.with_name(f".{context.name}{suffix}")
-                self.targets[split] = [(tmp_pairs, pairs), (tmp_context, context)]
-                self.csv_files[split] = open(tmp_pairs, "w", encoding="utf-8", newline="")
-                self.csv[split] = csv.writer(self.csv_files[split])
-                self.csv[split].writerow(["dialogue_id", "question", "answer"])
-                self.parquet[split] = pq.ParquetWriter(tmp_context, self.schema)
-                self.buffers[split] = {name: [] for name in self.schema.names}
-
-    @contextlib.contextmanager
-    def named_on_error(self):
-        """A failed write (no such folder, no permission, a full disk) is the --output folder's
-        fault, said in one line; what was opened so far is removed."""
-        try:
-            yield
-        except OSError as exc:
-            self.abort()
-            raise UserError(f"{self.folder}: cannot write the --output folder "
-                            f"({exc.strerror or exc})") from None
-
-    def add(self, split, dialogue_id, context, answer, facts=None):
-        with self.named_on_error():
-            self.csv[split].writerow([dialogue_id, context[-1], answer])
-            buffer = self.buffers[split]
-            buffer["dialogue_id"].append(dialogue_id)
-            buffer["context"].append(list(context))
-            buffer["answer"].append(answer)
-            if "facts" in buffer:
-                buffer["facts"].append(facts)
-            if len(buffer["answer"]) >= BATCH_ROWS:
-                self.flush(split)
-
-    def flush(self, split):
-        buffer = self.buffers[split]
-        if buffer["answer"]:
-            self.parquet[split].write_table(pa.table(buffer, schema=self.schema))
-            for column in buffer.values():
-                column.clear()
-
-    def close(self):
-        for split in SPLITS:
-            self.flush(split)
-            self.csv_files[split].close()
-            self.parquet[split].close()
-
-    def commit(self):
-        with self.named_on_error():
-            self.close()
-            for split in SPLITS:
-                for tmp, final in self.targets[split]:
-                    os.replace(tmp, final)
-
-    def abort(self):
-        for split in SPLITS:
-            for opened in (self.csv_files.get(split), self.parquet.get(split)):
-                if opened is not None:
-                    with contextlib.suppress(OSError):
-                        opened.close()
-            for tmp, _ in self.targets.get(split, []):
-                with contextlib.suppress(OSError):
-                    tmp.unlink(missing_ok=True)
-
-
-def usable_dialogues(parquet, rows):
-    """(dialogue_id, turns) of every dialogue with two or more turns, up to the
-    one that reaches `rows` pairs; the same sequence on every pass."""
-    total = 0
-    for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=["sample", "dialogue_id"]):
-        data = batch.to_pydict()
-        for turns, dialogue_id in zip(data["sample"], data["dialogue_id"]):
-            turns = [t for t in (turns or []) if t]
-            if len(turns) < 2:
-                continue
-            yield dialogue_id, turns
-            total += len(turns) - 1
-            if rows and total >= rows:
-                return
-
-
-def group_splits(parquet, rows, seed, val_fraction, test_fraction):
-    """For each usable dialogue (in reading order): its split after grouping,
-    and the split its own id would give. Also how many dialogues are in a
-    group of two or more. Keys are kept in numpy arrays a batch at a time,
-    so that the state stays near 100 bytes a dialogue."""
-    ids, pair_keys, pair_owners, bands = [], [], [], []
-    batch_ids, batch_keys, batch_owners, batch_shingles = [], [], [], []
-
-    def flush():
-        ids.append(np.array(batch_ids, dtype=np.int64))
-        pair_keys.append(np.array(batch_keys, dtype=np.int64))
-        pair_owners.append(np.array(batch_owners, dtype=np.int32))
-        bands.append(band_keys(batch_shingles))
-        for batch in (batch_ids, batch_keys, batch_owners, batch_shingles):
-            batch.clear()
-
-    for index, (dialogue_id, turns) in enumerate(usable_dialogues(parquet, rows)):
-        keys, shingles = dialogue_fingerprint(turns)
-        batch_ids.append(dialogue_id)
-        batch_keys.extend(keys)
-        batch_owners.extend([index] * len(keys))
-        batch_shingles.append(shingles)
-        if len(batch_ids) >= BATCH_ROWS:
-            flush()
-    if batch_ids:
-        flush()
-    if not ids:
-        return [], [], 0
-    ids = np.concatenate(ids)
-    count = len(ids)
-    pair_edges = same_key_edges(np.concatenate(pair_keys), np.concatenate(pair_owners))
-    del pair_keys, pair_owners
-    band_matrix = np.concatenate(bands)
-    del bands
-    owners = np.arange(count, dtype=np.int32)
-    band_edges = (same_key_edges(band_matrix[:, band], owners) for band in range(BANDS))
-    group = connected_groups(count, itertools.chain([pair_edges], band_edges))
-    del band_matrix, pair_edges
-    grouped = count - int(np.count_nonzero(np.bincount(group, minlength=count) == 1))
-    own = np.array([SPLITS.index(split_of(int(i), seed, val_fraction, test_fraction)) for i in ids],
-                   dtype=np.int8)
-    return own[group], own, grouped
-
-
-def create_dataset(input_path, output_dir, max_turns=MAX_TURNS, rows=None, seed=SEED,
-                   val_fraction=VAL_FRACTION, test_fraction=TEST_FRACTION, facts=FACTS):
-    """Write the six split files; return the counts per split (with the rows
-    whose facts are not empty) and what the grouping of repeated dialogues moved."""
-    if Path(output_dir).exists() and not Path(output_dir).is_dir():
-        raise UserError(f"{output_dir}: is a file; --output names the folder of the split files")
-    parquet = open_input(input_path)
-    if facts:
-        check_fact_tools()
-    splits, own, grouped = group_splits(parquet, rows, seed, val_fraction, test_fraction)
-    counts = {split: {"dialogues": 0, "pairs": 0, "facts": 0} for split in SPLITS}
-    moved = {"grouped": grouped, "dialogues": int(np.count_nonzero(splits != own)) if len(own) else 0,
-             "pairs": 0}
-    writers = SplitWriters(output_dir, facts)
-    total = 0
-    try:
-        for index, (dialogue_id, turns) in enumerate(usable_dialogues(parquet, rows)):
-            split = SPLITS[splits[index]]
-            was_moved = bool(splits[index] != own[index])
-            counts[split]["dialogues"] += 1
-            known = facts_before_answers(turns) if facts else itertools.repeat(None)
-            for (context, answer), known_facts in zip(examples_from_dialogue(turns, max_turns), known):
-                writers.add(split, dialogue_id, context, answer, known_facts)
-                counts[split]["pairs"] += 1
-                counts[split]["facts"] += bool(known_facts)
-                moved["pairs"] += was_moved
-                total += 1
-                if rows and total >= rows:
-                    break
-        if total == 0:
-            raise UserError(f"{input_path}: no dialogue with two or more turns")
-        writers.commit()
-    except BaseException:
-        writers.abort()
-        raise
-    return counts, moved
-
-
-def parse_args(argv):
-    # prog: in a notebook cell argparse would name the kernel (ipykernel_launcher.py) in its messages.
-    parser = argparse.ArgumentParser(prog="create_dataset.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", default=DEFAULT_INPUT, help="parquet from cleaner_text.py")
-    parser.add_argument("--output", default=DEFAULT_OUTPUT, help="folder for the split files")
-    parser.add_argument("--max-turns", type=int, default=MAX_TURNS, help="context turns before an answer")
-    parser.add_argument("--rows", type=int, default=ROWS, help="stop after this many pairs in all")
-    parser.add_argument("--seed", type=int, default=SEED, help="seed of the split hash")
-    parser.add_argument("--val-fraction", type=float, default=VAL_FRACTION)
-    parser.add_argument("--test-fraction", type=float, default=TEST_FRACTION)
-    parser.add_argument("--facts", action=argparse.BooleanOptionalAction, default=FACTS,
-                        help="write the facts column: what the user said about themselves earlier "
-                             "(--no-facts: leave it out, several times faster)")
-    args = parser.parse_args(argv)
-    if args.max_turns < 1:
-        parser.error("--max-turns must be at least 1")
-    if args.rows is not None and args.rows < 1:
-        parser.error("--rows must be positive")
-    if not (0 <= args.val_fraction < 1 and 0 <= args.test_fraction < 1
-            and args.val_fraction + args.test_fraction < 1):
-        parser.error("--val-fraction and --test-fraction must be in [0, 1) and sum below 1")
-    return args
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        counts, moved = create_dataset(args.input, args.output, args.max_turns, args.rows, args.seed,
-                                       args.val_fraction, args.test_fraction, args.facts)
-    except UserError as exc:
-        print(f"create_dataset.py: error: {exc}", file=sys.stderr)
-        return 1
-    print(f"{'split':6s} {'dialogues':>10s} {'pairs':>10s}" + (f" {'with facts':>11s}" if args.facts else ""))
-    for split in SPLITS:
-        print(f"{split:6s} {counts[split]['dialogues']:>10d} {counts[split]['pairs']:>10d}"
-              + (f" {counts[split]['facts']:>11d}" if args.facts else ""))
-        if counts[split]["pairs"] == 0:
-            print(f"warning: the {split} split is empty; use more data or a larger fraction",
-                  file=sys.stderr)
-    print(f"repeated dialogues: {moved['grouped']} share a pair's text or are near-duplicates of "
-          f"another; {moved['dialogues']} dialogues ({moved['pairs']} pairs) moved to their group's split")
-    print(f"wrote pairs_*.csv and context_*.parquet to {args.output}/")
-    return 0
+# ==== end of block blocks/user_facts.py ====
 
 
 if __name__ == "__main__":

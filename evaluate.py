@@ -124,234 +124,6 @@ class UserError(Exception):
     """A mistake in the user's input: reported as one line naming the file."""
 
 
-# --- prompt rule: the same block in train_transformer.py, train_medium_context.py, system_prompt.py, tg_bot.py, perplexity.py and evaluate.py (tests/test_prompt_rule.py checks)
-# One rule for every prompt the model sees, in training, chat, perplexity and evaluation:
-#
-#     Вопрос: <persona question>          the persona, when there is one
-#     Ответ: <persona answer>
-#     Вопрос: Что ты обо мне знаешь?      what the bot knows about the user, when it knows something
-#     Ответ: <facts>
-#     Ответ: <older turn>                 turns labelled counting back from the answer, so
-#     Вопрос: <the user's question>       the turn before the answer is always a question
-#     Ответ:                              the prompt ends at the colon ...
-#      <answer><EOS>                      ... and the answer keeps its first word's space
-#
-# GPT-2's byte-level BPE spells a word inside a sentence with its space (" Привет"),
-# so the space goes with the answer, not with the prompt. No BOS is added anywhere:
-# a prompt starts with its first label in training and in chat alike, whatever the
-# tokenizer's add_bos_token says. Text is tokenized as plain text: "</s>" typed by
-# a user is five characters, never the EOS id.
-PROMPT_RULE = 2                # chat_config.json "prompt_rule": the rule a model folder was trained with
-QUESTION_LABEL = "Вопрос: "
-ANSWER_LABEL = "Ответ: "
-TURN_SEPARATOR = "\n"
-FACTS_QUESTION = "Что ты обо мне знаешь?"
-DEFAULT_MAX_TURNS = 16         # the turn window of a model folder whose chat_config.json records none
-FACTS_ROOM_FOR_QUESTION = 16   # tokens the facts exchange leaves the question (its own length, if shorter)
-LABEL_PATTERN = re.compile(r"(?i)\b(вопрос|ответ)\s*:")
-
-
-def prepare_turn(text):
-    """A turn as a prompt holds it: Unicode NFC, one line with single spaces (a newline
-    separates turns), and a label inside it ("Ответ:") made "Ответ -", so that a user
-    cannot start a turn of their own."""
-    text = " ".join(unicodedata.normalize("NFC", text).split())
-    return LABEL_PATTERN.sub(lambda m: m.group(1) + " -", text)
-
-
-def header_text(persona=None, facts=None):
-    """The exchanges every prompt starts with: the persona, then what the bot knows about the user."""
-    lines = []
-    if persona:
-        lines += [QUESTION_LABEL + prepare_turn(persona["question"]), ANSWER_LABEL + prepare_turn(persona["answer"])]
-    if facts:
-        lines += [QUESTION_LABEL + FACTS_QUESTION, ANSWER_LABEL + prepare_turn(facts)]
-    return "".join(line + TURN_SEPARATOR for line in lines)
-
-
-def prompt_text(turns, persona=None, facts=None):
-    """The prompt for turns (oldest first, the user's question last), ending at the answer label's colon."""
-    count = len(turns)
-    lines = [(QUESTION_LABEL if (count - 1 - i) % 2 == 0 else ANSWER_LABEL) + prepare_turn(turn)
-             for i, turn in enumerate(turns)]
-    return header_text(persona, facts) + "".join(line + TURN_SEPARATOR for line in lines) + ANSWER_LABEL.rstrip()
-
-
-def encode_text(tokenizer, text):
-    """Token ids of text, taken as plain text: nothing added (no BOS, no EOS), and the spelling
-    of a special token ("</s>") tokenized as the characters it is."""
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
-
-
-def answer_ids(tokenizer, answer):
-    """The answer as the model learns to write it after a prompt: its first word with its
-    leading space, then the tokenizer's own EOS."""
-    return encode_text(tokenizer, " " + prepare_turn(answer)) + [tokenizer.eos_token_id]
-
-
-def first_fitting(starts, fits):
-    """The smallest of the sorted starts that fits (a later start leaves less text), else None."""
-    lo, hi = 0, len(starts)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if fits(starts[mid]):
-            hi = mid
-        else:
-            lo = mid + 1
-    return starts[lo] if lo < len(starts) else None
-
-
-def fit_question(tokenizer, question, budget, persona=None, facts=None):
-    """The longest end of the (prepared) question whose prompt fits in budget tokens, cut
-    before a word where one fits; None when not even an empty question fits. The end is
-    kept: people ask after the material."""
-    def fits(start):
-        return len(encode_text(tokenizer, prompt_text([question[start:]], persona, facts))) <= budget
-
-    if fits(0):
-        return question
-    if not fits(len(question)):
-        return None
-    word_starts = [i for i in range(1, len(question)) if question[i - 1] == " "]
-    start = first_fitting(word_starts, fits)
-    if start is None:  # not even the last word fits: keep the end of it
-        start = first_fitting(list(range((word_starts or [0])[-1] + 1, len(question) + 1)), fits)
-    return question[start:]
-
-
-def facts_that_fit(tokenizer, facts, budget, persona=None, question=""):
-    """The facts answer as a prompt of budget tokens holds it beside the persona, leaving the
-    question FACTS_ROOM_FOR_QUESTION tokens (or its own length, if shorter): whole, or cut
-    clause by clause from its end, where the answer keeps what matters least (it names the
-    user first, their plans last); None when not even its first clause fits. Training and
-    chat both cut here, so the exchange a model learnt is the one it is sent."""
-    bare = len(encode_text(tokenizer, prompt_text([""], persona)))
-    room = min(FACTS_ROOM_FOR_QUESTION, len(encode_text(tokenizer, prompt_text([question], persona))) - bare)
-
-    def fits(text):
-        return len(encode_text(tokenizer, prompt_text([""], persona, text))) + room <= budget
-
-    if fits(facts):
-        return facts
-    clauses = facts.rstrip(".").split(", ")
-    for count in range(len(clauses) - 1, 0, -1):
-        text = ", ".join(clauses[:count]) + "."
-        if fits(text):
-            return text
-    return None
-
-
-def fit_prompt(tokenizer, turns, max_turns, budget, persona=None, facts=None):
-    """Prompt ids for a conversation (turns oldest first, the user's question last): the
-    persona, the facts as far as they fit beside it (facts_that_fit), the question (its end, if it alone is too
-    long), and the newest earlier turns that fit the turn window (max_turns turns, the
-    question included) and budget tokens; the oldest go first. None when not even the
-    persona and an empty question fit."""
-    turns = [prepare_turn(turn) for turn in turns[-max_turns:]]
-    facts = facts_that_fit(tokenizer, facts, budget, persona, turns[-1]) if facts else None
-    whole = encode_text(tokenizer, prompt_text(turns, persona, facts))
-    if len(whole) <= budget:
-        return whole
-    question = fit_question(tokenizer, turns[-1], budget, persona, facts)
-    if question is None:
-        return None
-    earlier = turns[:-1]
-
-    def encoded(count):  # the prompt with the newest `count` earlier turns
-        return encode_text(tokenizer, prompt_text(earlier[len(earlier) - count:] + [question], persona, facts))
-
-    lo, hi = 0, len(earlier) - 1  # the prompt with lo earlier turns fits (all of them did not)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if len(encoded(mid)) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return encoded(lo)
-
-
-def encode_exchange(tokenizer, turns, answer, max_turns, context_tokens, max_length, persona=None, facts=None):
-    """(prompt ids, answer ids) of one exchange, as training learns it and perplexity.py and
-    evaluate.py score it; None when the answer leaves no room for a prompt. The answer is
-    never cut: the prompt gets context_tokens, or less where a long answer leaves less of
-    max_length."""
-    target = answer_ids(tokenizer, answer)
-    prompt = fit_prompt(tokenizer, turns, max_turns, min(context_tokens, max_length - len(target)), persona, facts)
-    return None if prompt is None else (prompt, target)
-
-
-def prompt_window(chat_config, n_positions, max_new_tokens, max_turns=None, context_tokens=None):
-    """(turn window, prompt budget in tokens, warning lines) for a model folder: what training
-    recorded in chat_config.json, or what --max-turns / --context-tokens ask for (a warning
-    where that is more than the model was trained on). The budget leaves max_new_tokens of
-    the model's positions for the reply."""
-    config = chat_config or {}
-    notes = []
-    rule = config.get("prompt_rule")
-    if chat_config is not None and rule is None:
-        notes.append("chat_config.json records no prompt_rule: the model was trained by an older kit, on "
-                        "prompts that end in 'Ответ: ' with a space; retrain it for the prompts it is given now")
-    elif chat_config is not None and rule != PROMPT_RULE:
-        notes.append(f"chat_config.json has prompt_rule {rule!r}, this kit builds prompts by rule "
-                        f"{PROMPT_RULE}: they may differ from the ones the model was trained on")
-    trained_turns = int(config.get("max_turns") or DEFAULT_MAX_TURNS)
-    trained_tokens = int(config.get("context_tokens") or n_positions - max_new_tokens)
-    turns, tokens = int(max_turns or trained_turns), int(context_tokens or trained_tokens)
-    if turns > trained_turns:
-        notes.append(f"--max-turns {turns}: the model was trained on at most {trained_turns} turns before "
-                        f"the answer")
-    if tokens > trained_tokens:
-        notes.append(f"--context-tokens {tokens}: the model was trained on prompts of at most "
-                        f"{trained_tokens} tokens")
-    return turns, min(tokens, n_positions - max_new_tokens), notes
-# --- end of the prompt rule
-
-
-# --- decoding: the same block in system_prompt.py, tg_bot.py and evaluate.py (tests/test_prompt_rule.py checks)
-LEADING_LABELS = re.compile(r"^(?:\s*ответ\s*:)+", re.IGNORECASE)
-NEXT_TURN = re.compile(r"(?im)^[ \t]*(?:вопрос|ответ)[ \t]*:")
-# the model going on to write the next turn itself: a label that starts a line
-STOP_STRINGS = [TURN_SEPARATOR + QUESTION_LABEL.strip(), TURN_SEPARATOR + ANSWER_LABEL.strip()]
-
-
-class OnReplyOnly:
-    """A transformers logits processor that sees the reply's tokens only, input_ids[:, prompt_length:].
-
-    transformers' n-gram blocking looks at the whole sequence, prompt included, so it
-    bans the question's words and the name a user gave, which an answer on topic and a
-    bot that remembers must repeat. Rows of a left-padded batch share prompt_length."""
-
-    def __init__(self, processor, prompt_length):
-        self.processor, self.prompt_length = processor, prompt_length
-
-    def __call__(self, input_ids, scores):
-        return self.processor(input_ids[:, self.prompt_length:], scores)
-
-
-def reply_processors(generation, prompt_length):
-    """Repetition penalty and n-gram blocking of the generation settings (chat_config.json),
-    applied to the reply being generated and never to the prompt."""
-    from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
-
-    processors = []
-    penalty = float(generation.get("repetition_penalty") or 1.0)
-    if penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=prompt_length))
-    size = int(generation.get("no_repeat_ngram_size") or 0)
-    if size > 0:
-        processors.append(OnReplyOnly(NoRepeatNGramLogitsProcessor(size), prompt_length))
-    return processors
-
-
-def cut_at_next_turn(text):
-    """The reply without an echoed answer label, cut where the model went on to write the
-    next turn itself: at a label that starts a line, never at "вопрос:" inside a sentence."""
-    text = LEADING_LABELS.sub("", text)
-    label = NEXT_TURN.search(text)
-    return text[:label.start()] if label else text
-# --- end of the decoding block
-
-
 # ---------------------------------------------------------------- metrics
 def words(text):
     return WORD_PATTERN.findall(text.lower())
@@ -578,172 +350,6 @@ def load_model(folder, device, max_turns=None, context_tokens=None):
 
 
 # ---------------------------------------------------------------- data, prompts and scoring
-# --- mirrored in evaluate.py and perplexity.py (tests/test_evaluate.py checks they agree)
-def read_chat_config(folder, weights_dir):
-    """chat_config.json beside the weights, in the folder or above a checkpoint; None where there is none."""
-    for candidate in (weights_dir, folder, weights_dir.parent):
-        path = candidate / "chat_config.json"
-        if path.is_file():
-            config = read_json(path)
-            persona = config.get("persona") if isinstance(config, dict) else None
-            if not isinstance(config, dict) or (persona is not None and not (
-                    isinstance(persona, dict) and {"question", "answer"} <= persona.keys())):
-                raise UserError(f"{path}: not a chat_config of the kit (a JSON object; persona null or "
-                                f"{{question, answer}})")
-            for key, ours in (("question_label", QUESTION_LABEL), ("answer_label", ANSWER_LABEL),
-                              ("turn_separator", TURN_SEPARATOR)):
-                if key in config and config[key] != ours:
-                    raise UserError(f"{path}: {key} {config[key]!r} differs from the kit's prompt rule {ours!r}")
-            return config
-    return None
-
-
-def prompt_settings(chat, n_positions, max_turns=None, context_tokens=None):
-    """How prompts are built for a model folder, the way its chat builds them: persona, turn
-    window and budget from chat_config.json (--max-turns / --context-tokens may change the
-    window, with a warning where the model was not trained on it), and the example length
-    training used, which caps the prompt after a long answer as training did."""
-    config = chat or {}
-    max_new = int((config.get("generation") or {}).get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
-    max_turns, budget, notes = prompt_window(chat, n_positions, max_new, max_turns, context_tokens)
-    return {"persona": config.get("persona"), "facts_exchange": config.get("facts") is True,
-            "max_turns": max_turns, "context_tokens": budget,
-            "max_length": min(int(config.get("max_length") or n_positions), n_positions),
-            "n_positions": n_positions, "has_chat_config": chat is not None, "warnings": notes}
-
-
-def row_facts(example, settings):
-    """The facts text of a row's prompt exchange "Что ты обо мне знаешь?": the split's facts column where
-    the model was trained with that exchange (chat_config.json "facts": true), else none, as in training."""
-    return (example.get("facts") or None) if settings["facts_exchange"] else None
-
-
-def load_split(data_dir, split, rows, seed):
-    """Test rows as dicts {dialogue_id, turns (oldest first, the question last), answer}, and
-    facts (a text, "" where none) where the split has a facts column.
-
-    context_<split>.parquet is preferred (it carries the earlier turns);
-    pairs_<split>.csv is the fallback, with the question as the only turn."""
-    import random
-
-    import pandas as pd
-
-    data_dir = Path(data_dir)
-    context_path = data_dir / f"context_{split}.parquet"
-    pairs_path = data_dir / f"pairs_{split}.csv"
-    if context_path.is_file():
-        path, columns = context_path, CONTEXT_COLUMNS
-        try:
-            frame = pd.read_parquet(path)
-        except Exception as exc:
-            raise UserError(f"{path}: cannot read parquet ({exc.__class__.__name__})") from None
-    elif pairs_path.is_file():
-        path, columns = pairs_path, PAIRS_COLUMNS
-        try:
-            frame = pd.read_csv(path, encoding="utf-8", keep_default_na=False)
-        except pd.errors.EmptyDataError:
-            raise UserError(f"{path}: the {split} split is empty (an empty file)") from None
-        except UnicodeDecodeError:
-            raise UserError(f"{path}: not UTF-8") from None
-        except Exception as exc:
-            raise UserError(f"{path}: cannot read CSV ({exc.__class__.__name__})") from None
-    else:
-        raise UserError(f"{context_path}: not found (nor {pairs_path.name}); run create_dataset.py first")
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise UserError(f"{path}: missing column(s) {', '.join(missing)}")
-    has_facts = columns is CONTEXT_COLUMNS and FACTS_COLUMN in frame.columns
-    examples = []
-    for row in frame.itertuples(index=False):
-        if columns is CONTEXT_COLUMNS:
-            turns = [str(t) for t in (row.context if row.context is not None else [])]
-        else:
-            turns = [str(row.question)]
-        answer = row.answer if isinstance(row.answer, str) else ""
-        if turns and turns[-1].strip() and answer.strip():
-            examples.append({"dialogue_id": int(row.dialogue_id), "turns": turns, "answer": answer})
-            if has_facts:
-                facts = getattr(row, FACTS_COLUMN)
-                examples[-1]["facts"] = facts if isinstance(facts, str) else ""
-    if not examples:
-        raise UserError(f"{path}: the {split} split is empty (no row with a question and an answer)")
-    if rows and rows < len(examples):
-        # A seeded sample kept in file order: the same rows for every script given the same seed.
-        picked = sorted(random.Random(seed).sample(range(len(examples)), rows))
-        examples = [examples[i] for i in picked]
-    return examples, path
-
-
-def build_scoring_examples(tokenizer, examples, settings):
-    """Token ids of prompt + answer + EOS, exactly as training encodes the exchange (the row's
-    facts exchange included where the model was trained with it), with the spans to score;
-    None for a row whose answer leaves no room (and a count of those)."""
-    persona = settings["persona"]
-    persona_header = len(encode_text(tokenizer, header_text(persona)))
-    built, skipped = [], 0
-    for example in examples:
-        facts = row_facts(example, settings)
-        exchange = encode_exchange(tokenizer, example["turns"], example["answer"], settings["max_turns"],
-                                   settings["context_tokens"], settings["max_length"], persona, facts)
-        if exchange is None:
-            skipped += 1
-            built.append(None)
-            continue
-        prompt, target = exchange
-        header, with_facts = persona_header, False
-        if facts:  # fit_prompt leaves the exchange out where it does not fit beside the persona
-            facts_header = encode_text(tokenizer, header_text(persona, facts))
-            with_facts = prompt[:len(facts_header)] == facts_header
-            header = len(facts_header) if with_facts else header
-        built.append({"ids": prompt + target, "answer_start": len(prompt), "sequence_start": max(1, header),
-                      "chars": len(example["answer"]) + 1, "facts": with_facts})
-    return built, skipped
-
-
-def facts_column_note(settings, examples, data_path):
-    """A warning where the model was trained with the facts exchange and the split has no facts to give it."""
-    if settings["facts_exchange"] and not any("facts" in example for example in examples):
-        return (f"chat_config.json says the model was trained with the facts exchange, but {data_path} has no "
-                f"{FACTS_COLUMN} column (create_dataset.py writes it): its prompts go without it")
-    return None
-
-
-def score(model, built, batch_size, device, pad_id=0, progress=True):
-    """Per-row sums of NLL (nats) over the answer span (answer + EOS) and over the sequence
-    span (all but the persona and facts), with their token counts.
-
-    The batch is right-padded; each target token is scored from the logits one position
-    earlier, so padding never enters a sum."""
-    import torch
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
-
-    order = sorted(range(len(built)), key=lambda i: -len(built[i]["ids"]))
-    results = [None] * len(built)
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    with torch.no_grad():
-        for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress):
-            width = max(len(built[i]["ids"]) for i in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                seq = built[i]["ids"]
-                ids[row, :len(seq)] = torch.tensor(seq)
-                mask[row, :len(seq)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:].to(device),
-                                  reduction="none").cpu()  # nll[:, j-1] scores token j
-            for row, i in enumerate(batch):
-                length = len(built[i]["ids"])
-                token_nll = nll[row, :length - 1].double()
-                a0, s0 = built[i]["answer_start"], built[i]["sequence_start"]
-                results[i] = {"answer_nll": float(token_nll[a0 - 1:].sum()), "answer_tokens": length - a0,
-                              "sequence_nll": float(token_nll[s0 - 1:].sum()), "sequence_tokens": length - s0,
-                              "chars": built[i]["chars"]}
-    return results
-
-
-# --- end of the mirrored part
 
 
 # ---------------------------------------------------------------- running the models
@@ -1143,6 +749,422 @@ def main(argv=None, scripts=None):
     print("wrote " + ", ".join(str(p) for p in paths))
     show_in_notebook(str(next(p for p in paths if p.suffix == ".png")))
     return 1 if failed else 0
+
+
+# ==================================================================================================
+# Generated blocks: shared code that blocks/build.py writes into every script that needs it.
+# Do not edit it here: change the block's source in blocks/, then run `make blocks`
+# (`python blocks/build.py`); the suite fails while a copy differs from its source.
+# ==================================================================================================
+
+
+# ==== block blocks/prompt_rule.py: generated, edit the source and run `make blocks` ====
+"""The one prompt rule: how a conversation becomes token ids, in training, chat, evaluation and serving.
+
+A block: blocks/build.py writes this file into the scripts that list it (make blocks).
+It imports nothing itself; its host script imports what it uses."""
+
+# One rule for every prompt the model sees, in training, chat, perplexity and evaluation:
+#
+#     Вопрос: <persona question>          the persona, when there is one
+#     Ответ: <persona answer>
+#     Вопрос: Что ты обо мне знаешь?      what the bot knows about the user, when it knows something
+#     Ответ: <facts>
+#     Ответ: <older turn>                 turns labelled counting back from the answer, so
+#     Вопрос: <the user's question>       the turn before the answer is always a question
+#     Ответ:                              the prompt ends at the colon ...
+#      <answer><EOS>                      ... and the answer keeps its first word's space
+#
+# GPT-2's byte-level BPE spells a word inside a sentence with its space (" Привет"),
+# so the space goes with the answer, not with the prompt. No BOS is added anywhere:
+# a prompt starts with its first label in training and in chat alike, whatever the
+# tokenizer's add_bos_token says. Text is tokenized as plain text: "</s>" typed by
+# a user is five characters, never the EOS id.
+PROMPT_RULE = 2                # chat_config.json "prompt_rule": the rule a model folder was trained with
+QUESTION_LABEL = "Вопрос: "
+ANSWER_LABEL = "Ответ: "
+TURN_SEPARATOR = "\n"
+FACTS_QUESTION = "Что ты обо мне знаешь?"
+DEFAULT_MAX_TURNS = 16         # the turn window of a model folder whose chat_config.json records none
+FACTS_ROOM_FOR_QUESTION = 16   # tokens the facts exchange leaves the question (its own length, if shorter)
+LABEL_PATTERN = re.compile(r"(?i)\b(вопрос|ответ)\s*:")
+
+
+def prepare_turn(text):
+    """A turn as a prompt holds it: Unicode NFC, one line with single spaces (a newline
+    separates turns), and a label inside it ("Ответ:") made "Ответ -", so that a user
+    cannot start a turn of their own."""
+    text = " ".join(unicodedata.normalize("NFC", text).split())
+    return LABEL_PATTERN.sub(lambda m: m.group(1) + " -", text)
+
+
+def header_text(persona=None, facts=None):
+    """The exchanges every prompt starts with: the persona, then what the bot knows about the user."""
+    lines = []
+    if persona:
+        lines += [QUESTION_LABEL + prepare_turn(persona["question"]), ANSWER_LABEL + prepare_turn(persona["answer"])]
+    if facts:
+        lines += [QUESTION_LABEL + FACTS_QUESTION, ANSWER_LABEL + prepare_turn(facts)]
+    return "".join(line + TURN_SEPARATOR for line in lines)
+
+
+def prompt_text(turns, persona=None, facts=None):
+    """The prompt for turns (oldest first, the user's question last), ending at the answer label's colon."""
+    count = len(turns)
+    lines = [(QUESTION_LABEL if (count - 1 - i) % 2 == 0 else ANSWER_LABEL) + prepare_turn(turn)
+             for i, turn in enumerate(turns)]
+    return header_text(persona, facts) + "".join(line + TURN_SEPARATOR for line in lines) + ANSWER_LABEL.rstrip()
+
+
+def encode_text(tokenizer, text):
+    """Token ids of text, taken as plain text: nothing added (no BOS, no EOS), and the spelling
+    of a special token ("</s>") tokenized as the characters it is."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+
+
+def answer_ids(tokenizer, answer):
+    """The answer as the model learns to write it after a prompt: its first word with its
+    leading space, then the tokenizer's own EOS."""
+    return encode_text(tokenizer, " " + prepare_turn(answer)) + [tokenizer.eos_token_id]
+
+
+def first_fitting(starts, fits):
+    """The smallest of the sorted starts that fits (a later start leaves less text), else None."""
+    lo, hi = 0, len(starts)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(starts[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return starts[lo] if lo < len(starts) else None
+
+
+def fit_question(tokenizer, question, budget, persona=None, facts=None):
+    """The longest end of the (prepared) question whose prompt fits in budget tokens, cut
+    before a word where one fits; None when not even an empty question fits. The end is
+    kept: people ask after the material."""
+    def fits(start):
+        return len(encode_text(tokenizer, prompt_text([question[start:]], persona, facts))) <= budget
+
+    if fits(0):
+        return question
+    if not fits(len(question)):
+        return None
+    word_starts = [i for i in range(1, len(question)) if question[i - 1] == " "]
+    start = first_fitting(word_starts, fits)
+    if start is None:  # not even the last word fits: keep the end of it
+        start = first_fitting(list(range((word_starts or [0])[-1] + 1, len(question) + 1)), fits)
+    return question[start:]
+
+
+def facts_that_fit(tokenizer, facts, budget, persona=None, question=""):
+    """The facts answer as a prompt of budget tokens holds it beside the persona, leaving the
+    question FACTS_ROOM_FOR_QUESTION tokens (or its own length, if shorter): whole, or cut
+    clause by clause from its end, where the answer keeps what matters least (it names the
+    user first, their plans last); None when not even its first clause fits. Training and
+    chat both cut here, so the exchange a model learnt is the one it is sent."""
+    bare = len(encode_text(tokenizer, prompt_text([""], persona)))
+    room = min(FACTS_ROOM_FOR_QUESTION, len(encode_text(tokenizer, prompt_text([question], persona))) - bare)
+
+    def fits(text):
+        return len(encode_text(tokenizer, prompt_text([""], persona, text))) + room <= budget
+
+    if fits(facts):
+        return facts
+    clauses = facts.rstrip(".").split(", ")
+    for count in range(len(clauses) - 1, 0, -1):
+        text = ", ".join(clauses[:count]) + "."
+        if fits(text):
+            return text
+    return None
+
+
+def fit_prompt(tokenizer, turns, max_turns, budget, persona=None, facts=None):
+    """Prompt ids for a conversation (turns oldest first, the user's question last): the
+    persona, the facts as far as they fit beside it (facts_that_fit), the question (its end, if it alone is too
+    long), and the newest earlier turns that fit the turn window (max_turns turns, the
+    question included) and budget tokens; the oldest go first. None when not even the
+    persona and an empty question fit."""
+    turns = [prepare_turn(turn) for turn in turns[-max_turns:]]
+    facts = facts_that_fit(tokenizer, facts, budget, persona, turns[-1]) if facts else None
+    whole = encode_text(tokenizer, prompt_text(turns, persona, facts))
+    if len(whole) <= budget:
+        return whole
+    question = fit_question(tokenizer, turns[-1], budget, persona, facts)
+    if question is None:
+        return None
+    earlier = turns[:-1]
+
+    def encoded(count):  # the prompt with the newest `count` earlier turns
+        return encode_text(tokenizer, prompt_text(earlier[len(earlier) - count:] + [question], persona, facts))
+
+    lo, hi = 0, len(earlier) - 1  # the prompt with lo earlier turns fits (all of them did not)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(encoded(mid)) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return encoded(lo)
+
+
+def encode_exchange(tokenizer, turns, answer, max_turns, context_tokens, max_length, persona=None, facts=None):
+    """(prompt ids, answer ids) of one exchange, as training learns it and perplexity.py and
+    evaluate.py score it; None when the answer leaves no room for a prompt. The answer is
+    never cut: the prompt gets context_tokens, or less where a long answer leaves less of
+    max_length."""
+    target = answer_ids(tokenizer, answer)
+    prompt = fit_prompt(tokenizer, turns, max_turns, min(context_tokens, max_length - len(target)), persona, facts)
+    return None if prompt is None else (prompt, target)
+
+
+def prompt_window(chat_config, n_positions, max_new_tokens, max_turns=None, context_tokens=None):
+    """(turn window, prompt budget in tokens, warning lines) for a model folder: what training
+    recorded in chat_config.json, or what --max-turns / --context-tokens ask for (a warning
+    where that is more than the model was trained on). The budget leaves max_new_tokens of
+    the model's positions for the reply."""
+    config = chat_config or {}
+    notes = []
+    rule = config.get("prompt_rule")
+    if chat_config is not None and rule is None:
+        notes.append("chat_config.json records no prompt_rule: the model was trained by an older kit, on "
+                        "prompts that end in 'Ответ: ' with a space; retrain it for the prompts it is given now")
+    elif chat_config is not None and rule != PROMPT_RULE:
+        notes.append(f"chat_config.json has prompt_rule {rule!r}, this kit builds prompts by rule "
+                        f"{PROMPT_RULE}: they may differ from the ones the model was trained on")
+    trained_turns = int(config.get("max_turns") or DEFAULT_MAX_TURNS)
+    trained_tokens = int(config.get("context_tokens") or n_positions - max_new_tokens)
+    turns, tokens = int(max_turns or trained_turns), int(context_tokens or trained_tokens)
+    if turns > trained_turns:
+        notes.append(f"--max-turns {turns}: the model was trained on at most {trained_turns} turns before "
+                        f"the answer")
+    if tokens > trained_tokens:
+        notes.append(f"--context-tokens {tokens}: the model was trained on prompts of at most "
+                        f"{trained_tokens} tokens")
+    return turns, min(tokens, n_positions - max_new_tokens), notes
+# ==== end of block blocks/prompt_rule.py ====
+
+
+# ==== block blocks/decoding.py: generated, edit the source and run `make blocks` ====
+"""Decoding: the sampling settings and the reply-only penalties the chat scripts and evaluate.py use.
+
+A block: blocks/build.py writes this file into the scripts that list it (make blocks).
+It imports nothing itself; its host script imports what it uses."""
+
+LEADING_LABELS = re.compile(r"^(?:\s*ответ\s*:)+", re.IGNORECASE)
+NEXT_TURN = re.compile(r"(?im)^[ \t]*(?:вопрос|ответ)[ \t]*:")
+# the model going on to write the next turn itself: a label that starts a line
+STOP_STRINGS = [TURN_SEPARATOR + QUESTION_LABEL.strip(), TURN_SEPARATOR + ANSWER_LABEL.strip()]
+
+
+class OnReplyOnly:
+    """A transformers logits processor that sees the reply's tokens only, input_ids[:, prompt_length:].
+
+    transformers' n-gram blocking looks at the whole sequence, prompt included, so it
+    bans the question's words and the name a user gave, which an answer on topic and a
+    bot that remembers must repeat. Rows of a left-padded batch share prompt_length."""
+
+    def __init__(self, processor, prompt_length):
+        self.processor, self.prompt_length = processor, prompt_length
+
+    def __call__(self, input_ids, scores):
+        return self.processor(input_ids[:, self.prompt_length:], scores)
+
+
+def reply_processors(generation, prompt_length):
+    """Repetition penalty and n-gram blocking of the generation settings (chat_config.json),
+    applied to the reply being generated and never to the prompt."""
+    from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+    processors = []
+    penalty = float(generation.get("repetition_penalty") or 1.0)
+    if penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=prompt_length))
+    size = int(generation.get("no_repeat_ngram_size") or 0)
+    if size > 0:
+        processors.append(OnReplyOnly(NoRepeatNGramLogitsProcessor(size), prompt_length))
+    return processors
+
+
+def cut_at_next_turn(text):
+    """The reply without an echoed answer label, cut where the model went on to write the
+    next turn itself: at a label that starts a line, never at "вопрос:" inside a sentence."""
+    text = LEADING_LABELS.sub("", text)
+    label = NEXT_TURN.search(text)
+    return text[:label.start()] if label else text
+# ==== end of block blocks/decoding.py ====
+
+
+# ==== block blocks/scoring.py: generated, edit the source and run `make blocks` ====
+"""Scoring: reading the test data, building prompts and scoring model folders for perplexity.py and evaluate.py.
+
+A block: blocks/build.py writes this file into the scripts that list it (make blocks).
+It imports nothing itself; its host script imports what it uses."""
+
+def read_chat_config(folder, weights_dir):
+    """chat_config.json beside the weights, in the folder or above a checkpoint; None where there is none."""
+    for candidate in (weights_dir, folder, weights_dir.parent):
+        path = candidate / "chat_config.json"
+        if path.is_file():
+            config = read_json(path)
+            persona = config.get("persona") if isinstance(config, dict) else None
+            if not isinstance(config, dict) or (persona is not None and not (
+                    isinstance(persona, dict) and {"question", "answer"} <= persona.keys())):
+                raise UserError(f"{path}: not a chat_config of the kit (a JSON object; persona null or "
+                                f"{{question, answer}})")
+            for key, ours in (("question_label", QUESTION_LABEL), ("answer_label", ANSWER_LABEL),
+                              ("turn_separator", TURN_SEPARATOR)):
+                if key in config and config[key] != ours:
+                    raise UserError(f"{path}: {key} {config[key]!r} differs from the kit's prompt rule {ours!r}")
+            return config
+    return None
+
+
+def prompt_settings(chat, n_positions, max_turns=None, context_tokens=None):
+    """How prompts are built for a model folder, the way its chat builds them: persona, turn
+    window and budget from chat_config.json (--max-turns / --context-tokens may change the
+    window, with a warning where the model was not trained on it), and the example length
+    training used, which caps the prompt after a long answer as training did."""
+    config = chat or {}
+    max_new = int((config.get("generation") or {}).get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+    max_turns, budget, notes = prompt_window(chat, n_positions, max_new, max_turns, context_tokens)
+    return {"persona": config.get("persona"), "facts_exchange": config.get("facts") is True,
+            "max_turns": max_turns, "context_tokens": budget,
+            "max_length": min(int(config.get("max_length") or n_positions), n_positions),
+            "n_positions": n_positions, "has_chat_config": chat is not None, "warnings": notes}
+
+
+def row_facts(example, settings):
+    """The facts text of a row's prompt exchange "Что ты обо мне знаешь?": the split's facts column where
+    the model was trained with that exchange (chat_config.json "facts": true), else none, as in training."""
+    return (example.get("facts") or None) if settings["facts_exchange"] else None
+
+
+def load_split(data_dir, split, rows, seed):
+    """Test rows as dicts {dialogue_id, turns (oldest first, the question last), answer}, and
+    facts (a text, "" where none) where the split has a facts column.
+
+    context_<split>.parquet is preferred (it carries the earlier turns);
+    pairs_<split>.csv is the fallback, with the question as the only turn."""
+    import random
+
+    import pandas as pd
+
+    data_dir = Path(data_dir)
+    context_path = data_dir / f"context_{split}.parquet"
+    pairs_path = data_dir / f"pairs_{split}.csv"
+    if context_path.is_file():
+        path, columns = context_path, CONTEXT_COLUMNS
+        try:
+            frame = pd.read_parquet(path)
+        except Exception as exc:
+            raise UserError(f"{path}: cannot read parquet ({exc.__class__.__name__})") from None
+    elif pairs_path.is_file():
+        path, columns = pairs_path, PAIRS_COLUMNS
+        try:
+            frame = pd.read_csv(path, encoding="utf-8", keep_default_na=False)
+        except pd.errors.EmptyDataError:
+            raise UserError(f"{path}: the {split} split is empty (an empty file)") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not UTF-8") from None
+        except Exception as exc:
+            raise UserError(f"{path}: cannot read CSV ({exc.__class__.__name__})") from None
+    else:
+        raise UserError(f"{context_path}: not found (nor {pairs_path.name}); run create_dataset.py first")
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)}")
+    has_facts = columns is CONTEXT_COLUMNS and FACTS_COLUMN in frame.columns
+    examples = []
+    for row in frame.itertuples(index=False):
+        if columns is CONTEXT_COLUMNS:
+            turns = [str(t) for t in (row.context if row.context is not None else [])]
+        else:
+            turns = [str(row.question)]
+        answer = row.answer if isinstance(row.answer, str) else ""
+        if turns and turns[-1].strip() and answer.strip():
+            examples.append({"dialogue_id": int(row.dialogue_id), "turns": turns, "answer": answer})
+            if has_facts:
+                facts = getattr(row, FACTS_COLUMN)
+                examples[-1]["facts"] = facts if isinstance(facts, str) else ""
+    if not examples:
+        raise UserError(f"{path}: the {split} split is empty (no row with a question and an answer)")
+    if rows and rows < len(examples):
+        # A seeded sample kept in file order: the same rows for every script given the same seed.
+        picked = sorted(random.Random(seed).sample(range(len(examples)), rows))
+        examples = [examples[i] for i in picked]
+    return examples, path
+
+
+def build_scoring_examples(tokenizer, examples, settings):
+    """Token ids of prompt + answer + EOS, exactly as training encodes the exchange (the row's
+    facts exchange included where the model was trained with it), with the spans to score;
+    None for a row whose answer leaves no room (and a count of those)."""
+    persona = settings["persona"]
+    persona_header = len(encode_text(tokenizer, header_text(persona)))
+    built, skipped = [], 0
+    for example in examples:
+        facts = row_facts(example, settings)
+        exchange = encode_exchange(tokenizer, example["turns"], example["answer"], settings["max_turns"],
+                                   settings["context_tokens"], settings["max_length"], persona, facts)
+        if exchange is None:
+            skipped += 1
+            built.append(None)
+            continue
+        prompt, target = exchange
+        header, with_facts = persona_header, False
+        if facts:  # fit_prompt leaves the exchange out where it does not fit beside the persona
+            facts_header = encode_text(tokenizer, header_text(persona, facts))
+            with_facts = prompt[:len(facts_header)] == facts_header
+            header = len(facts_header) if with_facts else header
+        built.append({"ids": prompt + target, "answer_start": len(prompt), "sequence_start": max(1, header),
+                      "chars": len(example["answer"]) + 1, "facts": with_facts})
+    return built, skipped
+
+
+def facts_column_note(settings, examples, data_path):
+    """A warning where the model was trained with the facts exchange and the split has no facts to give it."""
+    if settings["facts_exchange"] and not any("facts" in example for example in examples):
+        return (f"chat_config.json says the model was trained with the facts exchange, but {data_path} has no "
+                f"{FACTS_COLUMN} column (create_dataset.py writes it): its prompts go without it")
+    return None
+
+
+def score(model, built, batch_size, device, pad_id=0, progress=True):
+    """Per-row sums of NLL (nats) over the answer span (answer + EOS) and over the sequence
+    span (all but the persona and facts), with their token counts.
+
+    The batch is right-padded; each target token is scored from the logits one position
+    earlier, so padding never enters a sum."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(built)), key=lambda i: -len(built[i]["ids"]))
+    results = [None] * len(built)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    with torch.no_grad():
+        for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress):
+            width = max(len(built[i]["ids"]) for i in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                seq = built[i]["ids"]
+                ids[row, :len(seq)] = torch.tensor(seq)
+                mask[row, :len(seq)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:].to(device),
+                                  reduction="none").cpu()  # nll[:, j-1] scores token j
+            for row, i in enumerate(batch):
+                length = len(built[i]["ids"])
+                token_nll = nll[row, :length - 1].double()
+                a0, s0 = built[i]["answer_start"], built[i]["sequence_start"]
+                results[i] = {"answer_nll": float(token_nll[a0 - 1:].sum()), "answer_tokens": length - a0,
+                              "sequence_nll": float(token_nll[s0 - 1:].sum()), "sequence_tokens": length - s0,
+                              "chars": built[i]["chars"]}
+    return results
+# ==== end of block blocks/scoring.py ====
 
 
 if __name__ == "__main__":

@@ -87,7 +87,261 @@ class UserError(Exception):
     """A mistake in the user's input: reported as one line, exit code 1."""
 
 
-# --- prompt rule: the same block in train_transformer.py, train_medium_context.py, system_prompt.py, tg_bot.py, perplexity.py and evaluate.py (tests/test_prompt_rule.py checks)
+# ---------------------------------------------------------------- model folders
+def has_weights(folder):
+    return (folder / "config.json").is_file() and (
+        (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file())
+
+
+def read_json(path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: cannot read JSON ({exc.__class__.__name__})") from None
+
+
+def unfinished_lora_run(folder):
+    """Whether a folder with no model is a --lora run that has not finished: its
+    checkpoint-N/ folders hold the adapter only, and the merged model comes at the end."""
+    return any((path / "adapter_config.json").is_file() for path in Path(folder).glob("checkpoint-*"))
+
+
+def resolve_weights(folder):
+    """The folder itself if it holds weights, else its newest complete checkpoint-N/."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such model folder")
+    if (folder / "config.json").is_file() and "kit_model" in read_json(folder / "config.json"):
+        raise UserError(f"{folder}: an LSTM folder of the kit; perplexity.py reads transformers folders "
+                        f"(evaluate.py scores LSTMs)")
+    if has_weights(folder):
+        return folder
+    checkpoints = [p for p in folder.glob("checkpoint-*")
+                   if p.is_dir() and p.name.split("-")[-1].isdigit() and has_weights(p)
+                   and (p / "trainer_state.json").is_file()]  # written last by Trainer
+    if not checkpoints and unfinished_lora_run(folder):
+        raise UserError(f"{folder}: a --lora run that has not finished: its checkpoint-N/ folders hold the "
+                        f"adapter only, and the merged model is saved when it ends (--resume --lora continues it)")
+    if not checkpoints:
+        raise UserError(f"{folder}: no model here (config.json + model.safetensors at the top level "
+                        f"or in a checkpoint-N/ folder)")
+    return max(checkpoints, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def model_name(folder):
+    folder = Path(folder).resolve()
+    if folder.name.startswith("checkpoint-") and folder.parent.name:
+        return f"{folder.parent.name}-{folder.name}"
+    return folder.name
+
+
+def pick_device(name):
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here")
+    return name
+
+
+def load_model(folder, device, max_turns=None, context_tokens=None):
+    """Model, tokenizer and prompt settings of a transformers folder of the kit."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    weights_dir = resolve_weights(folder)
+    config = read_json(weights_dir / "config.json")
+    if "model_type" not in config:
+        raise UserError(f"{folder}: {weights_dir / 'config.json'} has no model_type; not a transformers model")
+    tokenizer_dir = next((d for d in (weights_dir, folder) if any(
+        (d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))), None)
+    if tokenizer_dir is None:
+        raise UserError(f"{folder}: no tokenizer (tokenizer.json / tokenizer_config.json) beside the weights")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except Exception as exc:  # a broken tokenizer file surfaces as many exception types
+        raise UserError(f"{tokenizer_dir}: cannot load the tokenizer ({exc.__class__.__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"{tokenizer_dir}: the tokenizer has no eos_token")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=torch.float32)
+    except Exception as exc:
+        raise UserError(f"{weights_dir}: cannot load the model ({exc.__class__.__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    model.to(device).eval()
+    n_positions = (getattr(model.config, "max_position_embeddings", None)
+                   or getattr(model.config, "n_positions", None) or 1024)
+    settings = prompt_settings(read_chat_config(folder, weights_dir), int(n_positions), max_turns, context_tokens)
+    return model, tokenizer, weights_dir, settings
+
+
+# ---------------------------------------------------------------- data, prompts and scoring
+
+
+# ---------------------------------------------------------------- figures
+def summarise(results):
+    answer_nll = sum(r["answer_nll"] for r in results)
+    answer_tokens = sum(r["answer_tokens"] for r in results)
+    sequence_nll = sum(r["sequence_nll"] for r in results)
+    sequence_tokens = sum(r["sequence_tokens"] for r in results)
+    chars = sum(r["chars"] for r in results)
+    return {
+        "answer_perplexity": math.exp(answer_nll / answer_tokens) if answer_tokens else None,
+        "answer_nll_per_token": answer_nll / answer_tokens if answer_tokens else None,
+        "answer_tokens": answer_tokens,
+        "bits_per_char": answer_nll / math.log(2) / chars if chars else None,
+        "answer_chars": chars,
+        "sequence_perplexity": math.exp(sequence_nll / sequence_tokens) if sequence_tokens else None,
+        "sequence_nll_per_token": sequence_nll / sequence_tokens if sequence_tokens else None,
+        "sequence_tokens": sequence_tokens,
+    }
+
+
+def reading(answer_perplexity):
+    return next(text for limit, text in READINGS if answer_perplexity < limit)
+
+
+def evaluate_perplexity(folder, data_dir=DATA_DIR, split=SPLIT, rows=ROWS, batch_size=BATCH_SIZE,
+                        device="cpu", seed=SEED, use_persona=True, progress=True, max_turns=None,
+                        context_tokens=None, warn=None):
+    examples, data_path = load_split(data_dir, split, rows, seed)
+    model, tokenizer, weights_dir, settings = load_model(folder, device, max_turns, context_tokens)
+    for note in settings["warnings"] + [facts_column_note(settings, examples, data_path)]:
+        if note:
+            (warn or (lambda line: None))(note)
+    if not use_persona:
+        settings["persona"] = None
+    built, skipped = build_scoring_examples(tokenizer, examples, settings)
+    built = [b for b in built if b is not None]
+    if not built:
+        raise UserError(f"{data_path}: no row fits the model's {settings['n_positions']}-token window")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    figures = summarise(score(model, built, batch_size, device, pad_id, progress))
+    return {
+        "model": model_name(folder),
+        "folder": str(folder),
+        "weights": str(weights_dir),
+        "data": str(data_path),
+        "rows_scored": len(built),
+        "rows_skipped_too_long": skipped,
+        "seed": seed,
+        "persona": bool(settings["persona"]),
+        "rows_with_facts": sum(b["facts"] for b in built),
+        "max_turns": settings["max_turns"],
+        "context_tokens": settings["context_tokens"],
+        "chat_config_found": settings["has_chat_config"],
+        **figures,
+        "reading": reading(figures["answer_perplexity"]),
+    }
+
+
+# ---------------------------------------------------------------- reports
+def atomic_write_text(path, text):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def markdown_report(report):
+    return "\n".join([
+        f"# Perplexity of {report['model']}",
+        "",
+        f"Weights: `{report['weights']}`; data: `{report['data']}`, {report['rows_scored']} rows "
+        f"({report['rows_skipped_too_long']} skipped as too long), seed {report['seed']}, "
+        f"persona {'on' if report['persona'] else 'off'}"
+        + (f", the facts exchange in {report['rows_with_facts']} prompts." if report["rows_with_facts"] else "."),
+        "",
+        "| figure | value | tokens / chars |",
+        "|---|---|---|",
+        f"| answer perplexity (answer + EOS) | {report['answer_perplexity']:.2f} | {report['answer_tokens']} tokens |",
+        f"| sequence perplexity (dialogue, persona excluded) | {report['sequence_perplexity']:.2f} "
+        f"| {report['sequence_tokens']} tokens |",
+        f"| bits per character (answers) | {report['bits_per_char']:.3f} | {report['answer_chars']} chars |",
+        "",
+        "All figures are weighted by tokens: total negative log-likelihood over the total count.",
+        "Bits per character compare across tokenizers; perplexity per token does not.",
+        "",
+        f"Reading: {report['reading']}.",
+        "",
+    ])
+
+
+def write_reports(report, output_dir):
+    stem = re.sub(r"[^\w.-]+", "_", report["model"])
+    json_path = Path(output_dir) / f"perplexity_{stem}.json"
+    md_path = Path(output_dir) / f"perplexity_{stem}.md"
+    atomic_write_text(json_path, json.dumps(report, ensure_ascii=False, indent=2) + "\n")
+    atomic_write_text(md_path, markdown_report(report))
+    return json_path, md_path
+
+
+# ---------------------------------------------------------------- main
+def parse_args(argv):
+    # prog: in a notebook cell argparse would name the kernel (ipykernel_launcher.py) in its messages.
+    parser = argparse.ArgumentParser(prog="perplexity.py", description="Token-weighted perplexity of a "
+                                                                       "transformers model folder on the test split.")
+    parser.add_argument("--model", default=MODEL, help="model folder or checkpoint-N/ folder (default: %(default)s)")
+    parser.add_argument("--data-dir", default=DATA_DIR, help="folder of the splits (default: %(default)s)")
+    parser.add_argument("--split", default=SPLIT, help="split to read (default: %(default)s)")
+    parser.add_argument("--rows", type=int, default=ROWS, help="rows to score, 0 = all (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    parser.add_argument("--device", default=DEVICE, choices=DEVICES)
+    parser.add_argument("--seed", type=int, default=SEED, help="seed of the row sample")
+    parser.add_argument("--no-persona", action="store_true", default=NO_PERSONA,
+                        help="leave the chat_config persona out of prompts")
+    parser.add_argument("--max-turns", type=int, default=MAX_TURNS,
+                        help="turns in a prompt, the question included (default: chat_config.json, what the "
+                             "model was trained with)")
+    parser.add_argument("--context-tokens", type=int, default=CONTEXT_TOKENS,
+                        help="prompt budget in tokens (default: chat_config.json, what the model was trained with)")
+    parser.add_argument("--output", default=OUTPUT_DIR, help="folder of the reports (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if (args.rows or 0) < 0 or args.batch_size < 1 \
+            or any(value is not None and value < 1 for value in (args.max_turns, args.context_tokens)):
+        parser.error("--rows must be >= 0; --batch-size, --max-turns and --context-tokens >= 1")
+    if args.device not in DEVICES:  # argparse checks choices on the command line only, never DEVICE in the block
+        parser.error(f"--device {args.device!r}: must be one of {', '.join(DEVICES)}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        device = pick_device(args.device)
+        report = evaluate_perplexity(args.model, args.data_dir, args.split, args.rows, args.batch_size,
+                                     device, args.seed, use_persona=not args.no_persona, max_turns=args.max_turns,
+                                     context_tokens=args.context_tokens,
+                                     warn=lambda line: print(f"perplexity.py: warning: {line}", file=sys.stderr))
+    except UserError as exc:
+        print(f"perplexity.py: error: {exc}", file=sys.stderr)
+        return 1
+    json_path, md_path = write_reports(report, args.output)
+    print(f"{report['model']}: answer perplexity {report['answer_perplexity']:.2f} "
+          f"({report['answer_tokens']} tokens), sequence perplexity {report['sequence_perplexity']:.2f}, "
+          f"{report['bits_per_char']:.3f} bits/char over {report['rows_scored']} rows")
+    print(f"reading: {report['reading']}")
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+# ==================================================================================================
+# Generated blocks: shared code that blocks/build.py writes into every script that needs it.
+# Do not edit it here: change the block's source in blocks/, then run `make blocks`
+# (`python blocks/build.py`); the suite fails while a copy differs from its source.
+# ==================================================================================================
+
+
+# ==== block blocks/prompt_rule.py: generated, edit the source and run `make blocks` ====
+"""The one prompt rule: how a conversation becomes token ids, in training, chat, evaluation and serving.
+
+A block: blocks/build.py writes this file into the scripts that list it (make blocks).
+It imports nothing itself; its host script imports what it uses."""
+
 # One rule for every prompt the model sees, in training, chat, perplexity and evaluation:
 #
 #     Вопрос: <persona question>          the persona, when there is one
@@ -267,102 +521,15 @@ def prompt_window(chat_config, n_positions, max_new_tokens, max_turns=None, cont
         notes.append(f"--context-tokens {tokens}: the model was trained on prompts of at most "
                         f"{trained_tokens} tokens")
     return turns, min(tokens, n_positions - max_new_tokens), notes
-# --- end of the prompt rule
+# ==== end of block blocks/prompt_rule.py ====
 
 
-# ---------------------------------------------------------------- model folders
-def has_weights(folder):
-    return (folder / "config.json").is_file() and (
-        (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file())
+# ==== block blocks/scoring.py: generated, edit the source and run `make blocks` ====
+"""Scoring: reading the test data, building prompts and scoring model folders for perplexity.py and evaluate.py.
 
+A block: blocks/build.py writes this file into the scripts that list it (make blocks).
+It imports nothing itself; its host script imports what it uses."""
 
-def read_json(path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: cannot read JSON ({exc.__class__.__name__})") from None
-
-
-def unfinished_lora_run(folder):
-    """Whether a folder with no model is a --lora run that has not finished: its
-    checkpoint-N/ folders hold the adapter only, and the merged model comes at the end."""
-    return any((path / "adapter_config.json").is_file() for path in Path(folder).glob("checkpoint-*"))
-
-
-def resolve_weights(folder):
-    """The folder itself if it holds weights, else its newest complete checkpoint-N/."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{folder}: no such model folder")
-    if (folder / "config.json").is_file() and "kit_model" in read_json(folder / "config.json"):
-        raise UserError(f"{folder}: an LSTM folder of the kit; perplexity.py reads transformers folders "
-                        f"(evaluate.py scores LSTMs)")
-    if has_weights(folder):
-        return folder
-    checkpoints = [p for p in folder.glob("checkpoint-*")
-                   if p.is_dir() and p.name.split("-")[-1].isdigit() and has_weights(p)
-                   and (p / "trainer_state.json").is_file()]  # written last by Trainer
-    if not checkpoints and unfinished_lora_run(folder):
-        raise UserError(f"{folder}: a --lora run that has not finished: its checkpoint-N/ folders hold the "
-                        f"adapter only, and the merged model is saved when it ends (--resume --lora continues it)")
-    if not checkpoints:
-        raise UserError(f"{folder}: no model here (config.json + model.safetensors at the top level "
-                        f"or in a checkpoint-N/ folder)")
-    return max(checkpoints, key=lambda p: int(p.name.split("-")[-1]))
-
-
-def model_name(folder):
-    folder = Path(folder).resolve()
-    if folder.name.startswith("checkpoint-") and folder.parent.name:
-        return f"{folder.parent.name}-{folder.name}"
-    return folder.name
-
-
-def pick_device(name):
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available here")
-    return name
-
-
-def load_model(folder, device, max_turns=None, context_tokens=None):
-    """Model, tokenizer and prompt settings of a transformers folder of the kit."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = Path(folder)
-    weights_dir = resolve_weights(folder)
-    config = read_json(weights_dir / "config.json")
-    if "model_type" not in config:
-        raise UserError(f"{folder}: {weights_dir / 'config.json'} has no model_type; not a transformers model")
-    tokenizer_dir = next((d for d in (weights_dir, folder) if any(
-        (d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))), None)
-    if tokenizer_dir is None:
-        raise UserError(f"{folder}: no tokenizer (tokenizer.json / tokenizer_config.json) beside the weights")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    except Exception as exc:  # a broken tokenizer file surfaces as many exception types
-        raise UserError(f"{tokenizer_dir}: cannot load the tokenizer ({exc.__class__.__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-    if tokenizer.eos_token_id is None:
-        raise UserError(f"{tokenizer_dir}: the tokenizer has no eos_token")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=torch.float32)
-    except Exception as exc:
-        raise UserError(f"{weights_dir}: cannot load the model ({exc.__class__.__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-    model.to(device).eval()
-    n_positions = (getattr(model.config, "max_position_embeddings", None)
-                   or getattr(model.config, "n_positions", None) or 1024)
-    settings = prompt_settings(read_chat_config(folder, weights_dir), int(n_positions), max_turns, context_tokens)
-    return model, tokenizer, weights_dir, settings
-
-
-# ---------------------------------------------------------------- data, prompts and scoring
-# --- mirrored in evaluate.py and perplexity.py (tests/test_evaluate.py checks they agree)
 def read_chat_config(folder, weights_dir):
     """chat_config.json beside the weights, in the folder or above a checkpoint; None where there is none."""
     for candidate in (weights_dir, folder, weights_dir.parent):
@@ -525,157 +692,7 @@ def score(model, built, batch_size, device, pad_id=0, progress=True):
                               "sequence_nll": float(token_nll[s0 - 1:].sum()), "sequence_tokens": length - s0,
                               "chars": built[i]["chars"]}
     return results
-
-
-# --- end of the mirrored part
-
-
-# ---------------------------------------------------------------- figures
-def summarise(results):
-    answer_nll = sum(r["answer_nll"] for r in results)
-    answer_tokens = sum(r["answer_tokens"] for r in results)
-    sequence_nll = sum(r["sequence_nll"] for r in results)
-    sequence_tokens = sum(r["sequence_tokens"] for r in results)
-    chars = sum(r["chars"] for r in results)
-    return {
-        "answer_perplexity": math.exp(answer_nll / answer_tokens) if answer_tokens else None,
-        "answer_nll_per_token": answer_nll / answer_tokens if answer_tokens else None,
-        "answer_tokens": answer_tokens,
-        "bits_per_char": answer_nll / math.log(2) / chars if chars else None,
-        "answer_chars": chars,
-        "sequence_perplexity": math.exp(sequence_nll / sequence_tokens) if sequence_tokens else None,
-        "sequence_nll_per_token": sequence_nll / sequence_tokens if sequence_tokens else None,
-        "sequence_tokens": sequence_tokens,
-    }
-
-
-def reading(answer_perplexity):
-    return next(text for limit, text in READINGS if answer_perplexity < limit)
-
-
-def evaluate_perplexity(folder, data_dir=DATA_DIR, split=SPLIT, rows=ROWS, batch_size=BATCH_SIZE,
-                        device="cpu", seed=SEED, use_persona=True, progress=True, max_turns=None,
-                        context_tokens=None, warn=None):
-    examples, data_path = load_split(data_dir, split, rows, seed)
-    model, tokenizer, weights_dir, settings = load_model(folder, device, max_turns, context_tokens)
-    for note in settings["warnings"] + [facts_column_note(settings, examples, data_path)]:
-        if note:
-            (warn or (lambda line: None))(note)
-    if not use_persona:
-        settings["persona"] = None
-    built, skipped = build_scoring_examples(tokenizer, examples, settings)
-    built = [b for b in built if b is not None]
-    if not built:
-        raise UserError(f"{data_path}: no row fits the model's {settings['n_positions']}-token window")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    figures = summarise(score(model, built, batch_size, device, pad_id, progress))
-    return {
-        "model": model_name(folder),
-        "folder": str(folder),
-        "weights": str(weights_dir),
-        "data": str(data_path),
-        "rows_scored": len(built),
-        "rows_skipped_too_long": skipped,
-        "seed": seed,
-        "persona": bool(settings["persona"]),
-        "rows_with_facts": sum(b["facts"] for b in built),
-        "max_turns": settings["max_turns"],
-        "context_tokens": settings["context_tokens"],
-        "chat_config_found": settings["has_chat_config"],
-        **figures,
-        "reading": reading(figures["answer_perplexity"]),
-    }
-
-
-# ---------------------------------------------------------------- reports
-def atomic_write_text(path, text):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def markdown_report(report):
-    return "\n".join([
-        f"# Perplexity of {report['model']}",
-        "",
-        f"Weights: `{report['weights']}`; data: `{report['data']}`, {report['rows_scored']} rows "
-        f"({report['rows_skipped_too_long']} skipped as too long), seed {report['seed']}, "
-        f"persona {'on' if report['persona'] else 'off'}"
-        + (f", the facts exchange in {report['rows_with_facts']} prompts." if report["rows_with_facts"] else "."),
-        "",
-        "| figure | value | tokens / chars |",
-        "|---|---|---|",
-        f"| answer perplexity (answer + EOS) | {report['answer_perplexity']:.2f} | {report['answer_tokens']} tokens |",
-        f"| sequence perplexity (dialogue, persona excluded) | {report['sequence_perplexity']:.2f} "
-        f"| {report['sequence_tokens']} tokens |",
-        f"| bits per character (answers) | {report['bits_per_char']:.3f} | {report['answer_chars']} chars |",
-        "",
-        "All figures are weighted by tokens: total negative log-likelihood over the total count.",
-        "Bits per character compare across tokenizers; perplexity per token does not.",
-        "",
-        f"Reading: {report['reading']}.",
-        "",
-    ])
-
-
-def write_reports(report, output_dir):
-    stem = re.sub(r"[^\w.-]+", "_", report["model"])
-    json_path = Path(output_dir) / f"perplexity_{stem}.json"
-    md_path = Path(output_dir) / f"perplexity_{stem}.md"
-    atomic_write_text(json_path, json.dumps(report, ensure_ascii=False, indent=2) + "\n")
-    atomic_write_text(md_path, markdown_report(report))
-    return json_path, md_path
-
-
-# ---------------------------------------------------------------- main
-def parse_args(argv):
-    # prog: in a notebook cell argparse would name the kernel (ipykernel_launcher.py) in its messages.
-    parser = argparse.ArgumentParser(prog="perplexity.py", description="Token-weighted perplexity of a "
-                                                                       "transformers model folder on the test split.")
-    parser.add_argument("--model", default=MODEL, help="model folder or checkpoint-N/ folder (default: %(default)s)")
-    parser.add_argument("--data-dir", default=DATA_DIR, help="folder of the splits (default: %(default)s)")
-    parser.add_argument("--split", default=SPLIT, help="split to read (default: %(default)s)")
-    parser.add_argument("--rows", type=int, default=ROWS, help="rows to score, 0 = all (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    parser.add_argument("--device", default=DEVICE, choices=DEVICES)
-    parser.add_argument("--seed", type=int, default=SEED, help="seed of the row sample")
-    parser.add_argument("--no-persona", action="store_true", default=NO_PERSONA,
-                        help="leave the chat_config persona out of prompts")
-    parser.add_argument("--max-turns", type=int, default=MAX_TURNS,
-                        help="turns in a prompt, the question included (default: chat_config.json, what the "
-                             "model was trained with)")
-    parser.add_argument("--context-tokens", type=int, default=CONTEXT_TOKENS,
-                        help="prompt budget in tokens (default: chat_config.json, what the model was trained with)")
-    parser.add_argument("--output", default=OUTPUT_DIR, help="folder of the reports (default: %(default)s)")
-    args = parser.parse_args(argv)
-    if (args.rows or 0) < 0 or args.batch_size < 1 \
-            or any(value is not None and value < 1 for value in (args.max_turns, args.context_tokens)):
-        parser.error("--rows must be >= 0; --batch-size, --max-turns and --context-tokens >= 1")
-    if args.device not in DEVICES:  # argparse checks choices on the command line only, never DEVICE in the block
-        parser.error(f"--device {args.device!r}: must be one of {', '.join(DEVICES)}")
-    return args
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        device = pick_device(args.device)
-        report = evaluate_perplexity(args.model, args.data_dir, args.split, args.rows, args.batch_size,
-                                     device, args.seed, use_persona=not args.no_persona, max_turns=args.max_turns,
-                                     context_tokens=args.context_tokens,
-                                     warn=lambda line: print(f"perplexity.py: warning: {line}", file=sys.stderr))
-    except UserError as exc:
-        print(f"perplexity.py: error: {exc}", file=sys.stderr)
-        return 1
-    json_path, md_path = write_reports(report, args.output)
-    print(f"{report['model']}: answer perplexity {report['answer_perplexity']:.2f} "
-          f"({report['answer_tokens']} tokens), sequence perplexity {report['sequence_perplexity']:.2f}, "
-          f"{report['bits_per_char']:.3f} bits/char over {report['rows_scored']} rows")
-    print(f"reading: {report['reading']}")
-    print(f"wrote {json_path} and {md_path}")
-    return 0
+# ==== end of block blocks/scoring.py ====
 
 
 if __name__ == "__main__":

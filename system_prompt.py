@@ -99,7 +99,366 @@ SERVER_ERROR_NOTICE = "(сервер модели не ответил, попр�
 # -----------------------------------------------------------------------------
 
 
-# --- prompt rule: the same block in train_transformer.py, train_medium_context.py, system_prompt.py, tg_bot.py, perplexity.py and evaluate.py (tests/test_prompt_rule.py checks)
+def read_script(path):
+    """User lines of a --script file: blank lines and '#' comments skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: script file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    if not lines:
+        raise UserError(f"{path}: the script has no user lines")
+    return lines
+
+
+class PrintedReply:
+    """A reply printed as it is written: each visible text is a longer start of the last, so
+    only its new end is printed; the finished reply completes the line."""
+
+    def __init__(self, out):
+        self.out, self.printed = out, None
+
+    def update(self, text):
+        if self.printed is None:
+            print(BOT_PREFIX, end="", file=self.out)
+            self.printed = ""
+        print(text[len(self.printed):], end="", file=self.out, flush=True)
+        self.printed = text
+
+    def finish(self, answer):
+        if self.printed is None:
+            print(BOT_PREFIX + answer, file=self.out, flush=True)
+        elif answer.startswith(self.printed):
+            print(answer[len(self.printed):], file=self.out, flush=True)
+        else:  # the server failed after part of the reply was printed
+            print(file=self.out)
+            print(BOT_PREFIX + answer, file=self.out, flush=True)
+
+
+def value_words(text):
+    return [word for word in re.split(r"[^\w]+", fold(text)) if word]
+
+
+def holds_any_fact(turn, facts):
+    """Whether a turn of the conversation states or repeats one of the facts: the facts block finds it
+    there, or every word of its value is in the turn in some form ("Казань" in "я из Казани")."""
+    stated = {(kind, fold(value)) for kind, value in extract_user_facts(turn)}
+    parse = load_fact_tools()["parse"]
+    said = set(value_words(turn))
+    said_lemmas = {fold(p.normal_form) for word in said for p in parse(word)}
+    for kind, value in facts:
+        wanted = value_words(value)
+        if (kind, fold(value)) in stated or wanted and all(
+                word in said or {fold(p.normal_form) for p in parse(word)} & said_lemmas for word in wanted):
+            return True
+    return False
+
+
+def forget_words(argument):
+    """The words of "/forget <слова>", each on its own as tg_bot.py takes them, the punctuation around
+    them stripped ("/forget Аня," forgets the name; a hyphen inside a word stays)."""
+    return [word for word in (re.sub(r"^\W+|\W+$", "", word) for word in argument.split()) if word]
+
+
+class ConsoleChat:
+    """One conversation: the turns so far, what the user said about themselves (kept for the
+    session, /reset included), and the reply to each new line."""
+
+    def __init__(self, chat, settings, show_prompt=False, out=None, stream=True, memory=True):
+        self.chat, self.settings, self.show_prompt, self.stream = chat, settings, show_prompt, stream
+        self.out = out or sys.stdout
+        self.memory = memory
+        self.history = []
+        self.facts = []
+
+    def reset(self):
+        self.history = []  # the facts stay: long-term memory outlives the conversation
+
+    def remember(self, text):
+        """Merge what the line says about the user, before its prompt is built: the question's own
+        facts count for its answer, as in training."""
+        if self.memory:
+            self.facts = merge_user_facts(self.facts, extract_user_facts(text))
+
+    def forget(self, argument):
+        """Drop the facts that match a word of argument (all of them for ""), and the exchanges of the
+        conversation that hold them, so that no prompt carries them again; the facts dropped."""
+        if argument.strip():
+            removed = []
+            for word in forget_words(argument):
+                self.facts, gone = forget_user_facts(self.facts, word)
+                removed += gone
+        else:
+            self.facts, removed = [], self.facts
+        if removed:
+            # Whole exchanges go, question and answer: the labels count back from the answer, so a
+            # lone turn dropped would turn every older question into an answer.
+            kept = []
+            for start in range(0, len(self.history), 2):
+                exchange = self.history[start:start + 2]
+                if not any(holds_any_fact(turn, removed) for turn in exchange):
+                    kept += exchange
+            self.history = kept
+        return removed
+
+    def reply(self, text, on_text=None):
+        tokenizer = self.chat["tokenizer"]
+        self.remember(text)
+        prompt = chat_prompt_ids(self.history + [text], self.settings, tokenizer, self.facts)
+        if self.show_prompt:
+            print(f"[prompt]\n{tokenizer.decode(prompt)}\n[/prompt]", file=self.out, flush=True)
+        answer = generate_reply(self.chat, self.settings, prompt, on_text)
+        if answer != FALLBACK_REPLY:
+            # The fallback is the kit's words, not the model's: kept, it would teach the
+            # conversation that the bot did not understand.
+            self.history += [text, answer]
+        return answer
+
+    def say(self, text):
+        """Print the reply to a line, as it is written unless streaming is off."""
+        printed = PrintedReply(self.out) if self.stream else None
+        try:
+            answer = self.reply(text, printed.update if printed else None)
+        except ServerError as error:
+            print(f"system_prompt.py: warning: {error}", file=sys.stderr, flush=True)
+            answer = SERVER_ERROR_NOTICE
+        if printed:
+            printed.finish(answer)
+        else:
+            print(BOT_PREFIX + answer, file=self.out, flush=True)
+
+    def tell(self, text):
+        """The bot's own words (not the model's), a line under the other, aligned after the prefix."""
+        print(BOT_PREFIX + text.replace("\n", "\n" + " " * len(BOT_PREFIX)), file=self.out, flush=True)
+
+    def memory_command(self, command, argument):
+        if not self.memory:
+            self.tell(MEMORY_OFF_REPLY)
+        elif command == MEMORY_COMMAND:
+            self.tell(render_facts_list(self.facts) if self.facts else NO_FACTS_ANSWER)
+        elif not argument:
+            self.forget("")
+            self.tell(FORGOT_ALL_REPLY)
+        else:
+            removed = self.forget(argument)
+            self.tell(FORGOT_SOME_REPLY + "\n" + render_facts_list(removed) if removed else NOTHING_TO_FORGET_REPLY)
+
+    def handle(self, line):
+        """Play one user line; False when the user said goodbye."""
+        if line.lower() in EXIT_WORDS:
+            return False
+        command, _, argument = line.partition(" ")
+        if line == RESET_COMMAND:
+            self.reset()
+            print(BOT_PREFIX + RESET_NOTICE, file=self.out, flush=True)
+        elif command in (MEMORY_COMMAND, FORGET_COMMAND):
+            self.memory_command(command, argument.strip())
+        elif line:
+            self.say(line)
+        return True
+
+
+def play_script(session, lines):
+    for line in lines:
+        print(USER_PREFIX + line, file=session.out, flush=True)
+        if not session.handle(line):
+            break
+
+
+def undecodable(line):
+    """Whether a line read with errors="surrogateescape" held bytes that are not UTF-8."""
+    return any("\udc80" <= ch <= "\udcff" for ch in line)
+
+
+def talk(session):
+    print(f"Пишите сообщение. «{EXIT_WORDS[0]}» — закончить, «{RESET_COMMAND}» — начать заново, "
+          f"«{MEMORY_COMMAND}» — что я о вас помню, «{FORGET_COMMAND}» — забыть это "
+          f"(«{FORGET_COMMAND} слово» — только то, где есть слово).", file=session.out, flush=True)
+    if hasattr(sys.stdin, "reconfigure"):
+        # A line that is not UTF-8 (a pipe from a cp1251 file) is told about and skipped, not a traceback.
+        sys.stdin.reconfigure(errors="surrogateescape")
+    while True:
+        try:
+            line = input(USER_PREFIX).strip()
+        except (EOFError, KeyboardInterrupt):
+            print(file=session.out)
+            return
+        except NotImplementedError:  # IPython's answer where no person can type (nbconvert, papermill)
+            raise UserError("this run cannot ask for input; set CHAT_SCRIPT (--script) to a file of lines") from None
+        if undecodable(line):
+            print(BOT_PREFIX + NOT_UTF8_NOTICE, file=session.out, flush=True)
+            continue
+        if not session.handle(line):
+            return
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="system_prompt.py", description="Console chat with a trained model folder.")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="model folder (its newest complete checkpoint-N/ when it has no weights of its own)")
+    parser.add_argument("--device", default=DEFAULT_DEVICE, choices=DEVICES)
+    parser.add_argument("--persona", default=PERSONA,
+                        help="the bot's answer to the persona question (default: chat_config.json)")
+    parser.add_argument("--no-persona", action="store_true", default=NO_PERSONA,
+                        help="no persona exchange in the prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
+    parser.add_argument("--temperature", type=float, default=TEMPERATURE)
+    parser.add_argument("--top-p", type=float, default=TOP_P)
+    parser.add_argument("--repetition-penalty", type=float, default=REPETITION_PENALTY, help="must be >= 1.0")
+    parser.add_argument("--context-tokens", type=int, default=CONTEXT_TOKENS,
+                        help="prompt budget in tokens (default: chat_config.json, what the model was trained with)")
+    parser.add_argument("--max-turns", type=int, default=MAX_TURNS,
+                        help="turns of the conversation in the prompt, the new message included (default: "
+                             "chat_config.json, what the model was trained with)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    parser.add_argument("--quantize", default=DEFAULT_QUANTIZE, choices=QUANTIZE_CHOICES,
+                        help="int8 weights for the linear layers: about 2x faster on a CPU (auto: int8 on a CPU, "
+                             "none on a GPU)")
+    parser.add_argument("--threads", type=int, default=THREADS,
+                        help="CPU threads for the model (default: physical cores)")
+    parser.add_argument("--server", default=SERVER,
+                        help="base URL of an OpenAI-compatible inference server that runs the model (transformers "
+                             "serve, vLLM), e.g. http://127.0.0.1:8000; --model still gives the tokenizer and the "
+                             "chat settings (default: the model runs in this process)")
+    parser.add_argument("--server-timeout", type=float, default=SERVER_TIMEOUT,
+                        help="seconds a reply from the server may take, its wait in the server's queue included")
+    parser.add_argument("--no-stream", action="store_true", default=NO_STREAM,
+                        help="print a reply once it is complete, not as it is written")
+    parser.add_argument("--no-memory", action="store_true", default=NO_MEMORY,
+                        help="no long-term memory: keep nothing of what the user says about themselves "
+                             "(and no facts exchange in the prompt)")
+    parser.add_argument("--script", default=CHAT_SCRIPT,
+                        help="play this file of user lines (UTF-8, one a line) and print the transcript")
+    parser.add_argument("--show-prompt", action="store_true", default=SHOW_PROMPT,
+                        help="print the prompt given to the model")
+    return parser.parse_args(argv)
+
+
+# What each setting of the defaults block must be: argparse converts a string default with the flag's
+# `type`, but passes any other value on as it is (None for a folder, a list for a file, "no" for False).
+PATH_KINDS, TEXT_KINDS = (str, os.PathLike), (str,)
+WHOLE_KINDS, NUMBER_KINDS, SWITCH_KINDS = (int,), (int, float), (bool,)
+BLOCK_VALUE_KINDS = (  # (dest, kinds, None allowed, what to call it)
+    ("model", PATH_KINDS, False, "a folder name (a string)"),
+    ("script", PATH_KINDS, True, "a file name (a string)"),
+    ("persona", TEXT_KINDS, True, "a text (a string)"),
+    ("server", TEXT_KINDS, True, "a URL (a string)"),
+    ("max_new_tokens", WHOLE_KINDS, True, "a whole number"),
+    ("context_tokens", WHOLE_KINDS, True, "a whole number"),
+    ("max_turns", WHOLE_KINDS, True, "a whole number"),
+    ("threads", WHOLE_KINDS, True, "a whole number"),
+    ("seed", WHOLE_KINDS, False, "a whole number"),
+    ("temperature", NUMBER_KINDS, True, "a number"),
+    ("top_p", NUMBER_KINDS, True, "a number"),
+    ("repetition_penalty", NUMBER_KINDS, True, "a number"),
+    ("server_timeout", NUMBER_KINDS, False, "a number of seconds"),
+    ("no_persona", SWITCH_KINDS, False, "True or False"),
+    ("no_stream", SWITCH_KINDS, False, "True or False"),
+    ("no_memory", SWITCH_KINDS, False, "True or False"),
+    ("show_prompt", SWITCH_KINDS, False, "True or False"),
+)
+
+
+def check_value_kinds(args):
+    """A setting of the defaults block of the wrong kind, named by its flag, before it becomes a
+    traceback (Path(None)) or a silent mistake (NO_MEMORY = "no" is true)."""
+    for dest, kinds, none_allowed, what in BLOCK_VALUE_KINDS:
+        value = getattr(args, dest)
+        if value is None and none_allowed:
+            continue
+        # bool is an int to isinstance: True is no seed, 1 no switch
+        if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
+            flag = "--" + dest.replace("_", "-")
+            raise UserError(f"{flag}: must be {what}{' or None' if none_allowed else ''}, not {value!r}")
+
+
+def check_args(args):
+    """What argparse leaves unchecked: the kind of a value set in the defaults block and a `choices`
+    value set there (argparse checks only the command line's), and numbers out of range."""
+    check_value_kinds(args)
+    for flag, value, choices in (("--device", args.device, DEVICES), ("--quantize", args.quantize, QUANTIZE_CHOICES)):
+        if value not in choices:
+            raise UserError(f"{flag} {value!r}: must be one of {', '.join(choices)}")
+    if args.repetition_penalty is not None and args.repetition_penalty < 1.0:
+        raise UserError(f"--repetition-penalty: {args.repetition_penalty} must be >= 1.0 "
+                        f"(below 1 it rewards repetition)")
+    if args.threads is None:  # THREADS = None, as other settings say "the default"
+        args.threads = 0
+    if args.threads < 0:
+        raise UserError("--threads must be 0 (physical cores) or more")
+    if args.server_timeout is None or not args.server_timeout > 0:
+        raise UserError("--server-timeout must be above 0 seconds")
+
+
+def check_memory(args):
+    """Load the facts tools now, so that a missing package stops the chat before it starts."""
+    if args.no_memory:
+        return
+    try:
+        load_fact_tools()
+    except ImportError as error:
+        raise UserError(f"long-term memory needs yargy and pymorphy3 ({error}); install them "
+                        f"(pip install -r requirements.txt) or turn memory off with --no-memory") from None
+
+
+def memory_notes(args, chat, settings):
+    if args.no_memory or settings["facts_exchange"]:
+        return []
+    return [f"{chat['config_path'] or args.model}: the model was not trained with the facts exchange (no "
+            f"\"facts\": true), so the prompt will not carry what the user says about themselves; "
+            f"{MEMORY_COMMAND} and {FORGET_COMMAND} still work"]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        check_args(args)
+        lines = read_script(args.script) if args.script else None
+        check_memory(args)
+        chat = open_model_folder(args.model, args.device, need_weights=not args.server)
+        settings = resolve_settings(args, chat)
+        if args.server:
+            chat["server"] = open_server(args.server, chat["tokenizer"], args.server_timeout, settings["generation"])
+        else:
+            load_weights(chat, args.quantize, args.threads)
+    except UserError as error:
+        print(f"system_prompt.py: error: {error}", file=sys.stderr)
+        return 1
+    for warning in settings["warnings"] + (chat["server"]["notes"] if args.server else []):
+        print(f"system_prompt.py: warning: {warning}", file=sys.stderr)
+    for note in memory_notes(args, chat, settings):
+        print(f"system_prompt.py: note: {note}", file=sys.stderr)
+    set_seed(args.seed)
+    session = ConsoleChat(chat, settings, show_prompt=args.show_prompt, stream=not args.no_stream,
+                          memory=not args.no_memory)
+    if lines is None:
+        try:
+            talk(session)
+        except UserError as error:
+            print(f"system_prompt.py: error: {error}", file=sys.stderr)
+            return 1
+    else:
+        play_script(session, lines)
+    return 0
+
+
+# ==================================================================================================
+# Generated blocks: shared code that blocks/build.py writes into every script that needs it.
+# Do not edit it here: change the block's source in blocks/, then run `make blocks`
+# (`python blocks/build.py`); the suite fails while a copy differs from its source.
+# ==================================================================================================
+
+
+# ==== block blocks/prompt_rule.py: generated, edit the source and run `make blocks` ====
+"""The one prompt rule: how a conversation becomes token ids, in training, chat, evaluation and serving.
+
+A block: blocks/build.py writes this file into the scripts that list it (make blocks).
+It imports nothing itself; its host script imports what it uses."""
+
 # One rule for every prompt the model sees, in training, chat, perplexity and evaluation:
 #
 #     Вопрос: <persona question>          the persona, when there is one
@@ -279,10 +638,15 @@ def prompt_window(chat_config, n_positions, max_new_tokens, max_turns=None, cont
         notes.append(f"--context-tokens {tokens}: the model was trained on prompts of at most "
                         f"{trained_tokens} tokens")
     return turns, min(tokens, n_positions - max_new_tokens), notes
-# --- end of the prompt rule
+# ==== end of block blocks/prompt_rule.py ====
 
 
-# --- decoding: the same block in system_prompt.py, tg_bot.py and evaluate.py (tests/test_prompt_rule.py checks)
+# ==== block blocks/decoding.py: generated, edit the source and run `make blocks` ====
+"""Decoding: the sampling settings and the reply-only penalties the chat scripts and evaluate.py use.
+
+A block: blocks/build.py writes this file into the scripts that list it (make blocks).
+It imports nothing itself; its host script imports what it uses."""
+
 LEADING_LABELS = re.compile(r"^(?:\s*ответ\s*:)+", re.IGNORECASE)
 NEXT_TURN = re.compile(r"(?im)^[ \t]*(?:вопрос|ответ)[ \t]*:")
 # the model going on to write the next turn itself: a label that starts a line
@@ -324,10 +688,15 @@ def cut_at_next_turn(text):
     text = LEADING_LABELS.sub("", text)
     label = NEXT_TURN.search(text)
     return text[:label.start()] if label else text
-# --- end of the decoding block
+# ==== end of block blocks/decoding.py ====
 
 
-# --- user facts: one block in create_dataset.py, system_prompt.py, tg_bot.py (tests/test_user_facts.py checks)
+# ==== block blocks/user_facts.py: generated, edit the source and run `make blocks` ====
+"""User facts: what people say about themselves (name, city, family, ...), read with yargy over pymorphy3.
+
+A block: blocks/build.py writes this file into the scripts that list it (make blocks).
+It imports nothing itself; its host script imports what it uses."""
+
 # What a user says about themselves (name, city, age, work, study, family, pets, likes,
 # dislikes, plans with dates), found with yargy grammars over pymorphy3's analyses, kept
 # in normal forms ("в Казани" is stored as Казань) and shown back inflected.
@@ -335,17 +704,7 @@ def cut_at_next_turn(text):
 FACT_KINDS = ("name", "city", "age", "occupation", "study", "family", "pet", "like", "dislike", "plan")
 SINGLE_VALUE_KINDS = ("name", "city", "age", "occupation", "study")  # a later statement replaces the earlier one
 MAX_VALUES_PER_KIND = 8       # likes, family, plans...: the oldest goes when a kind is full
-FACT_LABELS = {"name": "имя", "city": "город", "age": "возраст", "occupation": "работа", "study": "учёба",
-               "family": "семья", "pet": "питомец", "like": "нравится", "dislike": "не нравится",
-               "plan": "планы"}
 NO_FACTS_ANSWER = "Пока ничего. Расскажи о себе, и я запомню."
-FORGOT_ALL_REPLY = "Забыл всё, что знал о тебе."
-FORGOT_SOME_REPLY = "Забыл:"                 # followed by the forgotten facts, one a line
-NOTHING_TO_FORGET_REPLY = "Ничего такого я о тебе не помню."
-MEMORY_OFF_REPLY = "Память о собеседниках выключена."
-MEMORY_HELP = ("/memory — что я о тебе помню (имя, город, возраст, работа, учёба, семья, питомцы, "
-               "что любишь и не любишь, планы)\n"
-               "/forget — забыть всё о тебе; /forget <слово> — забыть то, где есть это слово")
 CITY_ABBREVIATIONS = {"мск": "Москва", "спб": "Санкт-Петербург", "питер": "Питер", "екб": "Екатеринбург",
                       "нск": "Новосибирск", "нн": "Нижний Новгород"}
 # No library marks kinship or pet nouns, so these few lemmas are listed here.
@@ -1354,6 +1713,26 @@ def render_facts_answer(facts):
         return NO_FACTS_ANSWER
     text = ", ".join(clauses) + "."
     return text[:1].upper() + text[1:]
+# ==== end of block blocks/user_facts.py ====
+
+
+# ==== block blocks/memory_commands.py: generated, edit the source and run `make blocks` ====
+"""Memory commands: /memory and /forget, the one rule for the console chat and the bot.
+
+A block: blocks/build.py writes this file into the scripts that list it (make blocks).
+It imports nothing itself; its host script imports what it uses (and the user_facts block)."""
+
+# How the remembered facts are named to people, and what the commands answer.
+FACT_LABELS = {"name": "имя", "city": "город", "age": "возраст", "occupation": "работа", "study": "учёба",
+               "family": "семья", "pet": "питомец", "like": "нравится", "dislike": "не нравится",
+               "plan": "планы"}
+FORGOT_ALL_REPLY = "Забыл всё, что знал о тебе."
+FORGOT_SOME_REPLY = "Забыл:"                 # followed by the forgotten facts, one a line
+NOTHING_TO_FORGET_REPLY = "Ничего такого я о тебе не помню."
+MEMORY_OFF_REPLY = "Память о собеседниках выключена."
+MEMORY_HELP = ("/memory — что я о тебе помню (имя, город, возраст, работа, учёба, семья, питомцы, "
+               "что любишь и не любишь, планы)\n"
+               "/forget — забыть всё о тебе; /forget <слово> — забыть то, где есть это слово")
 
 
 def render_facts_list(facts):
@@ -1388,10 +1767,15 @@ def forget_user_facts(facts, word):
         hit = query in value_words or query_lemmas & lemmas or query in labels or fold(value) == query
         (removed if hit else kept).append((kind, value))
     return kept, removed
-# --- end of the user facts block
+# ==== end of block blocks/memory_commands.py ====
 
 
-# --- mirrored in system_prompt.py and tg_bot.py (tests/test_system_prompt.py checks they agree)
+# ==== block blocks/chat.py: generated, edit the source and run `make blocks` ====
+"""The chat: loading a model folder, the prompt window, generating replies; the console chat and the bot.
+
+A block: blocks/build.py writes this file into the scripts that list it (make blocks).
+It imports nothing itself; its host script imports what it uses."""
+
 CHAT_CONFIG_NAME = "chat_config.json"
 FALLBACK_REPLY = "Простите, не понял вопрос. Можете сказать иначе?"
 DEFAULT_PERSONA = {"question": "Кто ты?", "answer": "Я дружелюбный помощник. Отвечаю коротко и по делу."}
@@ -1927,354 +2311,7 @@ def server_reply(server, settings, prompt_text, on_text=None):
     finally:
         pieces.close()
     return clean_reply(raw, server["eos_token"])
-# --- end of the mirrored part
-
-
-def read_script(path):
-    """User lines of a --script file: blank lines and '#' comments skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: script file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise UserError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    lines = [line.strip() for line in text.splitlines()]
-    lines = [line for line in lines if line and not line.startswith("#")]
-    if not lines:
-        raise UserError(f"{path}: the script has no user lines")
-    return lines
-
-
-class PrintedReply:
-    """A reply printed as it is written: each visible text is a longer start of the last, so
-    only its new end is printed; the finished reply completes the line."""
-
-    def __init__(self, out):
-        self.out, self.printed = out, None
-
-    def update(self, text):
-        if self.printed is None:
-            print(BOT_PREFIX, end="", file=self.out)
-            self.printed = ""
-        print(text[len(self.printed):], end="", file=self.out, flush=True)
-        self.printed = text
-
-    def finish(self, answer):
-        if self.printed is None:
-            print(BOT_PREFIX + answer, file=self.out, flush=True)
-        elif answer.startswith(self.printed):
-            print(answer[len(self.printed):], file=self.out, flush=True)
-        else:  # the server failed after part of the reply was printed
-            print(file=self.out)
-            print(BOT_PREFIX + answer, file=self.out, flush=True)
-
-
-def value_words(text):
-    return [word for word in re.split(r"[^\w]+", fold(text)) if word]
-
-
-def holds_any_fact(turn, facts):
-    """Whether a turn of the conversation states or repeats one of the facts: the facts block finds it
-    there, or every word of its value is in the turn in some form ("Казань" in "я из Казани")."""
-    stated = {(kind, fold(value)) for kind, value in extract_user_facts(turn)}
-    parse = load_fact_tools()["parse"]
-    said = set(value_words(turn))
-    said_lemmas = {fold(p.normal_form) for word in said for p in parse(word)}
-    for kind, value in facts:
-        wanted = value_words(value)
-        if (kind, fold(value)) in stated or wanted and all(
-                word in said or {fold(p.normal_form) for p in parse(word)} & said_lemmas for word in wanted):
-            return True
-    return False
-
-
-def forget_words(argument):
-    """The words of "/forget <слова>", each on its own as tg_bot.py takes them, the punctuation around
-    them stripped ("/forget Аня," forgets the name; a hyphen inside a word stays)."""
-    return [word for word in (re.sub(r"^\W+|\W+$", "", word) for word in argument.split()) if word]
-
-
-class ConsoleChat:
-    """One conversation: the turns so far, what the user said about themselves (kept for the
-    session, /reset included), and the reply to each new line."""
-
-    def __init__(self, chat, settings, show_prompt=False, out=None, stream=True, memory=True):
-        self.chat, self.settings, self.show_prompt, self.stream = chat, settings, show_prompt, stream
-        self.out = out or sys.stdout
-        self.memory = memory
-        self.history = []
-        self.facts = []
-
-    def reset(self):
-        self.history = []  # the facts stay: long-term memory outlives the conversation
-
-    def remember(self, text):
-        """Merge what the line says about the user, before its prompt is built: the question's own
-        facts count for its answer, as in training."""
-        if self.memory:
-            self.facts = merge_user_facts(self.facts, extract_user_facts(text))
-
-    def forget(self, argument):
-        """Drop the facts that match a word of argument (all of them for ""), and the exchanges of the
-        conversation that hold them, so that no prompt carries them again; the facts dropped."""
-        if argument.strip():
-            removed = []
-            for word in forget_words(argument):
-                self.facts, gone = forget_user_facts(self.facts, word)
-                removed += gone
-        else:
-            self.facts, removed = [], self.facts
-        if removed:
-            # Whole exchanges go, question and answer: the labels count back from the answer, so a
-            # lone turn dropped would turn every older question into an answer.
-            kept = []
-            for start in range(0, len(self.history), 2):
-                exchange = self.history[start:start + 2]
-                if not any(holds_any_fact(turn, removed) for turn in exchange):
-                    kept += exchange
-            self.history = kept
-        return removed
-
-    def reply(self, text, on_text=None):
-        tokenizer = self.chat["tokenizer"]
-        self.remember(text)
-        prompt = chat_prompt_ids(self.history + [text], self.settings, tokenizer, self.facts)
-        if self.show_prompt:
-            print(f"[prompt]\n{tokenizer.decode(prompt)}\n[/prompt]", file=self.out, flush=True)
-        answer = generate_reply(self.chat, self.settings, prompt, on_text)
-        if answer != FALLBACK_REPLY:
-            # The fallback is the kit's words, not the model's: kept, it would teach the
-            # conversation that the bot did not understand.
-            self.history += [text, answer]
-        return answer
-
-    def say(self, text):
-        """Print the reply to a line, as it is written unless streaming is off."""
-        printed = PrintedReply(self.out) if self.stream else None
-        try:
-            answer = self.reply(text, printed.update if printed else None)
-        except ServerError as error:
-            print(f"system_prompt.py: warning: {error}", file=sys.stderr, flush=True)
-            answer = SERVER_ERROR_NOTICE
-        if printed:
-            printed.finish(answer)
-        else:
-            print(BOT_PREFIX + answer, file=self.out, flush=True)
-
-    def tell(self, text):
-        """The bot's own words (not the model's), a line under the other, aligned after the prefix."""
-        print(BOT_PREFIX + text.replace("\n", "\n" + " " * len(BOT_PREFIX)), file=self.out, flush=True)
-
-    def memory_command(self, command, argument):
-        if not self.memory:
-            self.tell(MEMORY_OFF_REPLY)
-        elif command == MEMORY_COMMAND:
-            self.tell(render_facts_list(self.facts) if self.facts else NO_FACTS_ANSWER)
-        elif not argument:
-            self.forget("")
-            self.tell(FORGOT_ALL_REPLY)
-        else:
-            removed = self.forget(argument)
-            self.tell(FORGOT_SOME_REPLY + "\n" + render_facts_list(removed) if removed else NOTHING_TO_FORGET_REPLY)
-
-    def handle(self, line):
-        """Play one user line; False when the user said goodbye."""
-        if line.lower() in EXIT_WORDS:
-            return False
-        command, _, argument = line.partition(" ")
-        if line == RESET_COMMAND:
-            self.reset()
-            print(BOT_PREFIX + RESET_NOTICE, file=self.out, flush=True)
-        elif command in (MEMORY_COMMAND, FORGET_COMMAND):
-            self.memory_command(command, argument.strip())
-        elif line:
-            self.say(line)
-        return True
-
-
-def play_script(session, lines):
-    for line in lines:
-        print(USER_PREFIX + line, file=session.out, flush=True)
-        if not session.handle(line):
-            break
-
-
-def undecodable(line):
-    """Whether a line read with errors="surrogateescape" held bytes that are not UTF-8."""
-    return any("\udc80" <= ch <= "\udcff" for ch in line)
-
-
-def talk(session):
-    print(f"Пишите сообщение. «{EXIT_WORDS[0]}» — закончить, «{RESET_COMMAND}» — начать заново, "
-          f"«{MEMORY_COMMAND}» — что я о вас помню, «{FORGET_COMMAND}» — забыть это "
-          f"(«{FORGET_COMMAND} слово» — только то, где есть слово).", file=session.out, flush=True)
-    if hasattr(sys.stdin, "reconfigure"):
-        # A line that is not UTF-8 (a pipe from a cp1251 file) is told about and skipped, not a traceback.
-        sys.stdin.reconfigure(errors="surrogateescape")
-    while True:
-        try:
-            line = input(USER_PREFIX).strip()
-        except (EOFError, KeyboardInterrupt):
-            print(file=session.out)
-            return
-        except NotImplementedError:  # IPython's answer where no person can type (nbconvert, papermill)
-            raise UserError("this run cannot ask for input; set CHAT_SCRIPT (--script) to a file of lines") from None
-        if undecodable(line):
-            print(BOT_PREFIX + NOT_UTF8_NOTICE, file=session.out, flush=True)
-            continue
-        if not session.handle(line):
-            return
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="system_prompt.py", description="Console chat with a trained model folder.")
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="model folder (its newest complete checkpoint-N/ when it has no weights of its own)")
-    parser.add_argument("--device", default=DEFAULT_DEVICE, choices=DEVICES)
-    parser.add_argument("--persona", default=PERSONA,
-                        help="the bot's answer to the persona question (default: chat_config.json)")
-    parser.add_argument("--no-persona", action="store_true", default=NO_PERSONA,
-                        help="no persona exchange in the prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
-    parser.add_argument("--temperature", type=float, default=TEMPERATURE)
-    parser.add_argument("--top-p", type=float, default=TOP_P)
-    parser.add_argument("--repetition-penalty", type=float, default=REPETITION_PENALTY, help="must be >= 1.0")
-    parser.add_argument("--context-tokens", type=int, default=CONTEXT_TOKENS,
-                        help="prompt budget in tokens (default: chat_config.json, what the model was trained with)")
-    parser.add_argument("--max-turns", type=int, default=MAX_TURNS,
-                        help="turns of the conversation in the prompt, the new message included (default: "
-                             "chat_config.json, what the model was trained with)")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    parser.add_argument("--quantize", default=DEFAULT_QUANTIZE, choices=QUANTIZE_CHOICES,
-                        help="int8 weights for the linear layers: about 2x faster on a CPU (auto: int8 on a CPU, "
-                             "none on a GPU)")
-    parser.add_argument("--threads", type=int, default=THREADS,
-                        help="CPU threads for the model (default: physical cores)")
-    parser.add_argument("--server", default=SERVER,
-                        help="base URL of an OpenAI-compatible inference server that runs the model (transformers "
-                             "serve, vLLM), e.g. http://127.0.0.1:8000; --model still gives the tokenizer and the "
-                             "chat settings (default: the model runs in this process)")
-    parser.add_argument("--server-timeout", type=float, default=SERVER_TIMEOUT,
-                        help="seconds a reply from the server may take, its wait in the server's queue included")
-    parser.add_argument("--no-stream", action="store_true", default=NO_STREAM,
-                        help="print a reply once it is complete, not as it is written")
-    parser.add_argument("--no-memory", action="store_true", default=NO_MEMORY,
-                        help="no long-term memory: keep nothing of what the user says about themselves "
-                             "(and no facts exchange in the prompt)")
-    parser.add_argument("--script", default=CHAT_SCRIPT,
-                        help="play this file of user lines (UTF-8, one a line) and print the transcript")
-    parser.add_argument("--show-prompt", action="store_true", default=SHOW_PROMPT,
-                        help="print the prompt given to the model")
-    return parser.parse_args(argv)
-
-
-# What each setting of the defaults block must be: argparse converts a string default with the flag's
-# `type`, but passes any other value on as it is (None for a folder, a list for a file, "no" for False).
-PATH_KINDS, TEXT_KINDS = (str, os.PathLike), (str,)
-WHOLE_KINDS, NUMBER_KINDS, SWITCH_KINDS = (int,), (int, float), (bool,)
-BLOCK_VALUE_KINDS = (  # (dest, kinds, None allowed, what to call it)
-    ("model", PATH_KINDS, False, "a folder name (a string)"),
-    ("script", PATH_KINDS, True, "a file name (a string)"),
-    ("persona", TEXT_KINDS, True, "a text (a string)"),
-    ("server", TEXT_KINDS, True, "a URL (a string)"),
-    ("max_new_tokens", WHOLE_KINDS, True, "a whole number"),
-    ("context_tokens", WHOLE_KINDS, True, "a whole number"),
-    ("max_turns", WHOLE_KINDS, True, "a whole number"),
-    ("threads", WHOLE_KINDS, True, "a whole number"),
-    ("seed", WHOLE_KINDS, False, "a whole number"),
-    ("temperature", NUMBER_KINDS, True, "a number"),
-    ("top_p", NUMBER_KINDS, True, "a number"),
-    ("repetition_penalty", NUMBER_KINDS, True, "a number"),
-    ("server_timeout", NUMBER_KINDS, False, "a number of seconds"),
-    ("no_persona", SWITCH_KINDS, False, "True or False"),
-    ("no_stream", SWITCH_KINDS, False, "True or False"),
-    ("no_memory", SWITCH_KINDS, False, "True or False"),
-    ("show_prompt", SWITCH_KINDS, False, "True or False"),
-)
-
-
-def check_value_kinds(args):
-    """A setting of the defaults block of the wrong kind, named by its flag, before it becomes a
-    traceback (Path(None)) or a silent mistake (NO_MEMORY = "no" is true)."""
-    for dest, kinds, none_allowed, what in BLOCK_VALUE_KINDS:
-        value = getattr(args, dest)
-        if value is None and none_allowed:
-            continue
-        # bool is an int to isinstance: True is no seed, 1 no switch
-        if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
-            flag = "--" + dest.replace("_", "-")
-            raise UserError(f"{flag}: must be {what}{' or None' if none_allowed else ''}, not {value!r}")
-
-
-def check_args(args):
-    """What argparse leaves unchecked: the kind of a value set in the defaults block and a `choices`
-    value set there (argparse checks only the command line's), and numbers out of range."""
-    check_value_kinds(args)
-    for flag, value, choices in (("--device", args.device, DEVICES), ("--quantize", args.quantize, QUANTIZE_CHOICES)):
-        if value not in choices:
-            raise UserError(f"{flag} {value!r}: must be one of {', '.join(choices)}")
-    if args.repetition_penalty is not None and args.repetition_penalty < 1.0:
-        raise UserError(f"--repetition-penalty: {args.repetition_penalty} must be >= 1.0 "
-                        f"(below 1 it rewards repetition)")
-    if args.threads is None:  # THREADS = None, as other settings say "the default"
-        args.threads = 0
-    if args.threads < 0:
-        raise UserError("--threads must be 0 (physical cores) or more")
-    if args.server_timeout is None or not args.server_timeout > 0:
-        raise UserError("--server-timeout must be above 0 seconds")
-
-
-def check_memory(args):
-    """Load the facts tools now, so that a missing package stops the chat before it starts."""
-    if args.no_memory:
-        return
-    try:
-        load_fact_tools()
-    except ImportError as error:
-        raise UserError(f"long-term memory needs yargy and pymorphy3 ({error}); install them "
-                        f"(pip install -r requirements.txt) or turn memory off with --no-memory") from None
-
-
-def memory_notes(args, chat, settings):
-    if args.no_memory or settings["facts_exchange"]:
-        return []
-    return [f"{chat['config_path'] or args.model}: the model was not trained with the facts exchange (no "
-            f"\"facts\": true), so the prompt will not carry what the user says about themselves; "
-            f"{MEMORY_COMMAND} and {FORGET_COMMAND} still work"]
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        check_args(args)
-        lines = read_script(args.script) if args.script else None
-        check_memory(args)
-        chat = open_model_folder(args.model, args.device, need_weights=not args.server)
-        settings = resolve_settings(args, chat)
-        if args.server:
-            chat["server"] = open_server(args.server, chat["tokenizer"], args.server_timeout, settings["generation"])
-        else:
-            load_weights(chat, args.quantize, args.threads)
-    except UserError as error:
-        print(f"system_prompt.py: error: {error}", file=sys.stderr)
-        return 1
-    for warning in settings["warnings"] + (chat["server"]["notes"] if args.server else []):
-        print(f"system_prompt.py: warning: {warning}", file=sys.stderr)
-    for note in memory_notes(args, chat, settings):
-        print(f"system_prompt.py: note: {note}", file=sys.stderr)
-    set_seed(args.seed)
-    session = ConsoleChat(chat, settings, show_prompt=args.show_prompt, stream=not args.no_stream,
-                          memory=not args.no_memory)
-    if lines is None:
-        try:
-            talk(session)
-        except UserError as error:
-            print(f"system_prompt.py: error: {error}", file=sys.stderr)
-            return 1
-    else:
-        play_script(session, lines)
-    return 0
+# ==== end of block blocks/chat.py ====
 
 
 if __name__ == "__main__":

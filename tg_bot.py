@@ -203,1837 +203,6 @@ APOLOGY_TEXT = "Простите, что-то пошло не так. Попро
 log = logging.getLogger("tg_bot")
 
 
-# --- prompt rule: the same block in train_transformer.py, train_medium_context.py, system_prompt.py, tg_bot.py, perplexity.py and evaluate.py (tests/test_prompt_rule.py checks)
-# One rule for every prompt the model sees, in training, chat, perplexity and evaluation:
-#
-#     Вопрос: <persona question>          the persona, when there is one
-#     Ответ: <persona answer>
-#     Вопрос: Что ты обо мне знаешь?      what the bot knows about the user, when it knows something
-#     Ответ: <facts>
-#     Ответ: <older turn>                 turns labelled counting back from the answer, so
-#     Вопрос: <the user's question>       the turn before the answer is always a question
-#     Ответ:                              the prompt ends at the colon ...
-#      <answer><EOS>                      ... and the answer keeps its first word's space
-#
-# GPT-2's byte-level BPE spells a word inside a sentence with its space (" Привет"),
-# so the space goes with the answer, not with the prompt. No BOS is added anywhere:
-# a prompt starts with its first label in training and in chat alike, whatever the
-# tokenizer's add_bos_token says. Text is tokenized as plain text: "</s>" typed by
-# a user is five characters, never the EOS id.
-PROMPT_RULE = 2                # chat_config.json "prompt_rule": the rule a model folder was trained with
-QUESTION_LABEL = "Вопрос: "
-ANSWER_LABEL = "Ответ: "
-TURN_SEPARATOR = "\n"
-FACTS_QUESTION = "Что ты обо мне знаешь?"
-DEFAULT_MAX_TURNS = 16         # the turn window of a model folder whose chat_config.json records none
-FACTS_ROOM_FOR_QUESTION = 16   # tokens the facts exchange leaves the question (its own length, if shorter)
-LABEL_PATTERN = re.compile(r"(?i)\b(вопрос|ответ)\s*:")
-
-
-def prepare_turn(text):
-    """A turn as a prompt holds it: Unicode NFC, one line with single spaces (a newline
-    separates turns), and a label inside it ("Ответ:") made "Ответ -", so that a user
-    cannot start a turn of their own."""
-    text = " ".join(unicodedata.normalize("NFC", text).split())
-    return LABEL_PATTERN.sub(lambda m: m.group(1) + " -", text)
-
-
-def header_text(persona=None, facts=None):
-    """The exchanges every prompt starts with: the persona, then what the bot knows about the user."""
-    lines = []
-    if persona:
-        lines += [QUESTION_LABEL + prepare_turn(persona["question"]), ANSWER_LABEL + prepare_turn(persona["answer"])]
-    if facts:
-        lines += [QUESTION_LABEL + FACTS_QUESTION, ANSWER_LABEL + prepare_turn(facts)]
-    return "".join(line + TURN_SEPARATOR for line in lines)
-
-
-def prompt_text(turns, persona=None, facts=None):
-    """The prompt for turns (oldest first, the user's question last), ending at the answer label's colon."""
-    count = len(turns)
-    lines = [(QUESTION_LABEL if (count - 1 - i) % 2 == 0 else ANSWER_LABEL) + prepare_turn(turn)
-             for i, turn in enumerate(turns)]
-    return header_text(persona, facts) + "".join(line + TURN_SEPARATOR for line in lines) + ANSWER_LABEL.rstrip()
-
-
-def encode_text(tokenizer, text):
-    """Token ids of text, taken as plain text: nothing added (no BOS, no EOS), and the spelling
-    of a special token ("</s>") tokenized as the characters it is."""
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
-
-
-def answer_ids(tokenizer, answer):
-    """The answer as the model learns to write it after a prompt: its first word with its
-    leading space, then the tokenizer's own EOS."""
-    return encode_text(tokenizer, " " + prepare_turn(answer)) + [tokenizer.eos_token_id]
-
-
-def first_fitting(starts, fits):
-    """The smallest of the sorted starts that fits (a later start leaves less text), else None."""
-    lo, hi = 0, len(starts)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if fits(starts[mid]):
-            hi = mid
-        else:
-            lo = mid + 1
-    return starts[lo] if lo < len(starts) else None
-
-
-def fit_question(tokenizer, question, budget, persona=None, facts=None):
-    """The longest end of the (prepared) question whose prompt fits in budget tokens, cut
-    before a word where one fits; None when not even an empty question fits. The end is
-    kept: people ask after the material."""
-    def fits(start):
-        return len(encode_text(tokenizer, prompt_text([question[start:]], persona, facts))) <= budget
-
-    if fits(0):
-        return question
-    if not fits(len(question)):
-        return None
-    word_starts = [i for i in range(1, len(question)) if question[i - 1] == " "]
-    start = first_fitting(word_starts, fits)
-    if start is None:  # not even the last word fits: keep the end of it
-        start = first_fitting(list(range((word_starts or [0])[-1] + 1, len(question) + 1)), fits)
-    return question[start:]
-
-
-def facts_that_fit(tokenizer, facts, budget, persona=None, question=""):
-    """The facts answer as a prompt of budget tokens holds it beside the persona, leaving the
-    question FACTS_ROOM_FOR_QUESTION tokens (or its own length, if shorter): whole, or cut
-    clause by clause from its end, where the answer keeps what matters least (it names the
-    user first, their plans last); None when not even its first clause fits. Training and
-    chat both cut here, so the exchange a model learnt is the one it is sent."""
-    bare = len(encode_text(tokenizer, prompt_text([""], persona)))
-    room = min(FACTS_ROOM_FOR_QUESTION, len(encode_text(tokenizer, prompt_text([question], persona))) - bare)
-
-    def fits(text):
-        return len(encode_text(tokenizer, prompt_text([""], persona, text))) + room <= budget
-
-    if fits(facts):
-        return facts
-    clauses = facts.rstrip(".").split(", ")
-    for count in range(len(clauses) - 1, 0, -1):
-        text = ", ".join(clauses[:count]) + "."
-        if fits(text):
-            return text
-    return None
-
-
-def fit_prompt(tokenizer, turns, max_turns, budget, persona=None, facts=None):
-    """Prompt ids for a conversation (turns oldest first, the user's question last): the
-    persona, the facts as far as they fit beside it (facts_that_fit), the question (its end, if it alone is too
-    long), and the newest earlier turns that fit the turn window (max_turns turns, the
-    question included) and budget tokens; the oldest go first. None when not even the
-    persona and an empty question fit."""
-    turns = [prepare_turn(turn) for turn in turns[-max_turns:]]
-    facts = facts_that_fit(tokenizer, facts, budget, persona, turns[-1]) if facts else None
-    whole = encode_text(tokenizer, prompt_text(turns, persona, facts))
-    if len(whole) <= budget:
-        return whole
-    question = fit_question(tokenizer, turns[-1], budget, persona, facts)
-    if question is None:
-        return None
-    earlier = turns[:-1]
-
-    def encoded(count):  # the prompt with the newest `count` earlier turns
-        return encode_text(tokenizer, prompt_text(earlier[len(earlier) - count:] + [question], persona, facts))
-
-    lo, hi = 0, len(earlier) - 1  # the prompt with lo earlier turns fits (all of them did not)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if len(encoded(mid)) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return encoded(lo)
-
-
-def encode_exchange(tokenizer, turns, answer, max_turns, context_tokens, max_length, persona=None, facts=None):
-    """(prompt ids, answer ids) of one exchange, as training learns it and perplexity.py and
-    evaluate.py score it; None when the answer leaves no room for a prompt. The answer is
-    never cut: the prompt gets context_tokens, or less where a long answer leaves less of
-    max_length."""
-    target = answer_ids(tokenizer, answer)
-    prompt = fit_prompt(tokenizer, turns, max_turns, min(context_tokens, max_length - len(target)), persona, facts)
-    return None if prompt is None else (prompt, target)
-
-
-def prompt_window(chat_config, n_positions, max_new_tokens, max_turns=None, context_tokens=None):
-    """(turn window, prompt budget in tokens, warning lines) for a model folder: what training
-    recorded in chat_config.json, or what --max-turns / --context-tokens ask for (a warning
-    where that is more than the model was trained on). The budget leaves max_new_tokens of
-    the model's positions for the reply."""
-    config = chat_config or {}
-    notes = []
-    rule = config.get("prompt_rule")
-    if chat_config is not None and rule is None:
-        notes.append("chat_config.json records no prompt_rule: the model was trained by an older kit, on "
-                        "prompts that end in 'Ответ: ' with a space; retrain it for the prompts it is given now")
-    elif chat_config is not None and rule != PROMPT_RULE:
-        notes.append(f"chat_config.json has prompt_rule {rule!r}, this kit builds prompts by rule "
-                        f"{PROMPT_RULE}: they may differ from the ones the model was trained on")
-    trained_turns = int(config.get("max_turns") or DEFAULT_MAX_TURNS)
-    trained_tokens = int(config.get("context_tokens") or n_positions - max_new_tokens)
-    turns, tokens = int(max_turns or trained_turns), int(context_tokens or trained_tokens)
-    if turns > trained_turns:
-        notes.append(f"--max-turns {turns}: the model was trained on at most {trained_turns} turns before "
-                        f"the answer")
-    if tokens > trained_tokens:
-        notes.append(f"--context-tokens {tokens}: the model was trained on prompts of at most "
-                        f"{trained_tokens} tokens")
-    return turns, min(tokens, n_positions - max_new_tokens), notes
-# --- end of the prompt rule
-
-
-# --- decoding: the same block in system_prompt.py, tg_bot.py and evaluate.py (tests/test_prompt_rule.py checks)
-LEADING_LABELS = re.compile(r"^(?:\s*ответ\s*:)+", re.IGNORECASE)
-NEXT_TURN = re.compile(r"(?im)^[ \t]*(?:вопрос|ответ)[ \t]*:")
-# the model going on to write the next turn itself: a label that starts a line
-STOP_STRINGS = [TURN_SEPARATOR + QUESTION_LABEL.strip(), TURN_SEPARATOR + ANSWER_LABEL.strip()]
-
-
-class OnReplyOnly:
-    """A transformers logits processor that sees the reply's tokens only, input_ids[:, prompt_length:].
-
-    transformers' n-gram blocking looks at the whole sequence, prompt included, so it
-    bans the question's words and the name a user gave, which an answer on topic and a
-    bot that remembers must repeat. Rows of a left-padded batch share prompt_length."""
-
-    def __init__(self, processor, prompt_length):
-        self.processor, self.prompt_length = processor, prompt_length
-
-    def __call__(self, input_ids, scores):
-        return self.processor(input_ids[:, self.prompt_length:], scores)
-
-
-def reply_processors(generation, prompt_length):
-    """Repetition penalty and n-gram blocking of the generation settings (chat_config.json),
-    applied to the reply being generated and never to the prompt."""
-    from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
-
-    processors = []
-    penalty = float(generation.get("repetition_penalty") or 1.0)
-    if penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=prompt_length))
-    size = int(generation.get("no_repeat_ngram_size") or 0)
-    if size > 0:
-        processors.append(OnReplyOnly(NoRepeatNGramLogitsProcessor(size), prompt_length))
-    return processors
-
-
-def cut_at_next_turn(text):
-    """The reply without an echoed answer label, cut where the model went on to write the
-    next turn itself: at a label that starts a line, never at "вопрос:" inside a sentence."""
-    text = LEADING_LABELS.sub("", text)
-    label = NEXT_TURN.search(text)
-    return text[:label.start()] if label else text
-# --- end of the decoding block
-
-
-# --- user facts: one block in create_dataset.py, system_prompt.py, tg_bot.py (tests/test_user_facts.py checks)
-# What a user says about themselves (name, city, age, work, study, family, pets, likes,
-# dislikes, plans with dates), found with yargy grammars over pymorphy3's analyses, kept
-# in normal forms ("в Казани" is stored as Казань) and shown back inflected.
-# A fact is a (kind, value) pair of strings; a user's facts are a list of them, oldest first.
-FACT_KINDS = ("name", "city", "age", "occupation", "study", "family", "pet", "like", "dislike", "plan")
-SINGLE_VALUE_KINDS = ("name", "city", "age", "occupation", "study")  # a later statement replaces the earlier one
-MAX_VALUES_PER_KIND = 8       # likes, family, plans...: the oldest goes when a kind is full
-FACT_LABELS = {"name": "имя", "city": "город", "age": "возраст", "occupation": "работа", "study": "учёба",
-               "family": "семья", "pet": "питомец", "like": "нравится", "dislike": "не нравится",
-               "plan": "планы"}
-NO_FACTS_ANSWER = "Пока ничего. Расскажи о себе, и я запомню."
-FORGOT_ALL_REPLY = "Забыл всё, что знал о тебе."
-FORGOT_SOME_REPLY = "Забыл:"                 # followed by the forgotten facts, one a line
-NOTHING_TO_FORGET_REPLY = "Ничего такого я о тебе не помню."
-MEMORY_OFF_REPLY = "Память о собеседниках выключена."
-MEMORY_HELP = ("/memory — что я о тебе помню (имя, город, возраст, работа, учёба, семья, питомцы, "
-               "что любишь и не любишь, планы)\n"
-               "/forget — забыть всё о тебе; /forget <слово> — забыть то, где есть это слово")
-CITY_ABBREVIATIONS = {"мск": "Москва", "спб": "Санкт-Петербург", "питер": "Питер", "екб": "Екатеринбург",
-                      "нск": "Новосибирск", "нн": "Нижний Новгород"}
-# No library marks kinship or pet nouns, so these few lemmas are listed here.
-KIN_LEMMAS = {"мама", "мать", "папа", "отец", "брат", "сестра", "муж", "жена", "сын", "дочь", "дочка", "сынок",
-              "бабушка", "дедушка", "ребёнок", "дети", "внук", "внучка", "тётя", "дядя", "племянник",
-              "племянница", "братишка", "сестрёнка", "супруг", "супруга", "девушка", "парень", "мамочка"}
-PARTNER_LEMMAS = {"девушка", "парень"}  # kin only with "мой"/"у меня": "я девушка" says nothing of family
-PET_LEMMAS = {"кот", "кошка", "котик", "котёнок", "собака", "пёс", "щенок", "собачка", "попугай", "хомяк",
-              "хомячок", "черепаха", "кролик", "рыбка", "шиншилла", "крыса", "ящерица", "змея", "хорёк",
-              "лошадь", "морская свинка", "свинка", "попугайчик"}
-MARITAL_WORDS = {"замужем", "женат", "разведена", "разведён", "разведен", "помолвлена", "помолвлен"}
-STATUS_PHRASES = {"на пенсии", "в декрете", "в отпуске по уходу"}
-# "я человек", "я фанатка X": animate nouns that are not an occupation.
-NOT_OCCUPATIONS = {"человек", "девушка", "парень", "мужчина", "женщина", "девочка", "мальчик", "ребёнок",
-                   "фанат", "фанатка", "любитель", "любительница", "поклонник", "поклонница", "бот", "друг",
-                   "подруга", "дурак", "дура", "идиот", "хозяин", "хозяйка", "гость", "новичок", "сам",
-                   "робот", "пользователь"} | KIN_LEMMAS | PET_LEMMAS
-MINE_LEMMAS = {"мой", "свой"}
-POSSESSIVE_LEMMAS = MINE_LEMMAS | {"наш"}   # the user's own: no part of the relative kept ("у меня мой брат")
-MODAL_VERBS = {"собираться", "планировать", "хотеть", "думать", "мечтать", "быть"}
-WEEKDAYS = {"понедельник", "вторник", "среда", "четверг", "пятница", "суббота", "воскресенье"}
-MONTHS = {"январь", "февраль", "март", "апрель", "май", "июнь", "июль", "август", "сентябрь", "октябрь",
-          "ноябрь", "декабрь"}
-# pymorphy3 knows numerals but not their values.
-NUMBER_WORDS = {"один": 1, "два": 2, "три": 3, "четыре": 4, "пять": 5, "шесть": 6, "семь": 7, "восемь": 8,
-                "девять": 9, "десять": 10, "одиннадцать": 11, "двенадцать": 12, "тринадцать": 13,
-                "четырнадцать": 14, "пятнадцать": 15, "шестнадцать": 16, "семнадцать": 17,
-                "восемнадцать": 18, "девятнадцать": 19, "двадцать": 20, "тридцать": 30, "сорок": 40,
-                "пятьдесят": 50, "шестьдесат": 60, "шестьдесят": 60, "семьдесят": 70, "восемьдесят": 80,
-                "девяносто": 90}
-FILLER_WORDS = {"просто", "вообще", "кстати", "короче", "ну", "тоже", "уже", "сейчас", "щас", "теперь", "сам",
-                "сама", "вот", "типа", "же", "лично", "пока", "ещё", "еще", "всё", "все", "тут", "здесь"}
-QUESTION_WORDS = {"как", "где", "откуда", "сколько", "кто", "что", "чем", "зачем", "почему", "какой", "какая",
-                  "какие", "ли", "помнишь", "знаешь", "угадай", "скажи"}
-OTHER_PEOPLE = {"он", "она", "они", "ты", "вы", "его", "её", "ее", "их", "тебя", "тебе", "ей", "ему", "им",
-                "друг", "подруга", "знакомый", "знакомая", "коллега", "сосед", "соседка"} | KIN_LEMMAS
-# Words the grammars below are built on; every rule of a grammar holds one of them (or a
-# pair), which is how sentences_worth_parsing() skips most messages without parsing them.
-ME_WORDS = ("меня", "миня", "мене")
-CALLED_WORDS = ("зовут", "завут", "звать", "зовите", "зови")
-LIVE_WORDS = ("живу", "живём", "живем", "проживаю", "обитаю")
-MOVED_WORDS = ("переехал", "переехала", "переехали", "перебрался", "перебралась")
-WORK_VERBS = ("работаю", "тружусь", "подрабатываю", "работаем")
-STUDY_VERBS = ("учусь", "обучаюсь", "учимся")
-LOVE_VERBS = ("люблю", "обожаю", "любим", "обожаем")
-PLEASE_VERBS = ("нравится", "нравятся", "нравиться", "нравяться")
-FAN_WORDS = ("фанат", "фанатка", "поклонник", "поклонница", "любитель", "любительница")
-FAVOURITE_WORDS = ("любимая", "любимый", "любимое", "любимые")
-HATE_VERBS = ("ненавижу", "бесит", "бесят", "раздражает", "раздражают", "переношу")
-DATE_WORDS = ("завтра", "послезавтра", "сегодня", "выходных", "выходные", "летом", "зимой", "весной", "осенью",
-              "через", "неделе", "месяце", "году")
-CLAUSE_BREAKS = {",", ".", "!", "?", ";", ":", ")", "(", "а", "но", "однако", "зато", "\n"}
-SENTENCE_ENDS = {".", "!", "?", "\n"}
-QUOTE_MARKS = {'"', "«", "»", "„", "“", "”"}   # kept out of a plan's words: 'у меня через месяц "аида"'
-
-
-@functools.lru_cache(maxsize=None)
-def load_fact_tools():
-    """pymorphy3's analyzer and the yargy parsers, built once on first use.
-    The imports live here so that a chat with memory turned off starts without them.
-    yargy's own default analyzer is pymorphy2 (which needs pkg_resources); handing it
-    pymorphy3 keeps setuptools out of the requirements."""
-    import pymorphy3
-    from yargy import Parser, and_, not_, or_, rule
-    from yargy.morph import MorphAnalyzer
-    from yargy.predicates import custom, eq, in_caseless, type as token_type
-    from yargy.tokenizer import MorphTokenizer
-
-    class CachedAnalyzer(MorphAnalyzer):
-        __call__ = functools.lru_cache(maxsize=20000)(MorphAnalyzer.__call__)
-
-    class SharedTokenizer(MorphTokenizer):
-        # Each Parser tokenizes the text it is given, and analysing the words is most of
-        # that cost: the grammars and MessageTokens share a message's tokens.
-        @functools.lru_cache(maxsize=64)
-        def tokens(self, text):
-            return tuple(MorphTokenizer.__call__(self, text))
-
-        def __call__(self, text):
-            return iter(self.tokens(text))
-
-    morph = pymorphy3.MorphAnalyzer()
-    tokenizer = SharedTokenizer(morph=CachedAnalyzer(raw=morph))
-    parses = functools.lru_cache(maxsize=20000)(morph.parse)
-
-    def forms_of(lemmas):
-        # Every dictionary word has_lemma(lemmas) can match, as tokens are written (е for ё too).
-        forms = {form.word for lemma in lemmas if " " not in lemma for p in morph.parse(lemma) for form in p.lexeme}
-        return frozenset(forms | {form.replace("ё", "е") for form in forms})
-
-    @functools.lru_cache(maxsize=50000)
-    def guessed_lemmas(word):
-        # The lemmas pymorphy3 guesses for a word its dictionary lacks: "свого" is свой to has_lemma.
-        return frozenset() if morph.word_is_known(word) else frozenset(p.normal_form for p in parses(word))
-
-    def has_form(*grammemes):
-        wanted = set(grammemes)
-        return custom(lambda word: any(wanted <= p.tag.grammemes for p in parses(word)))
-
-    def likely(*grammemes):
-        # The most probable analysis only: "мгу" is also a form of the village Мга.
-        wanted = set(grammemes)
-        return custom(lambda word: wanted <= parses(word)[0].tag.grammemes)
-
-    def has_lemma(lemmas):
-        return custom(lambda word: any(p.normal_form in lemmas for p in parses(word)))
-
-    words = lambda *values: in_caseless(set(values))
-    filler = in_caseless(FILLER_WORDS).repeatable(max=3).optional()
-    me = words(*ME_WORDS)
-    called = words(*CALLED_WORDS)
-    # A word pymorphy3 does not know may be a rare name, but it must be a word (not ",").
-    unknown_word = custom(lambda w: w.isalpha() and not morph.word_is_known(w.lower()))
-    name_nomn = or_(has_form("Name", "nomn"), and_(unknown_word, custom(lambda w: w[:1].isupper())))
-    name_any = or_(has_form("Name"), unknown_word)
-    name_rules = or_(
-        rule(me, filler, called, filler, name_any),                      # меня зовут аня
-        rule(called, me, filler, name_any),                              # зовут меня настей
-        rule(me, filler, name_any, called),                              # меня кстати дашей зовут
-        rule(me, called, eq("не"), name_any, words("а"), name_any),      # меня зовут не аня а катя
-        rule(words("имя", "имечко"), words("мое", "моё"), name_nomn),
-        rule(words("мое", "моё"), words("имя"), name_nomn),
-        rule(words("я", "это"), filler, and_(name_nomn, not_(has_form("VERB")))),  # я саня
-        rule(name_nomn, words("я")),                                     # саня я, с питера
-        rule(words("а"), me, name_nomn),                                 # ..., а меня маша
-    )
-    geo = or_(has_form("Geox"), in_caseless(set(CITY_ABBREVIATIONS)))
-    place = or_(
-        rule(has_form("ADJF").optional(), geo),                          # нижнем новгороде
-        rule(custom(str.isalpha), eq("-"), geo),                         # санкт-петербурге
-        rule(geo, eq("-"), words("на"), eq("-"), custom(str.isalpha)),   # ростове-на-дону
-    )
-    geo_gent = or_(has_form("Geox", "gent"), in_caseless(set(CITY_ABBREVIATIONS)))
-    place_from = or_(
-        rule(has_form("ADJF", "gent").optional(), geo_gent),
-        rule(custom(str.isalpha), eq("-"), geo_gent),
-    )
-    live = words(*LIVE_WORDS)
-    moved = words(*MOVED_WORDS)
-    other_place = rule(words("в", "во", "на"), and_(has_form("NOUN"), not_(has_form("Geox"))))
-    city_rules = or_(
-        rule(live, filler, other_place.optional(), words("в", "во"), place),   # живу в общаге в москве
-        rule(live, filler, eq("не"), words("в", "во"), place, eq(",").optional(),
-             words("а"), words("в", "во"), place),                             # живу не в москве а в казани
-        rule(words("теперь", "сейчас"), words("в", "во"), place),              # жила в омске, теперь в томске
-        rule(words("в", "во"), place, filler, live),
-        rule(moved, filler, words("в", "во"), place),
-        rule(words("из", "с", "со"), place_from),
-    )
-    number = or_(
-        rule(token_type("INT")),
-        rule(has_lemma(set(NUMBER_WORDS)), has_lemma(set(NUMBER_WORDS)).optional()),
-    )
-    age_rules = rule(words("мне"), filler, number, words("лет", "год", "года", "годик", "годика").optional())
-    work = in_caseless(set(WORK_VERBS))
-    # A city is where one lives, not a workplace: "живу в екатеринбурге работаю инженером".
-    noun_phrase = rule(or_(has_form("ADJF"), has_form("NUMR"), token_type("INT")).repeatable(max=2).optional(),
-                       and_(has_form("NOUN"), not_(likely("Geox"))))
-    prepositional = rule(words("в", "во", "на"), noun_phrase)
-    profession_ablt = has_form("NOUN", "anim", "ablt")
-    occupation_rules = or_(
-        rule(work, filler, prepositional.optional(), profession_ablt, prepositional.optional()),
-        rule(work, filler, prepositional),
-        rule(prepositional, filler, work),
-        rule(words("я"), filler, words("по"), words("профессии"), has_form("NOUN", "anim", "nomn")),
-        rule(words("я"), filler, has_form("ADJF", "nomn").optional(),
-             and_(has_form("NOUN", "anim", "nomn"), likely("NOUN")),
-             rule(has_form("ADJF", "gent").optional(),
-                  and_(has_form("NOUN", "gent"), not_(likely("PREP")))).optional()),
-        rule(words("на"), words("пенсии")),
-        rule(words("в"), words("декрете")),
-    )
-    study = words(*STUDY_VERBS)
-    study_rules = or_(
-        rule(study, filler, prepositional.repeatable(max=3)),
-        rule(prepositional, filler, study),
-        rule(words("я"), filler, words("в"), token_type("INT"), words("классе", "класе")),
-    )
-    kin = has_lemma(KIN_LEMMAS)
-    pet = has_lemma(PET_LEMMAS)
-    relative = or_(kin, pet)
-    mine = has_lemma(MINE_LEMMAS)
-    count = or_(token_type("INT"), has_form("NUMR"), has_lemma({"двое", "трое", "четверо", "пятеро"}))
-    owner = rule(words("у"), words("меня", "нас"), words("есть", "живет", "живёт", "живут").optional())
-    pet_name = and_(or_(has_form("Name", "nomn"), has_form("NOUN", "nomn"), unknown_word),
-                    not_(has_form("ADJF")), not_(has_form("PREP")), not_(has_form("CONJ")), not_(has_form("PRCL")))
-    relative_phrase = or_(
-        rule(has_form("ADJF").optional(), kin, has_form("Name", "nomn").optional()),
-        rule(has_form("ADJF").optional(), pet, pet_name.optional()),
-    )
-    family_rules = or_(
-        rule(mine, relative_phrase),
-        rule(relative, mine),
-        rule(owner, count, relative),
-        rule(owner, relative_phrase,
-             rule(in_caseless({"и", ","}).optional(), count.optional(), relative_phrase)
-             .repeatable(max=3).optional()),
-        rule(relative, words("у"), words("меня")),
-        rule(words("мы"), words("с", "со"), relative),
-        rule(and_(kin, has_form("datv")), token_type("INT")),             # сыну 3 года
-        rule(words("я"), filler, in_caseless(MARITAL_WORDS)),
-        rule(words("а"), and_(kin, has_form("nomn"))),                    # "..., а муж водитель"
-    )
-    infinitive_phrase = rule(has_form("ADVB").optional(), has_form("INFN"),
-                             custom(lambda w: w.isalnum() and w.lower() not in CLAUSE_BREAKS and w.lower() != "и"
-                                    and w.lower() not in QUESTION_WORDS)
-                             .repeatable(max=4).optional())
-    # "с", "и", "в" are also abbreviations that pymorphy3 calls nouns; the likeliest reading decides.
-    noun = and_(has_form("NOUN"), not_(likely("PREP")), not_(likely("CONJ")), not_(likely("PRCL")))
-    object_np = rule(has_form("ADJF").repeatable(max=2).optional(), noun,
-                     and_(noun, has_form("gent")).optional())
-    liked_item = or_(infinitive_phrase, object_np)
-    objects = rule(liked_item, rule(in_caseless({"и", ","}).optional(), liked_item).repeatable(max=4).optional())
-    like_rules = or_(
-        rule(words(*LOVE_VERBS), objects),
-        rule(words(*PLEASE_VERBS), objects),
-        rule(words("увлекаюсь"), objects),
-        rule(words("я").optional(), filler, words(*FAN_WORDS), objects),
-        rule(words(*FAVOURITE_WORDS), has_form("NOUN"), objects),
-        rule(words("терпеть"), words("не"), words("могу"), objects),
-        rule(words(*HATE_VERBS), objects),
-    )
-    date = or_(
-        rule(words("завтра", "послезавтра", "сегодня"), words("вечером", "утром", "днём", "днем").optional()),
-        rule(words("в", "во"), has_lemma(WEEKDAYS)),
-        rule(words("в"), has_lemma(MONTHS)),
-        rule(token_type("INT"), has_lemma(MONTHS)),
-        rule(words("на"), words("выходных")),
-        rule(words("в"), words("выходные")),
-        rule(words("летом", "зимой", "весной", "осенью")),
-        rule(words("через"), count.optional(), has_lemma({"день", "неделя", "месяц", "год", "час"})),
-        rule(words("на"), words("следующей", "этой"), words("неделе")),
-        rule(words("в"), words("следующем", "этом"), words("месяце", "году")),
-    )
-    parser = lambda grammar: Parser(grammar, tokenizer=tokenizer)
-    return {"morph": morph, "parse": parses, "tokenizer": tokenizer, "guessed_lemmas": guessed_lemmas,
-            "mine_forms": forms_of(MINE_LEMMAS), "relative_forms": forms_of(KIN_LEMMAS | PET_LEMMAS),
-            "number_forms": forms_of(set(NUMBER_WORDS)), "date_forms": forms_of(WEEKDAYS | MONTHS),
-            "name": parser(name_rules), "city": parser(city_rules), "age": parser(age_rules),
-            "occupation": parser(occupation_rules), "study": parser(study_rules),
-            "family": parser(family_rules), "like": parser(like_rules), "date": parser(date)}
-
-
-def fold(text):
-    # One spelling for comparing values: case and ё do not make a fact different.
-    return " ".join(text.casefold().replace("ё", "е").split())
-
-
-def best_parse(word, *grammemes):
-    """pymorphy3's most likely analysis of `word` that has all `grammemes`, else its most likely one."""
-    parses = load_fact_tools()["parse"](word.lower())
-    wanted = set(grammemes)
-    return next((p for p in parses if wanted <= p.tag.grammemes), parses[0])
-
-
-def capitalized(word):
-    return "-".join(part[:1].upper() + part[1:] for part in word.split("-"))
-
-
-def inflect_word(parse, grammemes, fallback):
-    inflected = parse.inflect(set(grammemes)) if parse is not None else None
-    return inflected.word if inflected else fallback
-
-
-class MessageTokens:
-    """One message's tokens with what the checks need: where clauses and sentences end."""
-
-    def __init__(self, text, sentences):
-        self.sentences = sentences  # grammar: the (start, stop) character spans to parse
-        self.tokens = list(load_fact_tools()["tokenizer"](text))
-        self.words = [token.value.lower() for token in self.tokens]
-
-    def index_at(self, offset):
-        return next(i for i, token in enumerate(self.tokens) if token.span.start >= offset)
-
-    def clause_bounds(self, start, stop):
-        """Token indices [first, last) of the clause around tokens start..stop."""
-        first = start
-        while first > 0 and self.words[first - 1] not in CLAUSE_BREAKS:
-            first -= 1
-        last = stop
-        while last < len(self.words) and self.words[last] not in CLAUSE_BREAKS:
-            last += 1
-        return first, last
-
-    def is_question(self, start, stop):
-        # A question that names the user's facts ("а где я живу?") states none of them.
-        first, last = self.clause_bounds(start, stop)
-        if any(word in QUESTION_WORDS for word in self.words[first:start]):
-            return True
-        return last < len(self.words) and self.words[last] == "?"
-
-    def is_negated(self, start, stop):
-        # "не" inside the match or right before it: "меня зовут не аня", "я не из москвы".
-        before = self.words[max(0, start - 2):start]
-        return "не" in self.words[start:stop] or "нет" in self.words[start:stop] or "не" in before
-
-    def has_other_subject(self, start):
-        """Someone else is the clause's subject before `start` ("моя мама живёт в сочи")."""
-        first, _ = self.clause_bounds(start, start)
-        for i in range(start - 1, first - 1, -1):
-            word = self.words[i]
-            if word in ("я", "мы", "меня", "мне"):
-                return False
-            person = best_parse(word, "nomn")
-            if "nomn" in person.tag.grammemes and (word in OTHER_PEOPLE or person.normal_form in OTHER_PEOPLE):
-                return True  # only a nominative can be the subject: "мы с мужем живём" is still us
-        return False
-
-    def said_by_me_earlier(self, start):
-        """An "я" earlier in the same sentence, with nobody else named in between."""
-        i = start - 1
-        while i >= 0 and self.words[i] not in SENTENCE_ENDS:
-            word = self.words[i]
-            if word == "я":
-                return True
-            if word in OTHER_PEOPLE or best_parse(word).normal_form in OTHER_PEOPLE:
-                return False
-            i -= 1
-        return False
-
-
-def matches_of(kind, text, message):
-    """(start, stop, tokens) of each match of the `kind` grammar, as token indices. No rule
-    matches across the end of a sentence, so only the sentences worth it are parsed."""
-    found = []
-    for first, last in message.sentences.get(kind, ()):
-        for match in load_fact_tools()[kind].findall(text[first:last]):
-            start = message.index_at(first + match.span.start)
-            found.append((start, start + len(match.tokens), [token.value for token in match.tokens]))
-    return found
-
-
-def normal_name(word):
-    """The name in the nominative; a word that can be nominative stays as typed, since
-    pymorphy3 guesses rare diminutives wrongly ("настюша" is not a form of "настюш")."""
-    word = word.lower()
-    if any("nomn" in p.tag.grammemes for p in load_fact_tools()["parse"](word)):
-        return capitalized(word)
-    parse = best_parse(word, "Name")
-    return capitalized(inflect_word(parse, {"nomn"}, parse.normal_form))
-
-
-def place_parse(word, cases):
-    """The likeliest analysis of a place name in one of the `cases` its preposition governs:
-    "в самару" is Самара, though "самару" is likelier the dative of Самар."""
-    parses = load_fact_tools()["parse"](word)
-    return next((p for p in parses if "Geox" in p.tag.grammemes and p.tag.case in cases), best_parse(word, "Geox"))
-
-
-def normal_place(words, cases):
-    """The place in the nominative, each part capitalized: "нижнем новгороде" -> Нижний Новгород."""
-    text = " ".join(words).replace(" - ", "-").lower()
-    if text in CITY_ABBREVIATIONS:
-        return CITY_ABBREVIATIONS[text]
-    if "-" in text:
-        parts = text.split("-")
-        head = 0 if "на" in parts else len(parts) - 1   # ростове-на-дону: the first part declines
-        parse = place_parse(parts[head], cases)
-        parts[head] = inflect_word(parse, {"nomn"}, parse.normal_form)
-        return "-".join(part if part == "на" else capitalized(part) for part in parts)
-    noun = place_parse(words[-1].lower(), cases)
-    result = [inflect_word(noun, {"nomn"}, noun.normal_form)]
-    if len(words) > 1:
-        adjective = best_parse(words[0].lower(), "ADJF")
-        agree = {"nomn", "plur"} if "plur" in noun.tag.grammemes else {"nomn", noun.tag.gender or "masc"}
-        result.insert(0, inflect_word(adjective, agree, words[0].lower()))
-    return " ".join(capitalized(word) for word in result)
-
-
-def normal_noun_phrase(words, case=None):
-    """A noun phrase in the nominative, number kept, adjectives agreeing:
-    "корейских дорам" -> корейские дорамы; a genitive tail stays as said ("запах сигарет")."""
-    words = [word.lower() for word in words]
-    head = next(i for i, word in enumerate(words) if "NOUN" in best_parse(word, "NOUN").tag.grammemes)
-    grammemes = ("NOUN", case) if case else ("NOUN",)
-    noun = best_parse(words[head], *grammemes)
-    if "Fixd" in noun.tag.grammemes:
-        nominative = words[head]
-    else:
-        number = "plur" if "plur" in noun.tag.grammemes else "sing"
-        nominative = inflect_word(noun, {"nomn", number}, noun.normal_form)
-    result = []
-    for word in words[:head]:
-        adjective = best_parse(word, "ADJF")
-        if "plur" in noun.tag.grammemes:
-            agree = {"nomn", "plur"}
-        else:
-            agree = {"nomn", "sing", noun.tag.gender or "masc"}
-        result.append(inflect_word(adjective, agree, word))
-    return " ".join(result + [nominative] + words[head + 1:])
-
-
-def extract_names(text, message):
-    names = []
-    for start, stop, words in matches_of("name", text, message):
-        contrast = "не" in [word.lower() for word in words]
-        if (not contrast and message.is_negated(start, stop)) or message.is_question(start, stop):
-            continue
-        lowered = [word.lower() for word in words]
-        if lowered[0] in ("я", "это") and stop < len(message.words) and message.words[stop] in ("зовут", "звать"):
-            continue
-        if lowered[-1] == "я" and stop < len(message.words) and message.words[stop] not in CLAUSE_BREAKS:
-            continue  # "вика я тебя люблю" speaks to Vika; "саня я, с питера" introduces Sanya
-        if lowered[0] == "а" and "зовут" not in message.words[:start]:
-            continue
-        if lowered[0] == "это" and start > 1:
-            continue
-        name_word = next(w for w in reversed(words)
-                         if w.lower() not in ("я", "зовут", "звать", "зови", "зовите", "а", "меня")
-                         and w.lower() not in FILLER_WORDS)
-        names.append(("name", normal_name(name_word)))
-    return names[-1:]
-
-
-def extract_city(text, message):
-    cities = []
-    for start, stop, words in matches_of("city", text, message):
-        lowered = [w.lower() for w in words]
-        # "живу не в москве а в казани": the "не" inside corrects the place; one before still negates.
-        contrast = "не" in lowered and "а" in lowered
-        negated = "не" in message.words[max(0, start - 2):start] if contrast else message.is_negated(start, stop)
-        if negated or message.is_question(start, stop):
-            continue
-        if words[0].lower() in ("из", "с", "со"):
-            if not message.said_by_me_earlier(start):
-                continue
-            if start > 0 and message.words[start - 1] in ("родом", "родилась", "родился", "привет", "приехал",
-                                                          "приехала", "вернулся", "вернулась"):
-                continue
-        elif message.has_other_subject(start):
-            continue
-        if words[0].lower() in ("теперь", "сейчас") and not any(
-                best_parse(word).normal_form in ("жить", "переехать", "проживать") for word in message.words[:start]):
-            continue  # "теперь в томске" moves house only after talk of living somewhere
-        while lowered[-1] in FILLER_WORDS or best_parse(lowered[-1]).tag.POS == "VERB":
-            lowered.pop()  # "в казани живу"
-        last_preposition = max(i for i, w in enumerate(lowered) if w in ("в", "во", "из", "с", "со")
-                               and (i == 0 or lowered[i - 1] != "-"))
-        cases = ("gent",) if lowered[last_preposition] in ("из", "с", "со") else ("loct", "accs")
-        cities.append(("city", normal_place(lowered[last_preposition + 1:], cases)))
-    return cities[-1:]
-
-
-def number_value(words):
-    digits = [word for word in words if word.isdigit()]
-    if digits:
-        return int(digits[0])
-    return sum(NUMBER_WORDS.get(best_parse(word).normal_form, 0) for word in words)
-
-
-def extract_age(text, message):
-    ages = []
-    for start, stop, words in matches_of("age", text, message):
-        if message.is_question(start, stop) or message.is_negated(start, stop):
-            continue
-        if start > 0 and message.words[start - 1] in ("во", "в", "ко", "обо", "при"):
-            continue  # "во мне 56": not "мне" the dative of age
-        after = message.words[stop:stop + 2]
-        if after[:1] and after[0] not in ("лет", "год", "года") and (
-                {"NOUN", "INFN"} & best_parse(after[0]).tag.grammemes):
-            continue  # "мне 2 часа ехать", "мне 3 кг": a number of something else
-        if "не" in after or "было" in after or "было" in message.words[max(0, start - 2):start]:
-            continue  # an age in the past
-        value = number_value([w.lower() for w in words[1:] if w.lower() not in FILLER_WORDS])
-        if 3 <= value <= 110:
-            ages.append(("age", str(value)))
-    return ages[:1]
-
-
-
-def is_animate_noun(word, case):
-    return {"NOUN", "anim", case} <= best_parse(word, "NOUN", "anim", case).tag.grammemes
-
-
-def extract_occupation(text, message):
-    found = []
-    for start, stop, words in matches_of("occupation", text, message):
-        if message.is_negated(start, stop) or message.is_question(start, stop):
-            continue
-        lowered = [w.lower() for w in words]
-        phrase = " ".join(lowered)
-        if phrase in STATUS_PHRASES:
-            if not message.has_other_subject(start):
-                found.append(("occupation", phrase))
-            continue
-        professions = [w for w in lowered if is_animate_noun(w, "ablt")]
-        if professions and lowered[0] in WORK_VERBS:   # "работаю учителем (в школе)"
-            found.append(("occupation", normal_noun_phrase(professions[:1], "ablt")))
-            continue
-        if lowered[0] == "я":
-            noun = best_parse(next(w for w in lowered[1:] if is_animate_noun(w, "nomn")), "NOUN", "anim", "nomn")
-            if noun.normal_form in NOT_OCCUPATIONS or "Name" in noun.tag.grammemes:
-                continue
-            tail = [w for w in lowered[1:] if w not in FILLER_WORDS and w not in ("по", "профессии")]
-            found.append(("occupation", normal_noun_phrase(tail, "nomn")))  # "учительница начальных классов"
-            continue
-        if message.has_other_subject(start):
-            continue
-        place = [w for w in lowered if w not in WORK_VERBS and w not in FILLER_WORDS]
-        if "Name" in best_parse(place[-1]).tag.grammemes:
-            continue  # "работаю с олей": a person, not a workplace
-        found.append(("occupation", " ".join(place)))
-    return found[-1:]
-
-
-def extract_study(text, message):
-    found = []
-    for start, stop, words in matches_of("study", text, message):
-        if message.is_negated(start, stop) or message.is_question(start, stop) or message.has_other_subject(start):
-            continue
-        phrase = [w.lower() for w in words if w.lower() not in ("учусь", "обучаюсь", "учимся", "я")
-                  and w.lower() not in FILLER_WORDS]
-        found.append(("study", " ".join(phrase)))
-    return found[-1:]
-
-
-def relative_value(words, named_later=None):
-    """"сестру" -> сестра, "старший брат миша" -> старший брат Миша, "двое детей" as said;
-    None where the kin reading is not the word's likeliest noun ("мой внучек")."""
-    lowered = [w.lower() for w in words if best_parse(w).normal_form not in POSSESSIVE_LEMMAS]
-    if not lowered:
-        return None
-    if lowered[0].isdigit() or "NUMR" in best_parse(lowered[0]).tag.grammemes or \
-            best_parse(lowered[0]).normal_form in ("двое", "трое", "четверо", "пятеро"):
-        return " ".join(lowered)
-    head = next((i for i, w in enumerate(lowered) if best_parse(w, "NOUN").normal_form in KIN_LEMMAS | PET_LEMMAS
-                 and "NOUN" in best_parse(w, "NOUN").tag.grammemes), None)
-    if head is None:
-        return None
-    phrase = normal_noun_phrase(lowered[:head + 1])
-    noun = phrase.split()[-1]
-    if noun in ("ребёнок", "ребенок") and "plur" in best_parse(lowered[head], "NOUN").tag.grammemes:
-        phrase = phrase[:-len(noun)] + "дети"
-    name = lowered[head + 1:] or ([named_later] if named_later else [])
-    return phrase + (" " + normal_name(name[0]) if name else "")
-
-
-def split_relatives(words):
-    """The relatives listed after "у меня": "кошка и собака" -> [кошка], [собака]."""
-    groups, current = [], []
-    for word in words:
-        if word.lower() in ("и", ","):
-            groups.append(current)
-            current = []
-        else:
-            current.append(word)
-    groups.append(current)
-    return [group for group in groups if group]
-
-
-NAMING_WORDS = ("зовут", "кличке", "кличка", "назвала", "назвал", "назвали", "зову")
-# What may stand between the last relative of a list and its name: "... и сестра, которую зовут оля".
-BEFORE_NAMING = {"и", "по", "его", "её", "ее", "их", "которого", "которую", "которых", "которая", "который"}
-
-
-def name_given_after(message, start, stop, listed=False):
-    """The name in "... зовут X", "по кличке X", "я назвала X" in the same clause; after a
-    list of relatives (`listed`), only right after it, where it names the last one.
-    "меня зовут X" names the user, not a relative."""
-    first, last = message.clause_bounds(start, stop)
-    for i in range(stop if listed else first, last - 1):
-        word = message.words[i]
-        if word in NAMING_WORDS and (i > 0 and message.words[i - 1] in ME_WORDS or message.words[i + 1] in ME_WORDS):
-            if listed:
-                return None
-            continue
-        if word in NAMING_WORDS:
-            return message.words[i + 1]
-        if listed and word not in BEFORE_NAMING:
-            return None
-    return None
-
-
-def extract_family_and_pets(text, message):
-    found = []
-    for start, stop, words in matches_of("family", text, message):
-        if message.is_negated(start, stop) or message.is_question(start, stop):
-            continue
-        lowered = [w.lower() for w in words]
-        if lowered[-1] in MARITAL_WORDS:
-            found.append(("family", lowered[-1]))
-            continue
-        after = message.words[stop:stop + 1]
-        if lowered[0] == "а" or best_parse(lowered[-1]).normal_form in ("мой", "свой"):
-            if after == [] or after[0] in CLAUSE_BREAKS or after[0] in ("ты", "вы"):
-                continue  # someone spoken to: "сын мой, ...", "а мама?"
-            if lowered[0] == "а" and best_parse(lowered[-1]).normal_form in PARTNER_LEMMAS:
-                continue
-            lowered = [w for w in lowered if w != "а"]
-        owned = lowered[:1] == ["у"]
-        if owned:
-            rest = lowered[2:]
-            if rest[0] in ("есть", "живет", "живёт", "живут"):
-                rest = rest[1:]
-            groups = split_relatives(rest)
-        else:
-            groups = [[w for w in lowered if w not in ("у", "меня", "мы", "с", "со") and not w.isdigit()
-                       and best_parse(w).normal_form not in ("мой", "свой")]]
-        named_later = name_given_after(message, start, stop, listed=len(groups) > 1)
-        for number, group in enumerate(groups, 1):
-            lemma = {best_parse(w, "NOUN").normal_form for w in group}
-            if lemma & PARTNER_LEMMAS and not (owned or best_parse(lowered[0]).normal_form == "мой" or
-                                              best_parse(lowered[-1]).normal_form == "мой"):
-                continue
-            kind = "pet" if lemma & PET_LEMMAS else "family"
-            value = relative_value(group, named_later if number == len(groups) else None)
-            if value:
-                found.append((kind, value))
-    return found
-
-
-def object_case(trigger):
-    # The case the verb governs picks the right analysis: "люблю суши" is not "суша".
-    if trigger in ("нравится", "нравятся", "нравиться", "нравяться", "бесит", "бесят", "раздражает",
-                   "раздражают") or trigger.startswith("любим"):
-        return "nomn"
-    if trigger == "увлекаюсь":
-        return "ablt"
-    if trigger == "я":
-        return "gent"
-    return "accs"
-
-
-def is_infinitive_phrase(words):
-    first = best_parse(words[0]).tag.grammemes
-    return "INFN" in first or (len(words) > 1 and "ADVB" in first and "INFN" in best_parse(words[1]).tag.grammemes)
-
-
-def split_noun_list(words):
-    """"суши роллы" -> [суши], [роллы]; a genitive keeps to its noun ("запах сигарет")."""
-    groups, current = [], []
-    for word in words:
-        after_noun = current and "NOUN" in best_parse(current[-1], "NOUN").tag.grammemes
-        if after_noun and ("ADJF" in best_parse(word).tag.grammemes
-                           or best_parse(word, "NOUN", "gent").tag.case != "gent"):
-            groups.append(current)
-            current = []
-        current.append(word)
-    return groups + [current]
-
-
-def split_objects(words, case):
-    """What follows "люблю": infinitive phrases and nouns listed with "и" and commas, one fact each."""
-    values, group = [], []
-    for word in words + [","]:
-        if word not in ("и", ","):
-            group.append(word)
-            continue
-        if group and is_infinitive_phrase(group):
-            values.append(" ".join(group))
-        elif group:
-            values += [normal_noun_phrase(nouns, case) for nouns in split_noun_list(group)
-                       if any("NOUN" in best_parse(word, "NOUN").tag.grammemes for word in nouns)]
-        group = []
-    return values
-
-
-def extract_likes(text, message):
-    found = []
-    for start, stop, words in matches_of("like", text, message):
-        lowered = [w.lower() for w in words]
-        if message.is_question(start, stop):
-            continue
-        trigger = lowered[0]
-        before = message.words[max(0, start - 3):start]
-        if trigger in ("нравится", "нравятся", "нравиться", "нравяться"):
-            experiencer = [w for w in before if w not in ("не", "очень", "тоже", "так", "уже", "сильно", "сейчас")]
-            if experiencer and experiencer[-1] not in ("мне", ",", "а", "и", "но") and \
-                    "datv" in best_parse(experiencer[-1]).tag.grammemes:
-                continue  # "ей нравится рок": someone else's taste
-        if trigger in ("бесит", "бесят", "раздражает", "раздражают") and any(
-                w in ("тебя", "его", "её", "ее", "их") for w in before):
-            continue
-        if trigger in ("я", "фанат", "фанатка", "поклонник", "поклонница", "любитель", "любительница"):
-            if message.has_other_subject(start):
-                continue  # "он фанат металлики"
-            trigger = "я"
-            objects = lowered[next(i for i, w in enumerate(lowered) if w not in FILLER_WORDS and w != "я") + 1:]
-        elif trigger.startswith("любим"):
-            objects = lowered[2:]
-        elif trigger == "терпеть":
-            objects = lowered[3:]
-        else:
-            objects = lowered[1:]
-        negated = "не" in before[-2:] or trigger in ("терпеть", "ненавижу", "бесит", "бесят", "раздражает",
-                                                      "раздражают", "переношу")
-        if trigger == "переношу" and "не" not in before[-2:]:
-            continue
-        if any(best_parse(word).normal_form in ("ты", "вы", "твой", "ваш") for word in objects):
-            continue  # "люблю тебя", "нравится твоя улыбка": about the one spoken to
-        kind = "dislike" if negated else "like"
-        found.extend((kind, value) for value in split_objects(objects, object_case(trigger)))
-    return found
-
-
-def verb_for_plan(message, first, last, date_span):
-    """The user's verb in the clause: 1st person, present or future; "собираюсь поехать" -> поехать."""
-    for i in range(first, last):
-        if date_span[0] <= i < date_span[1]:
-            continue
-        word = message.words[i]
-        follows_motion = i + 1 < last and message.words[i + 1] in ("в", "во", "на", "к", "ко")
-        candidates = [p for p in load_fact_tools()["parse"](word)
-                      if {"VERB", "1per", "indc"} <= p.tag.grammemes and "past" not in p.tag.grammemes]
-        if not candidates:
-            continue
-        if i > first and message.words[i - 1] == "не":
-            return None  # "сегодня не могу"
-        if follows_motion and any("intr" in p.tag.grammemes for p in candidates):
-            candidates = [p for p in candidates if "intr" in p.tag.grammemes]  # "лечу в сочи": лететь
-        verb = candidates[0]
-        if verb.normal_form in MODAL_VERBS and i + 1 < last and \
-                "INFN" in best_parse(message.words[i + 1]).tag.grammemes:
-            return i + 1, message.words[i + 1]
-        return i, verb.normal_form
-    return None
-
-
-def extract_plans(text, message):
-    plans = []
-    for start, stop, words in matches_of("date", text, message):
-        if message.is_question(start, stop):
-            continue
-        first, last = message.clause_bounds(start, stop)
-        when = " ".join(w.lower() for w in words)
-        found_verb = verb_for_plan(message, first, last, (start, stop))
-        if found_verb:
-            index, lemma = found_verb
-            rest = [message.words[i] for i in range(index + 1, last) if not start <= i < stop
-                    and message.words[i] not in QUOTE_MARKS]
-            plans.append(("plan", f"{' '.join([lemma] + rest)} ({when})"))
-            continue
-        clause = message.words[first:last]
-        if "меня" in clause and "у" in clause:
-            rest = [message.words[i] for i in range(first, last) if not start <= i < stop
-                    and message.words[i] not in ("у", "меня", "есть") and message.words[i] not in QUOTE_MARKS]
-            nouns = [w for w in rest if "NOUN" in best_parse(w, "NOUN").tag.grammemes]
-            if nouns:
-                plans.append(("plan", f"{normal_noun_phrase(rest[rest.index(nouns[0]):])} ({when})"))
-    return plans
-
-
-EXTRACTORS = {"name": extract_names, "city": extract_city, "age": extract_age, "occupation": extract_occupation,
-              "study": extract_study, "family": extract_family_and_pets, "like": extract_likes, "date": extract_plans}
-WORD_TOKEN = re.compile(r"[а-яё]+|[a-z]+|\d+", re.IGNORECASE)   # the words of yargy's tokenizer
-SENTENCE = re.compile(r"[^.!?]+")   # yargy makes each of . ! ? a token, which no rule matches
-
-
-def next_words(written, words, i):
-    """The words that can follow words[i] in a rule, up to three filler words skipped
-    (the grammars' `filler`), as written."""
-    for j in range(i + 1, min(i + 5, len(words))):
-        yield written[j]
-        if words[j] not in FILLER_WORDS:
-            break
-
-
-def grammars_for_sentence(written):
-    """The grammars that could find a fact in a sentence of these words (without punctuation),
-    told by what each rule needs: one of a few words, or a pair, or a word of some kind beside
-    "я" or "мне"; and what the checks after a match ask for ("из казани" is the user's city
-    only after "я" in the same sentence). The word lists are the grammars'. Analyses are of
-    the words as written, as in the grammars: "И" is an initial, "и" is not."""
-    words = [word.lower() for word in written]
-    seen = set(words)
-    tools = load_fact_tools()
-    has = lambda *options: not seen.isdisjoint(options)
-    guessed = []
-
-    def has_lemma(lemmas, forms):
-        # The grammars' has_lemma: a dictionary form, or a word pymorphy3 guesses to be one.
-        if not seen.isdisjoint(forms):
-            return True
-        if not guessed:
-            guessed.append(frozenset().union(*map(tools["guessed_lemmas"], seen)))
-        return not guessed[0].isdisjoint(lemmas)
-
-    grammemes = lambda word: [p.tag.grammemes for p in tools["parse"](word)]
-    name_like = lambda word: any("Name" in g for g in grammemes(word)) or not tools["morph"].word_is_known(word.lower())
-    person_like = lambda word: word == "по" or any({"NOUN", "anim", "nomn"} <= g or {"ADJF", "nomn"} <= g
-                                                   for g in grammemes(word))
-    number_like = lambda word: word.isdigit() or word.lower() in tools["number_forms"] or \
-        not tools["guessed_lemmas"](word.lower()).isdisjoint(NUMBER_WORDS)
-    after = lambda trigger, like: any(like(word) for i, w in enumerate(words) if w == trigger
-                                      for word in next_words(written, words, i))
-    worth = {
-        "name": (has(*ME_WORDS) and (has(*CALLED_WORDS) or "а" in seen)) or has("имя", "имечко")
-                or after("я", name_like) or ("это" in words[:2] and after("это", name_like))
-                or any(name_like(written[i - 1]) for i, w in enumerate(words) if w == "я" and i > 0),
-        "city": has(*LIVE_WORDS, *MOVED_WORDS) or (has("теперь", "сейчас") and has("в", "во"))
-                or ("я" in seen and has("из", "с", "со")),
-        "age": "мне" in seen and after("мне", number_like),
-        "occupation": has(*WORK_VERBS, "пенсии", "декрете") or after("я", person_like),
-        "study": has(*STUDY_VERBS) or ("я" in seen and has("классе", "класе")),
-        "family": ("я" in seen and has(*MARITAL_WORDS)) or (
-            ("а" in seen or ("у" in seen and has("меня", "нас")) or ("мы" in seen and has("с", "со"))
-             or any(word.isdigit() for word in words) or has_lemma(MINE_LEMMAS, tools["mine_forms"]))
-            and has_lemma(KIN_LEMMAS | PET_LEMMAS, tools["relative_forms"])),
-        "like": has(*LOVE_VERBS, *PLEASE_VERBS, "увлекаюсь", *FAN_WORDS, *FAVOURITE_WORDS, "терпеть", *HATE_VERBS),
-        "date": has(*DATE_WORDS) or has_lemma(WEEKDAYS | MONTHS, tools["date_forms"]),
-    }
-    return [grammar for grammar in EXTRACTORS if worth[grammar]]
-
-
-def sentences_worth_parsing(text):
-    """{grammar: [(start, stop), ...]}: the sentences of `text` where each grammar could find
-    a fact. Most messages state nothing about their writer and get {}: a regular expression
-    instead of eight parses."""
-    worth = {}
-    for sentence in SENTENCE.finditer(text):
-        words = WORD_TOKEN.findall(sentence.group())
-        for grammar in grammars_for_sentence(words) if words else ():
-            worth.setdefault(grammar, []).append(sentence.span())
-    return worth
-
-
-def facts_in_message(text, sentences):
-    """What the grammars find in the `sentences` of `text` (whitespace normalized; see
-    sentences_worth_parsing), checked and made unique."""
-    if not any(ch.isalpha() for ch in text):
-        return []
-    message = MessageTokens(text, sentences)
-    facts = []
-    for grammar in EXTRACTORS:
-        if grammar in sentences:
-            facts.extend(EXTRACTORS[grammar](text, message))
-    unique = []
-    for fact in facts:
-        if (fact[0], fold(fact[1])) not in {(k, fold(v)) for k, v in unique}:
-            unique.append(fact)
-    return unique
-
-
-def extract_user_facts(text):
-    """The facts a user states about themselves in one message, as (kind, value) pairs
-    in normal forms; questions, negations and other people's facts give none."""
-    text = " ".join(text.split())
-    sentences = sentences_worth_parsing(text)
-    return facts_in_message(text, sentences) if sentences else []
-
-
-def relation_of(value):
-    # "сестра Оля" and "сестра" are the same relative; the name makes the newer one better.
-    return fold(" ".join(word for word in value.split() if not word[:1].isupper()))
-
-
-def name_of(value):
-    return " ".join(word for word in value.split() if word[:1].isupper())
-
-
-def same_relative(old, new):
-    """One relative said of twice ("младшая сестра", then "сестра Оля"): the same head
-    noun, and not two different names."""
-    old_words, new_words = relation_of(old).split(), relation_of(new).split()
-    if not old_words or not new_words or old_words[-1] != new_words[-1]:
-        return False
-    if not (set(old_words) <= set(new_words) or set(new_words) <= set(old_words)):
-        return False
-    return not (name_of(old) and name_of(new) and fold(name_of(old)) != fold(name_of(new)))
-
-
-def combined_relative(old, new):
-    # The fuller description and whichever name was given: "младшая сестра Оля".
-    relation = max(relation_of(old), relation_of(new), key=len)
-    name = name_of(new) or name_of(old)
-    return f"{relation} {name}".strip()
-
-
-def merge_user_facts(stored, new):
-    """The stored facts updated with `new` (both lists of (kind, value)): a single-value kind
-    is replaced, a list kind grows up to MAX_VALUES_PER_KIND, liking a thing cancels disliking it."""
-    facts = [tuple(fact) for fact in stored]
-    for kind, value in new:
-        if kind in SINGLE_VALUE_KINDS:
-            facts = [fact for fact in facts if fact[0] != kind]
-        else:
-            opposite = {"like": "dislike", "dislike": "like"}.get(kind)
-            facts = [fact for fact in facts if not (fact[0] in (kind, opposite) and fold(fact[1]) == fold(value))]
-            if kind in ("family", "pet") and value not in MARITAL_WORDS:
-                known = [fact for fact in facts if fact[0] == kind and same_relative(fact[1], value)]
-                if known:
-                    value = combined_relative(known[-1][1], value)
-                    facts = [fact for fact in facts if fact not in known]
-            same_kind = [fact for fact in facts if fact[0] == kind]
-            if len(same_kind) >= MAX_VALUES_PER_KIND:
-                facts.remove(same_kind[0])
-        facts.append((kind, value))
-    return facts
-
-
-def inflect_phrase(value, case):
-    """A stored nominative phrase put in `case`, adjectives agreeing: "итальянская кухня" -> итальянскую кухню."""
-    words = value.split()
-    head = next((i for i, word in enumerate(words) if "NOUN" in best_parse(word, "NOUN", "nomn").tag.grammemes), None)
-    if head is None or "INFN" in best_parse(words[0]).tag.grammemes:
-        return value
-    noun = best_parse(words[head], "NOUN", "nomn")
-    number = "plur" if "plur" in noun.tag.grammemes else "sing"
-    result = list(words)
-    result[head] = inflect_word(noun, {case, number}, words[head])
-    for i in range(head):
-        adjective = best_parse(words[i], "ADJF", "nomn")
-        if "ADJF" in adjective.tag.grammemes:
-            agree = {case, number} | ({noun.tag.gender} if number == "sing" and noun.tag.gender else set())
-            if case == "accs" and "anim" in noun.tag.grammemes:
-                agree |= {"anim"}
-            result[i] = inflect_word(adjective, agree, words[i])
-    for i in range(head + 1, len(words)):
-        if words[i][:1].isupper():   # a name after the noun agrees with it: "сестру Олю"
-            result[i] = capitalized(inflect_word(best_parse(words[i].lower(), "Name"), {case}, words[i]))
-    if words[head][:1].isupper():
-        result[head] = capitalized(result[head])
-    return " ".join(result)
-
-
-def place_in(value):
-    """"Казань" -> "в Казани", with "во" where Russian wants it (во Владивостоке)."""
-    parts = value.split()
-    inflected = []
-    for i, part in enumerate(parts):
-        pieces = part.split("-")
-        head = 0 if "на" in [p.lower() for p in pieces] else len(pieces) - 1
-        parse = best_parse(pieces[head].lower(), "Geox" if i == len(parts) - 1 else "ADJF")
-        if "Fixd" not in parse.tag.grammemes:
-            number = {"plur"} if "plur" in parse.tag.grammemes else set()
-            pieces[head] = capitalized(inflect_word(parse, {"loct"} | number, pieces[head]))
-        inflected.append("-".join(pieces))
-    phrase = " ".join(inflected)
-    first = phrase[:2].lower()
-    preposition = "во" if first[:1] in "вф" and first[1:2] not in "аеёиоуыэюя" else "в"
-    return f"{preposition} {phrase}"
-
-
-def years_phrase(age):
-    number = int(age)
-    year = load_fact_tools()["morph"].parse("год")[0].make_agree_with_number(number).word
-    # After a number Russian counts years with "лет", which pymorphy3 spells "годов".
-    return f"{number} {'лет' if year == 'годов' else year}"
-
-
-def second_person(lemma):
-    """The infinitive as "ты ..." would say it: ехать -> едешь, поехать -> поедешь."""
-    parse = best_parse(lemma, "INFN")
-    tense = "futr" if "perf" in parse.tag.grammemes else "pres"
-    return inflect_word(parse, {"2per", "sing", tense, "indc"}, lemma)
-
-
-def plan_clause(value):
-    what, _, when = value.rpartition(" (")
-    when = when.rstrip(")")
-    words = what.split()
-    if "INFN" in best_parse(words[0]).tag.grammemes:
-        return f"{when} ты {' '.join([second_person(words[0])] + words[1:])}"
-    return f"{when} у тебя {what}"
-
-
-def join_russian(items):
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " и " + items[-1]
-
-
-def fact_clauses(facts):
-    """Each kind's facts as one Russian clause about "ты"."""
-    by_kind = {}
-    for kind, value in facts:
-        by_kind.setdefault(kind, []).append(value)
-    clauses = []
-    for kind in FACT_KINDS:
-        values = by_kind.get(kind)
-        if not values:
-            continue
-        if kind == "name":
-            clauses.append(f"тебя зовут {values[-1]}")
-        elif kind == "city":
-            clauses.append(f"ты живёшь {place_in(values[-1])}")
-        elif kind == "age":
-            clauses.append(f"тебе {years_phrase(values[-1])}")
-        elif kind == "occupation":
-            value = values[-1]
-            if value in STATUS_PHRASES:
-                clauses.append(f"ты {value}")
-            elif value.split()[0] in ("в", "во", "на"):
-                clauses.append(f"ты работаешь {value}")
-            else:
-                clauses.append(f"ты {value}")
-        elif kind == "study":
-            clauses.append(f"ты учишься {values[-1]}")
-        elif kind in ("family", "pet"):
-            marital = [v for v in values if v in MARITAL_WORDS]
-            others = [v for v in values if v not in MARITAL_WORDS]
-            clauses += [f"ты {v}" for v in marital]
-            if others:
-                clauses.append(f"у тебя есть {join_russian(others)}")
-        elif kind in ("like", "dislike"):
-            verb = "ты любишь" if kind == "like" else "ты не любишь"
-            clauses.append(f"{verb} {join_russian([inflect_phrase(v, 'accs') for v in values])}")
-        elif kind == "plan":
-            clauses += [plan_clause(v) for v in values]
-    return clauses
-
-
-def render_facts_answer(facts):
-    """The bot's answer to "Что ты обо мне знаешь?": "Тебя зовут Аня, ты живёшь в Казани, ..." """
-    clauses = fact_clauses(facts)
-    if not clauses:
-        return NO_FACTS_ANSWER
-    text = ", ".join(clauses) + "."
-    return text[:1].upper() + text[1:]
-
-
-def render_facts_list(facts):
-    """The /memory list: one fact a line, as stored, so that /forget <слово> can name it."""
-    in_kind_order = sorted(facts, key=lambda fact: FACT_KINDS.index(fact[0]))
-    return "\n".join(f"{FACT_LABELS[kind]}: {value}" for kind, value in in_kind_order)
-
-
-FUNCTION_WORD_TAGS = {"PREP", "CONJ", "PRCL", "NPRO", "INTJ"}   # "в", "и", "не", "мне", "ой"
-
-
-def is_function_word(word):
-    """A preposition, conjunction, particle, pronoun or interjection in its likeliest reading,
-    and never a name ("ли" is also Ли): it is in many facts and names none of them."""
-    parses = load_fact_tools()["parse"](word)
-    return parses[0].tag.POS in FUNCTION_WORD_TAGS and not any("Name" in p.tag.grammemes for p in parses)
-
-
-def forget_user_facts(facts, word):
-    """(kept, removed): the facts whose value or label holds `word` in any form
-    ("/forget казани" removes Казань; "/forget город" removes the city). Punctuation around
-    the word is ignored ("Аня,"), and a function word ("в", "не") removes nothing."""
-    query = re.sub(r"^\W+|\W+$", "", fold(word))
-    if not query or is_function_word(query):
-        return list(facts), []
-    query_lemmas = {fold(p.normal_form) for p in load_fact_tools()["parse"](query)} | {query}
-    kept, removed = [], []
-    for kind, value in facts:
-        value_words = [w for w in re.split(r"[\s()\-]+", fold(value)) if w]
-        lemmas = {fold(p.normal_form) for w in value_words for p in load_fact_tools()["parse"](w)}
-        labels = {fold(FACT_LABELS[kind])} | set(fold(FACT_LABELS[kind]).split())
-        hit = query in value_words or query_lemmas & lemmas or query in labels or fold(value) == query
-        (removed if hit else kept).append((kind, value))
-    return kept, removed
-# --- end of the user facts block
-
-
-# --- mirrored in system_prompt.py and tg_bot.py (tests/test_system_prompt.py checks they agree)
-CHAT_CONFIG_NAME = "chat_config.json"
-FALLBACK_REPLY = "Простите, не понял вопрос. Можете сказать иначе?"
-DEFAULT_PERSONA = {"question": "Кто ты?", "answer": "Я дружелюбный помощник. Отвечаю коротко и по делу."}
-DEFAULT_GENERATION = {"max_new_tokens": 64, "do_sample": True, "temperature": 0.7, "top_p": 0.9,
-                      "top_k": 50, "repetition_penalty": 1.15, "no_repeat_ngram_size": 3}
-MIN_QUESTION_TOKENS = 16  # a budget that leaves less room than this for the user's words is a misconfiguration
-MARKDOWN_LINK = re.compile(r"!?\[([^\]\n]*)\]\([^)\n]*\)")
-HTML_TAG = re.compile(r"</?[A-Za-z!|][^<>\n]{0,200}>")
-URL = re.compile(r"(?i)\b(?:https?://|ftp://|www\.|t\.me/)\S+")
-MARKUP_RUNS = re.compile(r"(\*\*|__|~~|```|`|^#{1,6}\s|^>\s?)", re.MULTILINE)
-# A reply shown while it is written holds back what the next tokens may still turn into something
-# the cleaning removes: a word that may become "Вопрос:", a link or a tag not closed yet.
-TRAILING_LABEL_WORD = re.compile(r"(?i)\b(?:вопрос|ответ)\s*$")
-UNCLOSED_MARKUP = re.compile(r"!?\[[^\]\n]*(?:\]\([^)\n]*)?$|<[^<>\n]*$")
-SERVER_CONNECT_SECONDS = 5.0  # an inference server that does not take the connection in this time is down
-# Counted by the server's tokenizer at the start: a BOS added, or "</s>" typed by a user read as the
-# end of text, would give a count other than the kit's.
-PROBE_PROMPT = "Вопрос: </s> проверка <s>\nОтвет:"
-
-
-class UserError(Exception):
-    """A mistake in the user's input: reported as one line, exit code 1."""
-
-
-class ServerError(Exception):
-    """The inference server is down, slow, or answered with an error: the reply is an apology."""
-
-
-def chat_prompt_ids(history, settings, tokenizer, facts=()):
-    """The prompt's token ids for `history` (turns oldest first, alternating user/bot, the
-    last the user's new message): the prompt rule with the model's turn window and budget,
-    the ids the model is fed as they are. `facts`, what the user said about themselves
-    ((kind, value) pairs), become the facts exchange after the persona when the model was
-    trained with one (settings["facts_exchange"]): the answer create_dataset.py's facts
-    column holds, cut by the prompt rule as training cut it."""
-    answer = render_facts_answer(facts) if facts and settings.get("facts_exchange") else None
-    return fit_prompt(tokenizer, history, settings["max_turns"], settings["budget"], settings["persona"], answer)
-
-
-def clean_reply(text, eos_token=None):
-    """The model's raw continuation made fit to show: cut at EOS or at a label that
-    starts a line, stripped of markup, links and label leakage; a fallback when empty."""
-    if eos_token and eos_token in text:
-        text = text[:text.index(eos_token)]
-    text = cut_at_next_turn(text)
-    text = html.unescape(text)
-    text = MARKDOWN_LINK.sub(r"\1", text)
-    text = HTML_TAG.sub(" ", text)
-    text = URL.sub(" ", text)
-    text = MARKUP_RUNS.sub("", text)
-    # Undecodable bytes and control characters are noise from a cut multi-byte token.
-    text = "".join(ch if ch.isprintable() and ch != "\ufffd" else " " for ch in text)
-    text = " ".join(text.split())
-    return text if any(ch.isalnum() for ch in text) else FALLBACK_REPLY
-
-
-def stable_prefix(raw):
-    """The start of a raw continuation that the tokens still to come cannot change: up to its
-    last whitespace (the last word may still grow into a label, a link or an entity), less a
-    trailing label word (its colon may come next) and a link or tag not yet closed, and again
-    up to the whitespace before what that leaves."""
-    text = raw
-    while True:
-        text = text[:max(text.rfind(" "), text.rfind("\n"), text.rfind("\t")) + 1]
-        match = TRAILING_LABEL_WORD.search(text) or UNCLOSED_MARKUP.search(text)
-        if match is None:
-            return text
-        text = text[:match.start()]
-
-
-def visible_reply(raw):
-    """What may be shown of a reply still being written ("" while nothing may): cleaned as the
-    finished reply is, so it is always a start of clean_reply of the whole continuation, and no
-    label, link or markup ever shows, not even for a moment."""
-    text = clean_reply(stable_prefix(raw))
-    return "" if text == FALLBACK_REPLY else text
-
-
-class ReplyStreamer(BaseStreamer):
-    """Hands each row of a batch being generated its visible text as it grows: on_text[row]
-    (None for a row nobody watches) gets each new text, every one a longer start of the last.
-    generate() calls put() with the padded prompts first, then with one new token per row at
-    every step (pad tokens for the rows that are done). It runs on the generating thread, so
-    on_text must only store the text, never wait."""
-
-    def __init__(self, tokenizer, on_text):
-        self.tokenizer, self.on_text = tokenizer, list(on_text)
-        self.ids = [[] for _ in self.on_text]
-        self.done = [callback is None for callback in self.on_text]
-        self.shown = ["" for _ in self.on_text]
-        self.prompts_seen = False
-
-    def put(self, value):
-        if not self.prompts_seen:
-            self.prompts_seen = True
-            return
-        for row, token in enumerate(value.tolist()):
-            if self.done[row]:
-                continue
-            if token == self.tokenizer.eos_token_id:
-                self.done[row] = True
-                continue
-            self.ids[row].append(token)
-            text = visible_reply(self.tokenizer.decode(self.ids[row], skip_special_tokens=True))
-            if text != self.shown[row] and text.startswith(self.shown[row]):
-                self.shown[row] = text
-                self.on_text[row](text)
-
-    def end(self):
-        pass
-
-
-def unfinished_lora_run(folder):
-    """Whether a folder with no model is a --lora run that has not finished: its
-    checkpoint-N/ folders hold the adapter only, and the merged model comes at the end."""
-    return any((path / "adapter_config.json").is_file() for path in Path(folder).glob("checkpoint-*"))
-
-
-def find_weights_folder(folder, need_weights=True):
-    """The folder's own weights, else its newest complete checkpoint-N/. Without need_weights
-    (a server runs the model) a folder with config.json and the tokenizer will do."""
-    def complete(path):
-        return (path / "config.json").is_file() and (
-            (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file())
-
-    if complete(folder) or (not need_weights and (folder / "config.json").is_file()):
-        return folder
-    checkpoints = []
-    for path in folder.glob("checkpoint-*"):
-        step = path.name.split("-", 1)[1]
-        # Trainer writes trainer_state.json last: without it the save was cut short.
-        if step.isdigit() and path.is_dir() and complete(path) and (path / "trainer_state.json").is_file():
-            checkpoints.append((int(step), path))
-    if not checkpoints and unfinished_lora_run(folder):
-        raise UserError(f"{folder}: a --lora run that has not finished: its checkpoint-N/ folders hold the "
-                        f"adapter only, and the merged model is saved when it ends (--resume --lora continues it)")
-    if not checkpoints:
-        raise UserError(f"{folder}: no model weights (config.json + model.safetensors) "
-                        f"at its top level or in a complete checkpoint-N/ folder")
-    return max(checkpoints)[1]
-
-
-def read_chat_config(folder, weights):
-    """chat_config.json from the weights' folder or, for a checkpoint, its parent."""
-    for path in (weights / CHAT_CONFIG_NAME, folder / CHAT_CONFIG_NAME):
-        if path.is_file():
-            break
-    else:
-        print(f"warning: no {CHAT_CONFIG_NAME} in {folder}; using the kit's default persona and "
-              f"generation settings", file=sys.stderr)
-        return {"persona": DEFAULT_PERSONA, "generation": dict(DEFAULT_GENERATION)}, None
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"{path}: not a UTF-8 JSON file ({error})") from None
-    if not isinstance(config, dict) or config.get("format_version") != 1:
-        raise UserError(f"{path}: expected a JSON object with \"format_version\": 1")
-    for key, ours in (("question_label", QUESTION_LABEL), ("answer_label", ANSWER_LABEL),
-                      ("turn_separator", TURN_SEPARATOR)):
-        if key in config and config[key] != ours:
-            raise UserError(f"{path}: {key} {config[key]!r} differs from the kit's prompt format {ours!r}")
-    return config, path
-
-
-def open_model_folder(model_dir, device, need_weights=True):
-    """Tokenizer, model config and chat settings of a kit model folder: all that the
-    settings are checked against, before the slow part (load_weights). With a server
-    running the model (need_weights=False) the folder needs no weights."""
-    folder = Path(model_dir)
-    if not folder.is_dir():
-        raise UserError(f"{folder}: model folder not found")
-    if (folder / "config.json").is_file():
-        try:
-            kind = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("kit_model")
-        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-            kind = None
-        if kind:
-            raise UserError(f"{folder}: this is an LSTM folder ({kind}); talk to it with its own script's chat mode")
-    weights = find_weights_folder(folder, need_weights)
-    chat_config, config_path = read_chat_config(folder, weights)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available here")
-    tokenizer_dir = weights if (weights / "tokenizer_config.json").is_file() else folder
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        config = AutoConfig.from_pretrained(weights)
-    except (OSError, ValueError) as error:
-        raise UserError(f"{weights}: cannot load the model config or the tokenizer ({error})") from None
-    if tokenizer.eos_token is None:
-        raise UserError(f"{tokenizer_dir}: the tokenizer has no eos_token")
-    if tokenizer.pad_token is None:
-        # Only to pad a batch: padded positions are masked out and a reply ends at its EOS.
-        tokenizer.pad_token = tokenizer.eos_token
-    n_positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 2048
-    return {"tokenizer": tokenizer, "device": device, "chat_config": chat_config, "config_path": config_path,
-            "weights": weights, "n_positions": n_positions}
-
-
-def physical_cores():
-    """Cores this process may run on, SMT siblings counted once: generation is bound
-    by memory bandwidth, which a sibling thread shares rather than adds to."""
-    try:
-        cpus = os.sched_getaffinity(0)
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-    cores = set()
-    for cpu in cpus:
-        siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
-        try:
-            cores.add(siblings.read_text(encoding="utf-8").strip())
-        except OSError:
-            cores.add(str(cpu))
-    return max(1, len(cores))
-
-
-def choose_quantization(quantize, device):
-    """What --quantize (auto, int8, none) means on this device: int8 or none."""
-    available = hasattr(torch.ao.quantization, "quantize_dynamic") and torch.backends.quantized.engine != "none"
-    if quantize == "auto":
-        return "int8" if device == "cpu" and available else "none"
-    if quantize == "int8" and device != "cpu":
-        raise UserError(f"--quantize int8 runs on the CPU only; with --device {device} use --quantize none or auto")
-    if quantize == "int8" and not available:
-        raise UserError(f"--quantize int8: this torch {torch.__version__} has no dynamic int8 quantization; "
-                        f"use --quantize none")
-    return quantize
-
-
-def conv1d_to_linear(model):
-    """GPT-2 keeps its block weights in transformers' Conv1D (in x out), a layer the
-    int8 quantizer passes over; the same layer as nn.Linear (out x in) it takes."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, Conv1D):
-                linear = torch.nn.Linear(child.nx, child.nf, device=child.weight.device)
-                with torch.no_grad():
-                    linear.weight.copy_(child.weight.t())
-                    linear.bias.copy_(child.bias)
-                setattr(module, name, linear)
-    return model
-
-
-def quantize_int8(model):
-    """Every linear layer (the output layer too) with int8 weights, one scale per
-    output row, and activations quantized on the fly: a quarter of the weight
-    bytes that each generated token must read, which is what bounds a CPU."""
-    model = conv1d_to_linear(model)
-    with warnings.catch_warnings():
-        # torch 2.13 ships this API but marks it deprecated in favour of the torchao
-        # package (see deploy/README.md); choose_quantization falls back where it is gone.
-        warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(
-            model, {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, inplace=True)
-
-
-def fuse_gelu(model):
-    """GPT-2's tanh GELU as torch's fused kernel: the same formula in one pass over
-    the activations instead of five, which shows in batches."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, NewGELUActivation):
-                setattr(module, name, torch.nn.GELU(approximate="tanh"))
-    return model
-
-
-def fast_path(model):
-    """The model as the fast path runs it on a CPU."""
-    return quantize_int8(fuse_gelu(model))
-
-
-def load_weights(chat, quantize="auto", threads=0):
-    """The model itself (int8 on a CPU unless told otherwise), the threads it runs
-    on, and the criterion that stops it at the next label."""
-    chat["quantize"] = choose_quantization(quantize, chat["device"])
-    try:
-        model = AutoModelForCausalLM.from_pretrained(chat["weights"]).to(chat["device"]).eval()
-    except (OSError, ValueError) as error:
-        raise UserError(f"{chat['weights']}: cannot load the model weights ({error})") from None
-    chat["model"] = fast_path(model) if chat["quantize"] == "int8" else model
-    # torch starts one thread per logical CPU, SMT siblings included.
-    chat["threads"] = threads or physical_cores()
-    if chat["device"] == "cpu":
-        torch.set_num_threads(chat["threads"])
-    # Built once: the criterion is stateless, and building it scans the whole vocabulary.
-    chat["stop"] = StoppingCriteriaList([StopStringCriteria(chat["tokenizer"], STOP_STRINGS)])
-    return chat
-
-
-def resolve_settings(args, chat):
-    """Generation settings, persona, turn window and prompt budget: flags over
-    chat_config.json over defaults. settings["warnings"] holds a line for each setting
-    the model was not trained with, for the caller to show."""
-    generation = dict(DEFAULT_GENERATION)
-    generation.update(chat["chat_config"].get("generation") or {})
-    source = {key: f"{chat['config_path'] or 'default'} generation.{key}" for key in generation}
-    for key in ("max_new_tokens", "temperature", "top_p", "repetition_penalty"):
-        if getattr(args, key) is not None:
-            generation[key] = getattr(args, key)
-            source[key] = "--" + key.replace("_", "-")
-    if generation["repetition_penalty"] < 1.0:
-        raise UserError(f"{source['repetition_penalty']}: repetition penalty {generation['repetition_penalty']} "
-                        f"must be >= 1.0 (below 1 it rewards repetition)")
-    if int(generation["max_new_tokens"]) < 1:
-        raise UserError(f"{source['max_new_tokens']}: must be at least 1")
-    if generation["do_sample"] and not generation["temperature"] > 0:
-        raise UserError(f"{source['temperature']}: must be > 0")
-    if generation["do_sample"] and not 0 < generation["top_p"] <= 1:
-        raise UserError(f"{source['top_p']}: must be in (0, 1]")
-    persona = chat["chat_config"].get("persona")
-    if args.no_persona:
-        persona = None
-    elif args.persona is not None:
-        persona = {"question": (persona or DEFAULT_PERSONA)["question"], "answer": args.persona}
-    max_turns = getattr(args, "max_turns", None)
-    if max_turns is not None and max_turns < 1:
-        raise UserError("--max-turns must be at least 1")
-    if args.context_tokens is not None and args.context_tokens < 1:
-        raise UserError("--context-tokens must be at least 1")
-    max_turns, budget, warnings = prompt_window(chat["chat_config"] if chat["config_path"] else None,
-                                                chat["n_positions"], int(generation["max_new_tokens"]), max_turns,
-                                                args.context_tokens)
-    spare = budget - len(encode_text(chat["tokenizer"], prompt_text([""], persona)))
-    if spare < MIN_QUESTION_TOKENS:
-        raise UserError(f"a prompt budget of {budget} tokens (--context-tokens or context_tokens of "
-                        f"{chat['config_path'] or 'the defaults'}, at most the model's {chat['n_positions']} "
-                        f"positions minus {generation['max_new_tokens']} new tokens) leaves {spare} tokens beside "
-                        f"the persona; at least {MIN_QUESTION_TOKENS} are needed")
-    return {"generation": generation, "persona": persona,
-            "facts_exchange": chat["chat_config"].get("facts") is True, "max_turns": max_turns, "budget": budget,
-            "warnings": warnings}
-
-
-class TopKTopPSampler(LogitsProcessor):
-    """Sampling as transformers does it (temperature, then top-k, then top-p), drawn
-    among the top k only: transformers sorts and draws over the whole vocabulary at
-    every step, a quarter of the time of a batched step on a CPU. The drawn token is
-    left the only finite score, so generate's greedy search takes it."""
-
-    def __init__(self, temperature, top_k, top_p):
-        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-
-    def __call__(self, input_ids, scores):
-        top, index = (scores / self.temperature).topk(min(self.top_k or scores.shape[-1], scores.shape[-1]))
-        probs = top.softmax(-1)
-        top = top.masked_fill(probs.cumsum(-1) - probs >= self.top_p, float("-inf"))  # keeps the first always
-        token = index.gather(-1, torch.multinomial(top.softmax(-1), 1))
-        return torch.full_like(scores, float("-inf")).scatter_(-1, token, 0.0)
-
-
-def generate_ids(chat, settings, prompts, on_text=None):
-    """The new token ids for each prompt (a list of token ids, as chat_prompt_ids gives it),
-    generated as one batch, each row cut at its own EOS. Prompts are padded on the left so
-    that all of them end where generation starts; a row that is done gets pad tokens while
-    the others go on. on_text, one callable or None per prompt, gets that row's visible text
-    as it grows (ReplyStreamer); watching changes no token."""
-    tokenizer, generation = chat["tokenizer"], settings["generation"]
-    inputs = tokenizer.pad({"input_ids": [list(ids) for ids in prompts]}, padding=True, padding_side="left",
-                           return_tensors="pt").to(chat["device"])
-    width = inputs["input_ids"].shape[1]
-    # transformers' own penalty and n-gram blocking would look at the prompt too: off, and ours instead
-    processors = reply_processors(generation, width)
-    options = {"max_new_tokens": int(generation["max_new_tokens"]), "do_sample": False,
-               "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
-               "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-               "stopping_criteria": chat["stop"]}
-    if generation.get("min_new_tokens"):
-        options["min_new_tokens"] = int(generation["min_new_tokens"])  # fixed-length replies, for benchmarks
-    if generation["do_sample"]:
-        processors.append(TopKTopPSampler(float(generation["temperature"]), int(generation.get("top_k") or 0),
-                                          float(generation["top_p"])))
-    if on_text is not None and any(callback is not None for callback in on_text):
-        options["streamer"] = ReplyStreamer(tokenizer, on_text)
-    with torch.inference_mode():
-        output = chat["model"].generate(**inputs, **options, logits_processor=LogitsProcessorList(processors))
-    rows = []
-    for row in output[:, width:].tolist():
-        if tokenizer.eos_token_id in row:
-            row = row[:row.index(tokenizer.eos_token_id)]
-        rows.append(row)
-    return rows
-
-
-def decode_reply(tokenizer, ids):
-    return clean_reply(tokenizer.decode(ids, skip_special_tokens=True), tokenizer.eos_token)
-
-
-def generate_replies(chat, settings, prompts):
-    """The model's cleaned answers to prompts (lists of token ids), generated together."""
-    return [decode_reply(chat["tokenizer"], ids) for ids in generate_ids(chat, settings, prompts)]
-
-
-def generate_reply(chat, settings, prompt, on_text=None):
-    """The model's cleaned answer to a prompt (a list of token ids), from this process or from
-    the inference server the chat was opened with; on_text, if given, gets the visible text as
-    it grows."""
-    if chat.get("server"):
-        return server_reply(chat["server"], settings, chat["tokenizer"].decode(prompt), on_text)
-    ids = generate_ids(chat, settings, [prompt], [on_text])[0]
-    return decode_reply(chat["tokenizer"], ids)
-
-
-def server_base_url(url):
-    """--server as the base the routes are added to ("/v1/completions"); a UserError unless it is an HTTP URL."""
-    base = url.rstrip("/").removesuffix("/v1")
-    if not re.match(r"https?://[^/\s]+", base):
-        raise UserError(f"--server {url!r}: expected the base URL of an OpenAI-compatible server, such as "
-                        f"http://127.0.0.1:8000")
-    return base
-
-
-def open_server(url, tokenizer, timeout, generation=None):
-    """The inference server that runs the model (an OpenAI-compatible one: transformers serve,
-    vLLM): its address, the model it serves (GET /v1/models, sent with every request), and
-    notes for the caller to show: penalties of the generation settings it cannot apply, a
-    server that does not answer yet, or one whose tokenizer counts a prompt otherwise than the
-    kit (a BOS added, a user's "</s>" read as the end of text)."""
-    base = server_base_url(url)
-    server = {"url": base, "timeout": float(timeout), "model": None, "eos_token": tokenizer.eos_token,
-              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, "notes": []}
-    generation = generation or {}
-    if float(generation.get("repetition_penalty") or 1.0) != 1.0 or int(generation.get("no_repeat_ngram_size") or 0):
-        server["notes"].append("the repetition penalty and n-gram blocking of the generation settings are not sent to "
-                               "the server: its own would count the prompt's words too (see deploy/README.md)")
-    server["model"] = served_model(server)
-    try:
-        if server["model"] is None:
-            raise ValueError("GET /v1/models names no model")
-        probe = requests.post(base + "/v1/completions", timeout=(SERVER_CONNECT_SECONDS, server["timeout"]), json={
-            "model": server["model"], "prompt": PROBE_PROMPT, "max_tokens": 1, "temperature": 0.0})
-        probe.raise_for_status()
-        counted = probe.json()["usage"]["prompt_tokens"]
-    except (requests.RequestException, ValueError, LookupError, TypeError) as error:
-        server["notes"].append(f"--server {base}: no answer as an OpenAI-compatible server ({type(error).__name__}: "
-                               f"{error}); every reply is an apology until it answers")
-        return server
-    ours = len(encode_text(tokenizer, PROBE_PROMPT))
-    if counted != ours:
-        server["notes"].append(f"--server {base} counts {counted} tokens in a prompt where the kit counts {ours}: "
-                               f"its tokenizer adds a BOS or reads a user's '</s>' as the end of text; serve a "
-                               f"model folder whose tokenizer_config.json has \"split_special_tokens\": true")
-    return server
-
-
-def served_model(server):
-    """The id of the model the server serves (GET /v1/models), sent with every request; None
-    while the server does not say."""
-    try:
-        listed = requests.get(server["url"] + "/v1/models", timeout=(SERVER_CONNECT_SECONDS, server["timeout"]))
-        listed.raise_for_status()
-        return listed.json()["data"][0]["id"]
-    except (requests.RequestException, ValueError, LookupError, TypeError):
-        return None
-
-
-def server_body(server, settings, prompt_text):
-    """The /v1/completions request for a prompt: the kit's prompt as text, the reply's length,
-    sampling and the label stop strings, streamed. transformers serve samples only when its own
-    generation_config says so (which replaces the folder's: the EOS and pad ids go with it);
-    vLLM ignores that key and samples whenever the temperature is above 0. The penalties are
-    left out: both servers would count the prompt's tokens too."""
-    generation = settings["generation"]
-    sample, length = bool(generation["do_sample"]), int(generation["max_new_tokens"])
-    config = {"do_sample": sample, "max_new_tokens": length, "eos_token_id": server["eos_token_id"],
-              "pad_token_id": server["pad_token_id"]}
-    body = {"prompt": prompt_text, "max_tokens": length, "temperature": 0.0, "stop": STOP_STRINGS, "stream": True}
-    if sample:
-        config.update(temperature=float(generation["temperature"]), top_p=float(generation["top_p"]),
-                      top_k=int(generation.get("top_k") or 0))
-        body.update(temperature=config["temperature"], top_p=config["top_p"])
-    if generation.get("min_new_tokens"):
-        config["min_new_tokens"] = int(generation["min_new_tokens"])  # fixed-length replies, for benchmarks
-    body["generation_config"] = json.dumps(config)
-    if server["model"]:
-        body["model"] = server["model"]
-    return body
-
-
-def server_pieces(server, body):
-    """The text pieces of a streamed /v1/completions answer as they come. Closing the generator
-    closes the connection, which stops the server writing (a request not streamed would run to
-    its end after the client gave up). ServerError when the server does not take the connection,
-    answers with an error (an HTTP error, or an error event inside a 200 stream), or the reply is
-    not complete within server["timeout"] seconds, its wait in the server's queue included."""
-    deadline = time.monotonic() + server["timeout"]
-    try:
-        with requests.post(server["url"] + "/v1/completions", json=body, stream=True,
-                           timeout=(SERVER_CONNECT_SECONDS, server["timeout"])) as response:
-            if response.status_code != 200:
-                raise ServerError(f"{server['url']}: HTTP {response.status_code} {response.text[:200]!r}")
-            for line in response.iter_lines():
-                if time.monotonic() > deadline:
-                    raise ServerError(f"{server['url']}: no complete reply within {server['timeout']:g} s")
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[len(b"data:"):].strip()
-                if data == b"[DONE]":  # vLLM ends a stream so; transformers serve closes it
-                    return
-                try:
-                    event = json.loads(data)
-                    choice = None if "error" in event else event["choices"][0]
-                except (ValueError, LookupError, TypeError):
-                    raise ServerError(f"{server['url']}: an event that is not JSON: {data[:200]!r}") from None
-                if choice is None:
-                    raise ServerError(f"{server['url']}: {str(event['error'])[:200]}")
-                if choice.get("text"):
-                    yield choice["text"]
-                if choice.get("finish_reason"):
-                    return
-    except requests.RequestException as error:
-        raise ServerError(f"{server['url']}: {type(error).__name__}: {error}") from None
-
-
-def server_reply(server, settings, prompt_text, on_text=None):
-    """The cleaned reply to a prompt (its text) from the inference server, read as it is
-    streamed: on_text, if given, gets the visible text as it grows, and the stream is closed as
-    soon as the model starts the next turn, which the cleaning would cut anyway. The same
-    cleaning as in this process, so both give the same reply for the same continuation."""
-    if server["model"] is None:  # the server did not answer at the start: what does it serve now?
-        server["model"] = served_model(server)
-    raw, shown = "", ""
-    pieces = server_pieces(server, server_body(server, settings, prompt_text))
-    try:
-        for piece in pieces:
-            raw += piece
-            if NEXT_TURN.search(LEADING_LABELS.sub("", raw)):
-                break
-            text = visible_reply(raw) if on_text is not None else ""
-            if text != shown and text.startswith(shown):
-                shown = text
-                on_text(text)
-    finally:
-        pieces.close()
-    return clean_reply(raw, server["eos_token"])
-# --- end of the mirrored part
-
-
 # --- secrets and logging
 class RedactingFormatter(logging.Formatter):
     """Formats as usual, then blanks every secret: libraries put request URLs, and
@@ -3857,6 +2026,1874 @@ def main(argv=None):
         except KeyboardInterrupt:  # Ctrl+C or a notebook's Stop button before the bot took over SIGINT
             print("tg_bot.py: stopped before the bot was up", file=sys.stderr)
             return 130
+
+
+# ==================================================================================================
+# Generated blocks: shared code that blocks/build.py writes into every script that needs it.
+# Do not edit it here: change the block's source in blocks/, then run `make blocks`
+# (`python blocks/build.py`); the suite fails while a copy differs from its source.
+# ==================================================================================================
+
+
+# ==== block blocks/prompt_rule.py: generated, edit the source and run `make blocks` ====
+"""The one prompt rule: how a conversation becomes token ids, in training, chat, evaluation and serving.
+
+A block: blocks/build.py writes this file into the scripts that list it (make blocks).
+It imports nothing itself; its host script imports what it uses."""
+
+# One rule for every prompt the model sees, in training, chat, perplexity and evaluation:
+#
+#     Вопрос: <persona question>          the persona, when there is one
+#     Ответ: <persona answer>
+#     Вопрос: Что ты обо мне знаешь?      what the bot knows about the user, when it knows something
+#     Ответ: <facts>
+#     Ответ: <older turn>                 turns labelled counting back from the answer, so
+#     Вопрос: <the user's question>       the turn before the answer is always a question
+#     Ответ:                              the prompt ends at the colon ...
+#      <answer><EOS>                      ... and the answer keeps its first word's space
+#
+# GPT-2's byte-level BPE spells a word inside a sentence with its space (" Привет"),
+# so the space goes with the answer, not with the prompt. No BOS is added anywhere:
+# a prompt starts with its first label in training and in chat alike, whatever the
+# tokenizer's add_bos_token says. Text is tokenized as plain text: "</s>" typed by
+# a user is five characters, never the EOS id.
+PROMPT_RULE = 2                # chat_config.json "prompt_rule": the rule a model folder was trained with
+QUESTION_LABEL = "Вопрос: "
+ANSWER_LABEL = "Ответ: "
+TURN_SEPARATOR = "\n"
+FACTS_QUESTION = "Что ты обо мне знаешь?"
+DEFAULT_MAX_TURNS = 16         # the turn window of a model folder whose chat_config.json records none
+FACTS_ROOM_FOR_QUESTION = 16   # tokens the facts exchange leaves the question (its own length, if shorter)
+LABEL_PATTERN = re.compile(r"(?i)\b(вопрос|ответ)\s*:")
+
+
+def prepare_turn(text):
+    """A turn as a prompt holds it: Unicode NFC, one line with single spaces (a newline
+    separates turns), and a label inside it ("Ответ:") made "Ответ -", so that a user
+    cannot start a turn of their own."""
+    text = " ".join(unicodedata.normalize("NFC", text).split())
+    return LABEL_PATTERN.sub(lambda m: m.group(1) + " -", text)
+
+
+def header_text(persona=None, facts=None):
+    """The exchanges every prompt starts with: the persona, then what the bot knows about the user."""
+    lines = []
+    if persona:
+        lines += [QUESTION_LABEL + prepare_turn(persona["question"]), ANSWER_LABEL + prepare_turn(persona["answer"])]
+    if facts:
+        lines += [QUESTION_LABEL + FACTS_QUESTION, ANSWER_LABEL + prepare_turn(facts)]
+    return "".join(line + TURN_SEPARATOR for line in lines)
+
+
+def prompt_text(turns, persona=None, facts=None):
+    """The prompt for turns (oldest first, the user's question last), ending at the answer label's colon."""
+    count = len(turns)
+    lines = [(QUESTION_LABEL if (count - 1 - i) % 2 == 0 else ANSWER_LABEL) + prepare_turn(turn)
+             for i, turn in enumerate(turns)]
+    return header_text(persona, facts) + "".join(line + TURN_SEPARATOR for line in lines) + ANSWER_LABEL.rstrip()
+
+
+def encode_text(tokenizer, text):
+    """Token ids of text, taken as plain text: nothing added (no BOS, no EOS), and the spelling
+    of a special token ("</s>") tokenized as the characters it is."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+
+
+def answer_ids(tokenizer, answer):
+    """The answer as the model learns to write it after a prompt: its first word with its
+    leading space, then the tokenizer's own EOS."""
+    return encode_text(tokenizer, " " + prepare_turn(answer)) + [tokenizer.eos_token_id]
+
+
+def first_fitting(starts, fits):
+    """The smallest of the sorted starts that fits (a later start leaves less text), else None."""
+    lo, hi = 0, len(starts)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(starts[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return starts[lo] if lo < len(starts) else None
+
+
+def fit_question(tokenizer, question, budget, persona=None, facts=None):
+    """The longest end of the (prepared) question whose prompt fits in budget tokens, cut
+    before a word where one fits; None when not even an empty question fits. The end is
+    kept: people ask after the material."""
+    def fits(start):
+        return len(encode_text(tokenizer, prompt_text([question[start:]], persona, facts))) <= budget
+
+    if fits(0):
+        return question
+    if not fits(len(question)):
+        return None
+    word_starts = [i for i in range(1, len(question)) if question[i - 1] == " "]
+    start = first_fitting(word_starts, fits)
+    if start is None:  # not even the last word fits: keep the end of it
+        start = first_fitting(list(range((word_starts or [0])[-1] + 1, len(question) + 1)), fits)
+    return question[start:]
+
+
+def facts_that_fit(tokenizer, facts, budget, persona=None, question=""):
+    """The facts answer as a prompt of budget tokens holds it beside the persona, leaving the
+    question FACTS_ROOM_FOR_QUESTION tokens (or its own length, if shorter): whole, or cut
+    clause by clause from its end, where the answer keeps what matters least (it names the
+    user first, their plans last); None when not even its first clause fits. Training and
+    chat both cut here, so the exchange a model learnt is the one it is sent."""
+    bare = len(encode_text(tokenizer, prompt_text([""], persona)))
+    room = min(FACTS_ROOM_FOR_QUESTION, len(encode_text(tokenizer, prompt_text([question], persona))) - bare)
+
+    def fits(text):
+        return len(encode_text(tokenizer, prompt_text([""], persona, text))) + room <= budget
+
+    if fits(facts):
+        return facts
+    clauses = facts.rstrip(".").split(", ")
+    for count in range(len(clauses) - 1, 0, -1):
+        text = ", ".join(clauses[:count]) + "."
+        if fits(text):
+            return text
+    return None
+
+
+def fit_prompt(tokenizer, turns, max_turns, budget, persona=None, facts=None):
+    """Prompt ids for a conversation (turns oldest first, the user's question last): the
+    persona, the facts as far as they fit beside it (facts_that_fit), the question (its end, if it alone is too
+    long), and the newest earlier turns that fit the turn window (max_turns turns, the
+    question included) and budget tokens; the oldest go first. None when not even the
+    persona and an empty question fit."""
+    turns = [prepare_turn(turn) for turn in turns[-max_turns:]]
+    facts = facts_that_fit(tokenizer, facts, budget, persona, turns[-1]) if facts else None
+    whole = encode_text(tokenizer, prompt_text(turns, persona, facts))
+    if len(whole) <= budget:
+        return whole
+    question = fit_question(tokenizer, turns[-1], budget, persona, facts)
+    if question is None:
+        return None
+    earlier = turns[:-1]
+
+    def encoded(count):  # the prompt with the newest `count` earlier turns
+        return encode_text(tokenizer, prompt_text(earlier[len(earlier) - count:] + [question], persona, facts))
+
+    lo, hi = 0, len(earlier) - 1  # the prompt with lo earlier turns fits (all of them did not)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(encoded(mid)) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return encoded(lo)
+
+
+def encode_exchange(tokenizer, turns, answer, max_turns, context_tokens, max_length, persona=None, facts=None):
+    """(prompt ids, answer ids) of one exchange, as training learns it and perplexity.py and
+    evaluate.py score it; None when the answer leaves no room for a prompt. The answer is
+    never cut: the prompt gets context_tokens, or less where a long answer leaves less of
+    max_length."""
+    target = answer_ids(tokenizer, answer)
+    prompt = fit_prompt(tokenizer, turns, max_turns, min(context_tokens, max_length - len(target)), persona, facts)
+    return None if prompt is None else (prompt, target)
+
+
+def prompt_window(chat_config, n_positions, max_new_tokens, max_turns=None, context_tokens=None):
+    """(turn window, prompt budget in tokens, warning lines) for a model folder: what training
+    recorded in chat_config.json, or what --max-turns / --context-tokens ask for (a warning
+    where that is more than the model was trained on). The budget leaves max_new_tokens of
+    the model's positions for the reply."""
+    config = chat_config or {}
+    notes = []
+    rule = config.get("prompt_rule")
+    if chat_config is not None and rule is None:
+        notes.append("chat_config.json records no prompt_rule: the model was trained by an older kit, on "
+                        "prompts that end in 'Ответ: ' with a space; retrain it for the prompts it is given now")
+    elif chat_config is not None and rule != PROMPT_RULE:
+        notes.append(f"chat_config.json has prompt_rule {rule!r}, this kit builds prompts by rule "
+                        f"{PROMPT_RULE}: they may differ from the ones the model was trained on")
+    trained_turns = int(config.get("max_turns") or DEFAULT_MAX_TURNS)
+    trained_tokens = int(config.get("context_tokens") or n_positions - max_new_tokens)
+    turns, tokens = int(max_turns or trained_turns), int(context_tokens or trained_tokens)
+    if turns > trained_turns:
+        notes.append(f"--max-turns {turns}: the model was trained on at most {trained_turns} turns before "
+                        f"the answer")
+    if tokens > trained_tokens:
+        notes.append(f"--context-tokens {tokens}: the model was trained on prompts of at most "
+                        f"{trained_tokens} tokens")
+    return turns, min(tokens, n_positions - max_new_tokens), notes
+# ==== end of block blocks/prompt_rule.py ====
+
+
+# ==== block blocks/decoding.py: generated, edit the source and run `make blocks` ====
+"""Decoding: the sampling settings and the reply-only penalties the chat scripts and evaluate.py use.
+
+A block: blocks/build.py writes this file into the scripts that list it (make blocks).
+It imports nothing itself; its host script imports what it uses."""
+
+LEADING_LABELS = re.compile(r"^(?:\s*ответ\s*:)+", re.IGNORECASE)
+NEXT_TURN = re.compile(r"(?im)^[ \t]*(?:вопрос|ответ)[ \t]*:")
+# the model going on to write the next turn itself: a label that starts a line
+STOP_STRINGS = [TURN_SEPARATOR + QUESTION_LABEL.strip(), TURN_SEPARATOR + ANSWER_LABEL.strip()]
+
+
+class OnReplyOnly:
+    """A transformers logits processor that sees the reply's tokens only, input_ids[:, prompt_length:].
+
+    transformers' n-gram blocking looks at the whole sequence, prompt included, so it
+    bans the question's words and the name a user gave, which an answer on topic and a
+    bot that remembers must repeat. Rows of a left-padded batch share prompt_length."""
+
+    def __init__(self, processor, prompt_length):
+        self.processor, self.prompt_length = processor, prompt_length
+
+    def __call__(self, input_ids, scores):
+        return self.processor(input_ids[:, self.prompt_length:], scores)
+
+
+def reply_processors(generation, prompt_length):
+    """Repetition penalty and n-gram blocking of the generation settings (chat_config.json),
+    applied to the reply being generated and never to the prompt."""
+    from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+    processors = []
+    penalty = float(generation.get("repetition_penalty") or 1.0)
+    if penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=prompt_length))
+    size = int(generation.get("no_repeat_ngram_size") or 0)
+    if size > 0:
+        processors.append(OnReplyOnly(NoRepeatNGramLogitsProcessor(size), prompt_length))
+    return processors
+
+
+def cut_at_next_turn(text):
+    """The reply without an echoed answer label, cut where the model went on to write the
+    next turn itself: at a label that starts a line, never at "вопрос:" inside a sentence."""
+    text = LEADING_LABELS.sub("", text)
+    label = NEXT_TURN.search(text)
+    return text[:label.start()] if label else text
+# ==== end of block blocks/decoding.py ====
+
+
+# ==== block blocks/user_facts.py: generated, edit the source and run `make blocks` ====
+"""User facts: what people say about themselves (name, city, family, ...), read with yargy over pymorphy3.
+
+A block: blocks/build.py writes this file into the scripts that list it (make blocks).
+It imports nothing itself; its host script imports what it uses."""
+
+# What a user says about themselves (name, city, age, work, study, family, pets, likes,
+# dislikes, plans with dates), found with yargy grammars over pymorphy3's analyses, kept
+# in normal forms ("в Казани" is stored as Казань) and shown back inflected.
+# A fact is a (kind, value) pair of strings; a user's facts are a list of them, oldest first.
+FACT_KINDS = ("name", "city", "age", "occupation", "study", "family", "pet", "like", "dislike", "plan")
+SINGLE_VALUE_KINDS = ("name", "city", "age", "occupation", "study")  # a later statement replaces the earlier one
+MAX_VALUES_PER_KIND = 8       # likes, family, plans...: the oldest goes when a kind is full
+NO_FACTS_ANSWER = "Пока ничего. Расскажи о себе, и я запомню."
+CITY_ABBREVIATIONS = {"мск": "Москва", "спб": "Санкт-Петербург", "питер": "Питер", "екб": "Екатеринбург",
+                      "нск": "Новосибирск", "нн": "Нижний Новгород"}
+# No library marks kinship or pet nouns, so these few lemmas are listed here.
+KIN_LEMMAS = {"мама", "мать", "папа", "отец", "брат", "сестра", "муж", "жена", "сын", "дочь", "дочка", "сынок",
+              "бабушка", "дедушка", "ребёнок", "дети", "внук", "внучка", "тётя", "дядя", "племянник",
+              "племянница", "братишка", "сестрёнка", "супруг", "супруга", "девушка", "парень", "мамочка"}
+PARTNER_LEMMAS = {"девушка", "парень"}  # kin only with "мой"/"у меня": "я девушка" says nothing of family
+PET_LEMMAS = {"кот", "кошка", "котик", "котёнок", "собака", "пёс", "щенок", "собачка", "попугай", "хомяк",
+              "хомячок", "черепаха", "кролик", "рыбка", "шиншилла", "крыса", "ящерица", "змея", "хорёк",
+              "лошадь", "морская свинка", "свинка", "попугайчик"}
+MARITAL_WORDS = {"замужем", "женат", "разведена", "разведён", "разведен", "помолвлена", "помолвлен"}
+STATUS_PHRASES = {"на пенсии", "в декрете", "в отпуске по уходу"}
+# "я человек", "я фанатка X": animate nouns that are not an occupation.
+NOT_OCCUPATIONS = {"человек", "девушка", "парень", "мужчина", "женщина", "девочка", "мальчик", "ребёнок",
+                   "фанат", "фанатка", "любитель", "любительница", "поклонник", "поклонница", "бот", "друг",
+                   "подруга", "дурак", "дура", "идиот", "хозяин", "хозяйка", "гость", "новичок", "сам",
+                   "робот", "пользователь"} | KIN_LEMMAS | PET_LEMMAS
+MINE_LEMMAS = {"мой", "свой"}
+POSSESSIVE_LEMMAS = MINE_LEMMAS | {"наш"}   # the user's own: no part of the relative kept ("у меня мой брат")
+MODAL_VERBS = {"собираться", "планировать", "хотеть", "думать", "мечтать", "быть"}
+WEEKDAYS = {"понедельник", "вторник", "среда", "четверг", "пятница", "суббота", "воскресенье"}
+MONTHS = {"январь", "февраль", "март", "апрель", "май", "июнь", "июль", "август", "сентябрь", "октябрь",
+          "ноябрь", "декабрь"}
+# pymorphy3 knows numerals but not their values.
+NUMBER_WORDS = {"один": 1, "два": 2, "три": 3, "четыре": 4, "пять": 5, "шесть": 6, "семь": 7, "восемь": 8,
+                "девять": 9, "десять": 10, "одиннадцать": 11, "двенадцать": 12, "тринадцать": 13,
+                "четырнадцать": 14, "пятнадцать": 15, "шестнадцать": 16, "семнадцать": 17,
+                "восемнадцать": 18, "девятнадцать": 19, "двадцать": 20, "тридцать": 30, "сорок": 40,
+                "пятьдесят": 50, "шестьдесат": 60, "шестьдесят": 60, "семьдесят": 70, "восемьдесят": 80,
+                "девяносто": 90}
+FILLER_WORDS = {"просто", "вообще", "кстати", "короче", "ну", "тоже", "уже", "сейчас", "щас", "теперь", "сам",
+                "сама", "вот", "типа", "же", "лично", "пока", "ещё", "еще", "всё", "все", "тут", "здесь"}
+QUESTION_WORDS = {"как", "где", "откуда", "сколько", "кто", "что", "чем", "зачем", "почему", "какой", "какая",
+                  "какие", "ли", "помнишь", "знаешь", "угадай", "скажи"}
+OTHER_PEOPLE = {"он", "она", "они", "ты", "вы", "его", "её", "ее", "их", "тебя", "тебе", "ей", "ему", "им",
+                "друг", "подруга", "знакомый", "знакомая", "коллега", "сосед", "соседка"} | KIN_LEMMAS
+# Words the grammars below are built on; every rule of a grammar holds one of them (or a
+# pair), which is how sentences_worth_parsing() skips most messages without parsing them.
+ME_WORDS = ("меня", "миня", "мене")
+CALLED_WORDS = ("зовут", "завут", "звать", "зовите", "зови")
+LIVE_WORDS = ("живу", "живём", "живем", "проживаю", "обитаю")
+MOVED_WORDS = ("переехал", "переехала", "переехали", "перебрался", "перебралась")
+WORK_VERBS = ("работаю", "тружусь", "подрабатываю", "работаем")
+STUDY_VERBS = ("учусь", "обучаюсь", "учимся")
+LOVE_VERBS = ("люблю", "обожаю", "любим", "обожаем")
+PLEASE_VERBS = ("нравится", "нравятся", "нравиться", "нравяться")
+FAN_WORDS = ("фанат", "фанатка", "поклонник", "поклонница", "любитель", "любительница")
+FAVOURITE_WORDS = ("любимая", "любимый", "любимое", "любимые")
+HATE_VERBS = ("ненавижу", "бесит", "бесят", "раздражает", "раздражают", "переношу")
+DATE_WORDS = ("завтра", "послезавтра", "сегодня", "выходных", "выходные", "летом", "зимой", "весной", "осенью",
+              "через", "неделе", "месяце", "году")
+CLAUSE_BREAKS = {",", ".", "!", "?", ";", ":", ")", "(", "а", "но", "однако", "зато", "\n"}
+SENTENCE_ENDS = {".", "!", "?", "\n"}
+QUOTE_MARKS = {'"', "«", "»", "„", "“", "”"}   # kept out of a plan's words: 'у меня через месяц "аида"'
+
+
+@functools.lru_cache(maxsize=None)
+def load_fact_tools():
+    """pymorphy3's analyzer and the yargy parsers, built once on first use.
+    The imports live here so that a chat with memory turned off starts without them.
+    yargy's own default analyzer is pymorphy2 (which needs pkg_resources); handing it
+    pymorphy3 keeps setuptools out of the requirements."""
+    import pymorphy3
+    from yargy import Parser, and_, not_, or_, rule
+    from yargy.morph import MorphAnalyzer
+    from yargy.predicates import custom, eq, in_caseless, type as token_type
+    from yargy.tokenizer import MorphTokenizer
+
+    class CachedAnalyzer(MorphAnalyzer):
+        __call__ = functools.lru_cache(maxsize=20000)(MorphAnalyzer.__call__)
+
+    class SharedTokenizer(MorphTokenizer):
+        # Each Parser tokenizes the text it is given, and analysing the words is most of
+        # that cost: the grammars and MessageTokens share a message's tokens.
+        @functools.lru_cache(maxsize=64)
+        def tokens(self, text):
+            return tuple(MorphTokenizer.__call__(self, text))
+
+        def __call__(self, text):
+            return iter(self.tokens(text))
+
+    morph = pymorphy3.MorphAnalyzer()
+    tokenizer = SharedTokenizer(morph=CachedAnalyzer(raw=morph))
+    parses = functools.lru_cache(maxsize=20000)(morph.parse)
+
+    def forms_of(lemmas):
+        # Every dictionary word has_lemma(lemmas) can match, as tokens are written (е for ё too).
+        forms = {form.word for lemma in lemmas if " " not in lemma for p in morph.parse(lemma) for form in p.lexeme}
+        return frozenset(forms | {form.replace("ё", "е") for form in forms})
+
+    @functools.lru_cache(maxsize=50000)
+    def guessed_lemmas(word):
+        # The lemmas pymorphy3 guesses for a word its dictionary lacks: "свого" is свой to has_lemma.
+        return frozenset() if morph.word_is_known(word) else frozenset(p.normal_form for p in parses(word))
+
+    def has_form(*grammemes):
+        wanted = set(grammemes)
+        return custom(lambda word: any(wanted <= p.tag.grammemes for p in parses(word)))
+
+    def likely(*grammemes):
+        # The most probable analysis only: "мгу" is also a form of the village Мга.
+        wanted = set(grammemes)
+        return custom(lambda word: wanted <= parses(word)[0].tag.grammemes)
+
+    def has_lemma(lemmas):
+        return custom(lambda word: any(p.normal_form in lemmas for p in parses(word)))
+
+    words = lambda *values: in_caseless(set(values))
+    filler = in_caseless(FILLER_WORDS).repeatable(max=3).optional()
+    me = words(*ME_WORDS)
+    called = words(*CALLED_WORDS)
+    # A word pymorphy3 does not know may be a rare name, but it must be a word (not ",").
+    unknown_word = custom(lambda w: w.isalpha() and not morph.word_is_known(w.lower()))
+    name_nomn = or_(has_form("Name", "nomn"), and_(unknown_word, custom(lambda w: w[:1].isupper())))
+    name_any = or_(has_form("Name"), unknown_word)
+    name_rules = or_(
+        rule(me, filler, called, filler, name_any),                      # меня зовут аня
+        rule(called, me, filler, name_any),                              # зовут меня настей
+        rule(me, filler, name_any, called),                              # меня кстати дашей зовут
+        rule(me, called, eq("не"), name_any, words("а"), name_any),      # меня зовут не аня а катя
+        rule(words("имя", "имечко"), words("мое", "моё"), name_nomn),
+        rule(words("мое", "моё"), words("имя"), name_nomn),
+        rule(words("я", "это"), filler, and_(name_nomn, not_(has_form("VERB")))),  # я саня
+        rule(name_nomn, words("я")),                                     # саня я, с питера
+        rule(words("а"), me, name_nomn),                                 # ..., а меня маша
+    )
+    geo = or_(has_form("Geox"), in_caseless(set(CITY_ABBREVIATIONS)))
+    place = or_(
+        rule(has_form("ADJF").optional(), geo),                          # нижнем новгороде
+        rule(custom(str.isalpha), eq("-"), geo),                         # санкт-петербурге
+        rule(geo, eq("-"), words("на"), eq("-"), custom(str.isalpha)),   # ростове-на-дону
+    )
+    geo_gent = or_(has_form("Geox", "gent"), in_caseless(set(CITY_ABBREVIATIONS)))
+    place_from = or_(
+        rule(has_form("ADJF", "gent").optional(), geo_gent),
+        rule(custom(str.isalpha), eq("-"), geo_gent),
+    )
+    live = words(*LIVE_WORDS)
+    moved = words(*MOVED_WORDS)
+    other_place = rule(words("в", "во", "на"), and_(has_form("NOUN"), not_(has_form("Geox"))))
+    city_rules = or_(
+        rule(live, filler, other_place.optional(), words("в", "во"), place),   # живу в общаге в москве
+        rule(live, filler, eq("не"), words("в", "во"), place, eq(",").optional(),
+             words("а"), words("в", "во"), place),                             # живу не в москве а в казани
+        rule(words("теперь", "сейчас"), words("в", "во"), place),              # жила в омске, теперь в томске
+        rule(words("в", "во"), place, filler, live),
+        rule(moved, filler, words("в", "во"), place),
+        rule(words("из", "с", "со"), place_from),
+    )
+    number = or_(
+        rule(token_type("INT")),
+        rule(has_lemma(set(NUMBER_WORDS)), has_lemma(set(NUMBER_WORDS)).optional()),
+    )
+    age_rules = rule(words("мне"), filler, number, words("лет", "год", "года", "годик", "годика").optional())
+    work = in_caseless(set(WORK_VERBS))
+    # A city is where one lives, not a workplace: "живу в екатеринбурге работаю инженером".
+    noun_phrase = rule(or_(has_form("ADJF"), has_form("NUMR"), token_type("INT")).repeatable(max=2).optional(),
+                       and_(has_form("NOUN"), not_(likely("Geox"))))
+    prepositional = rule(words("в", "во", "на"), noun_phrase)
+    profession_ablt = has_form("NOUN", "anim", "ablt")
+    occupation_rules = or_(
+        rule(work, filler, prepositional.optional(), profession_ablt, prepositional.optional()),
+        rule(work, filler, prepositional),
+        rule(prepositional, filler, work),
+        rule(words("я"), filler, words("по"), words("профессии"), has_form("NOUN", "anim", "nomn")),
+        rule(words("я"), filler, has_form("ADJF", "nomn").optional(),
+             and_(has_form("NOUN", "anim", "nomn"), likely("NOUN")),
+             rule(has_form("ADJF", "gent").optional(),
+                  and_(has_form("NOUN", "gent"), not_(likely("PREP")))).optional()),
+        rule(words("на"), words("пенсии")),
+        rule(words("в"), words("декрете")),
+    )
+    study = words(*STUDY_VERBS)
+    study_rules = or_(
+        rule(study, filler, prepositional.repeatable(max=3)),
+        rule(prepositional, filler, study),
+        rule(words("я"), filler, words("в"), token_type("INT"), words("классе", "класе")),
+    )
+    kin = has_lemma(KIN_LEMMAS)
+    pet = has_lemma(PET_LEMMAS)
+    relative = or_(kin, pet)
+    mine = has_lemma(MINE_LEMMAS)
+    count = or_(token_type("INT"), has_form("NUMR"), has_lemma({"двое", "трое", "четверо", "пятеро"}))
+    owner = rule(words("у"), words("меня", "нас"), words("есть", "живет", "живёт", "живут").optional())
+    pet_name = and_(or_(has_form("Name", "nomn"), has_form("NOUN", "nomn"), unknown_word),
+                    not_(has_form("ADJF")), not_(has_form("PREP")), not_(has_form("CONJ")), not_(has_form("PRCL")))
+    relative_phrase = or_(
+        rule(has_form("ADJF").optional(), kin, has_form("Name", "nomn").optional()),
+        rule(has_form("ADJF").optional(), pet, pet_name.optional()),
+    )
+    family_rules = or_(
+        rule(mine, relative_phrase),
+        rule(relative, mine),
+        rule(owner, count, relative),
+        rule(owner, relative_phrase,
+             rule(in_caseless({"и", ","}).optional(), count.optional(), relative_phrase)
+             .repeatable(max=3).optional()),
+        rule(relative, words("у"), words("меня")),
+        rule(words("мы"), words("с", "со"), relative),
+        rule(and_(kin, has_form("datv")), token_type("INT")),             # сыну 3 года
+        rule(words("я"), filler, in_caseless(MARITAL_WORDS)),
+        rule(words("а"), and_(kin, has_form("nomn"))),                    # "..., а муж водитель"
+    )
+    infinitive_phrase = rule(has_form("ADVB").optional(), has_form("INFN"),
+                             custom(lambda w: w.isalnum() and w.lower() not in CLAUSE_BREAKS and w.lower() != "и"
+                                    and w.lower() not in QUESTION_WORDS)
+                             .repeatable(max=4).optional())
+    # "с", "и", "в" are also abbreviations that pymorphy3 calls nouns; the likeliest reading decides.
+    noun = and_(has_form("NOUN"), not_(likely("PREP")), not_(likely("CONJ")), not_(likely("PRCL")))
+    object_np = rule(has_form("ADJF").repeatable(max=2).optional(), noun,
+                     and_(noun, has_form("gent")).optional())
+    liked_item = or_(infinitive_phrase, object_np)
+    objects = rule(liked_item, rule(in_caseless({"и", ","}).optional(), liked_item).repeatable(max=4).optional())
+    like_rules = or_(
+        rule(words(*LOVE_VERBS), objects),
+        rule(words(*PLEASE_VERBS), objects),
+        rule(words("увлекаюсь"), objects),
+        rule(words("я").optional(), filler, words(*FAN_WORDS), objects),
+        rule(words(*FAVOURITE_WORDS), has_form("NOUN"), objects),
+        rule(words("терпеть"), words("не"), words("могу"), objects),
+        rule(words(*HATE_VERBS), objects),
+    )
+    date = or_(
+        rule(words("завтра", "послезавтра", "сегодня"), words("вечером", "утром", "днём", "днем").optional()),
+        rule(words("в", "во"), has_lemma(WEEKDAYS)),
+        rule(words("в"), has_lemma(MONTHS)),
+        rule(token_type("INT"), has_lemma(MONTHS)),
+        rule(words("на"), words("выходных")),
+        rule(words("в"), words("выходные")),
+        rule(words("летом", "зимой", "весной", "осенью")),
+        rule(words("через"), count.optional(), has_lemma({"день", "неделя", "месяц", "год", "час"})),
+        rule(words("на"), words("следующей", "этой"), words("неделе")),
+        rule(words("в"), words("следующем", "этом"), words("месяце", "году")),
+    )
+    parser = lambda grammar: Parser(grammar, tokenizer=tokenizer)
+    return {"morph": morph, "parse": parses, "tokenizer": tokenizer, "guessed_lemmas": guessed_lemmas,
+            "mine_forms": forms_of(MINE_LEMMAS), "relative_forms": forms_of(KIN_LEMMAS | PET_LEMMAS),
+            "number_forms": forms_of(set(NUMBER_WORDS)), "date_forms": forms_of(WEEKDAYS | MONTHS),
+            "name": parser(name_rules), "city": parser(city_rules), "age": parser(age_rules),
+            "occupation": parser(occupation_rules), "study": parser(study_rules),
+            "family": parser(family_rules), "like": parser(like_rules), "date": parser(date)}
+
+
+def fold(text):
+    # One spelling for comparing values: case and ё do not make a fact different.
+    return " ".join(text.casefold().replace("ё", "е").split())
+
+
+def best_parse(word, *grammemes):
+    """pymorphy3's most likely analysis of `word` that has all `grammemes`, else its most likely one."""
+    parses = load_fact_tools()["parse"](word.lower())
+    wanted = set(grammemes)
+    return next((p for p in parses if wanted <= p.tag.grammemes), parses[0])
+
+
+def capitalized(word):
+    return "-".join(part[:1].upper() + part[1:] for part in word.split("-"))
+
+
+def inflect_word(parse, grammemes, fallback):
+    inflected = parse.inflect(set(grammemes)) if parse is not None else None
+    return inflected.word if inflected else fallback
+
+
+class MessageTokens:
+    """One message's tokens with what the checks need: where clauses and sentences end."""
+
+    def __init__(self, text, sentences):
+        self.sentences = sentences  # grammar: the (start, stop) character spans to parse
+        self.tokens = list(load_fact_tools()["tokenizer"](text))
+        self.words = [token.value.lower() for token in self.tokens]
+
+    def index_at(self, offset):
+        return next(i for i, token in enumerate(self.tokens) if token.span.start >= offset)
+
+    def clause_bounds(self, start, stop):
+        """Token indices [first, last) of the clause around tokens start..stop."""
+        first = start
+        while first > 0 and self.words[first - 1] not in CLAUSE_BREAKS:
+            first -= 1
+        last = stop
+        while last < len(self.words) and self.words[last] not in CLAUSE_BREAKS:
+            last += 1
+        return first, last
+
+    def is_question(self, start, stop):
+        # A question that names the user's facts ("а где я живу?") states none of them.
+        first, last = self.clause_bounds(start, stop)
+        if any(word in QUESTION_WORDS for word in self.words[first:start]):
+            return True
+        return last < len(self.words) and self.words[last] == "?"
+
+    def is_negated(self, start, stop):
+        # "не" inside the match or right before it: "меня зовут не аня", "я не из москвы".
+        before = self.words[max(0, start - 2):start]
+        return "не" in self.words[start:stop] or "нет" in self.words[start:stop] or "не" in before
+
+    def has_other_subject(self, start):
+        """Someone else is the clause's subject before `start` ("моя мама живёт в сочи")."""
+        first, _ = self.clause_bounds(start, start)
+        for i in range(start - 1, first - 1, -1):
+            word = self.words[i]
+            if word in ("я", "мы", "меня", "мне"):
+                return False
+            person = best_parse(word, "nomn")
+            if "nomn" in person.tag.grammemes and (word in OTHER_PEOPLE or person.normal_form in OTHER_PEOPLE):
+                return True  # only a nominative can be the subject: "мы с мужем живём" is still us
+        return False
+
+    def said_by_me_earlier(self, start):
+        """An "я" earlier in the same sentence, with nobody else named in between."""
+        i = start - 1
+        while i >= 0 and self.words[i] not in SENTENCE_ENDS:
+            word = self.words[i]
+            if word == "я":
+                return True
+            if word in OTHER_PEOPLE or best_parse(word).normal_form in OTHER_PEOPLE:
+                return False
+            i -= 1
+        return False
+
+
+def matches_of(kind, text, message):
+    """(start, stop, tokens) of each match of the `kind` grammar, as token indices. No rule
+    matches across the end of a sentence, so only the sentences worth it are parsed."""
+    found = []
+    for first, last in message.sentences.get(kind, ()):
+        for match in load_fact_tools()[kind].findall(text[first:last]):
+            start = message.index_at(first + match.span.start)
+            found.append((start, start + len(match.tokens), [token.value for token in match.tokens]))
+    return found
+
+
+def normal_name(word):
+    """The name in the nominative; a word that can be nominative stays as typed, since
+    pymorphy3 guesses rare diminutives wrongly ("настюша" is not a form of "настюш")."""
+    word = word.lower()
+    if any("nomn" in p.tag.grammemes for p in load_fact_tools()["parse"](word)):
+        return capitalized(word)
+    parse = best_parse(word, "Name")
+    return capitalized(inflect_word(parse, {"nomn"}, parse.normal_form))
+
+
+def place_parse(word, cases):
+    """The likeliest analysis of a place name in one of the `cases` its preposition governs:
+    "в самару" is Самара, though "самару" is likelier the dative of Самар."""
+    parses = load_fact_tools()["parse"](word)
+    return next((p for p in parses if "Geox" in p.tag.grammemes and p.tag.case in cases), best_parse(word, "Geox"))
+
+
+def normal_place(words, cases):
+    """The place in the nominative, each part capitalized: "нижнем новгороде" -> Нижний Новгород."""
+    text = " ".join(words).replace(" - ", "-").lower()
+    if text in CITY_ABBREVIATIONS:
+        return CITY_ABBREVIATIONS[text]
+    if "-" in text:
+        parts = text.split("-")
+        head = 0 if "на" in parts else len(parts) - 1   # ростове-на-дону: the first part declines
+        parse = place_parse(parts[head], cases)
+        parts[head] = inflect_word(parse, {"nomn"}, parse.normal_form)
+        return "-".join(part if part == "на" else capitalized(part) for part in parts)
+    noun = place_parse(words[-1].lower(), cases)
+    result = [inflect_word(noun, {"nomn"}, noun.normal_form)]
+    if len(words) > 1:
+        adjective = best_parse(words[0].lower(), "ADJF")
+        agree = {"nomn", "plur"} if "plur" in noun.tag.grammemes else {"nomn", noun.tag.gender or "masc"}
+        result.insert(0, inflect_word(adjective, agree, words[0].lower()))
+    return " ".join(capitalized(word) for word in result)
+
+
+def normal_noun_phrase(words, case=None):
+    """A noun phrase in the nominative, number kept, adjectives agreeing:
+    "корейских дорам" -> корейские дорамы; a genitive tail stays as said ("запах сигарет")."""
+    words = [word.lower() for word in words]
+    head = next(i for i, word in enumerate(words) if "NOUN" in best_parse(word, "NOUN").tag.grammemes)
+    grammemes = ("NOUN", case) if case else ("NOUN",)
+    noun = best_parse(words[head], *grammemes)
+    if "Fixd" in noun.tag.grammemes:
+        nominative = words[head]
+    else:
+        number = "plur" if "plur" in noun.tag.grammemes else "sing"
+        nominative = inflect_word(noun, {"nomn", number}, noun.normal_form)
+    result = []
+    for word in words[:head]:
+        adjective = best_parse(word, "ADJF")
+        if "plur" in noun.tag.grammemes:
+            agree = {"nomn", "plur"}
+        else:
+            agree = {"nomn", "sing", noun.tag.gender or "masc"}
+        result.append(inflect_word(adjective, agree, word))
+    return " ".join(result + [nominative] + words[head + 1:])
+
+
+def extract_names(text, message):
+    names = []
+    for start, stop, words in matches_of("name", text, message):
+        contrast = "не" in [word.lower() for word in words]
+        if (not contrast and message.is_negated(start, stop)) or message.is_question(start, stop):
+            continue
+        lowered = [word.lower() for word in words]
+        if lowered[0] in ("я", "это") and stop < len(message.words) and message.words[stop] in ("зовут", "звать"):
+            continue
+        if lowered[-1] == "я" and stop < len(message.words) and message.words[stop] not in CLAUSE_BREAKS:
+            continue  # "вика я тебя люблю" speaks to Vika; "саня я, с питера" introduces Sanya
+        if lowered[0] == "а" and "зовут" not in message.words[:start]:
+            continue
+        if lowered[0] == "это" and start > 1:
+            continue
+        name_word = next(w for w in reversed(words)
+                         if w.lower() not in ("я", "зовут", "звать", "зови", "зовите", "а", "меня")
+                         and w.lower() not in FILLER_WORDS)
+        names.append(("name", normal_name(name_word)))
+    return names[-1:]
+
+
+def extract_city(text, message):
+    cities = []
+    for start, stop, words in matches_of("city", text, message):
+        lowered = [w.lower() for w in words]
+        # "живу не в москве а в казани": the "не" inside corrects the place; one before still negates.
+        contrast = "не" in lowered and "а" in lowered
+        negated = "не" in message.words[max(0, start - 2):start] if contrast else message.is_negated(start, stop)
+        if negated or message.is_question(start, stop):
+            continue
+        if words[0].lower() in ("из", "с", "со"):
+            if not message.said_by_me_earlier(start):
+                continue
+            if start > 0 and message.words[start - 1] in ("родом", "родилась", "родился", "привет", "приехал",
+                                                          "приехала", "вернулся", "вернулась"):
+                continue
+        elif message.has_other_subject(start):
+            continue
+        if words[0].lower() in ("теперь", "сейчас") and not any(
+                best_parse(word).normal_form in ("жить", "переехать", "проживать") for word in message.words[:start]):
+            continue  # "теперь в томске" moves house only after talk of living somewhere
+        while lowered[-1] in FILLER_WORDS or best_parse(lowered[-1]).tag.POS == "VERB":
+            lowered.pop()  # "в казани живу"
+        last_preposition = max(i for i, w in enumerate(lowered) if w in ("в", "во", "из", "с", "со")
+                               and (i == 0 or lowered[i - 1] != "-"))
+        cases = ("gent",) if lowered[last_preposition] in ("из", "с", "со") else ("loct", "accs")
+        cities.append(("city", normal_place(lowered[last_preposition + 1:], cases)))
+    return cities[-1:]
+
+
+def number_value(words):
+    digits = [word for word in words if word.isdigit()]
+    if digits:
+        return int(digits[0])
+    return sum(NUMBER_WORDS.get(best_parse(word).normal_form, 0) for word in words)
+
+
+def extract_age(text, message):
+    ages = []
+    for start, stop, words in matches_of("age", text, message):
+        if message.is_question(start, stop) or message.is_negated(start, stop):
+            continue
+        if start > 0 and message.words[start - 1] in ("во", "в", "ко", "обо", "при"):
+            continue  # "во мне 56": not "мне" the dative of age
+        after = message.words[stop:stop + 2]
+        if after[:1] and after[0] not in ("лет", "год", "года") and (
+                {"NOUN", "INFN"} & best_parse(after[0]).tag.grammemes):
+            continue  # "мне 2 часа ехать", "мне 3 кг": a number of something else
+        if "не" in after or "было" in after or "было" in message.words[max(0, start - 2):start]:
+            continue  # an age in the past
+        value = number_value([w.lower() for w in words[1:] if w.lower() not in FILLER_WORDS])
+        if 3 <= value <= 110:
+            ages.append(("age", str(value)))
+    return ages[:1]
+
+
+
+def is_animate_noun(word, case):
+    return {"NOUN", "anim", case} <= best_parse(word, "NOUN", "anim", case).tag.grammemes
+
+
+def extract_occupation(text, message):
+    found = []
+    for start, stop, words in matches_of("occupation", text, message):
+        if message.is_negated(start, stop) or message.is_question(start, stop):
+            continue
+        lowered = [w.lower() for w in words]
+        phrase = " ".join(lowered)
+        if phrase in STATUS_PHRASES:
+            if not message.has_other_subject(start):
+                found.append(("occupation", phrase))
+            continue
+        professions = [w for w in lowered if is_animate_noun(w, "ablt")]
+        if professions and lowered[0] in WORK_VERBS:   # "работаю учителем (в школе)"
+            found.append(("occupation", normal_noun_phrase(professions[:1], "ablt")))
+            continue
+        if lowered[0] == "я":
+            noun = best_parse(next(w for w in lowered[1:] if is_animate_noun(w, "nomn")), "NOUN", "anim", "nomn")
+            if noun.normal_form in NOT_OCCUPATIONS or "Name" in noun.tag.grammemes:
+                continue
+            tail = [w for w in lowered[1:] if w not in FILLER_WORDS and w not in ("по", "профессии")]
+            found.append(("occupation", normal_noun_phrase(tail, "nomn")))  # "учительница начальных классов"
+            continue
+        if message.has_other_subject(start):
+            continue
+        place = [w for w in lowered if w not in WORK_VERBS and w not in FILLER_WORDS]
+        if "Name" in best_parse(place[-1]).tag.grammemes:
+            continue  # "работаю с олей": a person, not a workplace
+        found.append(("occupation", " ".join(place)))
+    return found[-1:]
+
+
+def extract_study(text, message):
+    found = []
+    for start, stop, words in matches_of("study", text, message):
+        if message.is_negated(start, stop) or message.is_question(start, stop) or message.has_other_subject(start):
+            continue
+        phrase = [w.lower() for w in words if w.lower() not in ("учусь", "обучаюсь", "учимся", "я")
+                  and w.lower() not in FILLER_WORDS]
+        found.append(("study", " ".join(phrase)))
+    return found[-1:]
+
+
+def relative_value(words, named_later=None):
+    """"сестру" -> сестра, "старший брат миша" -> старший брат Миша, "двое детей" as said;
+    None where the kin reading is not the word's likeliest noun ("мой внучек")."""
+    lowered = [w.lower() for w in words if best_parse(w).normal_form not in POSSESSIVE_LEMMAS]
+    if not lowered:
+        return None
+    if lowered[0].isdigit() or "NUMR" in best_parse(lowered[0]).tag.grammemes or \
+            best_parse(lowered[0]).normal_form in ("двое", "трое", "четверо", "пятеро"):
+        return " ".join(lowered)
+    head = next((i for i, w in enumerate(lowered) if best_parse(w, "NOUN").normal_form in KIN_LEMMAS | PET_LEMMAS
+                 and "NOUN" in best_parse(w, "NOUN").tag.grammemes), None)
+    if head is None:
+        return None
+    phrase = normal_noun_phrase(lowered[:head + 1])
+    noun = phrase.split()[-1]
+    if noun in ("ребёнок", "ребенок") and "plur" in best_parse(lowered[head], "NOUN").tag.grammemes:
+        phrase = phrase[:-len(noun)] + "дети"
+    name = lowered[head + 1:] or ([named_later] if named_later else [])
+    return phrase + (" " + normal_name(name[0]) if name else "")
+
+
+def split_relatives(words):
+    """The relatives listed after "у меня": "кошка и собака" -> [кошка], [собака]."""
+    groups, current = [], []
+    for word in words:
+        if word.lower() in ("и", ","):
+            groups.append(current)
+            current = []
+        else:
+            current.append(word)
+    groups.append(current)
+    return [group for group in groups if group]
+
+
+NAMING_WORDS = ("зовут", "кличке", "кличка", "назвала", "назвал", "назвали", "зову")
+# What may stand between the last relative of a list and its name: "... и сестра, которую зовут оля".
+BEFORE_NAMING = {"и", "по", "его", "её", "ее", "их", "которого", "которую", "которых", "которая", "который"}
+
+
+def name_given_after(message, start, stop, listed=False):
+    """The name in "... зовут X", "по кличке X", "я назвала X" in the same clause; after a
+    list of relatives (`listed`), only right after it, where it names the last one.
+    "меня зовут X" names the user, not a relative."""
+    first, last = message.clause_bounds(start, stop)
+    for i in range(stop if listed else first, last - 1):
+        word = message.words[i]
+        if word in NAMING_WORDS and (i > 0 and message.words[i - 1] in ME_WORDS or message.words[i + 1] in ME_WORDS):
+            if listed:
+                return None
+            continue
+        if word in NAMING_WORDS:
+            return message.words[i + 1]
+        if listed and word not in BEFORE_NAMING:
+            return None
+    return None
+
+
+def extract_family_and_pets(text, message):
+    found = []
+    for start, stop, words in matches_of("family", text, message):
+        if message.is_negated(start, stop) or message.is_question(start, stop):
+            continue
+        lowered = [w.lower() for w in words]
+        if lowered[-1] in MARITAL_WORDS:
+            found.append(("family", lowered[-1]))
+            continue
+        after = message.words[stop:stop + 1]
+        if lowered[0] == "а" or best_parse(lowered[-1]).normal_form in ("мой", "свой"):
+            if after == [] or after[0] in CLAUSE_BREAKS or after[0] in ("ты", "вы"):
+                continue  # someone spoken to: "сын мой, ...", "а мама?"
+            if lowered[0] == "а" and best_parse(lowered[-1]).normal_form in PARTNER_LEMMAS:
+                continue
+            lowered = [w for w in lowered if w != "а"]
+        owned = lowered[:1] == ["у"]
+        if owned:
+            rest = lowered[2:]
+            if rest[0] in ("есть", "живет", "живёт", "живут"):
+                rest = rest[1:]
+            groups = split_relatives(rest)
+        else:
+            groups = [[w for w in lowered if w not in ("у", "меня", "мы", "с", "со") and not w.isdigit()
+                       and best_parse(w).normal_form not in ("мой", "свой")]]
+        named_later = name_given_after(message, start, stop, listed=len(groups) > 1)
+        for number, group in enumerate(groups, 1):
+            lemma = {best_parse(w, "NOUN").normal_form for w in group}
+            if lemma & PARTNER_LEMMAS and not (owned or best_parse(lowered[0]).normal_form == "мой" or
+                                              best_parse(lowered[-1]).normal_form == "мой"):
+                continue
+            kind = "pet" if lemma & PET_LEMMAS else "family"
+            value = relative_value(group, named_later if number == len(groups) else None)
+            if value:
+                found.append((kind, value))
+    return found
+
+
+def object_case(trigger):
+    # The case the verb governs picks the right analysis: "люблю суши" is not "суша".
+    if trigger in ("нравится", "нравятся", "нравиться", "нравяться", "бесит", "бесят", "раздражает",
+                   "раздражают") or trigger.startswith("любим"):
+        return "nomn"
+    if trigger == "увлекаюсь":
+        return "ablt"
+    if trigger == "я":
+        return "gent"
+    return "accs"
+
+
+def is_infinitive_phrase(words):
+    first = best_parse(words[0]).tag.grammemes
+    return "INFN" in first or (len(words) > 1 and "ADVB" in first and "INFN" in best_parse(words[1]).tag.grammemes)
+
+
+def split_noun_list(words):
+    """"суши роллы" -> [суши], [роллы]; a genitive keeps to its noun ("запах сигарет")."""
+    groups, current = [], []
+    for word in words:
+        after_noun = current and "NOUN" in best_parse(current[-1], "NOUN").tag.grammemes
+        if after_noun and ("ADJF" in best_parse(word).tag.grammemes
+                           or best_parse(word, "NOUN", "gent").tag.case != "gent"):
+            groups.append(current)
+            current = []
+        current.append(word)
+    return groups + [current]
+
+
+def split_objects(words, case):
+    """What follows "люблю": infinitive phrases and nouns listed with "и" and commas, one fact each."""
+    values, group = [], []
+    for word in words + [","]:
+        if word not in ("и", ","):
+            group.append(word)
+            continue
+        if group and is_infinitive_phrase(group):
+            values.append(" ".join(group))
+        elif group:
+            values += [normal_noun_phrase(nouns, case) for nouns in split_noun_list(group)
+                       if any("NOUN" in best_parse(word, "NOUN").tag.grammemes for word in nouns)]
+        group = []
+    return values
+
+
+def extract_likes(text, message):
+    found = []
+    for start, stop, words in matches_of("like", text, message):
+        lowered = [w.lower() for w in words]
+        if message.is_question(start, stop):
+            continue
+        trigger = lowered[0]
+        before = message.words[max(0, start - 3):start]
+        if trigger in ("нравится", "нравятся", "нравиться", "нравяться"):
+            experiencer = [w for w in before if w not in ("не", "очень", "тоже", "так", "уже", "сильно", "сейчас")]
+            if experiencer and experiencer[-1] not in ("мне", ",", "а", "и", "но") and \
+                    "datv" in best_parse(experiencer[-1]).tag.grammemes:
+                continue  # "ей нравится рок": someone else's taste
+        if trigger in ("бесит", "бесят", "раздражает", "раздражают") and any(
+                w in ("тебя", "его", "её", "ее", "их") for w in before):
+            continue
+        if trigger in ("я", "фанат", "фанатка", "поклонник", "поклонница", "любитель", "любительница"):
+            if message.has_other_subject(start):
+                continue  # "он фанат металлики"
+            trigger = "я"
+            objects = lowered[next(i for i, w in enumerate(lowered) if w not in FILLER_WORDS and w != "я") + 1:]
+        elif trigger.startswith("любим"):
+            objects = lowered[2:]
+        elif trigger == "терпеть":
+            objects = lowered[3:]
+        else:
+            objects = lowered[1:]
+        negated = "не" in before[-2:] or trigger in ("терпеть", "ненавижу", "бесит", "бесят", "раздражает",
+                                                      "раздражают", "переношу")
+        if trigger == "переношу" and "не" not in before[-2:]:
+            continue
+        if any(best_parse(word).normal_form in ("ты", "вы", "твой", "ваш") for word in objects):
+            continue  # "люблю тебя", "нравится твоя улыбка": about the one spoken to
+        kind = "dislike" if negated else "like"
+        found.extend((kind, value) for value in split_objects(objects, object_case(trigger)))
+    return found
+
+
+def verb_for_plan(message, first, last, date_span):
+    """The user's verb in the clause: 1st person, present or future; "собираюсь поехать" -> поехать."""
+    for i in range(first, last):
+        if date_span[0] <= i < date_span[1]:
+            continue
+        word = message.words[i]
+        follows_motion = i + 1 < last and message.words[i + 1] in ("в", "во", "на", "к", "ко")
+        candidates = [p for p in load_fact_tools()["parse"](word)
+                      if {"VERB", "1per", "indc"} <= p.tag.grammemes and "past" not in p.tag.grammemes]
+        if not candidates:
+            continue
+        if i > first and message.words[i - 1] == "не":
+            return None  # "сегодня не могу"
+        if follows_motion and any("intr" in p.tag.grammemes for p in candidates):
+            candidates = [p for p in candidates if "intr" in p.tag.grammemes]  # "лечу в сочи": лететь
+        verb = candidates[0]
+        if verb.normal_form in MODAL_VERBS and i + 1 < last and \
+                "INFN" in best_parse(message.words[i + 1]).tag.grammemes:
+            return i + 1, message.words[i + 1]
+        return i, verb.normal_form
+    return None
+
+
+def extract_plans(text, message):
+    plans = []
+    for start, stop, words in matches_of("date", text, message):
+        if message.is_question(start, stop):
+            continue
+        first, last = message.clause_bounds(start, stop)
+        when = " ".join(w.lower() for w in words)
+        found_verb = verb_for_plan(message, first, last, (start, stop))
+        if found_verb:
+            index, lemma = found_verb
+            rest = [message.words[i] for i in range(index + 1, last) if not start <= i < stop
+                    and message.words[i] not in QUOTE_MARKS]
+            plans.append(("plan", f"{' '.join([lemma] + rest)} ({when})"))
+            continue
+        clause = message.words[first:last]
+        if "меня" in clause and "у" in clause:
+            rest = [message.words[i] for i in range(first, last) if not start <= i < stop
+                    and message.words[i] not in ("у", "меня", "есть") and message.words[i] not in QUOTE_MARKS]
+            nouns = [w for w in rest if "NOUN" in best_parse(w, "NOUN").tag.grammemes]
+            if nouns:
+                plans.append(("plan", f"{normal_noun_phrase(rest[rest.index(nouns[0]):])} ({when})"))
+    return plans
+
+
+EXTRACTORS = {"name": extract_names, "city": extract_city, "age": extract_age, "occupation": extract_occupation,
+              "study": extract_study, "family": extract_family_and_pets, "like": extract_likes, "date": extract_plans}
+WORD_TOKEN = re.compile(r"[а-яё]+|[a-z]+|\d+", re.IGNORECASE)   # the words of yargy's tokenizer
+SENTENCE = re.compile(r"[^.!?]+")   # yargy makes each of . ! ? a token, which no rule matches
+
+
+def next_words(written, words, i):
+    """The words that can follow words[i] in a rule, up to three filler words skipped
+    (the grammars' `filler`), as written."""
+    for j in range(i + 1, min(i + 5, len(words))):
+        yield written[j]
+        if words[j] not in FILLER_WORDS:
+            break
+
+
+def grammars_for_sentence(written):
+    """The grammars that could find a fact in a sentence of these words (without punctuation),
+    told by what each rule needs: one of a few words, or a pair, or a word of some kind beside
+    "я" or "мне"; and what the checks after a match ask for ("из казани" is the user's city
+    only after "я" in the same sentence). The word lists are the grammars'. Analyses are of
+    the words as written, as in the grammars: "И" is an initial, "и" is not."""
+    words = [word.lower() for word in written]
+    seen = set(words)
+    tools = load_fact_tools()
+    has = lambda *options: not seen.isdisjoint(options)
+    guessed = []
+
+    def has_lemma(lemmas, forms):
+        # The grammars' has_lemma: a dictionary form, or a word pymorphy3 guesses to be one.
+        if not seen.isdisjoint(forms):
+            return True
+        if not guessed:
+            guessed.append(frozenset().union(*map(tools["guessed_lemmas"], seen)))
+        return not guessed[0].isdisjoint(lemmas)
+
+    grammemes = lambda word: [p.tag.grammemes for p in tools["parse"](word)]
+    name_like = lambda word: any("Name" in g for g in grammemes(word)) or not tools["morph"].word_is_known(word.lower())
+    person_like = lambda word: word == "по" or any({"NOUN", "anim", "nomn"} <= g or {"ADJF", "nomn"} <= g
+                                                   for g in grammemes(word))
+    number_like = lambda word: word.isdigit() or word.lower() in tools["number_forms"] or \
+        not tools["guessed_lemmas"](word.lower()).isdisjoint(NUMBER_WORDS)
+    after = lambda trigger, like: any(like(word) for i, w in enumerate(words) if w == trigger
+                                      for word in next_words(written, words, i))
+    worth = {
+        "name": (has(*ME_WORDS) and (has(*CALLED_WORDS) or "а" in seen)) or has("имя", "имечко")
+                or after("я", name_like) or ("это" in words[:2] and after("это", name_like))
+                or any(name_like(written[i - 1]) for i, w in enumerate(words) if w == "я" and i > 0),
+        "city": has(*LIVE_WORDS, *MOVED_WORDS) or (has("теперь", "сейчас") and has("в", "во"))
+                or ("я" in seen and has("из", "с", "со")),
+        "age": "мне" in seen and after("мне", number_like),
+        "occupation": has(*WORK_VERBS, "пенсии", "декрете") or after("я", person_like),
+        "study": has(*STUDY_VERBS) or ("я" in seen and has("классе", "класе")),
+        "family": ("я" in seen and has(*MARITAL_WORDS)) or (
+            ("а" in seen or ("у" in seen and has("меня", "нас")) or ("мы" in seen and has("с", "со"))
+             or any(word.isdigit() for word in words) or has_lemma(MINE_LEMMAS, tools["mine_forms"]))
+            and has_lemma(KIN_LEMMAS | PET_LEMMAS, tools["relative_forms"])),
+        "like": has(*LOVE_VERBS, *PLEASE_VERBS, "увлекаюсь", *FAN_WORDS, *FAVOURITE_WORDS, "терпеть", *HATE_VERBS),
+        "date": has(*DATE_WORDS) or has_lemma(WEEKDAYS | MONTHS, tools["date_forms"]),
+    }
+    return [grammar for grammar in EXTRACTORS if worth[grammar]]
+
+
+def sentences_worth_parsing(text):
+    """{grammar: [(start, stop), ...]}: the sentences of `text` where each grammar could find
+    a fact. Most messages state nothing about their writer and get {}: a regular expression
+    instead of eight parses."""
+    worth = {}
+    for sentence in SENTENCE.finditer(text):
+        words = WORD_TOKEN.findall(sentence.group())
+        for grammar in grammars_for_sentence(words) if words else ():
+            worth.setdefault(grammar, []).append(sentence.span())
+    return worth
+
+
+def facts_in_message(text, sentences):
+    """What the grammars find in the `sentences` of `text` (whitespace normalized; see
+    sentences_worth_parsing), checked and made unique."""
+    if not any(ch.isalpha() for ch in text):
+        return []
+    message = MessageTokens(text, sentences)
+    facts = []
+    for grammar in EXTRACTORS:
+        if grammar in sentences:
+            facts.extend(EXTRACTORS[grammar](text, message))
+    unique = []
+    for fact in facts:
+        if (fact[0], fold(fact[1])) not in {(k, fold(v)) for k, v in unique}:
+            unique.append(fact)
+    return unique
+
+
+def extract_user_facts(text):
+    """The facts a user states about themselves in one message, as (kind, value) pairs
+    in normal forms; questions, negations and other people's facts give none."""
+    text = " ".join(text.split())
+    sentences = sentences_worth_parsing(text)
+    return facts_in_message(text, sentences) if sentences else []
+
+
+def relation_of(value):
+    # "сестра Оля" and "сестра" are the same relative; the name makes the newer one better.
+    return fold(" ".join(word for word in value.split() if not word[:1].isupper()))
+
+
+def name_of(value):
+    return " ".join(word for word in value.split() if word[:1].isupper())
+
+
+def same_relative(old, new):
+    """One relative said of twice ("младшая сестра", then "сестра Оля"): the same head
+    noun, and not two different names."""
+    old_words, new_words = relation_of(old).split(), relation_of(new).split()
+    if not old_words or not new_words or old_words[-1] != new_words[-1]:
+        return False
+    if not (set(old_words) <= set(new_words) or set(new_words) <= set(old_words)):
+        return False
+    return not (name_of(old) and name_of(new) and fold(name_of(old)) != fold(name_of(new)))
+
+
+def combined_relative(old, new):
+    # The fuller description and whichever name was given: "младшая сестра Оля".
+    relation = max(relation_of(old), relation_of(new), key=len)
+    name = name_of(new) or name_of(old)
+    return f"{relation} {name}".strip()
+
+
+def merge_user_facts(stored, new):
+    """The stored facts updated with `new` (both lists of (kind, value)): a single-value kind
+    is replaced, a list kind grows up to MAX_VALUES_PER_KIND, liking a thing cancels disliking it."""
+    facts = [tuple(fact) for fact in stored]
+    for kind, value in new:
+        if kind in SINGLE_VALUE_KINDS:
+            facts = [fact for fact in facts if fact[0] != kind]
+        else:
+            opposite = {"like": "dislike", "dislike": "like"}.get(kind)
+            facts = [fact for fact in facts if not (fact[0] in (kind, opposite) and fold(fact[1]) == fold(value))]
+            if kind in ("family", "pet") and value not in MARITAL_WORDS:
+                known = [fact for fact in facts if fact[0] == kind and same_relative(fact[1], value)]
+                if known:
+                    value = combined_relative(known[-1][1], value)
+                    facts = [fact for fact in facts if fact not in known]
+            same_kind = [fact for fact in facts if fact[0] == kind]
+            if len(same_kind) >= MAX_VALUES_PER_KIND:
+                facts.remove(same_kind[0])
+        facts.append((kind, value))
+    return facts
+
+
+def inflect_phrase(value, case):
+    """A stored nominative phrase put in `case`, adjectives agreeing: "итальянская кухня" -> итальянскую кухню."""
+    words = value.split()
+    head = next((i for i, word in enumerate(words) if "NOUN" in best_parse(word, "NOUN", "nomn").tag.grammemes), None)
+    if head is None or "INFN" in best_parse(words[0]).tag.grammemes:
+        return value
+    noun = best_parse(words[head], "NOUN", "nomn")
+    number = "plur" if "plur" in noun.tag.grammemes else "sing"
+    result = list(words)
+    result[head] = inflect_word(noun, {case, number}, words[head])
+    for i in range(head):
+        adjective = best_parse(words[i], "ADJF", "nomn")
+        if "ADJF" in adjective.tag.grammemes:
+            agree = {case, number} | ({noun.tag.gender} if number == "sing" and noun.tag.gender else set())
+            if case == "accs" and "anim" in noun.tag.grammemes:
+                agree |= {"anim"}
+            result[i] = inflect_word(adjective, agree, words[i])
+    for i in range(head + 1, len(words)):
+        if words[i][:1].isupper():   # a name after the noun agrees with it: "сестру Олю"
+            result[i] = capitalized(inflect_word(best_parse(words[i].lower(), "Name"), {case}, words[i]))
+    if words[head][:1].isupper():
+        result[head] = capitalized(result[head])
+    return " ".join(result)
+
+
+def place_in(value):
+    """"Казань" -> "в Казани", with "во" where Russian wants it (во Владивостоке)."""
+    parts = value.split()
+    inflected = []
+    for i, part in enumerate(parts):
+        pieces = part.split("-")
+        head = 0 if "на" in [p.lower() for p in pieces] else len(pieces) - 1
+        parse = best_parse(pieces[head].lower(), "Geox" if i == len(parts) - 1 else "ADJF")
+        if "Fixd" not in parse.tag.grammemes:
+            number = {"plur"} if "plur" in parse.tag.grammemes else set()
+            pieces[head] = capitalized(inflect_word(parse, {"loct"} | number, pieces[head]))
+        inflected.append("-".join(pieces))
+    phrase = " ".join(inflected)
+    first = phrase[:2].lower()
+    preposition = "во" if first[:1] in "вф" and first[1:2] not in "аеёиоуыэюя" else "в"
+    return f"{preposition} {phrase}"
+
+
+def years_phrase(age):
+    number = int(age)
+    year = load_fact_tools()["morph"].parse("год")[0].make_agree_with_number(number).word
+    # After a number Russian counts years with "лет", which pymorphy3 spells "годов".
+    return f"{number} {'лет' if year == 'годов' else year}"
+
+
+def second_person(lemma):
+    """The infinitive as "ты ..." would say it: ехать -> едешь, поехать -> поедешь."""
+    parse = best_parse(lemma, "INFN")
+    tense = "futr" if "perf" in parse.tag.grammemes else "pres"
+    return inflect_word(parse, {"2per", "sing", tense, "indc"}, lemma)
+
+
+def plan_clause(value):
+    what, _, when = value.rpartition(" (")
+    when = when.rstrip(")")
+    words = what.split()
+    if "INFN" in best_parse(words[0]).tag.grammemes:
+        return f"{when} ты {' '.join([second_person(words[0])] + words[1:])}"
+    return f"{when} у тебя {what}"
+
+
+def join_russian(items):
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " и " + items[-1]
+
+
+def fact_clauses(facts):
+    """Each kind's facts as one Russian clause about "ты"."""
+    by_kind = {}
+    for kind, value in facts:
+        by_kind.setdefault(kind, []).append(value)
+    clauses = []
+    for kind in FACT_KINDS:
+        values = by_kind.get(kind)
+        if not values:
+            continue
+        if kind == "name":
+            clauses.append(f"тебя зовут {values[-1]}")
+        elif kind == "city":
+            clauses.append(f"ты живёшь {place_in(values[-1])}")
+        elif kind == "age":
+            clauses.append(f"тебе {years_phrase(values[-1])}")
+        elif kind == "occupation":
+            value = values[-1]
+            if value in STATUS_PHRASES:
+                clauses.append(f"ты {value}")
+            elif value.split()[0] in ("в", "во", "на"):
+                clauses.append(f"ты работаешь {value}")
+            else:
+                clauses.append(f"ты {value}")
+        elif kind == "study":
+            clauses.append(f"ты учишься {values[-1]}")
+        elif kind in ("family", "pet"):
+            marital = [v for v in values if v in MARITAL_WORDS]
+            others = [v for v in values if v not in MARITAL_WORDS]
+            clauses += [f"ты {v}" for v in marital]
+            if others:
+                clauses.append(f"у тебя есть {join_russian(others)}")
+        elif kind in ("like", "dislike"):
+            verb = "ты любишь" if kind == "like" else "ты не любишь"
+            clauses.append(f"{verb} {join_russian([inflect_phrase(v, 'accs') for v in values])}")
+        elif kind == "plan":
+            clauses += [plan_clause(v) for v in values]
+    return clauses
+
+
+def render_facts_answer(facts):
+    """The bot's answer to "Что ты обо мне знаешь?": "Тебя зовут Аня, ты живёшь в Казани, ..." """
+    clauses = fact_clauses(facts)
+    if not clauses:
+        return NO_FACTS_ANSWER
+    text = ", ".join(clauses) + "."
+    return text[:1].upper() + text[1:]
+# ==== end of block blocks/user_facts.py ====
+
+
+# ==== block blocks/memory_commands.py: generated, edit the source and run `make blocks` ====
+"""Memory commands: /memory and /forget, the one rule for the console chat and the bot.
+
+A block: blocks/build.py writes this file into the scripts that list it (make blocks).
+It imports nothing itself; its host script imports what it uses (and the user_facts block)."""
+
+# How the remembered facts are named to people, and what the commands answer.
+FACT_LABELS = {"name": "имя", "city": "город", "age": "возраст", "occupation": "работа", "study": "учёба",
+               "family": "семья", "pet": "питомец", "like": "нравится", "dislike": "не нравится",
+               "plan": "планы"}
+FORGOT_ALL_REPLY = "Забыл всё, что знал о тебе."
+FORGOT_SOME_REPLY = "Забыл:"                 # followed by the forgotten facts, one a line
+NOTHING_TO_FORGET_REPLY = "Ничего такого я о тебе не помню."
+MEMORY_OFF_REPLY = "Память о собеседниках выключена."
+MEMORY_HELP = ("/memory — что я о тебе помню (имя, город, возраст, работа, учёба, семья, питомцы, "
+               "что любишь и не любишь, планы)\n"
+               "/forget — забыть всё о тебе; /forget <слово> — забыть то, где есть это слово")
+
+
+def render_facts_list(facts):
+    """The /memory list: one fact a line, as stored, so that /forget <слово> can name it."""
+    in_kind_order = sorted(facts, key=lambda fact: FACT_KINDS.index(fact[0]))
+    return "\n".join(f"{FACT_LABELS[kind]}: {value}" for kind, value in in_kind_order)
+
+
+FUNCTION_WORD_TAGS = {"PREP", "CONJ", "PRCL", "NPRO", "INTJ"}   # "в", "и", "не", "мне", "ой"
+
+
+def is_function_word(word):
+    """A preposition, conjunction, particle, pronoun or interjection in its likeliest reading,
+    and never a name ("ли" is also Ли): it is in many facts and names none of them."""
+    parses = load_fact_tools()["parse"](word)
+    return parses[0].tag.POS in FUNCTION_WORD_TAGS and not any("Name" in p.tag.grammemes for p in parses)
+
+
+def forget_user_facts(facts, word):
+    """(kept, removed): the facts whose value or label holds `word` in any form
+    ("/forget казани" removes Казань; "/forget город" removes the city). Punctuation around
+    the word is ignored ("Аня,"), and a function word ("в", "не") removes nothing."""
+    query = re.sub(r"^\W+|\W+$", "", fold(word))
+    if not query or is_function_word(query):
+        return list(facts), []
+    query_lemmas = {fold(p.normal_form) for p in load_fact_tools()["parse"](query)} | {query}
+    kept, removed = [], []
+    for kind, value in facts:
+        value_words = [w for w in re.split(r"[\s()\-]+", fold(value)) if w]
+        lemmas = {fold(p.normal_form) for w in value_words for p in load_fact_tools()["parse"](w)}
+        labels = {fold(FACT_LABELS[kind])} | set(fold(FACT_LABELS[kind]).split())
+        hit = query in value_words or query_lemmas & lemmas or query in labels or fold(value) == query
+        (removed if hit else kept).append((kind, value))
+    return kept, removed
+# ==== end of block blocks/memory_commands.py ====
+
+
+# ==== block blocks/chat.py: generated, edit the source and run `make blocks` ====
+"""The chat: loading a model folder, the prompt window, generating replies; the console chat and the bot.
+
+A block: blocks/build.py writes this file into the scripts that list it (make blocks).
+It imports nothing itself; its host script imports what it uses."""
+
+CHAT_CONFIG_NAME = "chat_config.json"
+FALLBACK_REPLY = "Простите, не понял вопрос. Можете сказать иначе?"
+DEFAULT_PERSONA = {"question": "Кто ты?", "answer": "Я дружелюбный помощник. Отвечаю коротко и по делу."}
+DEFAULT_GENERATION = {"max_new_tokens": 64, "do_sample": True, "temperature": 0.7, "top_p": 0.9,
+                      "top_k": 50, "repetition_penalty": 1.15, "no_repeat_ngram_size": 3}
+MIN_QUESTION_TOKENS = 16  # a budget that leaves less room than this for the user's words is a misconfiguration
+MARKDOWN_LINK = re.compile(r"!?\[([^\]\n]*)\]\([^)\n]*\)")
+HTML_TAG = re.compile(r"</?[A-Za-z!|][^<>\n]{0,200}>")
+URL = re.compile(r"(?i)\b(?:https?://|ftp://|www\.|t\.me/)\S+")
+MARKUP_RUNS = re.compile(r"(\*\*|__|~~|```|`|^#{1,6}\s|^>\s?)", re.MULTILINE)
+# A reply shown while it is written holds back what the next tokens may still turn into something
+# the cleaning removes: a word that may become "Вопрос:", a link or a tag not closed yet.
+TRAILING_LABEL_WORD = re.compile(r"(?i)\b(?:вопрос|ответ)\s*$")
+UNCLOSED_MARKUP = re.compile(r"!?\[[^\]\n]*(?:\]\([^)\n]*)?$|<[^<>\n]*$")
+SERVER_CONNECT_SECONDS = 5.0  # an inference server that does not take the connection in this time is down
+# Counted by the server's tokenizer at the start: a BOS added, or "</s>" typed by a user read as the
+# end of text, would give a count other than the kit's.
+PROBE_PROMPT = "Вопрос: </s> проверка <s>\nОтвет:"
+
+
+class UserError(Exception):
+    """A mistake in the user's input: reported as one line, exit code 1."""
+
+
+class ServerError(Exception):
+    """The inference server is down, slow, or answered with an error: the reply is an apology."""
+
+
+def chat_prompt_ids(history, settings, tokenizer, facts=()):
+    """The prompt's token ids for `history` (turns oldest first, alternating user/bot, the
+    last the user's new message): the prompt rule with the model's turn window and budget,
+    the ids the model is fed as they are. `facts`, what the user said about themselves
+    ((kind, value) pairs), become the facts exchange after the persona when the model was
+    trained with one (settings["facts_exchange"]): the answer create_dataset.py's facts
+    column holds, cut by the prompt rule as training cut it."""
+    answer = render_facts_answer(facts) if facts and settings.get("facts_exchange") else None
+    return fit_prompt(tokenizer, history, settings["max_turns"], settings["budget"], settings["persona"], answer)
+
+
+def clean_reply(text, eos_token=None):
+    """The model's raw continuation made fit to show: cut at EOS or at a label that
+    starts a line, stripped of markup, links and label leakage; a fallback when empty."""
+    if eos_token and eos_token in text:
+        text = text[:text.index(eos_token)]
+    text = cut_at_next_turn(text)
+    text = html.unescape(text)
+    text = MARKDOWN_LINK.sub(r"\1", text)
+    text = HTML_TAG.sub(" ", text)
+    text = URL.sub(" ", text)
+    text = MARKUP_RUNS.sub("", text)
+    # Undecodable bytes and control characters are noise from a cut multi-byte token.
+    text = "".join(ch if ch.isprintable() and ch != "\ufffd" else " " for ch in text)
+    text = " ".join(text.split())
+    return text if any(ch.isalnum() for ch in text) else FALLBACK_REPLY
+
+
+def stable_prefix(raw):
+    """The start of a raw continuation that the tokens still to come cannot change: up to its
+    last whitespace (the last word may still grow into a label, a link or an entity), less a
+    trailing label word (its colon may come next) and a link or tag not yet closed, and again
+    up to the whitespace before what that leaves."""
+    text = raw
+    while True:
+        text = text[:max(text.rfind(" "), text.rfind("\n"), text.rfind("\t")) + 1]
+        match = TRAILING_LABEL_WORD.search(text) or UNCLOSED_MARKUP.search(text)
+        if match is None:
+            return text
+        text = text[:match.start()]
+
+
+def visible_reply(raw):
+    """What may be shown of a reply still being written ("" while nothing may): cleaned as the
+    finished reply is, so it is always a start of clean_reply of the whole continuation, and no
+    label, link or markup ever shows, not even for a moment."""
+    text = clean_reply(stable_prefix(raw))
+    return "" if text == FALLBACK_REPLY else text
+
+
+class ReplyStreamer(BaseStreamer):
+    """Hands each row of a batch being generated its visible text as it grows: on_text[row]
+    (None for a row nobody watches) gets each new text, every one a longer start of the last.
+    generate() calls put() with the padded prompts first, then with one new token per row at
+    every step (pad tokens for the rows that are done). It runs on the generating thread, so
+    on_text must only store the text, never wait."""
+
+    def __init__(self, tokenizer, on_text):
+        self.tokenizer, self.on_text = tokenizer, list(on_text)
+        self.ids = [[] for _ in self.on_text]
+        self.done = [callback is None for callback in self.on_text]
+        self.shown = ["" for _ in self.on_text]
+        self.prompts_seen = False
+
+    def put(self, value):
+        if not self.prompts_seen:
+            self.prompts_seen = True
+            return
+        for row, token in enumerate(value.tolist()):
+            if self.done[row]:
+                continue
+            if token == self.tokenizer.eos_token_id:
+                self.done[row] = True
+                continue
+            self.ids[row].append(token)
+            text = visible_reply(self.tokenizer.decode(self.ids[row], skip_special_tokens=True))
+            if text != self.shown[row] and text.startswith(self.shown[row]):
+                self.shown[row] = text
+                self.on_text[row](text)
+
+    def end(self):
+        pass
+
+
+def unfinished_lora_run(folder):
+    """Whether a folder with no model is a --lora run that has not finished: its
+    checkpoint-N/ folders hold the adapter only, and the merged model comes at the end."""
+    return any((path / "adapter_config.json").is_file() for path in Path(folder).glob("checkpoint-*"))
+
+
+def find_weights_folder(folder, need_weights=True):
+    """The folder's own weights, else its newest complete checkpoint-N/. Without need_weights
+    (a server runs the model) a folder with config.json and the tokenizer will do."""
+    def complete(path):
+        return (path / "config.json").is_file() and (
+            (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file())
+
+    if complete(folder) or (not need_weights and (folder / "config.json").is_file()):
+        return folder
+    checkpoints = []
+    for path in folder.glob("checkpoint-*"):
+        step = path.name.split("-", 1)[1]
+        # Trainer writes trainer_state.json last: without it the save was cut short.
+        if step.isdigit() and path.is_dir() and complete(path) and (path / "trainer_state.json").is_file():
+            checkpoints.append((int(step), path))
+    if not checkpoints and unfinished_lora_run(folder):
+        raise UserError(f"{folder}: a --lora run that has not finished: its checkpoint-N/ folders hold the "
+                        f"adapter only, and the merged model is saved when it ends (--resume --lora continues it)")
+    if not checkpoints:
+        raise UserError(f"{folder}: no model weights (config.json + model.safetensors) "
+                        f"at its top level or in a complete checkpoint-N/ folder")
+    return max(checkpoints)[1]
+
+
+def read_chat_config(folder, weights):
+    """chat_config.json from the weights' folder or, for a checkpoint, its parent."""
+    for path in (weights / CHAT_CONFIG_NAME, folder / CHAT_CONFIG_NAME):
+        if path.is_file():
+            break
+    else:
+        print(f"warning: no {CHAT_CONFIG_NAME} in {folder}; using the kit's default persona and "
+              f"generation settings", file=sys.stderr)
+        return {"persona": DEFAULT_PERSONA, "generation": dict(DEFAULT_GENERATION)}, None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path}: not a UTF-8 JSON file ({error})") from None
+    if not isinstance(config, dict) or config.get("format_version") != 1:
+        raise UserError(f"{path}: expected a JSON object with \"format_version\": 1")
+    for key, ours in (("question_label", QUESTION_LABEL), ("answer_label", ANSWER_LABEL),
+                      ("turn_separator", TURN_SEPARATOR)):
+        if key in config and config[key] != ours:
+            raise UserError(f"{path}: {key} {config[key]!r} differs from the kit's prompt format {ours!r}")
+    return config, path
+
+
+def open_model_folder(model_dir, device, need_weights=True):
+    """Tokenizer, model config and chat settings of a kit model folder: all that the
+    settings are checked against, before the slow part (load_weights). With a server
+    running the model (need_weights=False) the folder needs no weights."""
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: model folder not found")
+    if (folder / "config.json").is_file():
+        try:
+            kind = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("kit_model")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            kind = None
+        if kind:
+            raise UserError(f"{folder}: this is an LSTM folder ({kind}); talk to it with its own script's chat mode")
+    weights = find_weights_folder(folder, need_weights)
+    chat_config, config_path = read_chat_config(folder, weights)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here")
+    tokenizer_dir = weights if (weights / "tokenizer_config.json").is_file() else folder
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        config = AutoConfig.from_pretrained(weights)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{weights}: cannot load the model config or the tokenizer ({error})") from None
+    if tokenizer.eos_token is None:
+        raise UserError(f"{tokenizer_dir}: the tokenizer has no eos_token")
+    if tokenizer.pad_token is None:
+        # Only to pad a batch: padded positions are masked out and a reply ends at its EOS.
+        tokenizer.pad_token = tokenizer.eos_token
+    n_positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 2048
+    return {"tokenizer": tokenizer, "device": device, "chat_config": chat_config, "config_path": config_path,
+            "weights": weights, "n_positions": n_positions}
+
+
+def physical_cores():
+    """Cores this process may run on, SMT siblings counted once: generation is bound
+    by memory bandwidth, which a sibling thread shares rather than adds to."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+        try:
+            cores.add(siblings.read_text(encoding="utf-8").strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+def choose_quantization(quantize, device):
+    """What --quantize (auto, int8, none) means on this device: int8 or none."""
+    available = hasattr(torch.ao.quantization, "quantize_dynamic") and torch.backends.quantized.engine != "none"
+    if quantize == "auto":
+        return "int8" if device == "cpu" and available else "none"
+    if quantize == "int8" and device != "cpu":
+        raise UserError(f"--quantize int8 runs on the CPU only; with --device {device} use --quantize none or auto")
+    if quantize == "int8" and not available:
+        raise UserError(f"--quantize int8: this torch {torch.__version__} has no dynamic int8 quantization; "
+                        f"use --quantize none")
+    return quantize
+
+
+def conv1d_to_linear(model):
+    """GPT-2 keeps its block weights in transformers' Conv1D (in x out), a layer the
+    int8 quantizer passes over; the same layer as nn.Linear (out x in) it takes."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, Conv1D):
+                linear = torch.nn.Linear(child.nx, child.nf, device=child.weight.device)
+                with torch.no_grad():
+                    linear.weight.copy_(child.weight.t())
+                    linear.bias.copy_(child.bias)
+                setattr(module, name, linear)
+    return model
+
+
+def quantize_int8(model):
+    """Every linear layer (the output layer too) with int8 weights, one scale per
+    output row, and activations quantized on the fly: a quarter of the weight
+    bytes that each generated token must read, which is what bounds a CPU."""
+    model = conv1d_to_linear(model)
+    with warnings.catch_warnings():
+        # torch 2.13 ships this API but marks it deprecated in favour of the torchao
+        # package (see deploy/README.md); choose_quantization falls back where it is gone.
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(
+            model, {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, inplace=True)
+
+
+def fuse_gelu(model):
+    """GPT-2's tanh GELU as torch's fused kernel: the same formula in one pass over
+    the activations instead of five, which shows in batches."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, NewGELUActivation):
+                setattr(module, name, torch.nn.GELU(approximate="tanh"))
+    return model
+
+
+def fast_path(model):
+    """The model as the fast path runs it on a CPU."""
+    return quantize_int8(fuse_gelu(model))
+
+
+def load_weights(chat, quantize="auto", threads=0):
+    """The model itself (int8 on a CPU unless told otherwise), the threads it runs
+    on, and the criterion that stops it at the next label."""
+    chat["quantize"] = choose_quantization(quantize, chat["device"])
+    try:
+        model = AutoModelForCausalLM.from_pretrained(chat["weights"]).to(chat["device"]).eval()
+    except (OSError, ValueError) as error:
+        raise UserError(f"{chat['weights']}: cannot load the model weights ({error})") from None
+    chat["model"] = fast_path(model) if chat["quantize"] == "int8" else model
+    # torch starts one thread per logical CPU, SMT siblings included.
+    chat["threads"] = threads or physical_cores()
+    if chat["device"] == "cpu":
+        torch.set_num_threads(chat["threads"])
+    # Built once: the criterion is stateless, and building it scans the whole vocabulary.
+    chat["stop"] = StoppingCriteriaList([StopStringCriteria(chat["tokenizer"], STOP_STRINGS)])
+    return chat
+
+
+def resolve_settings(args, chat):
+    """Generation settings, persona, turn window and prompt budget: flags over
+    chat_config.json over defaults. settings["warnings"] holds a line for each setting
+    the model was not trained with, for the caller to show."""
+    generation = dict(DEFAULT_GENERATION)
+    generation.update(chat["chat_config"].get("generation") or {})
+    source = {key: f"{chat['config_path'] or 'default'} generation.{key}" for key in generation}
+    for key in ("max_new_tokens", "temperature", "top_p", "repetition_penalty"):
+        if getattr(args, key) is not None:
+            generation[key] = getattr(args, key)
+            source[key] = "--" + key.replace("_", "-")
+    if generation["repetition_penalty"] < 1.0:
+        raise UserError(f"{source['repetition_penalty']}: repetition penalty {generation['repetition_penalty']} "
+                        f"must be >= 1.0 (below 1 it rewards repetition)")
+    if int(generation["max_new_tokens"]) < 1:
+        raise UserError(f"{source['max_new_tokens']}: must be at least 1")
+    if generation["do_sample"] and not generation["temperature"] > 0:
+        raise UserError(f"{source['temperature']}: must be > 0")
+    if generation["do_sample"] and not 0 < generation["top_p"] <= 1:
+        raise UserError(f"{source['top_p']}: must be in (0, 1]")
+    persona = chat["chat_config"].get("persona")
+    if args.no_persona:
+        persona = None
+    elif args.persona is not None:
+        persona = {"question": (persona or DEFAULT_PERSONA)["question"], "answer": args.persona}
+    max_turns = getattr(args, "max_turns", None)
+    if max_turns is not None and max_turns < 1:
+        raise UserError("--max-turns must be at least 1")
+    if args.context_tokens is not None and args.context_tokens < 1:
+        raise UserError("--context-tokens must be at least 1")
+    max_turns, budget, warnings = prompt_window(chat["chat_config"] if chat["config_path"] else None,
+                                                chat["n_positions"], int(generation["max_new_tokens"]), max_turns,
+                                                args.context_tokens)
+    spare = budget - len(encode_text(chat["tokenizer"], prompt_text([""], persona)))
+    if spare < MIN_QUESTION_TOKENS:
+        raise UserError(f"a prompt budget of {budget} tokens (--context-tokens or context_tokens of "
+                        f"{chat['config_path'] or 'the defaults'}, at most the model's {chat['n_positions']} "
+                        f"positions minus {generation['max_new_tokens']} new tokens) leaves {spare} tokens beside "
+                        f"the persona; at least {MIN_QUESTION_TOKENS} are needed")
+    return {"generation": generation, "persona": persona,
+            "facts_exchange": chat["chat_config"].get("facts") is True, "max_turns": max_turns, "budget": budget,
+            "warnings": warnings}
+
+
+class TopKTopPSampler(LogitsProcessor):
+    """Sampling as transformers does it (temperature, then top-k, then top-p), drawn
+    among the top k only: transformers sorts and draws over the whole vocabulary at
+    every step, a quarter of the time of a batched step on a CPU. The drawn token is
+    left the only finite score, so generate's greedy search takes it."""
+
+    def __init__(self, temperature, top_k, top_p):
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+
+    def __call__(self, input_ids, scores):
+        top, index = (scores / self.temperature).topk(min(self.top_k or scores.shape[-1], scores.shape[-1]))
+        probs = top.softmax(-1)
+        top = top.masked_fill(probs.cumsum(-1) - probs >= self.top_p, float("-inf"))  # keeps the first always
+        token = index.gather(-1, torch.multinomial(top.softmax(-1), 1))
+        return torch.full_like(scores, float("-inf")).scatter_(-1, token, 0.0)
+
+
+def generate_ids(chat, settings, prompts, on_text=None):
+    """The new token ids for each prompt (a list of token ids, as chat_prompt_ids gives it),
+    generated as one batch, each row cut at its own EOS. Prompts are padded on the left so
+    that all of them end where generation starts; a row that is done gets pad tokens while
+    the others go on. on_text, one callable or None per prompt, gets that row's visible text
+    as it grows (ReplyStreamer); watching changes no token."""
+    tokenizer, generation = chat["tokenizer"], settings["generation"]
+    inputs = tokenizer.pad({"input_ids": [list(ids) for ids in prompts]}, padding=True, padding_side="left",
+                           return_tensors="pt").to(chat["device"])
+    width = inputs["input_ids"].shape[1]
+    # transformers' own penalty and n-gram blocking would look at the prompt too: off, and ours instead
+    processors = reply_processors(generation, width)
+    options = {"max_new_tokens": int(generation["max_new_tokens"]), "do_sample": False,
+               "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+               "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+               "stopping_criteria": chat["stop"]}
+    if generation.get("min_new_tokens"):
+        options["min_new_tokens"] = int(generation["min_new_tokens"])  # fixed-length replies, for benchmarks
+    if generation["do_sample"]:
+        processors.append(TopKTopPSampler(float(generation["temperature"]), int(generation.get("top_k") or 0),
+                                          float(generation["top_p"])))
+    if on_text is not None and any(callback is not None for callback in on_text):
+        options["streamer"] = ReplyStreamer(tokenizer, on_text)
+    with torch.inference_mode():
+        output = chat["model"].generate(**inputs, **options, logits_processor=LogitsProcessorList(processors))
+    rows = []
+    for row in output[:, width:].tolist():
+        if tokenizer.eos_token_id in row:
+            row = row[:row.index(tokenizer.eos_token_id)]
+        rows.append(row)
+    return rows
+
+
+def decode_reply(tokenizer, ids):
+    return clean_reply(tokenizer.decode(ids, skip_special_tokens=True), tokenizer.eos_token)
+
+
+def generate_replies(chat, settings, prompts):
+    """The model's cleaned answers to prompts (lists of token ids), generated together."""
+    return [decode_reply(chat["tokenizer"], ids) for ids in generate_ids(chat, settings, prompts)]
+
+
+def generate_reply(chat, settings, prompt, on_text=None):
+    """The model's cleaned answer to a prompt (a list of token ids), from this process or from
+    the inference server the chat was opened with; on_text, if given, gets the visible text as
+    it grows."""
+    if chat.get("server"):
+        return server_reply(chat["server"], settings, chat["tokenizer"].decode(prompt), on_text)
+    ids = generate_ids(chat, settings, [prompt], [on_text])[0]
+    return decode_reply(chat["tokenizer"], ids)
+
+
+def server_base_url(url):
+    """--server as the base the routes are added to ("/v1/completions"); a UserError unless it is an HTTP URL."""
+    base = url.rstrip("/").removesuffix("/v1")
+    if not re.match(r"https?://[^/\s]+", base):
+        raise UserError(f"--server {url!r}: expected the base URL of an OpenAI-compatible server, such as "
+                        f"http://127.0.0.1:8000")
+    return base
+
+
+def open_server(url, tokenizer, timeout, generation=None):
+    """The inference server that runs the model (an OpenAI-compatible one: transformers serve,
+    vLLM): its address, the model it serves (GET /v1/models, sent with every request), and
+    notes for the caller to show: penalties of the generation settings it cannot apply, a
+    server that does not answer yet, or one whose tokenizer counts a prompt otherwise than the
+    kit (a BOS added, a user's "</s>" read as the end of text)."""
+    base = server_base_url(url)
+    server = {"url": base, "timeout": float(timeout), "model": None, "eos_token": tokenizer.eos_token,
+              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, "notes": []}
+    generation = generation or {}
+    if float(generation.get("repetition_penalty") or 1.0) != 1.0 or int(generation.get("no_repeat_ngram_size") or 0):
+        server["notes"].append("the repetition penalty and n-gram blocking of the generation settings are not sent to "
+                               "the server: its own would count the prompt's words too (see deploy/README.md)")
+    server["model"] = served_model(server)
+    try:
+        if server["model"] is None:
+            raise ValueError("GET /v1/models names no model")
+        probe = requests.post(base + "/v1/completions", timeout=(SERVER_CONNECT_SECONDS, server["timeout"]), json={
+            "model": server["model"], "prompt": PROBE_PROMPT, "max_tokens": 1, "temperature": 0.0})
+        probe.raise_for_status()
+        counted = probe.json()["usage"]["prompt_tokens"]
+    except (requests.RequestException, ValueError, LookupError, TypeError) as error:
+        server["notes"].append(f"--server {base}: no answer as an OpenAI-compatible server ({type(error).__name__}: "
+                               f"{error}); every reply is an apology until it answers")
+        return server
+    ours = len(encode_text(tokenizer, PROBE_PROMPT))
+    if counted != ours:
+        server["notes"].append(f"--server {base} counts {counted} tokens in a prompt where the kit counts {ours}: "
+                               f"its tokenizer adds a BOS or reads a user's '</s>' as the end of text; serve a "
+                               f"model folder whose tokenizer_config.json has \"split_special_tokens\": true")
+    return server
+
+
+def served_model(server):
+    """The id of the model the server serves (GET /v1/models), sent with every request; None
+    while the server does not say."""
+    try:
+        listed = requests.get(server["url"] + "/v1/models", timeout=(SERVER_CONNECT_SECONDS, server["timeout"]))
+        listed.raise_for_status()
+        return listed.json()["data"][0]["id"]
+    except (requests.RequestException, ValueError, LookupError, TypeError):
+        return None
+
+
+def server_body(server, settings, prompt_text):
+    """The /v1/completions request for a prompt: the kit's prompt as text, the reply's length,
+    sampling and the label stop strings, streamed. transformers serve samples only when its own
+    generation_config says so (which replaces the folder's: the EOS and pad ids go with it);
+    vLLM ignores that key and samples whenever the temperature is above 0. The penalties are
+    left out: both servers would count the prompt's tokens too."""
+    generation = settings["generation"]
+    sample, length = bool(generation["do_sample"]), int(generation["max_new_tokens"])
+    config = {"do_sample": sample, "max_new_tokens": length, "eos_token_id": server["eos_token_id"],
+              "pad_token_id": server["pad_token_id"]}
+    body = {"prompt": prompt_text, "max_tokens": length, "temperature": 0.0, "stop": STOP_STRINGS, "stream": True}
+    if sample:
+        config.update(temperature=float(generation["temperature"]), top_p=float(generation["top_p"]),
+                      top_k=int(generation.get("top_k") or 0))
+        body.update(temperature=config["temperature"], top_p=config["top_p"])
+    if generation.get("min_new_tokens"):
+        config["min_new_tokens"] = int(generation["min_new_tokens"])  # fixed-length replies, for benchmarks
+    body["generation_config"] = json.dumps(config)
+    if server["model"]:
+        body["model"] = server["model"]
+    return body
+
+
+def server_pieces(server, body):
+    """The text pieces of a streamed /v1/completions answer as they come. Closing the generator
+    closes the connection, which stops the server writing (a request not streamed would run to
+    its end after the client gave up). ServerError when the server does not take the connection,
+    answers with an error (an HTTP error, or an error event inside a 200 stream), or the reply is
+    not complete within server["timeout"] seconds, its wait in the server's queue included."""
+    deadline = time.monotonic() + server["timeout"]
+    try:
+        with requests.post(server["url"] + "/v1/completions", json=body, stream=True,
+                           timeout=(SERVER_CONNECT_SECONDS, server["timeout"])) as response:
+            if response.status_code != 200:
+                raise ServerError(f"{server['url']}: HTTP {response.status_code} {response.text[:200]!r}")
+            for line in response.iter_lines():
+                if time.monotonic() > deadline:
+                    raise ServerError(f"{server['url']}: no complete reply within {server['timeout']:g} s")
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[len(b"data:"):].strip()
+                if data == b"[DONE]":  # vLLM ends a stream so; transformers serve closes it
+                    return
+                try:
+                    event = json.loads(data)
+                    choice = None if "error" in event else event["choices"][0]
+                except (ValueError, LookupError, TypeError):
+                    raise ServerError(f"{server['url']}: an event that is not JSON: {data[:200]!r}") from None
+                if choice is None:
+                    raise ServerError(f"{server['url']}: {str(event['error'])[:200]}")
+                if choice.get("text"):
+                    yield choice["text"]
+                if choice.get("finish_reason"):
+                    return
+    except requests.RequestException as error:
+        raise ServerError(f"{server['url']}: {type(error).__name__}: {error}") from None
+
+
+def server_reply(server, settings, prompt_text, on_text=None):
+    """The cleaned reply to a prompt (its text) from the inference server, read as it is
+    streamed: on_text, if given, gets the visible text as it grows, and the stream is closed as
+    soon as the model starts the next turn, which the cleaning would cut anyway. The same
+    cleaning as in this process, so both give the same reply for the same continuation."""
+    if server["model"] is None:  # the server did not answer at the start: what does it serve now?
+        server["model"] = served_model(server)
+    raw, shown = "", ""
+    pieces = server_pieces(server, server_body(server, settings, prompt_text))
+    try:
+        for piece in pieces:
+            raw += piece
+            if NEXT_TURN.search(LEADING_LABELS.sub("", raw)):
+                break
+            text = visible_reply(raw) if on_text is not None else ""
+            if text != shown and text.startswith(shown):
+                shown = text
+                on_text(text)
+    finally:
+        pieces.close()
+    return clean_reply(raw, server["eos_token"])
+# ==== end of block blocks/chat.py ====
 
 
 if __name__ == "__main__":

@@ -140,7 +140,105 @@ class UserError(Exception):
     """A mistake in the user's input: reported as one line, exit code 1."""
 
 
-# --- prompt rule: the same block in train_transformer.py, train_medium_context.py, system_prompt.py, tg_bot.py, perplexity.py and evaluate.py (tests/test_prompt_rule.py checks)
+def read_context(path, max_turns, limit=None):
+    """[(turns, answer, facts)] from a context_*.parquet file, keeping the last `max_turns` turns.
+
+    facts is the optional string column of that name (create_dataset.py: the answer to "Что ты обо
+    мне знаешь?" from what the user side said earlier), None where the file has no such column or
+    the row none. Rows without context (a dialogue's first turn) have no question to answer and are
+    left out."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: data file not found (create_dataset.py writes it)")
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise UserError(f"{path}: not a parquet file ({first_line(exc)})")
+    missing = {"context", "answer"} - set(schema.names)
+    if missing:
+        raise UserError(f"{path}: no column {', '.join(sorted(missing))} "
+                        f"(expected dialogue_id,context,answer; got {','.join(schema.names)})")
+    context_type = schema.field("context").type
+    if not (pa.types.is_list(context_type) or pa.types.is_large_list(context_type)) or \
+            not (pa.types.is_string(context_type.value_type) or pa.types.is_large_string(context_type.value_type)):
+        raise UserError(f"{path}: column context is {context_type}, expected list<string>")
+    has_facts = "facts" in schema.names
+    if has_facts:
+        facts_type = schema.field("facts").type
+        if not (pa.types.is_string(facts_type) or pa.types.is_large_string(facts_type) or pa.types.is_null(facts_type)):
+            raise UserError(f"{path}: column facts is {facts_type}, expected string")
+    table = pq.read_table(path, columns=["context", "answer"] + (["facts"] if has_facts else []))
+    if limit is not None:
+        table = table.slice(0, limit)
+    facts_column = table.column("facts").to_pylist() if has_facts else [None] * table.num_rows
+    rows = []
+    for context, answer, facts in zip(table.column("context").to_pylist(), table.column("answer").to_pylist(),
+                                      facts_column):
+        turns = [t for t in (context or []) if t is not None][-max_turns:]
+        if turns and answer and answer.strip():
+            rows.append((turns, answer, facts or None))
+    if not rows:
+        raise UserError(f"{path}: no rows with both context and an answer")
+    return rows
+
+
+def load_splits(data_dir, rows, val_rows, max_turns):
+    train = read_context(os.path.join(data_dir, "context_train.parquet"), max_turns, limit=rows)
+    val = read_context(os.path.join(data_dir, "context_val.parquet"), max_turns, limit=val_rows)
+    return train, val
+
+
+# ----------------------------------------------------------------------------
+# model and tokenizer
+
+def trained_turns(rows, max_turns):
+    """The turn window the model is trained with, and chat_config.json records for the chat:
+    --max-turns, or fewer where no row of the data holds that many (create_dataset.py
+    --max-turns caps the context it writes), since the model never saw more."""
+    longest = max(len(row[0]) for row in rows)
+    if longest < max_turns:
+        print(f"the training data holds at most {longest} turns before an answer (create_dataset.py --max-turns "
+              f"caps them): the model is trained, and the chat set, for {longest}, not --max-turns {max_turns}",
+              flush=True)
+    return min(longest, max_turns)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog=PROG, description="Fine-tune a causal LM on answers in context.")
+    add_common_arguments(parser, OUTPUT_DIR, MODEL_NAME)
+    parser.add_argument("--max-turns", type=positive_int, default=MAX_TURNS,
+                        help="turns before the answer, the question included (default %(default)s); the chat keeps "
+                             "as many")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train_rows, val_rows = load_splits(args.data_dir, args.rows, args.val_rows, args.max_turns)
+        run(args, train_rows, val_rows, trained_turns(train_rows, args.max_turns),
+            None if args.no_persona else PERSONA)
+    except UserError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ==================================================================================================
+# Generated blocks: shared code that blocks/build.py writes into every script that needs it.
+# Do not edit it here: change the block's source in blocks/, then run `make blocks`
+# (`python blocks/build.py`); the suite fails while a copy differs from its source.
+# ==================================================================================================
+
+
+# ==== block blocks/prompt_rule.py: generated, edit the source and run `make blocks` ====
+"""The one prompt rule: how a conversation becomes token ids, in training, chat, evaluation and serving.
+
+A block: blocks/build.py writes this file into the scripts that list it (make blocks).
+It imports nothing itself; its host script imports what it uses."""
+
 # One rule for every prompt the model sees, in training, chat, perplexity and evaluation:
 #
 #     Вопрос: <persona question>          the persona, when there is one
@@ -320,10 +418,15 @@ def prompt_window(chat_config, n_positions, max_new_tokens, max_turns=None, cont
         notes.append(f"--context-tokens {tokens}: the model was trained on prompts of at most "
                         f"{trained_tokens} tokens")
     return turns, min(tokens, n_positions - max_new_tokens), notes
-# --- end of the prompt rule
+# ==== end of block blocks/prompt_rule.py ====
 
 
-# --- mirrored in train_transformer.py and train_medium_context.py (tests/test_train_medium_context.py checks they agree)
+# ==== block blocks/trainer.py: generated, edit the source and run `make blocks` ====
+"""The trainer: examples by the prompt rule, model and tokenizer, Trainer, checkpoints and saving.
+
+A block: blocks/build.py writes this file into the scripts that list it (make blocks).
+It imports nothing itself; its host script imports what it uses."""
+
 # ----------------------------------------------------------------------------
 # examples
 
@@ -380,63 +483,7 @@ def facts_exchanges(tokenizer, rows, window, persona=None):
 # ----------------------------------------------------------------------------
 # data
 
-# --- end of the mirrored part
 
-
-def read_context(path, max_turns, limit=None):
-    """[(turns, answer, facts)] from a context_*.parquet file, keeping the last `max_turns` turns.
-
-    facts is the optional string column of that name (create_dataset.py: the answer to "Что ты обо
-    мне знаешь?" from what the user side said earlier), None where the file has no such column or
-    the row none. Rows without context (a dialogue's first turn) have no question to answer and are
-    left out."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: data file not found (create_dataset.py writes it)")
-    try:
-        schema = pq.read_schema(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise UserError(f"{path}: not a parquet file ({first_line(exc)})")
-    missing = {"context", "answer"} - set(schema.names)
-    if missing:
-        raise UserError(f"{path}: no column {', '.join(sorted(missing))} "
-                        f"(expected dialogue_id,context,answer; got {','.join(schema.names)})")
-    context_type = schema.field("context").type
-    if not (pa.types.is_list(context_type) or pa.types.is_large_list(context_type)) or \
-            not (pa.types.is_string(context_type.value_type) or pa.types.is_large_string(context_type.value_type)):
-        raise UserError(f"{path}: column context is {context_type}, expected list<string>")
-    has_facts = "facts" in schema.names
-    if has_facts:
-        facts_type = schema.field("facts").type
-        if not (pa.types.is_string(facts_type) or pa.types.is_large_string(facts_type) or pa.types.is_null(facts_type)):
-            raise UserError(f"{path}: column facts is {facts_type}, expected string")
-    table = pq.read_table(path, columns=["context", "answer"] + (["facts"] if has_facts else []))
-    if limit is not None:
-        table = table.slice(0, limit)
-    facts_column = table.column("facts").to_pylist() if has_facts else [None] * table.num_rows
-    rows = []
-    for context, answer, facts in zip(table.column("context").to_pylist(), table.column("answer").to_pylist(),
-                                      facts_column):
-        turns = [t for t in (context or []) if t is not None][-max_turns:]
-        if turns and answer and answer.strip():
-            rows.append((turns, answer, facts or None))
-    if not rows:
-        raise UserError(f"{path}: no rows with both context and an answer")
-    return rows
-
-
-def load_splits(data_dir, rows, val_rows, max_turns):
-    train = read_context(os.path.join(data_dir, "context_train.parquet"), max_turns, limit=rows)
-    val = read_context(os.path.join(data_dir, "context_val.parquet"), max_turns, limit=val_rows)
-    return train, val
-
-
-# ----------------------------------------------------------------------------
-# model and tokenizer
-
-# --- mirrored in train_transformer.py and train_medium_context.py (tests/test_train_medium_context.py checks they agree)
 def first_line(exc):
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -1360,42 +1407,7 @@ def add_common_arguments(parser, output, model, max_length=MAX_LENGTH):
                              "accelerate launch, torchrun or deepspeed")
     # the deepspeed launcher passes --local_rank=N; torch.distributed's LOCAL_RANK says the same
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
-
-
-# --- end of the mirrored part
-
-
-def trained_turns(rows, max_turns):
-    """The turn window the model is trained with, and chat_config.json records for the chat:
-    --max-turns, or fewer where no row of the data holds that many (create_dataset.py
-    --max-turns caps the context it writes), since the model never saw more."""
-    longest = max(len(row[0]) for row in rows)
-    if longest < max_turns:
-        print(f"the training data holds at most {longest} turns before an answer (create_dataset.py --max-turns "
-              f"caps them): the model is trained, and the chat set, for {longest}, not --max-turns {max_turns}",
-              flush=True)
-    return min(longest, max_turns)
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(prog=PROG, description="Fine-tune a causal LM on answers in context.")
-    add_common_arguments(parser, OUTPUT_DIR, MODEL_NAME)
-    parser.add_argument("--max-turns", type=positive_int, default=MAX_TURNS,
-                        help="turns before the answer, the question included (default %(default)s); the chat keeps "
-                             "as many")
-    return parser.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        train_rows, val_rows = load_splits(args.data_dir, args.rows, args.val_rows, args.max_turns)
-        run(args, train_rows, val_rows, trained_turns(train_rows, args.max_turns),
-            None if args.no_persona else PERSONA)
-    except UserError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+# ==== end of block blocks/trainer.py ====
 
 
 if __name__ == "__main__":

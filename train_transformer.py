@@ -132,7 +132,67 @@ class UserError(Exception):
     """A mistake in the user's input: reported as one line, exit code 1."""
 
 
-# --- prompt rule: the same block in train_transformer.py, train_medium_context.py, system_prompt.py, tg_bot.py, perplexity.py and evaluate.py (tests/test_prompt_rule.py checks)
+def read_pairs(path, limit=None):
+    """[(turns, answer)] from a pairs_*.csv file; turns is [question]."""
+    import pandas as pd
+
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: data file not found (create_dataset.py writes it)")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8", nrows=limit)
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 CSV file")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable CSV file ({first_line(exc)})")
+    missing = {"question", "answer"} - set(frame.columns)
+    if missing:
+        raise UserError(f"{path}: no column {', '.join(sorted(missing))} "
+                        f"(expected dialogue_id,question,answer; got {','.join(map(str, frame.columns))})")
+    rows = [([q], a) for q, a in zip(frame["question"], frame["answer"]) if q.strip() and a.strip()]
+    if not rows:
+        raise UserError(f"{path}: no question-answer pairs in the file")
+    return rows
+
+
+def load_splits(data_dir, rows, val_rows):
+    train = read_pairs(os.path.join(data_dir, "pairs_train.csv"), limit=rows)
+    val = read_pairs(os.path.join(data_dir, "pairs_val.csv"), limit=val_rows)
+    return train, val
+
+
+# ----------------------------------------------------------------------------
+# model and tokenizer
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog=PROG, description="Fine-tune a causal LM on question-answer pairs.")
+    add_common_arguments(parser, OUTPUT_DIR, MODEL_NAME)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train_rows, val_rows = load_splits(args.data_dir, args.rows, args.val_rows)
+        run(args, train_rows, val_rows, MAX_TURNS, None if args.no_persona else PERSONA)
+    except UserError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ==================================================================================================
+# Generated blocks: shared code that blocks/build.py writes into every script that needs it.
+# Do not edit it here: change the block's source in blocks/, then run `make blocks`
+# (`python blocks/build.py`); the suite fails while a copy differs from its source.
+# ==================================================================================================
+
+
+# ==== block blocks/prompt_rule.py: generated, edit the source and run `make blocks` ====
+"""The one prompt rule: how a conversation becomes token ids, in training, chat, evaluation and serving.
+
+A block: blocks/build.py writes this file into the scripts that list it (make blocks).
+It imports nothing itself; its host script imports what it uses."""
+
 # One rule for every prompt the model sees, in training, chat, perplexity and evaluation:
 #
 #     Вопрос: <persona question>          the persona, when there is one
@@ -312,10 +372,15 @@ def prompt_window(chat_config, n_positions, max_new_tokens, max_turns=None, cont
         notes.append(f"--context-tokens {tokens}: the model was trained on prompts of at most "
                         f"{trained_tokens} tokens")
     return turns, min(tokens, n_positions - max_new_tokens), notes
-# --- end of the prompt rule
+# ==== end of block blocks/prompt_rule.py ====
 
 
-# --- mirrored in train_transformer.py and train_medium_context.py (tests/test_train_medium_context.py checks they agree)
+# ==== block blocks/trainer.py: generated, edit the source and run `make blocks` ====
+"""The trainer: examples by the prompt rule, model and tokenizer, Trainer, checkpoints and saving.
+
+A block: blocks/build.py writes this file into the scripts that list it (make blocks).
+It imports nothing itself; its host script imports what it uses."""
+
 # ----------------------------------------------------------------------------
 # examples
 
@@ -372,41 +437,7 @@ def facts_exchanges(tokenizer, rows, window, persona=None):
 # ----------------------------------------------------------------------------
 # data
 
-# --- end of the mirrored part
 
-
-def read_pairs(path, limit=None):
-    """[(turns, answer)] from a pairs_*.csv file; turns is [question]."""
-    import pandas as pd
-
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: data file not found (create_dataset.py writes it)")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8", nrows=limit)
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not a UTF-8 CSV file")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
-        raise UserError(f"{path}: not a readable CSV file ({first_line(exc)})")
-    missing = {"question", "answer"} - set(frame.columns)
-    if missing:
-        raise UserError(f"{path}: no column {', '.join(sorted(missing))} "
-                        f"(expected dialogue_id,question,answer; got {','.join(map(str, frame.columns))})")
-    rows = [([q], a) for q, a in zip(frame["question"], frame["answer"]) if q.strip() and a.strip()]
-    if not rows:
-        raise UserError(f"{path}: no question-answer pairs in the file")
-    return rows
-
-
-def load_splits(data_dir, rows, val_rows):
-    train = read_pairs(os.path.join(data_dir, "pairs_train.csv"), limit=rows)
-    val = read_pairs(os.path.join(data_dir, "pairs_val.csv"), limit=val_rows)
-    return train, val
-
-
-# ----------------------------------------------------------------------------
-# model and tokenizer
-
-# --- mirrored in train_transformer.py and train_medium_context.py (tests/test_train_medium_context.py checks they agree)
 def first_line(exc):
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -1330,26 +1361,7 @@ def add_common_arguments(parser, output, model, max_length=MAX_LENGTH):
                              "accelerate launch, torchrun or deepspeed")
     # the deepspeed launcher passes --local_rank=N; torch.distributed's LOCAL_RANK says the same
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
-
-
-# --- end of the mirrored part
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(prog=PROG, description="Fine-tune a causal LM on question-answer pairs.")
-    add_common_arguments(parser, OUTPUT_DIR, MODEL_NAME)
-    return parser.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        train_rows, val_rows = load_splits(args.data_dir, args.rows, args.val_rows)
-        run(args, train_rows, val_rows, MAX_TURNS, None if args.no_persona else PERSONA)
-    except UserError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+# ==== end of block blocks/trainer.py ====
 
 
 if __name__ == "__main__":

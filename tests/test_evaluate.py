@@ -295,14 +295,6 @@ def test_prompt_constants_match_the_contract():
     assert evaluate.LABEL_PATTERN.pattern == perplexity.LABEL_PATTERN.pattern == r"(?i)\b(вопрос|ответ)\s*:"
 
 
-def test_scoring_code_is_mirrored_unchanged_in_perplexity_py(repo_root):
-    pattern = r"# --- mirrored in evaluate\.py and perplexity\.py.*?\n(.*?)# --- end of the mirrored part"
-    ours = re.findall(pattern, (repo_root / "evaluate.py").read_text(encoding="utf-8"), flags=re.S)
-    theirs = re.findall(pattern, (repo_root / "perplexity.py").read_text(encoding="utf-8"), flags=re.S)
-    assert len(ours) == 1 and ours == theirs
-    assert "def build_scoring_examples" in ours[0] and "def score" in ours[0] and "def prompt_settings" in ours[0]
-
-
 def test_replies_may_repeat_the_prompts_words(tiny, tmp_path):
     """Greedy evaluation with the chat's n-gram blocking: a model that copies the question
     must be free to, as in the chat (transformers' own blocking would ban it)."""

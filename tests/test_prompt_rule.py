@@ -18,11 +18,6 @@ import train_transformer as tt
 
 torch.set_num_threads(1)
 
-PROMPT_RULE_FILES = ["train_transformer.py", "train_medium_context.py", "system_prompt.py", "perplexity.py",
-                     "evaluate.py"]
-DECODING_FILES = ["system_prompt.py", "evaluate.py"]
-RULE_BLOCK = r"(# --- prompt rule: .*?# --- end of the prompt rule\n)"
-DECODING_BLOCK = r"(# --- decoding: .*?# --- end of the decoding block\n)"
 PERSONA = tt.PERSONA
 BASE_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
@@ -38,36 +33,6 @@ CONVERSATIONS = [
     (["Старый вопрос", "Старый ответ", " ".join(f"слово{i}" for i in range(150)) + " а где ключи?"],
      "На полке у двери."),
 ]
-
-
-def block(path, pattern):
-    found = re.findall(pattern, path.read_text(encoding="utf-8"), flags=re.S)
-    assert len(found) == 1, (path.name, len(found))
-    return found[0]
-
-
-# ---------------------------------------------------------------- the same code everywhere
-def test_prompt_rule_block_is_the_same_in_every_script(repo_root):
-    blocks = {name: block(repo_root / name, RULE_BLOCK) for name in PROMPT_RULE_FILES}
-    reference = blocks["train_transformer.py"]
-    assert "def fit_prompt" in reference and "def encode_exchange" in reference and "def prompt_window" in reference
-    for name, text in blocks.items():
-        assert text == reference, name
-        # no other mirror's markers inside: each block's text is taken between its own markers
-        assert "# --- mirrored in" not in text and "# --- end of the mirrored part" not in text, name
-
-
-def test_decoding_block_is_the_same_in_the_chat_and_evaluate(repo_root):
-    blocks = {name: block(repo_root / name, DECODING_BLOCK) for name in DECODING_FILES}
-    assert blocks["system_prompt.py"] == blocks["evaluate.py"]
-    assert "# --- mirrored in" not in blocks["evaluate.py"]
-
-
-def test_tg_bot_holds_the_same_prompt_rule_and_decoding(repo_root):
-    """tg_bot.py gets these blocks when the chat block is synced into it (see system_prompt.py)."""
-    bot = repo_root / "tg_bot.py"
-    assert block(bot, RULE_BLOCK) == block(repo_root / "system_prompt.py", RULE_BLOCK)
-    assert block(bot, DECODING_BLOCK) == block(repo_root / "system_prompt.py", DECODING_BLOCK)
 
 
 def test_chat_config_keeps_its_old_keys_and_records_the_rule():

@@ -18,16 +18,6 @@ import tg_bot  # noqa: E402
 
 torch.set_num_threads(1)
 PERSONA = tiny_model.CHAT_CONFIG["persona"]
-MIRRORED_FUNCTIONS = ["chat_prompt_ids", "clean_reply", "unfinished_lora_run", "find_weights_folder",
-                      "read_chat_config",
-                      "open_model_folder", "physical_cores", "choose_quantization", "conv1d_to_linear",
-                      "quantize_int8", "fuse_gelu", "fast_path", "load_weights", "resolve_settings", "TopKTopPSampler",
-                      "generate_ids", "decode_reply", "generate_replies", "generate_reply", "stable_prefix",
-                      "visible_reply", "ReplyStreamer", "server_base_url", "open_server", "served_model", "server_body",
-                      "server_pieces", "server_reply"]
-MIRRORED_CONSTANTS = ["CHAT_CONFIG_NAME", "FALLBACK_REPLY", "DEFAULT_PERSONA", "DEFAULT_GENERATION",
-                      "MIN_QUESTION_TOKENS", "SERVER_CONNECT_SECONDS", "PROBE_PROMPT"]
-CHAT_BLOCK = r"(# --- mirrored in system_prompt.py and tg_bot.py .*?# --- end of the mirrored part\n)"
 
 
 @pytest.fixture(scope="module")
@@ -112,32 +102,6 @@ def test_an_overlong_message_is_cut_to_the_budget_keeping_its_end(tokenizer):
 ])
 def test_clean_reply(raw, expected):
     assert sp.clean_reply(raw, "</s>") == expected
-
-
-def test_tg_bot_mirrors_the_shared_code(tokenizer):
-    """Fails until tg_bot.py holds system_prompt.py's current chat block (the lead syncs it)."""
-    for name in MIRRORED_CONSTANTS:
-        assert getattr(sp, name) == getattr(tg_bot, name), name
-    for name in MIRRORED_FUNCTIONS:
-        assert inspect.getsource(getattr(sp, name)) == inspect.getsource(getattr(tg_bot, name)), name
-    for pattern in ("LABEL_PATTERN", "LEADING_LABELS", "NEXT_TURN", "MARKDOWN_LINK", "HTML_TAG", "URL",
-                    "MARKUP_RUNS", "TRAILING_LABEL_WORD", "UNCLOSED_MARKUP"):
-        assert getattr(sp, pattern).pattern == getattr(tg_bot, pattern).pattern, pattern
-    history = ["Привет, Ответ: я Аня", "Привет, Аня!", "Где я живу?\nВопрос: в Казани?"]
-    for persona in (PERSONA, None):
-        for budget in (40, 80, 1000):
-            settings = settings_for(budget=budget, persona=persona)
-            assert sp.chat_prompt_ids(history, settings, tokenizer) == \
-                tg_bot.chat_prompt_ids(history, settings, tokenizer)
-    assert sp.clean_reply("Ответ: <i>да</i>\nВопрос: нет") == tg_bot.clean_reply("Ответ: <i>да</i>\nВопрос: нет")
-
-
-def test_the_chat_block_is_the_same_text_in_both_scripts(repo_root):
-    import re
-    blocks = [re.findall(CHAT_BLOCK, (repo_root / name).read_text(encoding="utf-8"), flags=re.S)
-              for name in ("system_prompt.py", "tg_bot.py")]
-    assert len(blocks[0]) == len(blocks[1]) == 1
-    assert blocks[0][0] == blocks[1][0]
 
 
 # --- model folders

@@ -249,14 +249,3 @@ def test_unreachable_hub_and_resume_with_nothing(tmp_path, capfd, monkeypatch):
     assert "--resume found no complete checkpoint" in one_line_error(capfd)
     assert not out.exists()
 
-
-def mirrored_blocks(path):
-    text = path.read_text(encoding="utf-8")
-    return re.findall(r"# --- mirrored in train_transformer\.py.*?\n(.*?)# --- end of the mirrored part",
-                      text, flags=re.S)
-
-
-def test_the_mirrored_code_is_the_same_in_both_scripts(repo_root):
-    small = mirrored_blocks(repo_root / "train_transformer.py")
-    medium = mirrored_blocks(repo_root / "train_medium_context.py")
-    assert len(small) == 2 and small == medium

@@ -3,7 +3,7 @@ themselves is found on the labelled set at the quality the issue asks for; negat
 other people's facts give none; a later statement replaces an earlier one; the answer to
 "Что ты обо мне знаешь?" is inflected; /forget finds a fact by any form of a word; the cheap look
 at a message's words that skips most messages never changes what is found; and every script that
-holds the block holds the same one.
+holds the block holds the same one (tests/test_blocks.py: the generator's check).
 
 The block is tested as create_dataset.py holds it (importing it loads neither torch nor a model)."""
 import json
@@ -14,9 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import create_dataset as facts
+import system_prompt as memory  # the /memory and /forget commands: the memory_commands block
 
-BLOCK_START = "# --- user facts:"
-BLOCK_END = "# --- end of the user facts block"
 MIN_PRECISION, MIN_RECALL = 0.9, 0.8   # the issue's targets
 
 
@@ -24,12 +23,6 @@ MIN_PRECISION, MIN_RECALL = 0.9, 0.8   # the issue's targets
 def labelled(repo_root):
     lines = (repo_root / "tests" / "fixtures" / "user_facts.jsonl").read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines if line.strip()]
-
-
-def block_text(path):
-    text = path.read_text(encoding="utf-8")
-    start = re.search(f"^{re.escape(BLOCK_START)}", text, re.MULTILINE).start()
-    return text[start:text.index(BLOCK_END, start)]
 
 
 def precision_recall(rows):
@@ -192,7 +185,7 @@ def test_the_answer_names_the_user_first_and_their_plans_last():
 
 def test_the_memory_list_has_one_fact_a_line():
     stored = [("name", "Аня"), ("city", "Казань"), ("like", "пицца")]
-    assert facts.render_facts_list(stored).splitlines() == ["имя: Аня", "город: Казань", "нравится: пицца"]
+    assert memory.render_facts_list(stored).splitlines() == ["имя: Аня", "город: Казань", "нравится: пицца"]
 
 
 @pytest.mark.parametrize("word, removed", [
@@ -205,7 +198,7 @@ def test_the_memory_list_has_one_fact_a_line():
 ])
 def test_forget_removes_the_facts_matching_a_word(word, removed):
     stored = [("name", "Аня"), ("city", "Казань"), ("like", "пицца"), ("plan", "ехать на дачу (в субботу)")]
-    kept, gone = facts.forget_user_facts(stored, word)
+    kept, gone = memory.forget_user_facts(stored, word)
     assert gone == removed
     assert kept == [fact for fact in stored if fact not in removed]
 
@@ -223,7 +216,7 @@ def test_forget_removes_the_facts_matching_a_word(word, removed):
 ])
 def test_forget_ignores_function_words_and_punctuation(word, removed):
     stored = [("name", "Аня"), ("city", "Казань"), ("dislike", "пицца"), ("plan", "ехать на дачу (в субботу)")]
-    kept, gone = facts.forget_user_facts(stored, word)
+    kept, gone = memory.forget_user_facts(stored, word)
     assert gone == removed
     assert kept == [fact for fact in stored if fact not in removed]
 
@@ -232,7 +225,7 @@ def test_no_grammar_repeats_an_optional_item(repo_root):
     # yargy's parser drops matches at random (it depends on memory layout) when a
     # repeatable item can match nothing: .optional().repeatable() gave three different
     # outputs over the labelled set in eight runs; .repeatable().optional() gave one.
-    assert ".optional().repeatable(" not in block_text(repo_root / "create_dataset.py")
+    assert ".optional().repeatable(" not in (repo_root / "blocks" / "user_facts.py").read_text(encoding="utf-8")
 
 
 def test_words_that_are_not_a_fact_of_the_user():
@@ -292,10 +285,3 @@ def test_real_dialogues_read_without_error_and_as_without_the_look(shared_data):
     assert sum(map(bool, found)) >= 10
     assert found == [every_grammar_everywhere(text) for text in texts]
 
-
-def test_every_script_with_the_block_holds_the_same_one(repo_root):
-    holders = {path.name: block_text(path) for path in sorted(repo_root.glob("*.py"))
-               if re.search(f"^{re.escape(BLOCK_START)}", path.read_text(encoding="utf-8"), re.MULTILINE)}
-    assert "create_dataset.py" in holders
-    for name, text in holders.items():
-        assert text == holders["create_dataset.py"], f"{name}: the user facts block differs from create_dataset.py's"

@@ -1,0 +1,1021 @@
+"""User facts: what people say about themselves (name, city, family, ...), read with yargy over pymorphy3.
+
+A block: blocks/build.py writes this file into the scripts that list it (make blocks).
+It imports nothing itself; its host script imports what it uses."""
+
+# What a user says about themselves (name, city, age, work, study, family, pets, likes,
+# dislikes, plans with dates), found with yargy grammars over pymorphy3's analyses, kept
+# in normal forms ("в Казани" is stored as Казань) and shown back inflected.
+# A fact is a (kind, value) pair of strings; a user's facts are a list of them, oldest first.
+FACT_KINDS = ("name", "city", "age", "occupation", "study", "family", "pet", "like", "dislike", "plan")
+SINGLE_VALUE_KINDS = ("name", "city", "age", "occupation", "study")  # a later statement replaces the earlier one
+MAX_VALUES_PER_KIND = 8       # likes, family, plans...: the oldest goes when a kind is full
+NO_FACTS_ANSWER = "Пока ничего. Расскажи о себе, и я запомню."
+CITY_ABBREVIATIONS = {"мск": "Москва", "спб": "Санкт-Петербург", "питер": "Питер", "екб": "Екатеринбург",
+                      "нск": "Новосибирск", "нн": "Нижний Новгород"}
+# No library marks kinship or pet nouns, so these few lemmas are listed here.
+KIN_LEMMAS = {"мама", "мать", "папа", "отец", "брат", "сестра", "муж", "жена", "сын", "дочь", "дочка", "сынок",
+              "бабушка", "дедушка", "ребёнок", "дети", "внук", "внучка", "тётя", "дядя", "племянник",
+              "племянница", "братишка", "сестрёнка", "супруг", "супруга", "девушка", "парень", "мамочка"}
+PARTNER_LEMMAS = {"девушка", "парень"}  # kin only with "мой"/"у меня": "я девушка" says nothing of family
+PET_LEMMAS = {"кот", "кошка", "котик", "котёнок", "собака", "пёс", "щенок", "собачка", "попугай", "хомяк",
+              "хомячок", "черепаха", "кролик", "рыбка", "шиншилла", "крыса", "ящерица", "змея", "хорёк",
+              "лошадь", "морская свинка", "свинка", "попугайчик"}
+MARITAL_WORDS = {"замужем", "женат", "разведена", "разведён", "разведен", "помолвлена", "помолвлен"}
+STATUS_PHRASES = {"на пенсии", "в декрете", "в отпуске по уходу"}
+# "я человек", "я фанатка X": animate nouns that are not an occupation.
+NOT_OCCUPATIONS = {"человек", "девушка", "парень", "мужчина", "женщина", "девочка", "мальчик", "ребёнок",
+                   "фанат", "фанатка", "любитель", "любительница", "поклонник", "поклонница", "бот", "друг",
+                   "подруга", "дурак", "дура", "идиот", "хозяин", "хозяйка", "гость", "новичок", "сам",
+                   "робот", "пользователь"} | KIN_LEMMAS | PET_LEMMAS
+MINE_LEMMAS = {"мой", "свой"}
+POSSESSIVE_LEMMAS = MINE_LEMMAS | {"наш"}   # the user's own: no part of the relative kept ("у меня мой брат")
+MODAL_VERBS = {"собираться", "планировать", "хотеть", "думать", "мечтать", "быть"}
+WEEKDAYS = {"понедельник", "вторник", "среда", "четверг", "пятница", "суббота", "воскресенье"}
+MONTHS = {"январь", "февраль", "март", "апрель", "май", "июнь", "июль", "август", "сентябрь", "октябрь",
+          "ноябрь", "декабрь"}
+# pymorphy3 knows numerals but not their values.
+NUMBER_WORDS = {"один": 1, "два": 2, "три": 3, "четыре": 4, "пять": 5, "шесть": 6, "семь": 7, "восемь": 8,
+                "девять": 9, "десять": 10, "одиннадцать": 11, "двенадцать": 12, "тринадцать": 13,
+                "четырнадцать": 14, "пятнадцать": 15, "шестнадцать": 16, "семнадцать": 17,
+                "восемнадцать": 18, "девятнадцать": 19, "двадцать": 20, "тридцать": 30, "сорок": 40,
+                "пятьдесят": 50, "шестьдесат": 60, "шестьдесят": 60, "семьдесят": 70, "восемьдесят": 80,
+                "девяносто": 90}
+FILLER_WORDS = {"просто", "вообще", "кстати", "короче", "ну", "тоже", "уже", "сейчас", "щас", "теперь", "сам",
+                "сама", "вот", "типа", "же", "лично", "пока", "ещё", "еще", "всё", "все", "тут", "здесь"}
+QUESTION_WORDS = {"как", "где", "откуда", "сколько", "кто", "что", "чем", "зачем", "почему", "какой", "какая",
+                  "какие", "ли", "помнишь", "знаешь", "угадай", "скажи"}
+OTHER_PEOPLE = {"он", "она", "они", "ты", "вы", "его", "её", "ее", "их", "тебя", "тебе", "ей", "ему", "им",
+                "друг", "подруга", "знакомый", "знакомая", "коллега", "сосед", "соседка"} | KIN_LEMMAS
+# Words the grammars below are built on; every rule of a grammar holds one of them (or a
+# pair), which is how sentences_worth_parsing() skips most messages without parsing them.
+ME_WORDS = ("меня", "миня", "мене")
+CALLED_WORDS = ("зовут", "завут", "звать", "зовите", "зови")
+LIVE_WORDS = ("живу", "живём", "живем", "проживаю", "обитаю")
+MOVED_WORDS = ("переехал", "переехала", "переехали", "перебрался", "перебралась")
+WORK_VERBS = ("работаю", "тружусь", "подрабатываю", "работаем")
+STUDY_VERBS = ("учусь", "обучаюсь", "учимся")
+LOVE_VERBS = ("люблю", "обожаю", "любим", "обожаем")
+PLEASE_VERBS = ("нравится", "нравятся", "нравиться", "нравяться")
+FAN_WORDS = ("фанат", "фанатка", "поклонник", "поклонница", "любитель", "любительница")
+FAVOURITE_WORDS = ("любимая", "любимый", "любимое", "любимые")
+HATE_VERBS = ("ненавижу", "бесит", "бесят", "раздражает", "раздражают", "переношу")
+DATE_WORDS = ("завтра", "послезавтра", "сегодня", "выходных", "выходные", "летом", "зимой", "весной", "осенью",
+              "через", "неделе", "месяце", "году")
+CLAUSE_BREAKS = {",", ".", "!", "?", ";", ":", ")", "(", "а", "но", "однако", "зато", "\n"}
+SENTENCE_ENDS = {".", "!", "?", "\n"}
+QUOTE_MARKS = {'"', "«", "»", "„", "“", "”"}   # kept out of a plan's words: 'у меня через месяц "аида"'
+
+
+@functools.lru_cache(maxsize=None)
+def load_fact_tools():
+    """pymorphy3's analyzer and the yargy parsers, built once on first use.
+    The imports live here so that a chat with memory turned off starts without them.
+    yargy's own default analyzer is pymorphy2 (which needs pkg_resources); handing it
+    pymorphy3 keeps setuptools out of the requirements."""
+    import pymorphy3
+    from yargy import Parser, and_, not_, or_, rule
+    from yargy.morph import MorphAnalyzer
+    from yargy.predicates import custom, eq, in_caseless, type as token_type
+    from yargy.tokenizer import MorphTokenizer
+
+    class CachedAnalyzer(MorphAnalyzer):
+        __call__ = functools.lru_cache(maxsize=20000)(MorphAnalyzer.__call__)
+
+    class SharedTokenizer(MorphTokenizer):
+        # Each Parser tokenizes the text it is given, and analysing the words is most of
+        # that cost: the grammars and MessageTokens share a message's tokens.
+        @functools.lru_cache(maxsize=64)
+        def tokens(self, text):
+            return tuple(MorphTokenizer.__call__(self, text))
+
+        def __call__(self, text):
+            return iter(self.tokens(text))
+
+    morph = pymorphy3.MorphAnalyzer()
+    tokenizer = SharedTokenizer(morph=CachedAnalyzer(raw=morph))
+    parses = functools.lru_cache(maxsize=20000)(morph.parse)
+
+    def forms_of(lemmas):
+        # Every dictionary word has_lemma(lemmas) can match, as tokens are written (е for ё too).
+        forms = {form.word for lemma in lemmas if " " not in lemma for p in morph.parse(lemma) for form in p.lexeme}
+        return frozenset(forms | {form.replace("ё", "е") for form in forms})
+
+    @functools.lru_cache(maxsize=50000)
+    def guessed_lemmas(word):
+        # The lemmas pymorphy3 guesses for a word its dictionary lacks: "свого" is свой to has_lemma.
+        return frozenset() if morph.word_is_known(word) else frozenset(p.normal_form for p in parses(word))
+
+    def has_form(*grammemes):
+        wanted = set(grammemes)
+        return custom(lambda word: any(wanted <= p.tag.grammemes for p in parses(word)))
+
+    def likely(*grammemes):
+        # The most probable analysis only: "мгу" is also a form of the village Мга.
+        wanted = set(grammemes)
+        return custom(lambda word: wanted <= parses(word)[0].tag.grammemes)
+
+    def has_lemma(lemmas):
+        return custom(lambda word: any(p.normal_form in lemmas for p in parses(word)))
+
+    words = lambda *values: in_caseless(set(values))
+    filler = in_caseless(FILLER_WORDS).repeatable(max=3).optional()
+    me = words(*ME_WORDS)
+    called = words(*CALLED_WORDS)
+    # A word pymorphy3 does not know may be a rare name, but it must be a word (not ",").
+    unknown_word = custom(lambda w: w.isalpha() and not morph.word_is_known(w.lower()))
+    name_nomn = or_(has_form("Name", "nomn"), and_(unknown_word, custom(lambda w: w[:1].isupper())))
+    name_any = or_(has_form("Name"), unknown_word)
+    name_rules = or_(
+        rule(me, filler, called, filler, name_any),                      # меня зовут аня
+        rule(called, me, filler, name_any),                              # зовут меня настей
+        rule(me, filler, name_any, called),                              # меня кстати дашей зовут
+        rule(me, called, eq("не"), name_any, words("а"), name_any),      # меня зовут не аня а катя
+        rule(words("имя", "имечко"), words("мое", "моё"), name_nomn),
+        rule(words("мое", "моё"), words("имя"), name_nomn),
+        rule(words("я", "это"), filler, and_(name_nomn, not_(has_form("VERB")))),  # я саня
+        rule(name_nomn, words("я")),                                     # саня я, с питера
+        rule(words("а"), me, name_nomn),                                 # ..., а меня маша
+    )
+    geo = or_(has_form("Geox"), in_caseless(set(CITY_ABBREVIATIONS)))
+    place = or_(
+        rule(has_form("ADJF").optional(), geo),                          # нижнем новгороде
+        rule(custom(str.isalpha), eq("-"), geo),                         # санкт-петербурге
+        rule(geo, eq("-"), words("на"), eq("-"), custom(str.isalpha)),   # ростове-на-дону
+    )
+    geo_gent = or_(has_form("Geox", "gent"), in_caseless(set(CITY_ABBREVIATIONS)))
+    place_from = or_(
+        rule(has_form("ADJF", "gent").optional(), geo_gent),
+        rule(custom(str.isalpha), eq("-"), geo_gent),
+    )
+    live = words(*LIVE_WORDS)
+    moved = words(*MOVED_WORDS)
+    other_place = rule(words("в", "во", "на"), and_(has_form("NOUN"), not_(has_form("Geox"))))
+    city_rules = or_(
+        rule(live, filler, other_place.optional(), words("в", "во"), place),   # живу в общаге в москве
+        rule(live, filler, eq("не"), words("в", "во"), place, eq(",").optional(),
+             words("а"), words("в", "во"), place),                             # живу не в москве а в казани
+        rule(words("теперь", "сейчас"), words("в", "во"), place),              # жила в омске, теперь в томске
+        rule(words("в", "во"), place, filler, live),
+        rule(moved, filler, words("в", "во"), place),
+        rule(words("из", "с", "со"), place_from),
+    )
+    number = or_(
+        rule(token_type("INT")),
+        rule(has_lemma(set(NUMBER_WORDS)), has_lemma(set(NUMBER_WORDS)).optional()),
+    )
+    age_rules = rule(words("мне"), filler, number, words("лет", "год", "года", "годик", "годика").optional())
+    work = in_caseless(set(WORK_VERBS))
+    # A city is where one lives, not a workplace: "живу в екатеринбурге работаю инженером".
+    noun_phrase = rule(or_(has_form("ADJF"), has_form("NUMR"), token_type("INT")).repeatable(max=2).optional(),
+                       and_(has_form("NOUN"), not_(likely("Geox"))))
+    prepositional = rule(words("в", "во", "на"), noun_phrase)
+    profession_ablt = has_form("NOUN", "anim", "ablt")
+    occupation_rules = or_(
+        rule(work, filler, prepositional.optional(), profession_ablt, prepositional.optional()),
+        rule(work, filler, prepositional),
+        rule(prepositional, filler, work),
+        rule(words("я"), filler, words("по"), words("профессии"), has_form("NOUN", "anim", "nomn")),
+        rule(words("я"), filler, has_form("ADJF", "nomn").optional(),
+             and_(has_form("NOUN", "anim", "nomn"), likely("NOUN")),
+             rule(has_form("ADJF", "gent").optional(),
+                  and_(has_form("NOUN", "gent"), not_(likely("PREP")))).optional()),
+        rule(words("на"), words("пенсии")),
+        rule(words("в"), words("декрете")),
+    )
+    study = words(*STUDY_VERBS)
+    study_rules = or_(
+        rule(study, filler, prepositional.repeatable(max=3)),
+        rule(prepositional, filler, study),
+        rule(words("я"), filler, words("в"), token_type("INT"), words("классе", "класе")),
+    )
+    kin = has_lemma(KIN_LEMMAS)
+    pet = has_lemma(PET_LEMMAS)
+    relative = or_(kin, pet)
+    mine = has_lemma(MINE_LEMMAS)
+    count = or_(token_type("INT"), has_form("NUMR"), has_lemma({"двое", "трое", "четверо", "пятеро"}))
+    owner = rule(words("у"), words("меня", "нас"), words("есть", "живет", "живёт", "живут").optional())
+    pet_name = and_(or_(has_form("Name", "nomn"), has_form("NOUN", "nomn"), unknown_word),
+                    not_(has_form("ADJF")), not_(has_form("PREP")), not_(has_form("CONJ")), not_(has_form("PRCL")))
+    relative_phrase = or_(
+        rule(has_form("ADJF").optional(), kin, has_form("Name", "nomn").optional()),
+        rule(has_form("ADJF").optional(), pet, pet_name.optional()),
+    )
+    family_rules = or_(
+        rule(mine, relative_phrase),
+        rule(relative, mine),
+        rule(owner, count, relative),
+        rule(owner, relative_phrase,
+             rule(in_caseless({"и", ","}).optional(), count.optional(), relative_phrase)
+             .repeatable(max=3).optional()),
+        rule(relative, words("у"), words("меня")),
+        rule(words("мы"), words("с", "со"), relative),
+        rule(and_(kin, has_form("datv")), token_type("INT")),             # сыну 3 года
+        rule(words("я"), filler, in_caseless(MARITAL_WORDS)),
+        rule(words("а"), and_(kin, has_form("nomn"))),                    # "..., а муж водитель"
+    )
+    infinitive_phrase = rule(has_form("ADVB").optional(), has_form("INFN"),
+                             custom(lambda w: w.isalnum() and w.lower() not in CLAUSE_BREAKS and w.lower() != "и"
+                                    and w.lower() not in QUESTION_WORDS)
+                             .repeatable(max=4).optional())
+    # "с", "и", "в" are also abbreviations that pymorphy3 calls nouns; the likeliest reading decides.
+    noun = and_(has_form("NOUN"), not_(likely("PREP")), not_(likely("CONJ")), not_(likely("PRCL")))
+    object_np = rule(has_form("ADJF").repeatable(max=2).optional(), noun,
+                     and_(noun, has_form("gent")).optional())
+    liked_item = or_(infinitive_phrase, object_np)
+    objects = rule(liked_item, rule(in_caseless({"и", ","}).optional(), liked_item).repeatable(max=4).optional())
+    like_rules = or_(
+        rule(words(*LOVE_VERBS), objects),
+        rule(words(*PLEASE_VERBS), objects),
+        rule(words("увлекаюсь"), objects),
+        rule(words("я").optional(), filler, words(*FAN_WORDS), objects),
+        rule(words(*FAVOURITE_WORDS), has_form("NOUN"), objects),
+        rule(words("терпеть"), words("не"), words("могу"), objects),
+        rule(words(*HATE_VERBS), objects),
+    )
+    date = or_(
+        rule(words("завтра", "послезавтра", "сегодня"), words("вечером", "утром", "днём", "днем").optional()),
+        rule(words("в", "во"), has_lemma(WEEKDAYS)),
+        rule(words("в"), has_lemma(MONTHS)),
+        rule(token_type("INT"), has_lemma(MONTHS)),
+        rule(words("на"), words("выходных")),
+        rule(words("в"), words("выходные")),
+        rule(words("летом", "зимой", "весной", "осенью")),
+        rule(words("через"), count.optional(), has_lemma({"день", "неделя", "месяц", "год", "час"})),
+        rule(words("на"), words("следующей", "этой"), words("неделе")),
+        rule(words("в"), words("следующем", "этом"), words("месяце", "году")),
+    )
+    parser = lambda grammar: Parser(grammar, tokenizer=tokenizer)
+    return {"morph": morph, "parse": parses, "tokenizer": tokenizer, "guessed_lemmas": guessed_lemmas,
+            "mine_forms": forms_of(MINE_LEMMAS), "relative_forms": forms_of(KIN_LEMMAS | PET_LEMMAS),
+            "number_forms": forms_of(set(NUMBER_WORDS)), "date_forms": forms_of(WEEKDAYS | MONTHS),
+            "name": parser(name_rules), "city": parser(city_rules), "age": parser(age_rules),
+            "occupation": parser(occupation_rules), "study": parser(study_rules),
+            "family": parser(family_rules), "like": parser(like_rules), "date": parser(date)}
+
+
+def fold(text):
+    # One spelling for comparing values: case and ё do not make a fact different.
+    return " ".join(text.casefold().replace("ё", "е").split())
+
+
+def best_parse(word, *grammemes):
+    """pymorphy3's most likely analysis of `word` that has all `grammemes`, else its most likely one."""
+    parses = load_fact_tools()["parse"](word.lower())
+    wanted = set(grammemes)
+    return next((p for p in parses if wanted <= p.tag.grammemes), parses[0])
+
+
+def capitalized(word):
+    return "-".join(part[:1].upper() + part[1:] for part in word.split("-"))
+
+
+def inflect_word(parse, grammemes, fallback):
+    inflected = parse.inflect(set(grammemes)) if parse is not None else None
+    return inflected.word if inflected else fallback
+
+
+class MessageTokens:
+    """One message's tokens with what the checks need: where clauses and sentences end."""
+
+    def __init__(self, text, sentences):
+        self.sentences = sentences  # grammar: the (start, stop) character spans to parse
+        self.tokens = list(load_fact_tools()["tokenizer"](text))
+        self.words = [token.value.lower() for token in self.tokens]
+
+    def index_at(self, offset):
+        return next(i for i, token in enumerate(self.tokens) if token.span.start >= offset)
+
+    def clause_bounds(self, start, stop):
+        """Token indices [first, last) of the clause around tokens start..stop."""
+        first = start
+        while first > 0 and self.words[first - 1] not in CLAUSE_BREAKS:
+            first -= 1
+        last = stop
+        while last < len(self.words) and self.words[last] not in CLAUSE_BREAKS:
+            last += 1
+        return first, last
+
+    def is_question(self, start, stop):
+        # A question that names the user's facts ("а где я живу?") states none of them.
+        first, last = self.clause_bounds(start, stop)
+        if any(word in QUESTION_WORDS for word in self.words[first:start]):
+            return True
+        return last < len(self.words) and self.words[last] == "?"
+
+    def is_negated(self, start, stop):
+        # "не" inside the match or right before it: "меня зовут не аня", "я не из москвы".
+        before = self.words[max(0, start - 2):start]
+        return "не" in self.words[start:stop] or "нет" in self.words[start:stop] or "не" in before
+
+    def has_other_subject(self, start):
+        """Someone else is the clause's subject before `start` ("моя мама живёт в сочи")."""
+        first, _ = self.clause_bounds(start, start)
+        for i in range(start - 1, first - 1, -1):
+            word = self.words[i]
+            if word in ("я", "мы", "меня", "мне"):
+                return False
+            person = best_parse(word, "nomn")
+            if "nomn" in person.tag.grammemes and (word in OTHER_PEOPLE or person.normal_form in OTHER_PEOPLE):
+                return True  # only a nominative can be the subject: "мы с мужем живём" is still us
+        return False
+
+    def said_by_me_earlier(self, start):
+        """An "я" earlier in the same sentence, with nobody else named in between."""
+        i = start - 1
+        while i >= 0 and self.words[i] not in SENTENCE_ENDS:
+            word = self.words[i]
+            if word == "я":
+                return True
+            if word in OTHER_PEOPLE or best_parse(word).normal_form in OTHER_PEOPLE:
+                return False
+            i -= 1
+        return False
+
+
+def matches_of(kind, text, message):
+    """(start, stop, tokens) of each match of the `kind` grammar, as token indices. No rule
+    matches across the end of a sentence, so only the sentences worth it are parsed."""
+    found = []
+    for first, last in message.sentences.get(kind, ()):
+        for match in load_fact_tools()[kind].findall(text[first:last]):
+            start = message.index_at(first + match.span.start)
+            found.append((start, start + len(match.tokens), [token.value for token in match.tokens]))
+    return found
+
+
+def normal_name(word):
+    """The name in the nominative; a word that can be nominative stays as typed, since
+    pymorphy3 guesses rare diminutives wrongly ("настюша" is not a form of "настюш")."""
+    word = word.lower()
+    if any("nomn" in p.tag.grammemes for p in load_fact_tools()["parse"](word)):
+        return capitalized(word)
+    parse = best_parse(word, "Name")
+    return capitalized(inflect_word(parse, {"nomn"}, parse.normal_form))
+
+
+def place_parse(word, cases):
+    """The likeliest analysis of a place name in one of the `cases` its preposition governs:
+    "в самару" is Самара, though "самару" is likelier the dative of Самар."""
+    parses = load_fact_tools()["parse"](word)
+    return next((p for p in parses if "Geox" in p.tag.grammemes and p.tag.case in cases), best_parse(word, "Geox"))
+
+
+def normal_place(words, cases):
+    """The place in the nominative, each part capitalized: "нижнем новгороде" -> Нижний Новгород."""
+    text = " ".join(words).replace(" - ", "-").lower()
+    if text in CITY_ABBREVIATIONS:
+        return CITY_ABBREVIATIONS[text]
+    if "-" in text:
+        parts = text.split("-")
+        head = 0 if "на" in parts else len(parts) - 1   # ростове-на-дону: the first part declines
+        parse = place_parse(parts[head], cases)
+        parts[head] = inflect_word(parse, {"nomn"}, parse.normal_form)
+        return "-".join(part if part == "на" else capitalized(part) for part in parts)
+    noun = place_parse(words[-1].lower(), cases)
+    result = [inflect_word(noun, {"nomn"}, noun.normal_form)]
+    if len(words) > 1:
+        adjective = best_parse(words[0].lower(), "ADJF")
+        agree = {"nomn", "plur"} if "plur" in noun.tag.grammemes else {"nomn", noun.tag.gender or "masc"}
+        result.insert(0, inflect_word(adjective, agree, words[0].lower()))
+    return " ".join(capitalized(word) for word in result)
+
+
+def normal_noun_phrase(words, case=None):
+    """A noun phrase in the nominative, number kept, adjectives agreeing:
+    "корейских дорам" -> корейские дорамы; a genitive tail stays as said ("запах сигарет")."""
+    words = [word.lower() for word in words]
+    head = next(i for i, word in enumerate(words) if "NOUN" in best_parse(word, "NOUN").tag.grammemes)
+    grammemes = ("NOUN", case) if case else ("NOUN",)
+    noun = best_parse(words[head], *grammemes)
+    if "Fixd" in noun.tag.grammemes:
+        nominative = words[head]
+    else:
+        number = "plur" if "plur" in noun.tag.grammemes else "sing"
+        nominative = inflect_word(noun, {"nomn", number}, noun.normal_form)
+    result = []
+    for word in words[:head]:
+        adjective = best_parse(word, "ADJF")
+        if "plur" in noun.tag.grammemes:
+            agree = {"nomn", "plur"}
+        else:
+            agree = {"nomn", "sing", noun.tag.gender or "masc"}
+        result.append(inflect_word(adjective, agree, word))
+    return " ".join(result + [nominative] + words[head + 1:])
+
+
+def extract_names(text, message):
+    names = []
+    for start, stop, words in matches_of("name", text, message):
+        contrast = "не" in [word.lower() for word in words]
+        if (not contrast and message.is_negated(start, stop)) or message.is_question(start, stop):
+            continue
+        lowered = [word.lower() for word in words]
+        if lowered[0] in ("я", "это") and stop < len(message.words) and message.words[stop] in ("зовут", "звать"):
+            continue
+        if lowered[-1] == "я" and stop < len(message.words) and message.words[stop] not in CLAUSE_BREAKS:
+            continue  # "вика я тебя люблю" speaks to Vika; "саня я, с питера" introduces Sanya
+        if lowered[0] == "а" and "зовут" not in message.words[:start]:
+            continue
+        if lowered[0] == "это" and start > 1:
+            continue
+        name_word = next(w for w in reversed(words)
+                         if w.lower() not in ("я", "зовут", "звать", "зови", "зовите", "а", "меня")
+                         and w.lower() not in FILLER_WORDS)
+        names.append(("name", normal_name(name_word)))
+    return names[-1:]
+
+
+def extract_city(text, message):
+    cities = []
+    for start, stop, words in matches_of("city", text, message):
+        lowered = [w.lower() for w in words]
+        # "живу не в москве а в казани": the "не" inside corrects the place; one before still negates.
+        contrast = "не" in lowered and "а" in lowered
+        negated = "не" in message.words[max(0, start - 2):start] if contrast else message.is_negated(start, stop)
+        if negated or message.is_question(start, stop):
+            continue
+        if words[0].lower() in ("из", "с", "со"):
+            if not message.said_by_me_earlier(start):
+                continue
+            if start > 0 and message.words[start - 1] in ("родом", "родилась", "родился", "привет", "приехал",
+                                                          "приехала", "вернулся", "вернулась"):
+                continue
+        elif message.has_other_subject(start):
+            continue
+        if words[0].lower() in ("теперь", "сейчас") and not any(
+                best_parse(word).normal_form in ("жить", "переехать", "проживать") for word in message.words[:start]):
+            continue  # "теперь в томске" moves house only after talk of living somewhere
+        while lowered[-1] in FILLER_WORDS or best_parse(lowered[-1]).tag.POS == "VERB":
+            lowered.pop()  # "в казани живу"
+        last_preposition = max(i for i, w in enumerate(lowered) if w in ("в", "во", "из", "с", "со")
+                               and (i == 0 or lowered[i - 1] != "-"))
+        cases = ("gent",) if lowered[last_preposition] in ("из", "с", "со") else ("loct", "accs")
+        cities.append(("city", normal_place(lowered[last_preposition + 1:], cases)))
+    return cities[-1:]
+
+
+def number_value(words):
+    digits = [word for word in words if word.isdigit()]
+    if digits:
+        return int(digits[0])
+    return sum(NUMBER_WORDS.get(best_parse(word).normal_form, 0) for word in words)
+
+
+def extract_age(text, message):
+    ages = []
+    for start, stop, words in matches_of("age", text, message):
+        if message.is_question(start, stop) or message.is_negated(start, stop):
+            continue
+        if start > 0 and message.words[start - 1] in ("во", "в", "ко", "обо", "при"):
+            continue  # "во мне 56": not "мне" the dative of age
+        after = message.words[stop:stop + 2]
+        if after[:1] and after[0] not in ("лет", "год", "года") and (
+                {"NOUN", "INFN"} & best_parse(after[0]).tag.grammemes):
+            continue  # "мне 2 часа ехать", "мне 3 кг": a number of something else
+        if "не" in after or "было" in after or "было" in message.words[max(0, start - 2):start]:
+            continue  # an age in the past
+        value = number_value([w.lower() for w in words[1:] if w.lower() not in FILLER_WORDS])
+        if 3 <= value <= 110:
+            ages.append(("age", str(value)))
+    return ages[:1]
+
+
+
+def is_animate_noun(word, case):
+    return {"NOUN", "anim", case} <= best_parse(word, "NOUN", "anim", case).tag.grammemes
+
+
+def extract_occupation(text, message):
+    found = []
+    for start, stop, words in matches_of("occupation", text, message):
+        if message.is_negated(start, stop) or message.is_question(start, stop):
+            continue
+        lowered = [w.lower() for w in words]
+        phrase = " ".join(lowered)
+        if phrase in STATUS_PHRASES:
+            if not message.has_other_subject(start):
+                found.append(("occupation", phrase))
+            continue
+        professions = [w for w in lowered if is_animate_noun(w, "ablt")]
+        if professions and lowered[0] in WORK_VERBS:   # "работаю учителем (в школе)"
+            found.append(("occupation", normal_noun_phrase(professions[:1], "ablt")))
+            continue
+        if lowered[0] == "я":
+            noun = best_parse(next(w for w in lowered[1:] if is_animate_noun(w, "nomn")), "NOUN", "anim", "nomn")
+            if noun.normal_form in NOT_OCCUPATIONS or "Name" in noun.tag.grammemes:
+                continue
+            tail = [w for w in lowered[1:] if w not in FILLER_WORDS and w not in ("по", "профессии")]
+            found.append(("occupation", normal_noun_phrase(tail, "nomn")))  # "учительница начальных классов"
+            continue
+        if message.has_other_subject(start):
+            continue
+        place = [w for w in lowered if w not in WORK_VERBS and w not in FILLER_WORDS]
+        if "Name" in best_parse(place[-1]).tag.grammemes:
+            continue  # "работаю с олей": a person, not a workplace
+        found.append(("occupation", " ".join(place)))
+    return found[-1:]
+
+
+def extract_study(text, message):
+    found = []
+    for start, stop, words in matches_of("study", text, message):
+        if message.is_negated(start, stop) or message.is_question(start, stop) or message.has_other_subject(start):
+            continue
+        phrase = [w.lower() for w in words if w.lower() not in ("учусь", "обучаюсь", "учимся", "я")
+                  and w.lower() not in FILLER_WORDS]
+        found.append(("study", " ".join(phrase)))
+    return found[-1:]
+
+
+def relative_value(words, named_later=None):
+    """"сестру" -> сестра, "старший брат миша" -> старший брат Миша, "двое детей" as said;
+    None where the kin reading is not the word's likeliest noun ("мой внучек")."""
+    lowered = [w.lower() for w in words if best_parse(w).normal_form not in POSSESSIVE_LEMMAS]
+    if not lowered:
+        return None
+    if lowered[0].isdigit() or "NUMR" in best_parse(lowered[0]).tag.grammemes or \
+            best_parse(lowered[0]).normal_form in ("двое", "трое", "четверо", "пятеро"):
+        return " ".join(lowered)
+    head = next((i for i, w in enumerate(lowered) if best_parse(w, "NOUN").normal_form in KIN_LEMMAS | PET_LEMMAS
+                 and "NOUN" in best_parse(w, "NOUN").tag.grammemes), None)
+    if head is None:
+        return None
+    phrase = normal_noun_phrase(lowered[:head + 1])
+    noun = phrase.split()[-1]
+    if noun in ("ребёнок", "ребенок") and "plur" in best_parse(lowered[head], "NOUN").tag.grammemes:
+        phrase = phrase[:-len(noun)] + "дети"
+    name = lowered[head + 1:] or ([named_later] if named_later else [])
+    return phrase + (" " + normal_name(name[0]) if name else "")
+
+
+def split_relatives(words):
+    """The relatives listed after "у меня": "кошка и собака" -> [кошка], [собака]."""
+    groups, current = [], []
+    for word in words:
+        if word.lower() in ("и", ","):
+            groups.append(current)
+            current = []
+        else:
+            current.append(word)
+    groups.append(current)
+    return [group for group in groups if group]
+
+
+NAMING_WORDS = ("зовут", "кличке", "кличка", "назвала", "назвал", "назвали", "зову")
+# What may stand between the last relative of a list and its name: "... и сестра, которую зовут оля".
+BEFORE_NAMING = {"и", "по", "его", "её", "ее", "их", "которого", "которую", "которых", "которая", "который"}
+
+
+def name_given_after(message, start, stop, listed=False):
+    """The name in "... зовут X", "по кличке X", "я назвала X" in the same clause; after a
+    list of relatives (`listed`), only right after it, where it names the last one.
+    "меня зовут X" names the user, not a relative."""
+    first, last = message.clause_bounds(start, stop)
+    for i in range(stop if listed else first, last - 1):
+        word = message.words[i]
+        if word in NAMING_WORDS and (i > 0 and message.words[i - 1] in ME_WORDS or message.words[i + 1] in ME_WORDS):
+            if listed:
+                return None
+            continue
+        if word in NAMING_WORDS:
+            return message.words[i + 1]
+        if listed and word not in BEFORE_NAMING:
+            return None
+    return None
+
+
+def extract_family_and_pets(text, message):
+    found = []
+    for start, stop, words in matches_of("family", text, message):
+        if message.is_negated(start, stop) or message.is_question(start, stop):
+            continue
+        lowered = [w.lower() for w in words]
+        if lowered[-1] in MARITAL_WORDS:
+            found.append(("family", lowered[-1]))
+            continue
+        after = message.words[stop:stop + 1]
+        if lowered[0] == "а" or best_parse(lowered[-1]).normal_form in ("мой", "свой"):
+            if after == [] or after[0] in CLAUSE_BREAKS or after[0] in ("ты", "вы"):
+                continue  # someone spoken to: "сын мой, ...", "а мама?"
+            if lowered[0] == "а" and best_parse(lowered[-1]).normal_form in PARTNER_LEMMAS:
+                continue
+            lowered = [w for w in lowered if w != "а"]
+        owned = lowered[:1] == ["у"]
+        if owned:
+            rest = lowered[2:]
+            if rest[0] in ("есть", "живет", "живёт", "живут"):
+                rest = rest[1:]
+            groups = split_relatives(rest)
+        else:
+            groups = [[w for w in lowered if w not in ("у", "меня", "мы", "с", "со") and not w.isdigit()
+                       and best_parse(w).normal_form not in ("мой", "свой")]]
+        named_later = name_given_after(message, start, stop, listed=len(groups) > 1)
+        for number, group in enumerate(groups, 1):
+            lemma = {best_parse(w, "NOUN").normal_form for w in group}
+            if lemma & PARTNER_LEMMAS and not (owned or best_parse(lowered[0]).normal_form == "мой" or
+                                              best_parse(lowered[-1]).normal_form == "мой"):
+                continue
+            kind = "pet" if lemma & PET_LEMMAS else "family"
+            value = relative_value(group, named_later if number == len(groups) else None)
+            if value:
+                found.append((kind, value))
+    return found
+
+
+def object_case(trigger):
+    # The case the verb governs picks the right analysis: "люблю суши" is not "суша".
+    if trigger in ("нравится", "нравятся", "нравиться", "нравяться", "бесит", "бесят", "раздражает",
+                   "раздражают") or trigger.startswith("любим"):
+        return "nomn"
+    if trigger == "увлекаюсь":
+        return "ablt"
+    if trigger == "я":
+        return "gent"
+    return "accs"
+
+
+def is_infinitive_phrase(words):
+    first = best_parse(words[0]).tag.grammemes
+    return "INFN" in first or (len(words) > 1 and "ADVB" in first and "INFN" in best_parse(words[1]).tag.grammemes)
+
+
+def split_noun_list(words):
+    """"суши роллы" -> [суши], [роллы]; a genitive keeps to its noun ("запах сигарет")."""
+    groups, current = [], []
+    for word in words:
+        after_noun = current and "NOUN" in best_parse(current[-1], "NOUN").tag.grammemes
+        if after_noun and ("ADJF" in best_parse(word).tag.grammemes
+                           or best_parse(word, "NOUN", "gent").tag.case != "gent"):
+            groups.append(current)
+            current = []
+        current.append(word)
+    return groups + [current]
+
+
+def split_objects(words, case):
+    """What follows "люблю": infinitive phrases and nouns listed with "и" and commas, one fact each."""
+    values, group = [], []
+    for word in words + [","]:
+        if word not in ("и", ","):
+            group.append(word)
+            continue
+        if group and is_infinitive_phrase(group):
+            values.append(" ".join(group))
+        elif group:
+            values += [normal_noun_phrase(nouns, case) for nouns in split_noun_list(group)
+                       if any("NOUN" in best_parse(word, "NOUN").tag.grammemes for word in nouns)]
+        group = []
+    return values
+
+
+def extract_likes(text, message):
+    found = []
+    for start, stop, words in matches_of("like", text, message):
+        lowered = [w.lower() for w in words]
+        if message.is_question(start, stop):
+            continue
+        trigger = lowered[0]
+        before = message.words[max(0, start - 3):start]
+        if trigger in ("нравится", "нравятся", "нравиться", "нравяться"):
+            experiencer = [w for w in before if w not in ("не", "очень", "тоже", "так", "уже", "сильно", "сейчас")]
+            if experiencer and experiencer[-1] not in ("мне", ",", "а", "и", "но") and \
+                    "datv" in best_parse(experiencer[-1]).tag.grammemes:
+                continue  # "ей нравится рок": someone else's taste
+        if trigger in ("бесит", "бесят", "раздражает", "раздражают") and any(
+                w in ("тебя", "его", "её", "ее", "их") for w in before):
+            continue
+        if trigger in ("я", "фанат", "фанатка", "поклонник", "поклонница", "любитель", "любительница"):
+            if message.has_other_subject(start):
+                continue  # "он фанат металлики"
+            trigger = "я"
+            objects = lowered[next(i for i, w in enumerate(lowered) if w not in FILLER_WORDS and w != "я") + 1:]
+        elif trigger.startswith("любим"):
+            objects = lowered[2:]
+        elif trigger == "терпеть":
+            objects = lowered[3:]
+        else:
+            objects = lowered[1:]
+        negated = "не" in before[-2:] or trigger in ("терпеть", "ненавижу", "бесит", "бесят", "раздражает",
+                                                      "раздражают", "переношу")
+        if trigger == "переношу" and "не" not in before[-2:]:
+            continue
+        if any(best_parse(word).normal_form in ("ты", "вы", "твой", "ваш") for word in objects):
+            continue  # "люблю тебя", "нравится твоя улыбка": about the one spoken to
+        kind = "dislike" if negated else "like"
+        found.extend((kind, value) for value in split_objects(objects, object_case(trigger)))
+    return found
+
+
+def verb_for_plan(message, first, last, date_span):
+    """The user's verb in the clause: 1st person, present or future; "собираюсь поехать" -> поехать."""
+    for i in range(first, last):
+        if date_span[0] <= i < date_span[1]:
+            continue
+        word = message.words[i]
+        follows_motion = i + 1 < last and message.words[i + 1] in ("в", "во", "на", "к", "ко")
+        candidates = [p for p in load_fact_tools()["parse"](word)
+                      if {"VERB", "1per", "indc"} <= p.tag.grammemes and "past" not in p.tag.grammemes]
+        if not candidates:
+            continue
+        if i > first and message.words[i - 1] == "не":
+            return None  # "сегодня не могу"
+        if follows_motion and any("intr" in p.tag.grammemes for p in candidates):
+            candidates = [p for p in candidates if "intr" in p.tag.grammemes]  # "лечу в сочи": лететь
+        verb = candidates[0]
+        if verb.normal_form in MODAL_VERBS and i + 1 < last and \
+                "INFN" in best_parse(message.words[i + 1]).tag.grammemes:
+            return i + 1, message.words[i + 1]
+        return i, verb.normal_form
+    return None
+
+
+def extract_plans(text, message):
+    plans = []
+    for start, stop, words in matches_of("date", text, message):
+        if message.is_question(start, stop):
+            continue
+        first, last = message.clause_bounds(start, stop)
+        when = " ".join(w.lower() for w in words)
+        found_verb = verb_for_plan(message, first, last, (start, stop))
+        if found_verb:
+            index, lemma = found_verb
+            rest = [message.words[i] for i in range(index + 1, last) if not start <= i < stop
+                    and message.words[i] not in QUOTE_MARKS]
+            plans.append(("plan", f"{' '.join([lemma] + rest)} ({when})"))
+            continue
+        clause = message.words[first:last]
+        if "меня" in clause and "у" in clause:
+            rest = [message.words[i] for i in range(first, last) if not start <= i < stop
+                    and message.words[i] not in ("у", "меня", "есть") and message.words[i] not in QUOTE_MARKS]
+            nouns = [w for w in rest if "NOUN" in best_parse(w, "NOUN").tag.grammemes]
+            if nouns:
+                plans.append(("plan", f"{normal_noun_phrase(rest[rest.index(nouns[0]):])} ({when})"))
+    return plans
+
+
+EXTRACTORS = {"name": extract_names, "city": extract_city, "age": extract_age, "occupation": extract_occupation,
+              "study": extract_study, "family": extract_family_and_pets, "like": extract_likes, "date": extract_plans}
+WORD_TOKEN = re.compile(r"[а-яё]+|[a-z]+|\d+", re.IGNORECASE)   # the words of yargy's tokenizer
+SENTENCE = re.compile(r"[^.!?]+")   # yargy makes each of . ! ? a token, which no rule matches
+
+
+def next_words(written, words, i):
+    """The words that can follow words[i] in a rule, up to three filler words skipped
+    (the grammars' `filler`), as written."""
+    for j in range(i + 1, min(i + 5, len(words))):
+        yield written[j]
+        if words[j] not in FILLER_WORDS:
+            break
+
+
+def grammars_for_sentence(written):
+    """The grammars that could find a fact in a sentence of these words (without punctuation),
+    told by what each rule needs: one of a few words, or a pair, or a word of some kind beside
+    "я" or "мне"; and what the checks after a match ask for ("из казани" is the user's city
+    only after "я" in the same sentence). The word lists are the grammars'. Analyses are of
+    the words as written, as in the grammars: "И" is an initial, "и" is not."""
+    words = [word.lower() for word in written]
+    seen = set(words)
+    tools = load_fact_tools()
+    has = lambda *options: not seen.isdisjoint(options)
+    guessed = []
+
+    def has_lemma(lemmas, forms):
+        # The grammars' has_lemma: a dictionary form, or a word pymorphy3 guesses to be one.
+        if not seen.isdisjoint(forms):
+            return True
+        if not guessed:
+            guessed.append(frozenset().union(*map(tools["guessed_lemmas"], seen)))
+        return not guessed[0].isdisjoint(lemmas)
+
+    grammemes = lambda word: [p.tag.grammemes for p in tools["parse"](word)]
+    name_like = lambda word: any("Name" in g for g in grammemes(word)) or not tools["morph"].word_is_known(word.lower())
+    person_like = lambda word: word == "по" or any({"NOUN", "anim", "nomn"} <= g or {"ADJF", "nomn"} <= g
+                                                   for g in grammemes(word))
+    number_like = lambda word: word.isdigit() or word.lower() in tools["number_forms"] or \
+        not tools["guessed_lemmas"](word.lower()).isdisjoint(NUMBER_WORDS)
+    after = lambda trigger, like: any(like(word) for i, w in enumerate(words) if w == trigger
+                                      for word in next_words(written, words, i))
+    worth = {
+        "name": (has(*ME_WORDS) and (has(*CALLED_WORDS) or "а" in seen)) or has("имя", "имечко")
+                or after("я", name_like) or ("это" in words[:2] and after("это", name_like))
+                or any(name_like(written[i - 1]) for i, w in enumerate(words) if w == "я" and i > 0),
+        "city": has(*LIVE_WORDS, *MOVED_WORDS) or (has("теперь", "сейчас") and has("в", "во"))
+                or ("я" in seen and has("из", "с", "со")),
+        "age": "мне" in seen and after("мне", number_like),
+        "occupation": has(*WORK_VERBS, "пенсии", "декрете") or after("я", person_like),
+        "study": has(*STUDY_VERBS) or ("я" in seen and has("классе", "класе")),
+        "family": ("я" in seen and has(*MARITAL_WORDS)) or (
+            ("а" in seen or ("у" in seen and has("меня", "нас")) or ("мы" in seen and has("с", "со"))
+             or any(word.isdigit() for word in words) or has_lemma(MINE_LEMMAS, tools["mine_forms"]))
+            and has_lemma(KIN_LEMMAS | PET_LEMMAS, tools["relative_forms"])),
+        "like": has(*LOVE_VERBS, *PLEASE_VERBS, "увлекаюсь", *FAN_WORDS, *FAVOURITE_WORDS, "терпеть", *HATE_VERBS),
+        "date": has(*DATE_WORDS) or has_lemma(WEEKDAYS | MONTHS, tools["date_forms"]),
+    }
+    return [grammar for grammar in EXTRACTORS if worth[grammar]]
+
+
+def sentences_worth_parsing(text):
+    """{grammar: [(start, stop), ...]}: the sentences of `text` where each grammar could find
+    a fact. Most messages state nothing about their writer and get {}: a regular expression
+    instead of eight parses."""
+    worth = {}
+    for sentence in SENTENCE.finditer(text):
+        words = WORD_TOKEN.findall(sentence.group())
+        for grammar in grammars_for_sentence(words) if words else ():
+            worth.setdefault(grammar, []).append(sentence.span())
+    return worth
+
+
+def facts_in_message(text, sentences):
+    """What the grammars find in the `sentences` of `text` (whitespace normalized; see
+    sentences_worth_parsing), checked and made unique."""
+    if not any(ch.isalpha() for ch in text):
+        return []
+    message = MessageTokens(text, sentences)
+    facts = []
+    for grammar in EXTRACTORS:
+        if grammar in sentences:
+            facts.extend(EXTRACTORS[grammar](text, message))
+    unique = []
+    for fact in facts:
+        if (fact[0], fold(fact[1])) not in {(k, fold(v)) for k, v in unique}:
+            unique.append(fact)
+    return unique
+
+
+def extract_user_facts(text):
+    """The facts a user states about themselves in one message, as (kind, value) pairs
+    in normal forms; questions, negations and other people's facts give none."""
+    text = " ".join(text.split())
+    sentences = sentences_worth_parsing(text)
+    return facts_in_message(text, sentences) if sentences else []
+
+
+def relation_of(value):
+    # "сестра Оля" and "сестра" are the same relative; the name makes the newer one better.
+    return fold(" ".join(word for word in value.split() if not word[:1].isupper()))
+
+
+def name_of(value):
+    return " ".join(word for word in value.split() if word[:1].isupper())
+
+
+def same_relative(old, new):
+    """One relative said of twice ("младшая сестра", then "сестра Оля"): the same head
+    noun, and not two different names."""
+    old_words, new_words = relation_of(old).split(), relation_of(new).split()
+    if not old_words or not new_words or old_words[-1] != new_words[-1]:
+        return False
+    if not (set(old_words) <= set(new_words) or set(new_words) <= set(old_words)):
+        return False
+    return not (name_of(old) and name_of(new) and fold(name_of(old)) != fold(name_of(new)))
+
+
+def combined_relative(old, new):
+    # The fuller description and whichever name was given: "младшая сестра Оля".
+    relation = max(relation_of(old), relation_of(new), key=len)
+    name = name_of(new) or name_of(old)
+    return f"{relation} {name}".strip()
+
+
+def merge_user_facts(stored, new):
+    """The stored facts updated with `new` (both lists of (kind, value)): a single-value kind
+    is replaced, a list kind grows up to MAX_VALUES_PER_KIND, liking a thing cancels disliking it."""
+    facts = [tuple(fact) for fact in stored]
+    for kind, value in new:
+        if kind in SINGLE_VALUE_KINDS:
+            facts = [fact for fact in facts if fact[0] != kind]
+        else:
+            opposite = {"like": "dislike", "dislike": "like"}.get(kind)
+            facts = [fact for fact in facts if not (fact[0] in (kind, opposite) and fold(fact[1]) == fold(value))]
+            if kind in ("family", "pet") and value not in MARITAL_WORDS:
+                known = [fact for fact in facts if fact[0] == kind and same_relative(fact[1], value)]
+                if known:
+                    value = combined_relative(known[-1][1], value)
+                    facts = [fact for fact in facts if fact not in known]
+            same_kind = [fact for fact in facts if fact[0] == kind]
+            if len(same_kind) >= MAX_VALUES_PER_KIND:
+                facts.remove(same_kind[0])
+        facts.append((kind, value))
+    return facts
+
+
+def inflect_phrase(value, case):
+    """A stored nominative phrase put in `case`, adjectives agreeing: "итальянская кухня" -> итальянскую кухню."""
+    words = value.split()
+    head = next((i for i, word in enumerate(words) if "NOUN" in best_parse(word, "NOUN", "nomn").tag.grammemes), None)
+    if head is None or "INFN" in best_parse(words[0]).tag.grammemes:
+        return value
+    noun = best_parse(words[head], "NOUN", "nomn")
+    number = "plur" if "plur" in noun.tag.grammemes else "sing"
+    result = list(words)
+    result[head] = inflect_word(noun, {case, number}, words[head])
+    for i in range(head):
+        adjective = best_parse(words[i], "ADJF", "nomn")
+        if "ADJF" in adjective.tag.grammemes:
+            agree = {case, number} | ({noun.tag.gender} if number == "sing" and noun.tag.gender else set())
+            if case == "accs" and "anim" in noun.tag.grammemes:
+                agree |= {"anim"}
+            result[i] = inflect_word(adjective, agree, words[i])
+    for i in range(head + 1, len(words)):
+        if words[i][:1].isupper():   # a name after the noun agrees with it: "сестру Олю"
+            result[i] = capitalized(inflect_word(best_parse(words[i].lower(), "Name"), {case}, words[i]))
+    if words[head][:1].isupper():
+        result[head] = capitalized(result[head])
+    return " ".join(result)
+
+
+def place_in(value):
+    """"Казань" -> "в Казани", with "во" where Russian wants it (во Владивостоке)."""
+    parts = value.split()
+    inflected = []
+    for i, part in enumerate(parts):
+        pieces = part.split("-")
+        head = 0 if "на" in [p.lower() for p in pieces] else len(pieces) - 1
+        parse = best_parse(pieces[head].lower(), "Geox" if i == len(parts) - 1 else "ADJF")
+        if "Fixd" not in parse.tag.grammemes:
+            number = {"plur"} if "plur" in parse.tag.grammemes else set()
+            pieces[head] = capitalized(inflect_word(parse, {"loct"} | number, pieces[head]))
+        inflected.append("-".join(pieces))
+    phrase = " ".join(inflected)
+    first = phrase[:2].lower()
+    preposition = "во" if first[:1] in "вф" and first[1:2] not in "аеёиоуыэюя" else "в"
+    return f"{preposition} {phrase}"
+
+
+def years_phrase(age):
+    number = int(age)
+    year = load_fact_tools()["morph"].parse("год")[0].make_agree_with_number(number).word
+    # After a number Russian counts years with "лет", which pymorphy3 spells "годов".
+    return f"{number} {'лет' if year == 'годов' else year}"
+
+
+def second_person(lemma):
+    """The infinitive as "ты ..." would say it: ехать -> едешь, поехать -> поедешь."""
+    parse = best_parse(lemma, "INFN")
+    tense = "futr" if "perf" in parse.tag.grammemes else "pres"
+    return inflect_word(parse, {"2per", "sing", tense, "indc"}, lemma)
+
+
+def plan_clause(value):
+    what, _, when = value.rpartition(" (")
+    when = when.rstrip(")")
+    words = what.split()
+    if "INFN" in best_parse(words[0]).tag.grammemes:
+        return f"{when} ты {' '.join([second_person(words[0])] + words[1:])}"
+    return f"{when} у тебя {what}"
+
+
+def join_russian(items):
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " и " + items[-1]
+
+
+def fact_clauses(facts):
+    """Each kind's facts as one Russian clause about "ты"."""
+    by_kind = {}
+    for kind, value in facts:
+        by_kind.setdefault(kind, []).append(value)
+    clauses = []
+    for kind in FACT_KINDS:
+        values = by_kind.get(kind)
+        if not values:
+            continue
+        if kind == "name":
+            clauses.append(f"тебя зовут {values[-1]}")
+        elif kind == "city":
+            clauses.append(f"ты живёшь {place_in(values[-1])}")
+        elif kind == "age":
+            clauses.append(f"тебе {years_phrase(values[-1])}")
+        elif kind == "occupation":
+            value = values[-1]
+            if value in STATUS_PHRASES:
+                clauses.append(f"ты {value}")
+            elif value.split()[0] in ("в", "во", "на"):
+                clauses.append(f"ты работаешь {value}")
+            else:
+                clauses.append(f"ты {value}")
+        elif kind == "study":
+            clauses.append(f"ты учишься {values[-1]}")
+        elif kind in ("family", "pet"):
+            marital = [v for v in values if v in MARITAL_WORDS]
+            others = [v for v in values if v not in MARITAL_WORDS]
+            clauses += [f"ты {v}" for v in marital]
+            if others:
+                clauses.append(f"у тебя есть {join_russian(others)}")
+        elif kind in ("like", "dislike"):
+            verb = "ты любишь" if kind == "like" else "ты не любишь"
+            clauses.append(f"{verb} {join_russian([inflect_phrase(v, 'accs') for v in values])}")
+        elif kind == "plan":
+            clauses += [plan_clause(v) for v in values]
+    return clauses
+
+
+def render_facts_answer(facts):
+    """The bot's answer to "Что ты обо мне знаешь?": "Тебя зовут Аня, ты живёшь в Казани, ..." """
+    clauses = fact_clauses(facts)
+    if not clauses:
+        return NO_FACTS_ANSWER
+    text = ", ".join(clauses) + "."
+    return text[:1].upper() + text[1:]

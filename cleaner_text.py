@@ -1,14 +1,14 @@
 """Stage 2: clean the dialogues the parser collected.
 
-Reads data/russian_dialogues.parquet (columns sample, dialogue_id, source),
-writes data/clean_dialogues.parquet with the same columns and
-data/clean_report.json with what every rule did.
+Reads data/russian_dialogues.parquet (columns sample, dialogue_id, source, and
+speakers where the parser wrote it), writes data/clean_dialogues.parquet with
+the same columns and data/clean_report.json with what every rule did.
 
 Each rule repairs a turn in place (white space, forwarded headers, chat-log
 timestamps and name prefixes, HTML, forum markup, links, [id|name] and
-@username, runs of punctuation, the space around punctuation) or splits a turn
-that holds two speakers' lines. The rules are written to keep what a person
-wrote on purpose: emoticons ("Привет :)"), dialogue dashes ("спать! - ?"),
+@username, personal data, runs of punctuation, the space around punctuation)
+or splits a turn that holds two speakers' lines. The rules are written to keep
+what a person wrote on purpose: emoticons ("Привет :)"), dialogue dashes ("спать! - ?"),
 emphasis ("???" stays; longer runs shorten to three), emoji sequences joined by
 U+200D, a one-letter answer ("Я"), a label that is the answer ("Минусы: 5").
 Where nothing usable is left of a turn or it is outside the length window, the
@@ -17,9 +17,32 @@ still has --min-turns turns. A dialogue with fewer than --min-turns turns
 goes too, cut or not (a missing turn is no turn). Exact duplicate dialogues
 go. A second pass over the output changes nothing.
 
+Personal data stays out of training: phone numbers (Russian, +7 / 8 with any
+brackets, dashes and spaces, 11 digits, or a 9xx mobile number of 10 digits in
+its groups; international +NNN, 8 to 15 digits), e-mail addresses and payment
+card numbers (13 to 19 digits, four-digit groups or 16 in a row, Luhn-valid)
+become <телефон>, <почта> and <карта>. Dates, times, prices, years, ranges and
+numbers written in thousands stay, and so does a number that follows "заказ",
+"трек", "посылка", "накладная", "артикул", "серийный номер", "полис" or "№"
+(such a number names no person; a 9-digit order number is no phone anyway).
+Known misses: digits spaced one by one, "ivan [at] mail.ru", a card number with
+a typo (it fails the Luhn check). --keep-personal-data (KEEP_PERSONAL_DATA)
+turns the rule off.
+
+Who said each turn (the `speakers` column, one entry a turn; "" or an empty
+list where unknown) stays aligned with `sample` through every rule and cut: a
+dropped, cut-off or missing turn takes its speaker with it, and a turn split in
+two (only a turn whose speaker is unknown is split) leaves both pieces unknown.
+A turn whose speaker is known is one person's message, so it is never split as
+"two speakers in one turn", and no rule joins turns. Exact duplicates are
+compared on the turns and the speaker keys (before "|"). The input's schema
+metadata, the parser's b"owner" record of a Telegram account export among it,
+is written to the output as it was (but pandas' description of the columns).
+
 Run it:
     python cleaner_text.py
     python cleaner_text.py --input data/russian_dialogues.parquet --max-chars 300
+    python cleaner_text.py --keep-personal-data     # phones, e-mails and cards stay as written
 
 The input is read and written in batches, so memory stays bounded.
 
@@ -50,6 +73,7 @@ MIN_CHARS = 1          # "Я" is a whole answer to "Кто забил?"
 MAX_CHARS = 500        # longer turns are monologues or pasted text, not chat
 MIN_TURNS = 2
 KEEP_DUPLICATES = False  # True: keep exact duplicate dialogues
+KEEP_PERSONAL_DATA = False  # True: leave phone numbers, e-mails and card numbers in the turns
 BATCH_ROWS = 10_000
 
 SCHEMA = pa.schema([
@@ -57,6 +81,7 @@ SCHEMA = pa.schema([
     ("dialogue_id", pa.int64()),
     ("source", pa.string()),
 ])
+SPEAKERS_FIELD = pa.field("speakers", pa.list_(pa.string()))  # written where the input has it
 
 # ---------------------------------------------------------------- patterns
 # U+200D glues emoji into one picture (👨‍👩‍👧, 🏃‍♀️), so it stays between two
@@ -135,6 +160,33 @@ AUTHOR_WORDS = re.compile(
     r"|(?<!\w)[-–—]\s*[.…]*\s*(?:[А-ЯЁа-яё]+\s+)?[А-ЯЁа-яё]+"
     r"(?:[аяуе]ет|ит|[аяеи]тся|[уюая]тся|[аяие]л|[аяие]ла|[аяие]ло)\b(?!\s*[?!])"
     r"|(?<!\w)[-–—]\s*\*")
+
+# Personal data. A number must stand alone: not glued to a word, not the tail
+# or head of a date, a time, a decimal or a longer number ("12.05.2024",
+# "3,5", "12:30", "1990-2000" stay). A phone needs its whole length, so a
+# price in thousands ("1 500 000 000") and an order number of 9 digits stay.
+PHONE_PLACEHOLDER, EMAIL_PLACEHOLDER, CARD_PLACEHOLDER = "<телефон>", "<почта>", "<карта>"
+PLACEHOLDERS = {"phone": PHONE_PLACEHOLDER, "email": EMAIL_PLACEHOLDER, "card": CARD_PLACEHOLDER}
+EMAIL = re.compile(r"(?<![\w.+\-@])[\w.+\-]+@[\w\-]+(?:\.[\w\-]+)*\.[^\W\d_]{2,}(?![\w@])")
+NUMBER_START = r"(?<![\w+])(?<!\d[.,:/ \u00a0\-])"
+NUMBER_END = r"(?!\w)(?![.,:/]\d)(?![ \u00a0\-]?\d)"
+SEP = r"[ \u00a0\-]?"
+CARD_NUMBER = re.compile(
+    NUMBER_START
+    + r"(?:\d{4}(?:[ \u00a0\-]\d{4}){2,3}(?:[ \u00a0\-]\d{1,3})?|\d{4}[ \u00a0\-]\d{6}[ \u00a0\-]\d{4,5}|\d{16})"
+    + NUMBER_END)
+PHONE_NUMBER = re.compile(
+    NUMBER_START + r"(?:"
+    + rf"(?:\+7|8){SEP}(?:\(\s?\d{{3,5}}\s?\)|\d{{3,5}}){SEP}\d{{1,3}}(?:{SEP}\d{{2}}){{2}}"  # +7 / 8
+    + rf"|\+[1-69]\d{{0,2}}{SEP}(?:\(\d{{1,4}}\){SEP})?\d{{1,4}}(?:{SEP}\d{{1,4}}){{1,4}}"  # +44 20 7946 0958
+    + rf"|(?:\(9\d\d\)|9\d\d){SEP}\d{{3}}{SEP}\d{{2}}{SEP}\d{{2}}"  # (912) 345-67-89
+    + r")" + NUMBER_END)
+THOUSANDS = re.compile(r"\+?\d{1,3}(?:[ \u00a0]\d{3})+")
+# A number named as an order, parcel, article, serial or policy number names no
+# person (a tenth of such numbers pass the Luhn check by chance); "№ 123..." too.
+ORDER_NUMBER = re.compile(r"(?:№|\bзаказ\w*|\bтрек\w*|\bпосылк\w*|\bнакладн\w*|\bартикул\w*"
+                          r"|\bсерийн\w*(?:\s+номер\w*)?|\bполис\w*)"
+                          r"\s*(?:№\s*)?[:#]?\s*$", re.IGNORECASE)
 
 # Runs of one mark: three keep the emphasis a person meant ("а как же я???!!!"),
 # more is noise.
@@ -236,6 +288,54 @@ def replace_mentions(text):
     return tidy(new) if new != text else text
 
 
+def luhn_valid(digits):
+    """The check digit every payment card carries; a random number passes 1 in 10."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def is_order_number(text, start):
+    return bool(ORDER_NUMBER.search(text[max(0, start - 30):start]))
+
+
+def mask_card(match):
+    digits = re.sub(r"\D", "", match.group())
+    if 13 <= len(digits) <= 19 and luhn_valid(digits) and not is_order_number(match.string, match.start()):
+        return CARD_PLACEHOLDER
+    return match.group()
+
+
+def mask_phone(match):
+    found = match.group()
+    if THOUSANDS.fullmatch(found) or is_order_number(match.string, match.start()):
+        return found
+    digits = re.sub(r"\D", "", found)
+    if found.startswith(("+7", "8")):
+        whole = len(digits) == 11
+    elif found.startswith("+"):
+        whole = 8 <= len(digits) <= 15  # E.164 allows at most 15
+    else:
+        # "912 345-67-89", a mobile number without its +7: only in its groups,
+        # since ten digits in a row are as often an account or order number.
+        whole = len(digits) == 10 and found != digits
+    return PHONE_PLACEHOLDER if whole else found
+
+
+def mask_personal_data(text):
+    """Phone numbers, e-mail addresses and card numbers become placeholders."""
+    if "@" in text:
+        text = EMAIL.sub(EMAIL_PLACEHOLDER, text)
+    if not any(ch.isdigit() for ch in text):
+        return text
+    # Cards first: a card's 16 digits could otherwise pass for a long phone number.
+    return PHONE_NUMBER.sub(mask_phone, CARD_NUMBER.sub(mask_card, text))
+
+
 def collapse_punctuation(text):
     for pattern, replacement in REPEATED:
         text = pattern.sub(replacement, text)
@@ -252,7 +352,9 @@ def add_space_after_comma(text):
 
 # Order matters: white space first, so every later rule sees one-line turns;
 # headers and timestamps are found at the start of the raw turn; HTML goes
-# before links so that <a href="..."> does not leave a link.
+# before links so that <a href="..."> does not leave a link; personal data
+# after the markup is gone (an e-mail in an HTML entity, a number in a tag)
+# and before the dialogue rules, which must not split a phone number.
 MARKUP_RULES = [
     ("whitespace", normalise_space),
     ("forwarded_header", remove_forward_header),
@@ -261,6 +363,7 @@ MARKUP_RULES = [
     ("forum_markup", remove_forum_markup),
     ("link", remove_links),
     ("mention", replace_mentions),
+    ("personal_data", mask_personal_data),
 ]
 PUNCTUATION_RULES = [
     ("repeated_punctuation", collapse_punctuation),
@@ -276,12 +379,15 @@ def remove_speaker_dash(text):
     return SPEAKER_DASH.sub("", text, count=1)
 
 
-def split_merged_turns(turns):
-    """[(turn, [pieces])] for turns that hold two or more speakers' lines."""
+def split_merged_turns(turns, speakers=None):
+    """[(turn, [pieces])] for turns that hold two or more speakers' lines. A
+    turn whose speaker is known (speakers[i] != "") is one person's message
+    and stays whole."""
+    speakers = speakers or [""] * len(turns)
     out = []
-    for turn in turns:
+    for turn, speaker in zip(turns, speakers):
         pieces = [turn]
-        if MERGED_TURNS.search(turn) and not AUTHOR_WORDS.search(turn):
+        if not speaker and MERGED_TURNS.search(turn) and not AUTHOR_WORDS.search(turn):
             pieces = [p for p in MERGED_TURNS.split(turn) if p]
             # "Бегал. - ..." : a silence is a turn that says nothing, and the
             # cut it would cause loses the rest of the dialogue; leave it be.
@@ -338,6 +444,9 @@ class Report:
     def changed(self, rule, before, after, dialogue_rules):
         self.turns_changed[rule] += 1
         dialogue_rules.add(rule)
+        if rule == "personal_data":
+            for kind, placeholder in PLACEHOLDERS.items():
+                self.counts[f"replaced_{kind}"] += after.count(placeholder) - before.count(placeholder)
         if self.trace:
             self.trace(rule, before, after)
 
@@ -345,6 +454,7 @@ class Report:
         rules = {name: {"turns_changed": self.turns_changed[name],
                         "dialogues_changed": self.dialogues_changed[name]} for name in RULE_NAMES}
         rules["merged_turns"]["turns_added"] = self.counts["turns_added"]
+        rules["personal_data"]["replaced"] = {kind: self.counts[f"replaced_{kind}"] for kind in PLACEHOLDERS}
         cuts = {reason: {"dialogues_cut": self.dialogues_cut[reason],
                          "dialogues_dropped": self.dialogues_dropped[reason]} for reason in CUT_REASONS}
         return {"input": str(input_path), "output": str(output_path),
@@ -368,23 +478,38 @@ def apply_turn_rules(turn, rules, report, dialogue_rules):
     return turn, fired
 
 
-def repair_turns(turns, report):
+def markup_rules(keep_personal_data):
+    if keep_personal_data:
+        return [(name, rule) for name, rule in MARKUP_RULES if name != "personal_data"]
+    return MARKUP_RULES
+
+
+def repair_turns(turns, report, keep_personal_data=KEEP_PERSONAL_DATA):
+    """Every repair rule over one dialogue's turns (speakers unknown)."""
+    return repair_dialogue(turns, [], report, keep_personal_data)[0]
+
+
+def repair_dialogue(turns, speakers, report, keep_personal_data=KEEP_PERSONAL_DATA):
     """Every repair rule over one dialogue's turns; counts each changed turn
-    once per rule that changed it."""
+    once per rule that changed it. Returns (turns, speakers), aligned; the
+    speakers are [] where the input's were (none known)."""
+    known = bool(speakers)
+    speakers = list(speakers) if known else [""] * len(turns)
     dialogue_rules = set()
     repaired, logged = [], []
     for turn in turns:
-        turn, fired = apply_turn_rules(turn, MARKUP_RULES, report, dialogue_rules)
+        turn, fired = apply_turn_rules(turn, markup_rules(keep_personal_data), report, dialogue_rules)
         repaired.append(turn)
         logged.append("timestamp" in fired)
 
-    split, split_logged = [], []
-    for (turn, pieces), was_logged in zip(split_merged_turns(repaired), logged):
+    split, split_logged, split_speakers = [], [], []
+    for (turn, pieces), was_logged, speaker in zip(split_merged_turns(repaired, speakers), logged, speakers):
         if len(pieces) > 1:
             report.changed("merged_turns", turn, " ‖ ".join(pieces), dialogue_rules)
             report.counts["turns_added"] += len(pieces) - 1
         split.extend(pieces)
         split_logged.extend([was_logged] + [False] * (len(pieces) - 1))
+        split_speakers.extend([speaker] * len(pieces))
 
     split = [apply_turn_rules(turn, [("speaker_prefix", remove_speaker_dash)], report, dialogue_rules)[0]
              for turn in split]
@@ -395,7 +520,7 @@ def repair_turns(turns, report):
     out = [apply_turn_rules(turn, PUNCTUATION_RULES, report, dialogue_rules)[0] for turn in stripped]
     for name in dialogue_rules:
         report.dialogues_changed[name] += 1
-    return out
+    return out, (split_speakers if known else [])
 
 
 def has_content(turn):
@@ -414,41 +539,67 @@ def turn_fault(turn, min_chars, max_chars):
     return None
 
 
-def longest_clean_run(turns, faults):
-    """The longest run of consecutive turns without a fault (earliest on ties)."""
+def clean_run_bounds(faults):
+    """(start, end) of the longest run of turns without a fault (earliest on ties)."""
     best, start = (0, 0), 0
     for i, fault in enumerate(faults + ["end"]):
         if fault:
             if i - start > best[1] - best[0]:
                 best = (start, i)
             start = i + 1
-    return turns[best[0]:best[1]]
+    return best
 
 
-def clean_dialogue(turns, report, min_chars, max_chars, min_turns):
+def longest_clean_run(turns, faults):
+    """The longest run of consecutive turns without a fault (earliest on ties)."""
+    start, end = clean_run_bounds(faults)
+    return turns[start:end]
+
+
+def clean_dialogue(turns, report, min_chars, max_chars, min_turns, keep_personal_data=KEEP_PERSONAL_DATA):
     """Return the cleaned turns, or None when fewer than min_turns are left,
     whether or not the dialogue was cut."""
-    turns = repair_turns(turns, report)
+    kept = clean_dialogue_with_speakers(turns, [], report, min_chars, max_chars, min_turns, keep_personal_data)
+    return kept and kept[0]
+
+
+def clean_dialogue_with_speakers(turns, speakers, report, min_chars, max_chars, min_turns,
+                                 keep_personal_data=KEEP_PERSONAL_DATA):
+    """Return (turns, speakers) cleaned and aligned (speakers [] where none
+    is known), or None when fewer than min_turns are left, whether or not the
+    dialogue was cut."""
+    turns, speakers = repair_dialogue(turns, speakers, report, keep_personal_data)
     faults = [turn_fault(t, min_chars, max_chars) for t in turns]
     if not any(faults):
         if len(turns) < min_turns:
             # Short from the start (or a turn was missing): no rule cut it, so it counts on its own.
             report.counts["too_few_turns"] += 1
             return None
-        return turns
-    kept = longest_clean_run(turns, faults)
+        return turns, speakers
+    start, end = clean_run_bounds(faults)
+    kept = turns[start:end]
     first_fault = next(f for f in faults if f)
     if len(kept) < min_turns:
         kept = None
     (report.dialogues_cut if kept else report.dialogues_dropped)[first_fault] += 1
     if report.trace:
         report.trace(f"cut:{first_fault}", " ‖ ".join(turns), " ‖ ".join(kept) if kept else "(dropped)")
-    return kept
+    return (kept, speakers[start:end]) if kept else None
 
 
-def dialogue_key(turns):
-    digest = hashlib.blake2b("\x1e".join(turns).encode("utf-8"), digest_size=8).digest()
+def dialogue_key(turns, speakers=()):
+    """Exact duplicates: the same turns, and the same speakers where known (one
+    line said by two people is two dialogues for a bot that talks like one)."""
+    text = "\x1e".join(turns)
+    if speakers:
+        text += "\x1d" + "\x1e".join(speaker_key(s) for s in speakers)
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little")
+
+
+def speaker_key(speaker):
+    """The part of a speaker string that tells speakers apart: before the first "|"."""
+    return (speaker or "").split("|", 1)[0]
 
 
 # ---------------------------------------------------------------- files
@@ -471,7 +622,32 @@ def open_input(path):
     if not (pa.types.is_list(sample_type) or pa.types.is_large_list(sample_type)):
         raise UserError(f"{path}: column 'sample' holds {sample_type}, not a list of turns "
                         "(run parser_dataset.py on it first)")
+    if "speakers" in schema.names:
+        speakers_type = schema.field("speakers").type
+        if not ((pa.types.is_list(speakers_type) or pa.types.is_large_list(speakers_type))
+                and pa.types.is_string(speakers_type.value_type)):
+            raise UserError(f"{path}: column 'speakers' holds {speakers_type}, not lists of strings "
+                            "(who said each turn, as parser_dataset.py writes it)")
     return parquet
+
+
+def row_speakers(speakers, turns, path, dialogue_id):
+    """A row's speakers, aligned with its turns; [] where none is known."""
+    if not speakers:
+        return []
+    if len(speakers) != len(turns):
+        raise UserError(f"{path}: dialogue_id {dialogue_id} has {len(speakers)} speakers for "
+                        f"{len(turns)} turns (column 'speakers' must hold one a turn, or nothing)")
+    return ["" if s is None else s for s in speakers]
+
+
+def output_schema(input_schema):
+    """The output's columns: the speakers column where the input has one, and
+    the input's own metadata (the parser's owner record) kept as it was."""
+    schema = SCHEMA.append(SPEAKERS_FIELD) if "speakers" in input_schema.names else SCHEMA
+    metadata = {k: v for k, v in (input_schema.metadata or {}).items() if not k.startswith(b"ARROW:")}
+    metadata.pop(b"pandas", None)  # describes the input's columns, not ours
+    return schema.with_metadata(metadata) if metadata else schema
 
 
 def check_outputs(output_path, report_path):
@@ -500,34 +676,43 @@ def temp_name(path):
 
 
 def clean_file(input_path, output_path, report_path, min_chars=MIN_CHARS, max_chars=MAX_CHARS,
-               min_turns=MIN_TURNS, dedupe=True, trace=None):
+               min_turns=MIN_TURNS, dedupe=True, trace=None, keep_personal_data=KEEP_PERSONAL_DATA):
     output_path, report_path = Path(output_path), Path(report_path)
     check_outputs(output_path, report_path)
     parquet = open_input(input_path)
     thresholds = {"min_chars": min_chars, "max_chars": max_chars, "min_turns": min_turns,
-                  "dedupe": dedupe}
+                  "dedupe": dedupe, "keep_personal_data": keep_personal_data}
     report = Report(thresholds, trace)
     seen = set()
     tmp, report_tmp = temp_name(output_path), temp_name(report_path)
-    has_source = "source" in parquet.schema_arrow.names
-    columns = ["sample", "dialogue_id"] + (["source"] if has_source else [])
+    names = parquet.schema_arrow.names
+    has_source, has_speakers = "source" in names, "speakers" in names
+    schema = output_schema(parquet.schema_arrow)
+    columns = ["sample", "dialogue_id"] + (["source"] if has_source else []) + (["speakers"] if has_speakers else [])
     with writing(output_path, "--output"):
         output_path.parent.mkdir(parents=True, exist_ok=True)
-        writer = pq.ParquetWriter(tmp, SCHEMA)
+        writer = pq.ParquetWriter(tmp, schema)
     try:
         for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns):
             data = batch.to_pydict()
             sources = data["source"] if has_source else [""] * batch.num_rows
-            out = {"sample": [], "dialogue_id": [], "source": []}
-            for turns, dialogue_id, source in zip(data["sample"], data["dialogue_id"], sources):
+            speaker_lists = data["speakers"] if has_speakers else [None] * batch.num_rows
+            out = {"sample": [], "dialogue_id": [], "source": [], "speakers": []}
+            for turns, dialogue_id, source, speakers in zip(data["sample"], data["dialogue_id"], sources,
+                                                            speaker_lists):
+                speakers = row_speakers(speakers, turns or [], input_path, dialogue_id)
+                if speakers:  # a missing turn goes with its speaker
+                    speakers = [s for t, s in zip(turns, speakers) if t is not None]
                 turns = [t for t in (turns or []) if t is not None]
                 report.counts["dialogues_in"] += 1
                 report.counts["turns_in"] += len(turns)
-                cleaned = clean_dialogue(turns, report, min_chars, max_chars, min_turns)
+                cleaned = clean_dialogue_with_speakers(turns, speakers, report, min_chars, max_chars, min_turns,
+                                                       keep_personal_data)
                 if cleaned is None:
                     continue
+                cleaned, speakers = cleaned
                 if dedupe:
-                    key = dialogue_key(cleaned)
+                    key = dialogue_key(cleaned, speakers)
                     if key in seen:
                         report.counts["duplicates"] += 1
                         continue
@@ -535,11 +720,14 @@ def clean_file(input_path, output_path, report_path, min_chars=MIN_CHARS, max_ch
                 out["sample"].append(cleaned)
                 out["dialogue_id"].append(dialogue_id)
                 out["source"].append(source)
+                out["speakers"].append(speakers)
                 report.counts["dialogues_out"] += 1
                 report.counts["turns_out"] += len(cleaned)
+            if not has_speakers:
+                del out["speakers"]
             if out["sample"]:
                 with writing(output_path, "--output"):
-                    writer.write_table(pa.table(out, schema=SCHEMA))
+                    writer.write_table(pa.table(out, schema=schema))
         with writing(output_path, "--output"):
             writer.close()
         if report.counts["dialogues_in"] == 0:
@@ -580,6 +768,9 @@ def parse_args(argv):
                         help="fewest turns a dialogue keeps after cleaning, cut or not")
     parser.add_argument("--keep-duplicates", action="store_true", default=KEEP_DUPLICATES,
                         help="do not drop exact duplicates")
+    parser.add_argument("--keep-personal-data", action="store_true", default=KEEP_PERSONAL_DATA,
+                        help="leave phone numbers, e-mail addresses and card numbers as written "
+                             "(default: replaced by <телефон>, <почта>, <карта>)")
     args = parser.parse_args(argv)
     if args.report is None:
         args.report = str(Path(args.output).with_name("clean_report.json"))
@@ -592,7 +783,8 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         summary = clean_file(args.input, args.output, args.report, args.min_chars, args.max_chars,
-                             args.min_turns, dedupe=not args.keep_duplicates)
+                             args.min_turns, dedupe=not args.keep_duplicates,
+                             keep_personal_data=args.keep_personal_data)
     except UserError as exc:
         print(f"cleaner_text.py: error: {exc}", file=sys.stderr)
         return 1
@@ -601,6 +793,8 @@ def main(argv=None):
     for name, row in summary["repair_rules"].items():
         if row["turns_changed"]:
             added = f", {row['turns_added']} turns added" if row.get("turns_added") else ""
+            if row.get("replaced"):
+                added += ", " + ", ".join(f"{n} {kind}" for kind, n in row["replaced"].items() if n) + " replaced"
             print(f"  {name:24s} repaired {row['turns_changed']} turns in "
                   f"{row['dialogues_changed']} dialogues{added}")
     for name, row in summary["cut_rules"].items():

@@ -25,7 +25,34 @@ Reads dialogues from
                              <span class=participant_N> messages
     A persona is not a turn, so it is left out.
 and writes data/russian_dialogues.parquet with the columns
-`sample` (list<string>), `dialogue_id` (int64) and `source` (string).
+`sample` (list<string>), `dialogue_id` (int64), `source` (string) and
+`speakers` (list<string>).
+
+Who said each turn: `speakers[i]` names the speaker of `sample[i]`, as a key,
+then "|" and a display name where the source has one. The key is everything
+before the first "|", never contains "|", and is what tells speakers apart:
+  * Telegram: the sender's from_id and the latest display name the export shows
+    for it, "user111|Вадим Петров" (channels "channel222|Новости"); the key
+    stays when a person renames themselves. A sender without from_id is keyed
+    by the display name ("|" there becomes "/").
+  * chat messages: "user" or "assistant" (human, prompter / gpt, bot, model
+    map to them);
+  * Toloka Persona Chat: "participant_1", "participant_2";
+  * SiberianPersonaChat: "user" (Собеседник, or Ты where the persona is Я)
+    and "persona" (the reply, Ты or Я);
+  * question/answer tables: "question", "answer".
+An empty string is a turn whose speaker is unknown, and an empty list a
+dialogue whose speakers are all unknown (lists of strings, dash text): later
+stages treat an empty list and a missing column alike. Consecutive messages
+of one speaker become one turn where a source sends them apart (Telegram, chat
+messages, Toloka, persona labels); messages of different speakers never do.
+
+Whose account: a whole-account Telegram export (result.json with
+personal_information and chats.list) names its owner, and the parquet's
+schema metadata records it under the key b"owner" as JSON,
+{"key": "user111", "name": "Вадим Петров"} (the key as in `speakers`; no phone
+number or username is copied): pq.read_schema(path).metadata[b"owner"].
+Other inputs have no b"owner" entry. cleaner_text.py keeps it.
 
 Run it:
     python parser_dataset.py          # the bundled sample, data/sample_dialogues.jsonl
@@ -89,11 +116,25 @@ SCHEMA = pa.schema([
     ("sample", pa.list_(pa.string())),
     ("dialogue_id", pa.int64()),
     ("source", pa.string()),
+    ("speakers", pa.list_(pa.string())),
 ])
+OWNER_METADATA_KEY = b"owner"  # schema metadata: the whole-account export's owner, as JSON
 
 
 class UserError(Exception):
     """A mistake in the input that the user can fix; printed as one line."""
+
+
+class Dialogue(NamedTuple):
+    """The turns of one dialogue and who said each ("" where unknown)."""
+    turns: list
+    speakers: list
+
+
+class Owner(NamedTuple):
+    """Whose Telegram account an export is: the speaker key and the name."""
+    key: str
+    name: str
 
 
 class Layout(NamedTuple):
@@ -131,16 +172,27 @@ SKIPPED = object()  # a row the data set itself marks as not a dialogue (relevan
 
 
 # ---------------------------------------------------------------- helpers
-def clean_turns(turns):
-    """Strip each turn and drop empty ones; everything else is the cleaner's job."""
-    out = []
-    for turn in turns:
+def clean_turns(turns, speakers=None):
+    """Strip each turn and drop empty ones, with their speakers; everything
+    else is the cleaner's job. Returns (turns, speakers): speakers is [] where
+    no turn's speaker is known."""
+    speakers = list(speakers) if speakers else [""] * len(turns)
+    out, who = [], []
+    for turn, speaker in zip(turns, speakers):
         if turn is None:
             continue
         text = str(turn).strip()
         if text:
             out.append(text)
-    return out
+            who.append(speaker or "")
+    return out, (who if any(who) else [])
+
+
+def as_dialogue(item):
+    """A reader's dialogue: a Dialogue, or a bare list of turns (speakers unknown)."""
+    if isinstance(item, Dialogue):
+        return item
+    return Dialogue(list(item), [])
 
 
 def pick_column(names, candidates, wanted):
@@ -204,11 +256,13 @@ def message_text(content):
 
 def turns_from_messages(messages):
     """User/assistant messages in order; a system (or tool) message is not a
-    turn, and consecutive messages of one side make one turn."""
-    turns, side = [], None
+    turn, and consecutive messages of one side make one turn. The speakers
+    are the sides, "user" or "assistant" ("" for a bare string)."""
+    turns, speakers, side = [], [], None
     for message in messages:
         if isinstance(message, str):
             turns.append(message)
+            speakers.append("")
             side = None
             continue
         if not isinstance(message, dict):
@@ -224,14 +278,15 @@ def turns_from_messages(messages):
             turns[-1] = f"{turns[-1]}\n{text}"
         else:
             turns.append(text)
+            speakers.append(speaker)
         side = speaker
-    return turns
+    return Dialogue(turns, speakers)
 
 
 def turns_from_toloka(text):
     """Toloka Persona Chat: one <span class=participant_N> a message; a
-    participant's consecutive messages make one turn."""
-    turns, last = [], None
+    participant's consecutive messages make one turn, its speaker "participant_N"."""
+    turns, speakers, last = [], [], None
     for who, body in TOLOKA_MESSAGE.findall(text):
         body = TOLOKA_SPEAKER.sub("", html.unescape(HTML_BREAK.sub("\n", body))).strip()
         if not body:
@@ -240,20 +295,25 @@ def turns_from_toloka(text):
             turns[-1] = f"{turns[-1]}\n{body}"
         else:
             turns.append(body)
+            speakers.append(f"participant_{who}")
         last = who
-    return turns
+    return Dialogue(turns, speakers)
 
 
 def turns_from_persona_prompt(text):
-    """The turns of a SiberianPersonaChat input, without the persona before them;
-    text without speaker labels is one turn."""
+    """The turns of a SiberianPersonaChat input, without the persona before them,
+    and their speakers ("user", or "persona" for the side the output continues);
+    text without speaker labels is one turn, the user's."""
     text = text or ""
     if PERSONA_END in text:
         text = text.split(PERSONA_END, 1)[1]
     labels = list(SPEAKER_LABEL.finditer(text))
     if not labels:
-        return [text]
-    turns, last = [], None
+        return Dialogue([text], ["user"])
+    # The first version is Собеседник (user) and Ты (persona); the second Ты
+    # (user, talking to the persona) and Я (persona).
+    persona = "Я" if any(label.group(1) == "Я" for label in labels) else "Ты"
+    turns, speakers, last = [], [], None
     for label, following in zip(labels, labels[1:] + [None]):
         body = text[label.end():following.start() if following else len(text)].strip()
         if not body:
@@ -262,8 +322,9 @@ def turns_from_persona_prompt(text):
             turns[-1] = f"{turns[-1]}\n{body}"
         else:
             turns.append(body)
+            speakers.append("persona" if label.group(1) == persona else "user")
         last = label.group(1)
-    return turns
+    return Dialogue(turns, speakers)
 
 
 def turns_from_dash_lines(text):
@@ -278,7 +339,7 @@ def turns_from_value(value, path, column):
     """A list-of-turns cell: a real list (of strings or chat messages), a
     JSON-encoded one (CSV), or text in a format known here."""
     if value is None:
-        return []
+        return Dialogue([], [])
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):
@@ -319,8 +380,9 @@ def row_turns(layout, row, path):
         return turns_from_toloka(first or "")
     second = row.get(layout.columns[1])
     if layout.kind == "persona_chat":
-        return turns_from_persona_prompt(first) + [second]
-    return [first, second]
+        prompt = turns_from_persona_prompt(first)
+        return Dialogue(prompt.turns + [second], prompt.speakers + ["persona"])
+    return Dialogue([first, second], ["question", "answer"])
 
 
 def open_text(path):
@@ -336,7 +398,8 @@ def strip_compression(path):
 
 
 # ---------------------------------------------------------------- readers
-# Each reader yields lists of turns, one list a dialogue.
+# Each reader yields dialogues: a Dialogue (turns and speakers) or a bare list
+# of turns (speakers unknown); a Telegram account export yields its Owner first.
 
 def read_parquet(path, args):
     try:
@@ -451,9 +514,54 @@ def telegram_time(message):
         return None
 
 
-def dialogues_from_chat(messages, max_gap_seconds):
-    """Join consecutive messages of one sender into a turn; split on long silences."""
-    dialogue, sender, last_time = [], None, None
+def telegram_sender(message):
+    """The sender's stable key: from_id ("user111"), else the display name."""
+    key = message.get("from_id")
+    if key is None or key == "":
+        name = message.get("from")
+        return None if name is None or name == "" else str(name).replace("|", "/")
+    return str(key).replace("|", "/")
+
+
+def telegram_names(chats):
+    """{sender key: the latest display name the export shows for it (by the
+    message's date)}, so that one person keeps one name in every speaker string
+    of the file."""
+    names, when = {}, {}
+    for chat in chats:
+        for message in chat["messages"]:
+            if isinstance(message, dict) and message.get("type", "message") == "message":
+                key = telegram_sender(message)
+                if key is None or not message.get("from"):
+                    continue
+                time = telegram_time(message) or 0.0
+                if time >= when.get(key, float("-inf")):
+                    names[key], when[key] = str(message["from"]), time
+    return names
+
+
+def speaker_label(key, names):
+    if key is None:
+        return ""
+    name = names.get(key)
+    return f"{key}|{name}" if name else key
+
+
+def telegram_owner(export):
+    """The whole-account export's owner, from personal_information (user_id and
+    name only: the phone number and username stay out of the data)."""
+    info = export.get("personal_information") if isinstance(export, dict) else None
+    if not isinstance(info, dict) or info.get("user_id") in (None, ""):
+        return None
+    name = " ".join(str(info[part]).strip() for part in ("first_name", "last_name") if info.get(part))
+    return Owner(f"user{info['user_id']}", name)
+
+
+def dialogues_from_chat(messages, max_gap_seconds, names=None):
+    """Join consecutive messages of one sender into a turn; split on long
+    silences. Yields Dialogue(turns, speakers)."""
+    names = names or {}
+    dialogue, speakers, sender, last_time = [], [], None, None
     for message in messages:
         if not isinstance(message, dict) or message.get("type", "message") != "message":
             continue  # service messages: joins, pins, calls
@@ -462,17 +570,19 @@ def dialogues_from_chat(messages, max_gap_seconds):
             continue  # stickers, photos and files without a caption
         when = telegram_time(message)
         if dialogue and when is not None and last_time is not None and when - last_time > max_gap_seconds:
-            yield dialogue
-            dialogue, sender = [], None
-        # Two people may share a display name; from_id tells them apart.
-        author = message.get("from_id") or message.get("from")
-        if dialogue and author == sender:
+            yield Dialogue(dialogue, speakers)
+            dialogue, speakers, sender = [], [], None
+        # Two people may share a display name; from_id tells them apart. A
+        # message with no sender at all is nobody's continuation.
+        author = telegram_sender(message)
+        if dialogue and author is not None and author == sender:
             dialogue[-1] = f"{dialogue[-1]}\n{text}"
         else:
             dialogue.append(text)
+            speakers.append(speaker_label(author, names))
         sender, last_time = author, when if when is not None else last_time
     if dialogue:
-        yield dialogue
+        yield Dialogue(dialogue, speakers)
 
 
 def read_telegram(path, args, export=None):
@@ -481,9 +591,13 @@ def read_telegram(path, args, export=None):
     chats = list(telegram_chats(export))
     if not chats:
         raise UserError(f"{path}: not a Telegram export (no 'messages' list)")
+    owner = telegram_owner(export)
+    if owner:
+        yield owner
+    names = telegram_names(chats)
     found_text = False
     for chat in chats:
-        for dialogue in dialogues_from_chat(chat["messages"], args.max_gap_minutes * 60):
+        for dialogue in dialogues_from_chat(chat["messages"], args.max_gap_minutes * 60, names):
             found_text = True
             yield dialogue
     if not found_text:
@@ -587,6 +701,13 @@ def writing(output):
         raise UserError(f"{output}: cannot write the --output file ({reason})") from None
 
 
+def schema_with_owner(owner):
+    if owner is None:
+        return SCHEMA
+    record = json.dumps({"key": owner.key, "name": owner.name}, ensure_ascii=False)
+    return SCHEMA.with_metadata({OWNER_METADATA_KEY: record.encode("utf-8")})
+
+
 def write_dialogues(dialogues, output, source_name, limit=None, min_turns=MIN_TURNS):
     """Stream dialogues into a parquet file through a temporary name.
     Returns (written, skipped_short, skipped_by_the_data_set)."""
@@ -594,30 +715,44 @@ def write_dialogues(dialogues, output, source_name, limit=None, min_turns=MIN_TU
     check_output(output)
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     written = skipped = negatives = 0
-    buffer = []
+    buffer, who = [], []
+    writer = None
+    # Find out now whether the output can be written at all, before any input
+    # is read; the parquet writer itself waits for the owner (schema metadata),
+    # which a Telegram account export yields before its first dialogue.
     with writing(output):
         output.parent.mkdir(parents=True, exist_ok=True)
-        writer = pq.ParquetWriter(tmp, SCHEMA)
+        tmp.touch()
+    items = iter(dialogues)
 
     def flush():
         if buffer:
             ids = range(written - len(buffer), written)
             table = pa.table({"sample": buffer, "dialogue_id": list(ids),
-                              "source": [source_name] * len(buffer)}, schema=SCHEMA)
+                              "source": [source_name] * len(buffer), "speakers": who}, schema=SCHEMA)
             with writing(output):
                 writer.write_table(table)
             buffer.clear()
+            who.clear()
 
     try:
-        for turns in dialogues:
-            if turns is SKIPPED:
+        first = next(items, None)
+        owner = first if isinstance(first, Owner) else None
+        if first is not None and owner is None:
+            items = chain_first(first, items)
+        with writing(output):
+            writer = pq.ParquetWriter(tmp, schema_with_owner(owner))
+        for item in items:
+            if item is SKIPPED:
                 negatives += 1
                 continue
-            turns = clean_turns(turns)
+            dialogue = as_dialogue(item)
+            turns, speakers = clean_turns(dialogue.turns, dialogue.speakers)
             if len(turns) < min_turns:
                 skipped += 1
                 continue
             buffer.append(turns)
+            who.append(speakers)
             written += 1
             if len(buffer) >= BATCH_ROWS:
                 flush()
@@ -632,10 +767,16 @@ def write_dialogues(dialogues, output, source_name, limit=None, min_turns=MIN_TU
             os.replace(tmp, output)
     except BaseException:
         with contextlib.suppress(OSError):  # the first error is the one to report
-            writer.close()
+            if writer is not None:
+                writer.close()
         tmp.unlink(missing_ok=True)
         raise
     return written, skipped, negatives
+
+
+def chain_first(first, rest):
+    yield first
+    yield from rest
 
 
 def parse_args(argv):

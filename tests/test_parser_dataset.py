@@ -348,3 +348,123 @@ def test_min_turns_below_two_is_refused(tmp_path, capsys, sample_path, value):
     assert err[-1].startswith("parser_dataset.py: error: ") and "--min-turns" in err[-1] and "2" in err[-1]
     assert not out.exists()
     assert pd_stage.parse_args(["--min-turns", "2"]).min_turns == 2
+
+
+# ---- who said each turn ------------------------------------------------------------------------------
+def read_speakers(path):
+    table = read(path)
+    assert all(len(who) == len(turns) for who, turns in zip(table["speakers"], table["sample"]) if who)
+    return [list(zip(who, turns)) for who, turns in zip(table["speakers"], table["sample"])]
+
+
+def test_whole_account_export_keeps_who_said_each_turn_and_its_owner(tmp_path, repo_root):
+    """A private chat and a group of three: every turn names its sender by from_id and the latest
+    display name (Ольга renamed herself Оля Смирнова and stays user222), consecutive messages of one
+    sender are one turn, and the owner of the account is recorded without the phone number."""
+    out = tmp_path / "d.parquet"
+    assert run(["--input", repo_root / "tests" / "fixtures" / "telegram_account_owner.json", "--output", out]) == 0
+    vadim, olga, kirill = "user111|Вадим Петров", "user222|Оля Смирнова", "user333|Кирилл"
+    assert read_speakers(out) == [
+        [(olga, "Добрый вечер, Вадим! Вы не забыли, что в субботу мы едем за город?"),
+         (vadim, "привет\nне забыл конечно)\nво сколько выезжаем"),
+         (olga, "Предлагаю в восемь утра, чтобы успеть до пробок. Вам удобно?"),
+         (vadim, "ок"),  # the sticker after it is no turn and no new turn of his
+         (olga, "Отлично. Я возьму термос и бутерброды."),
+         (vadim, "а я палатку")],
+        [(vadim, "ты дома"), (olga, "Да, дома. Что-то случилось?"),
+         (vadim, "ключи от гаража у тебя остались\nщас зайду"),
+         (olga, "Да, они у меня. Заходите, я никуда не ухожу.")],
+        [(kirill, "ВСЕМ ПРИВЕТ!!! 🔥🔥 кто в поход в субботу???"),
+         (olga, "Здравствуйте, Кирилл. Мы с Вадимом едем, выезжаем в восемь."),
+         (vadim, "я еду\nпалатка моя"),
+         (kirill, "ОГОНЬ 🔥 бро, а котелок есть?\nЯ могу взять гитару!!!"),
+         (vadim, "котелок есть"),
+         (olga, "Напоминаю: возьмите, пожалуйста, тёплые вещи, ночью обещают до пяти градусов."),
+         (kirill, "ОК 👍 СПАСИБО ОЛЬГА!!!")],
+        [(olga, "Доброе утро! Кирилл, вы успеваете к восьми?"),
+         (kirill, "ДА!!! 🚗 уже еду, буду через 10 мин"),
+         (vadim, "мы у подъезда"),
+         (kirill, "ВИЖУ ВАС 😎")],
+    ]
+    metadata = pq.read_schema(out).metadata
+    assert json.loads(metadata[b"owner"]) == {"key": "user111", "name": "Вадим Петров"}
+    assert b"+7 900" not in metadata[b"owner"] and b"vadim_petrov" not in metadata[b"owner"]
+    # the owner's key is the key of the owner's own turns
+    keys = {who.split("|")[0] for who in sum(read(out)["speakers"], [])}
+    assert keys == {"user111", "user222", "user333"}
+
+
+def test_namesakes_are_two_speakers_and_a_one_chat_export_has_no_owner(tmp_path, repo_root):
+    out = tmp_path / "d.parquet"
+    assert run(["--input", repo_root / "tests" / "fixtures" / "telegram_account_export.json", "--output", out]) == 0
+    assert read(out)["speakers"] == [["user501|Саша", "user777|Саша", "user501|Саша"],
+                                     ["user12|Вера", "user13|Коля", "user12|Вера"]]
+    assert b"owner" not in (pq.read_schema(out).metadata or {})
+    assert run(["--input", repo_root / "tests" / "fixtures" / "telegram_result.json", "--output", out]) == 0
+    assert read(out)["speakers"][0] == ["user1|Аня", "user2|Олег", "user1|Аня"]
+    assert b"owner" not in (pq.read_schema(out).metadata or {})
+
+
+def test_telegram_messages_of_different_or_unknown_senders_are_never_one_turn(tmp_path):
+    """A renamed sender stays one speaker (one key, the latest name); two messages without any sender are
+    two turns, since nothing says they are one person's."""
+    messages = [
+        {"id": 1, "type": "message", "date_unixtime": "1000", "from": "Лёша", "from_id": "user7", "text": "Ты где?"},
+        {"id": 2, "type": "message", "date_unixtime": "1010", "from": "Алексей К.", "from_id": "user7",
+         "text": "Ау"},
+        {"id": 3, "type": "message", "date_unixtime": "1020", "from": "Лёша", "from_id": "user8", "text": "Тут"},
+        {"id": 4, "type": "message", "date_unixtime": "1030", "text": "Кто-то"},
+        {"id": 5, "type": "message", "date_unixtime": "1040", "text": "Кто-то ещё"},
+        {"id": 6, "type": "message", "date_unixtime": "1050", "from": "Группа | Новости", "text": "Пост"},
+    ]
+    src = tmp_path / "result.json"
+    src.write_text(json.dumps({"name": "x", "type": "private_group", "id": 1, "messages": messages},
+                              ensure_ascii=False), encoding="utf-8")
+    out = tmp_path / "d.parquet"
+    assert run(["--input", src, "--output", out]) == 0
+    assert read_speakers(out) == [[("user7|Алексей К.", "Ты где?\nАу"), ("user8|Лёша", "Тут"), ("", "Кто-то"),
+                                   ("", "Кто-то ещё"), ("Группа / Новости|Группа | Новости", "Пост")]]
+
+
+def test_chat_messages_toloka_persona_and_question_answer_name_their_speakers(tmp_path, repo_root):
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [
+        {"role": "system", "content": "Будь краток."}, {"role": "user", "content": "Привет"},
+        {"role": "human", "content": "Как дела?"}, {"role": "assistant", "content": "Хорошо"},
+        {"role": "user", "content": "Пока"}]}, ensure_ascii=False) + "\n", encoding="utf-8")
+    cases = [
+        (chat, [[("user", "Привет\nКак дела?"), ("assistant", "Хорошо"), ("user", "Пока")]]),
+        (repo_root / "tests" / "fixtures" / "toloka_dialogues.tsv",
+         [[("participant_1", "Привет! Как настроение?"),
+           ("participant_2", "Привет, отличное!\nТолько вернулась с пары по выпечке."),
+           ("participant_1", "Здорово, а что пекли?"),
+           ("participant_2", 'Пирог "Зебра", получился кривой, но вкусный.')],
+          [("participant_2", "Добрый вечер."), ("participant_1", "Добрый! Откуда вы?")]]),
+        (repo_root / "tests" / "fixtures" / "siberian_persona_chat_2.jsonl",
+         [[("user", "Здравствуй, Миша!"), ("persona", "Привет! Рад тебя слышать."),
+           ("user", "Сыграешь что-нибудь вечером?"), ("persona", "Конечно, только струну поменяю.")]]),
+    ]
+    for src, want in cases:
+        out = tmp_path / f"{src.stem}.parquet"
+        assert run(["--input", src, "--output", out]) == 0
+        assert read_speakers(out) == want, src.name
+    out = tmp_path / "persona.parquet"
+    assert run(["--input", repo_root / "tests" / "fixtures" / "siberian_persona_chat.json", "--output", out]) == 0
+    assert read(out)["speakers"] == [["user", "persona", "user", "persona"], ["user", "persona"], ["user", "persona"]]
+    out = tmp_path / "qa.parquet"
+    assert run(["--input", repo_root / "tests" / "fixtures" / "russian_dialogues.jsonl", "--output", out]) == 0
+    assert read(out)["speakers"] == [["question", "answer"]] * 3
+
+
+def test_sources_that_do_not_say_who_spoke_give_empty_lists(tmp_path, sample_path):
+    out = tmp_path / "d.parquet"
+    assert run(["--input", sample_path, "--output", out, "--limit", 20]) == 0
+    table = read(out)
+    assert table["speakers"] == [[]] * 20 and len(table["sample"]) == 20
+    assert pq.read_schema(out).field("speakers").type == pa.list_(pa.string())
+    # a list of strings beside a list of messages: the strings' turns are unknown, the messages' known
+    src = tmp_path / "mixed.json"
+    src.write_text(json.dumps([["Привет", "Привет"], [{"role": "user", "content": "Ку"}, "Ку-ку"]],
+                              ensure_ascii=False), encoding="utf-8")
+    assert run(["--input", src, "--output", out]) == 0
+    assert read(out)["speakers"] == [[], ["user", ""]]

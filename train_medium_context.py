@@ -25,15 +25,11 @@ the chat keeps), within the prompt budget in tokens. A longer context loses its
 oldest turns first, then the start of the question; the answer is never cut. So
 the model learns to use what was said many turns ago, as the chat will ask it to.
 
-The prompt ends at "Ответ:"; the answer's first word keeps its space, as GPT-2's
-tokenizer spells a word inside a sentence. The loss covers only the answer and
-EOS, so the model learns where to stop. EOS, BOS and pad are chosen among the
-tokens the vocabulary already has (printed, with the reason); only a missing
-pad is added, and pad is never EOS. Batches are padded to their longest example
-and grouped by length. chat_config.json records the prompt rule, the turn
-window and the prompt budget, which every reader of the folder uses. The figure
-printed at the end is the validation loss weighted by answer tokens, as
-perplexity.py counts it; early stopping and the best checkpoint go by it too.
+Everything past reading the context files is the trainer's, as in
+train_transformer.py (the trainer block below): the loss covers the answer and
+EOS only, EOS, BOS and pad come from the vocabulary (printed, with the reason),
+and the validation loss printed at the end is weighted by answer tokens, as
+perplexity.py counts it.
 
 Run it:
     # CPU, a tiny model and tokenizer built from the data (no internet needed)
@@ -56,28 +52,38 @@ In a notebook (Jupyter, Colab): paste this whole file into one cell, set the
 defaults block below (FROM_SCRATCH, DEVICE, MAX_STEPS, ...), run the cell; the
 training curves show in the cell. `%run train_medium_context.py --flags` and
 `!python train_medium_context.py --flags` take flags as above.
+
+Map of the file: the imports; the defaults block; read_context and
+load_splits (the context files with their optional facts column, this
+script's own data), trained_turns (the turn window the data allows);
+parse_args (--max-turns on top of the trainer's flags) and main; then the
+generated blocks prompt_rule (one prompt for training, chat and scoring) and
+trainer (examples, model, LoRA, DeepSpeed, the run and the saved folder).
 """
 import argparse
 import contextlib
-import functools
 import json
-import math
 import os
 import re
 import shutil
 import sys
 import unicodedata
 
-# ----------------------------------------------------------------------------
-# defaults: every flag's default; in a notebook cell, set them here
-DATA_DIR = "data"
+# ---------------------------------------------------------------- defaults of train_medium_context.py
+# every flag's default; in a notebook cell, set them here
+DATA_DIR = "data"           # the folder of context_train.parquet and context_val.parquet
+ROWS = None                 # use the first N rows of context_train.parquet (None: all)
+VAL_ROWS = 2000             # validate on the first N rows of context_val.parquet (all of a big split is slow)
 OUTPUT_DIR = "rugpt3_medium_CLEAN_model"
+RESUME = False              # True: continue from the newest complete checkpoint
 MODEL_NAME = "ai-forever/rugpt3medium_based_on_gpt2"
 MAX_LENGTH = 384            # tokens per example: context + answer + EOS; prompts get this less MAX_NEW_TOKENS
+MAX_TURNS = 16              # turns before the answer, the question included: what the chat keeps
 EPOCHS = 3.0
 MAX_STEPS = -1              # > 0 overrides --epochs
 BATCH_SIZE = 8
 GRAD_ACCUM = 2
+LR = None                   # None: LR_PRETRAINED, or LR_FROM_SCRATCH with FROM_SCRATCH
 LR_PRETRAINED = 3e-5
 LR_FROM_SCRATCH = 1e-3      # a small model trained from random weights wants a larger step
 WARMUP = 0.05               # share of the optimizer steps
@@ -86,21 +92,16 @@ EVAL_STEPS = 200
 LOGGING_STEPS = 20
 PATIENCE = 3                # evaluations without improvement before stopping
 SAVE_TOTAL_LIMIT = 2
-VAL_ROWS = 2000             # validation rows used (evaluating all of a big split is slow)
 SEED = 42
 DEVICE = "auto"             # "auto", "cpu" or "cuda"
-LR = None                   # None: LR_PRETRAINED, or LR_FROM_SCRATCH with FROM_SCRATCH
-ROWS = None                 # use the first N training rows (None: all)
-RESUME = False              # True: continue from the newest complete checkpoint
-NO_PERSONA = False          # True: persona null in chat_config.json
-# --from-scratch model and tokenizer
+# --from-scratch: a new GPT-2 and a BPE tokenizer trained on the contexts and answers
 FROM_SCRATCH = False        # True: a new GPT-2 and BPE tokenizer trained on the data instead of MODEL_NAME
 N_LAYER = 4
 N_HEAD = 4
 N_EMBD = 256
 VOCAB_SIZE = 8000
-N_POSITIONS = 256
-# bigger models on small GPUs, and past one GPU (the README's table says which model fits where)
+N_POSITIONS = 256           # the new model's positions: examples get at most this, not MAX_LENGTH
+# ruGPT-3 medium or large on a small GPU, and past one GPU (the README's table says which fits where)
 LORA = False                # True: train LoRA adapters instead of every weight; the saved model has them merged in
 LORA_R = 16                 # adapter rank
 LORA_ALPHA = 32             # adapter updates are scaled by LORA_ALPHA / LORA_R
@@ -110,30 +111,14 @@ SAVE_ADAPTER = False        # True (with LORA): also keep the adapter alone in <
 GRADIENT_CHECKPOINTING = False  # True: recompute activations in the backward pass (less memory, slower)
 OPTIM_8BIT = False          # True: AdamW with 8-bit state (pip install bitsandbytes)
 DEEPSPEED = None            # a DeepSpeed config, e.g. "deepspeed/zero2.json" (under accelerate launch or torchrun)
-# chat_config.json
+# chat_config.json: how the chat talks to the model (MAX_TURNS above: the turn window it keeps)
 MAX_NEW_TOKENS = 64         # the reply's room: prompts (training and chat) get at most MAX_LENGTH less this
-MAX_TURNS = 16              # turns before the answer, the question included: what the chat keeps
+NO_PERSONA = False          # True: persona null in chat_config.json
 PERSONA = {"question": "Кто ты?", "answer": "Я дружелюбный помощник. Отвечаю коротко и по делу."}
 GENERATION = {"max_new_tokens": MAX_NEW_TOKENS, "do_sample": True, "temperature": 0.7, "top_p": 0.9,
               "top_k": 50, "repetition_penalty": 1.15, "no_repeat_ngram_size": 3}
-# ----------------------------------------------------------------------------
-# the from-scratch tokenizer's special tokens (ruGPT-3's layout), and what a missing pad is called
-SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-EOS_CANDIDATES = ("</s>", "<|endoftext|>")   # where the files declare no EOS the vocabulary has, in this order
-BOS_CANDIDATES = ("<s>", "<|endoftext|>")
-IGNORE_INDEX = -100         # label value the loss skips
 
-DEVICES = ("auto", "cpu", "cuda")
 PROG = "train_medium_context.py"
-FINAL_TMP = ".final-tmp"
-LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]  # GPT-2's Conv1D layers; c_proj: the attention's and the MLP's output
-ADAPTER_DIR = "adapter"     # --save-adapter: <output>/adapter/
-RUGPT3_LARGE = "ai-forever/rugpt3large_based_on_gpt2"
-MODEL_FILE_RE = re.compile(r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors"
-                           r"|model\.safetensors\.index\.json|pytorch_model.*\.bin|training_args\.bin)$")
-RUN_FILES = {"chat_config.json", "training_curves.png", "trainer_state.json", "tokenizer.json",
-             "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-             "added_tokens.json", "chat_template.jinja"}
 
 
 class UserError(Exception):
@@ -191,7 +176,7 @@ def load_splits(data_dir, rows, val_rows, max_turns):
 
 
 # ----------------------------------------------------------------------------
-# model and tokenizer
+# the turn window and the command line
 
 def trained_turns(rows, max_turns):
     """The turn window the model is trained with, and chat_config.json records for the chat:
@@ -425,7 +410,35 @@ def prompt_window(chat_config, n_positions, max_new_tokens, max_turns=None, cont
 """The trainer: examples by the prompt rule, model and tokenizer, Trainer, checkpoints and saving.
 
 A block: blocks/build.py writes this file into the scripts that list it (make blocks).
-It imports nothing itself; its host script imports what it uses."""
+It imports nothing itself; its host script imports what it uses and defines, before it, the
+defaults block (every flag's default) and UserError, PROG and the host's own data reading.
+
+The prompt ends at "Ответ:"; the answer's first word keeps its space, as GPT-2's
+tokenizer spells a word inside a sentence. The loss covers only the answer and
+EOS, so the model learns where to stop. EOS, BOS and pad are chosen among the
+tokens the vocabulary already has (printed, with the reason); only a missing
+pad is added, and pad is never EOS. Batches are padded to their longest example
+and grouped by length. chat_config.json records the prompt rule, the turn
+window and the prompt budget, which every reader of the folder uses. The figure
+printed at the end is the validation loss weighted by answer tokens, as
+perplexity.py counts it; early stopping and the best checkpoint go by it too."""
+
+# the from-scratch tokenizer's special tokens (ruGPT-3's layout), and what a missing pad is called
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+EOS_CANDIDATES = ("</s>", "<|endoftext|>")   # where the files declare no EOS the vocabulary has, in this order
+BOS_CANDIDATES = ("<s>", "<|endoftext|>")
+IGNORE_INDEX = -100         # label value the loss skips
+
+DEVICES = ("auto", "cpu", "cuda")
+FINAL_TMP = ".final-tmp"
+LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]  # GPT-2's Conv1D layers; c_proj: the attention's and the MLP's output
+ADAPTER_DIR = "adapter"     # --save-adapter: <output>/adapter/
+RUGPT3_LARGE = "ai-forever/rugpt3large_based_on_gpt2"
+MODEL_FILE_RE = re.compile(r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors"
+                           r"|model\.safetensors\.index\.json|pytorch_model.*\.bin|training_args\.bin)$")
+RUN_FILES = {"chat_config.json", "training_curves.png", "trainer_state.json", "tokenizer.json",
+             "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+             "added_tokens.json", "chat_template.jinja"}
 
 # ----------------------------------------------------------------------------
 # examples
@@ -853,6 +866,8 @@ def slim_adapter_saves(model):
     (the added pad), would add both whole embedding tables to each (about 400 MB for ruGPT-3 medium) and look
     the base up on the hub at every save, while the rows it needs are in the adapter already. The Trainer
     cannot pass peft's flag, so the model's own save_pretrained carries it."""
+    import functools
+
     model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
     return model
 
@@ -1274,6 +1289,8 @@ def prepare_model(args, train_rows, max_turns, persona):
 
 def run(args, train_rows, val_rows, max_turns, persona):
     """Train and write the output folder; returns the Trainer (tests look at its state)."""
+    import math
+
     from transformers import Trainer
 
     check_training_flags(args)

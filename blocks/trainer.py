@@ -1,7 +1,35 @@
 """The trainer: examples by the prompt rule, model and tokenizer, Trainer, checkpoints and saving.
 
 A block: blocks/build.py writes this file into the scripts that list it (make blocks).
-It imports nothing itself; its host script imports what it uses."""
+It imports nothing itself; its host script imports what it uses and defines, before it, the
+defaults block (every flag's default) and UserError, PROG and the host's own data reading.
+
+The prompt ends at "Ответ:"; the answer's first word keeps its space, as GPT-2's
+tokenizer spells a word inside a sentence. The loss covers only the answer and
+EOS, so the model learns where to stop. EOS, BOS and pad are chosen among the
+tokens the vocabulary already has (printed, with the reason); only a missing
+pad is added, and pad is never EOS. Batches are padded to their longest example
+and grouped by length. chat_config.json records the prompt rule, the turn
+window and the prompt budget, which every reader of the folder uses. The figure
+printed at the end is the validation loss weighted by answer tokens, as
+perplexity.py counts it; early stopping and the best checkpoint go by it too."""
+
+# the from-scratch tokenizer's special tokens (ruGPT-3's layout), and what a missing pad is called
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+EOS_CANDIDATES = ("</s>", "<|endoftext|>")   # where the files declare no EOS the vocabulary has, in this order
+BOS_CANDIDATES = ("<s>", "<|endoftext|>")
+IGNORE_INDEX = -100         # label value the loss skips
+
+DEVICES = ("auto", "cpu", "cuda")
+FINAL_TMP = ".final-tmp"
+LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]  # GPT-2's Conv1D layers; c_proj: the attention's and the MLP's output
+ADAPTER_DIR = "adapter"     # --save-adapter: <output>/adapter/
+RUGPT3_LARGE = "ai-forever/rugpt3large_based_on_gpt2"
+MODEL_FILE_RE = re.compile(r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors"
+                           r"|model\.safetensors\.index\.json|pytorch_model.*\.bin|training_args\.bin)$")
+RUN_FILES = {"chat_config.json", "training_curves.png", "trainer_state.json", "tokenizer.json",
+             "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+             "added_tokens.json", "chat_template.jinja"}
 
 # ----------------------------------------------------------------------------
 # examples
@@ -429,6 +457,8 @@ def slim_adapter_saves(model):
     (the added pad), would add both whole embedding tables to each (about 400 MB for ruGPT-3 medium) and look
     the base up on the hub at every save, while the rows it needs are in the adapter already. The Trainer
     cannot pass peft's flag, so the model's own save_pretrained carries it."""
+    import functools
+
     model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
     return model
 
@@ -850,6 +880,8 @@ def prepare_model(args, train_rows, max_turns, persona):
 
 def run(args, train_rows, val_rows, max_turns, persona):
     """Train and write the output folder; returns the Trainer (tests look at its state)."""
+    import math
+
     from transformers import Trainer
 
     check_training_flags(args)

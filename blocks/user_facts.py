@@ -11,6 +11,21 @@ FACT_KINDS = ("name", "city", "age", "occupation", "study", "family", "pet", "li
 SINGLE_VALUE_KINDS = ("name", "city", "age", "occupation", "study")  # a later statement replaces the earlier one
 MAX_VALUES_PER_KIND = 8       # likes, family, plans...: the oldest goes when a kind is full
 NO_FACTS_ANSWER = "Пока ничего. Расскажи о себе, и я запомню."
+# The answer to "Что ты обо мне знаешь?": a clause about "ты" for each kind, in FACT_KINDS order.
+FACT_CLAUSES = {
+    "name": "тебя зовут {}",
+    "city": "ты живёшь {}",              # в Казани: place_in()
+    "age": "тебе {}",                    # 25 лет: years_phrase()
+    "occupation": "ты {}",               # ты учитель, ты на пенсии
+    "workplace": "ты работаешь {}",      # an occupation that is a place: в школе
+    "study": "ты учишься {}",
+    "marital": "ты {}",                  # ты замужем
+    "relatives": "у тебя есть {}",       # family, then pets, each kind listed with "и"
+    "like": "ты любишь {}",
+    "dislike": "ты не любишь {}",
+    "plan": "{when} ты {what}",          # завтра ты поедешь в Казань: the verb in the second person
+    "plan_thing": "{when} у тебя {what}",  # в субботу у тебя концерт
+}
 CITY_ABBREVIATIONS = {"мск": "Москва", "спб": "Санкт-Петербург", "питер": "Питер", "екб": "Екатеринбург",
                       "нск": "Новосибирск", "нн": "Нижний Новгород"}
 # No library marks kinship or pet nouns, so these few lemmas are listed here.
@@ -59,9 +74,26 @@ LOVE_VERBS = ("люблю", "обожаю", "любим", "обожаем")
 PLEASE_VERBS = ("нравится", "нравятся", "нравиться", "нравяться")
 FAN_WORDS = ("фанат", "фанатка", "поклонник", "поклонница", "любитель", "любительница")
 FAVOURITE_WORDS = ("любимая", "любимый", "любимое", "любимые")
-HATE_VERBS = ("ненавижу", "бесит", "бесят", "раздражает", "раздражают", "переношу")
-DATE_WORDS = ("завтра", "послезавтра", "сегодня", "выходных", "выходные", "летом", "зимой", "весной", "осенью",
-              "через", "неделе", "месяце", "году")
+IRRITATE_VERBS = ("бесит", "бесят", "раздражает", "раздражают")   # the thing is the subject: nominative
+HATE_VERBS = ("ненавижу", *IRRITATE_VERBS, "переношу")
+DAY_WORDS = ("завтра", "послезавтра", "сегодня")
+SEASON_WORDS = ("летом", "зимой", "весной", "осенью")
+DATE_WORDS = (*DAY_WORDS, "выходных", "выходные", *SEASON_WORDS, "через", "неделе", "месяце", "году")
+NAME_WORDS = ("имя", "имечко")
+MY_NEUTER_WORDS = ("мое", "моё")          # "моё имя"
+AGE_UNITS = ("лет", "год", "года")        # "мне 25 лет"; the grammar also takes "годик", "годика"
+IN_WORDS = ("в", "во")                    # "живу в Казани", "во Владивостоке"
+FROM_WORDS = ("из", "с", "со")            # "я из Казани", "с Питера"
+NOW_WORDS = ("теперь", "сейчас")          # "жила в Омске, теперь в Томске"
+PLACE_PREPOSITIONS = ("в", "во", "на")    # where one works or studies: "в школе", "на заводе"
+CLASS_WORDS = ("классе", "класе")         # "я в 5 классе"
+OWNER_WORDS = ("меня", "нас")             # "у меня", "у нас"
+OWNER_VERBS = ("есть", "живет", "живёт", "живут")   # "у меня есть кот"
+WITH_WORDS = ("с", "со")                  # "мы с мужем"
+COLLECTIVE_NUMERALS = ("двое", "трое", "четверо", "пятеро")   # "у меня двое детей"
+NAMING_WORDS = ("зовут", "кличке", "кличка", "назвала", "назвал", "назвали", "зову")
+# What may stand between the last relative of a list and its name: "... и сестра, которую зовут оля".
+BEFORE_NAMING = {"и", "по", "его", "её", "ее", "их", "которого", "которую", "которых", "которая", "который"}
 CLAUSE_BREAKS = {",", ".", "!", "?", ";", ":", ")", "(", "а", "но", "однако", "зато", "\n"}
 SENTENCE_ENDS = {".", "!", "?", "\n"}
 QUOTE_MARKS = {'"', "«", "»", "„", "“", "”"}   # kept out of a plan's words: 'у меня через месяц "аида"'
@@ -131,8 +163,8 @@ def load_fact_tools():
         rule(called, me, filler, name_any),                              # зовут меня настей
         rule(me, filler, name_any, called),                              # меня кстати дашей зовут
         rule(me, called, eq("не"), name_any, words("а"), name_any),      # меня зовут не аня а катя
-        rule(words("имя", "имечко"), words("мое", "моё"), name_nomn),
-        rule(words("мое", "моё"), words("имя"), name_nomn),
+        rule(words(*NAME_WORDS), words(*MY_NEUTER_WORDS), name_nomn),
+        rule(words(*MY_NEUTER_WORDS), words("имя"), name_nomn),
         rule(words("я", "это"), filler, and_(name_nomn, not_(has_form("VERB")))),  # я саня
         rule(name_nomn, words("я")),                                     # саня я, с питера
         rule(words("а"), me, name_nomn),                                 # ..., а меня маша
@@ -150,26 +182,26 @@ def load_fact_tools():
     )
     live = words(*LIVE_WORDS)
     moved = words(*MOVED_WORDS)
-    other_place = rule(words("в", "во", "на"), and_(has_form("NOUN"), not_(has_form("Geox"))))
+    other_place = rule(words(*PLACE_PREPOSITIONS), and_(has_form("NOUN"), not_(has_form("Geox"))))
     city_rules = or_(
-        rule(live, filler, other_place.optional(), words("в", "во"), place),   # живу в общаге в москве
-        rule(live, filler, eq("не"), words("в", "во"), place, eq(",").optional(),
-             words("а"), words("в", "во"), place),                             # живу не в москве а в казани
-        rule(words("теперь", "сейчас"), words("в", "во"), place),              # жила в омске, теперь в томске
-        rule(words("в", "во"), place, filler, live),
-        rule(moved, filler, words("в", "во"), place),
-        rule(words("из", "с", "со"), place_from),
+        rule(live, filler, other_place.optional(), words(*IN_WORDS), place),   # живу в общаге в москве
+        rule(live, filler, eq("не"), words(*IN_WORDS), place, eq(",").optional(),
+             words("а"), words(*IN_WORDS), place),                             # живу не в москве а в казани
+        rule(words(*NOW_WORDS), words(*IN_WORDS), place),                      # жила в омске, теперь в томске
+        rule(words(*IN_WORDS), place, filler, live),
+        rule(moved, filler, words(*IN_WORDS), place),
+        rule(words(*FROM_WORDS), place_from),
     )
     number = or_(
         rule(token_type("INT")),
         rule(has_lemma(set(NUMBER_WORDS)), has_lemma(set(NUMBER_WORDS)).optional()),
     )
-    age_rules = rule(words("мне"), filler, number, words("лет", "год", "года", "годик", "годика").optional())
+    age_rules = rule(words("мне"), filler, number, words(*AGE_UNITS, "годик", "годика").optional())
     work = in_caseless(set(WORK_VERBS))
     # A city is where one lives, not a workplace: "живу в екатеринбурге работаю инженером".
     noun_phrase = rule(or_(has_form("ADJF"), has_form("NUMR"), token_type("INT")).repeatable(max=2).optional(),
                        and_(has_form("NOUN"), not_(likely("Geox"))))
-    prepositional = rule(words("в", "во", "на"), noun_phrase)
+    prepositional = rule(words(*PLACE_PREPOSITIONS), noun_phrase)
     profession_ablt = has_form("NOUN", "anim", "ablt")
     occupation_rules = or_(
         rule(work, filler, prepositional.optional(), profession_ablt, prepositional.optional()),
@@ -187,14 +219,14 @@ def load_fact_tools():
     study_rules = or_(
         rule(study, filler, prepositional.repeatable(max=3)),
         rule(prepositional, filler, study),
-        rule(words("я"), filler, words("в"), token_type("INT"), words("классе", "класе")),
+        rule(words("я"), filler, words("в"), token_type("INT"), words(*CLASS_WORDS)),
     )
     kin = has_lemma(KIN_LEMMAS)
     pet = has_lemma(PET_LEMMAS)
     relative = or_(kin, pet)
     mine = has_lemma(MINE_LEMMAS)
-    count = or_(token_type("INT"), has_form("NUMR"), has_lemma({"двое", "трое", "четверо", "пятеро"}))
-    owner = rule(words("у"), words("меня", "нас"), words("есть", "живет", "живёт", "живут").optional())
+    count = or_(token_type("INT"), has_form("NUMR"), has_lemma(set(COLLECTIVE_NUMERALS)))
+    owner = rule(words("у"), words(*OWNER_WORDS), words(*OWNER_VERBS).optional())
     pet_name = and_(or_(has_form("Name", "nomn"), has_form("NOUN", "nomn"), unknown_word),
                     not_(has_form("ADJF")), not_(has_form("PREP")), not_(has_form("CONJ")), not_(has_form("PRCL")))
     relative_phrase = or_(
@@ -209,7 +241,7 @@ def load_fact_tools():
              rule(in_caseless({"и", ","}).optional(), count.optional(), relative_phrase)
              .repeatable(max=3).optional()),
         rule(relative, words("у"), words("меня")),
-        rule(words("мы"), words("с", "со"), relative),
+        rule(words("мы"), words(*WITH_WORDS), relative),
         rule(and_(kin, has_form("datv")), token_type("INT")),             # сыну 3 года
         rule(words("я"), filler, in_caseless(MARITAL_WORDS)),
         rule(words("а"), and_(kin, has_form("nomn"))),                    # "..., а муж водитель"
@@ -234,13 +266,13 @@ def load_fact_tools():
         rule(words(*HATE_VERBS), objects),
     )
     date = or_(
-        rule(words("завтра", "послезавтра", "сегодня"), words("вечером", "утром", "днём", "днем").optional()),
-        rule(words("в", "во"), has_lemma(WEEKDAYS)),
+        rule(words(*DAY_WORDS), words("вечером", "утром", "днём", "днем").optional()),
+        rule(words(*IN_WORDS), has_lemma(WEEKDAYS)),
         rule(words("в"), has_lemma(MONTHS)),
         rule(token_type("INT"), has_lemma(MONTHS)),
         rule(words("на"), words("выходных")),
         rule(words("в"), words("выходные")),
-        rule(words("летом", "зимой", "весной", "осенью")),
+        rule(words(*SEASON_WORDS)),
         rule(words("через"), count.optional(), has_lemma({"день", "неделя", "месяц", "год", "час"})),
         rule(words("на"), words("следующей", "этой"), words("неделе")),
         rule(words("в"), words("следующем", "этом"), words("месяце", "году")),
@@ -435,7 +467,7 @@ def extract_city(text, message):
         negated = "не" in message.words[max(0, start - 2):start] if contrast else message.is_negated(start, stop)
         if negated or message.is_question(start, stop):
             continue
-        if words[0].lower() in ("из", "с", "со"):
+        if words[0].lower() in FROM_WORDS:
             if not message.said_by_me_earlier(start):
                 continue
             if start > 0 and message.words[start - 1] in ("родом", "родилась", "родился", "привет", "приехал",
@@ -443,14 +475,14 @@ def extract_city(text, message):
                 continue
         elif message.has_other_subject(start):
             continue
-        if words[0].lower() in ("теперь", "сейчас") and not any(
+        if words[0].lower() in NOW_WORDS and not any(
                 best_parse(word).normal_form in ("жить", "переехать", "проживать") for word in message.words[:start]):
             continue  # "теперь в томске" moves house only after talk of living somewhere
         while lowered[-1] in FILLER_WORDS or best_parse(lowered[-1]).tag.POS == "VERB":
             lowered.pop()  # "в казани живу"
-        last_preposition = max(i for i, w in enumerate(lowered) if w in ("в", "во", "из", "с", "со")
+        last_preposition = max(i for i, w in enumerate(lowered) if w in IN_WORDS + FROM_WORDS
                                and (i == 0 or lowered[i - 1] != "-"))
-        cases = ("gent",) if lowered[last_preposition] in ("из", "с", "со") else ("loct", "accs")
+        cases = ("gent",) if lowered[last_preposition] in FROM_WORDS else ("loct", "accs")
         cities.append(("city", normal_place(lowered[last_preposition + 1:], cases)))
     return cities[-1:]
 
@@ -470,7 +502,7 @@ def extract_age(text, message):
         if start > 0 and message.words[start - 1] in ("во", "в", "ко", "обо", "при"):
             continue  # "во мне 56": not "мне" the dative of age
         after = message.words[stop:stop + 2]
-        if after[:1] and after[0] not in ("лет", "год", "года") and (
+        if after[:1] and after[0] not in AGE_UNITS and (
                 {"NOUN", "INFN"} & best_parse(after[0]).tag.grammemes):
             continue  # "мне 2 часа ехать", "мне 3 кг": a number of something else
         if "не" in after or "было" in after or "было" in message.words[max(0, start - 2):start]:
@@ -522,7 +554,7 @@ def extract_study(text, message):
     for start, stop, words in matches_of("study", text, message):
         if message.is_negated(start, stop) or message.is_question(start, stop) or message.has_other_subject(start):
             continue
-        phrase = [w.lower() for w in words if w.lower() not in ("учусь", "обучаюсь", "учимся", "я")
+        phrase = [w.lower() for w in words if w.lower() not in (*STUDY_VERBS, "я")
                   and w.lower() not in FILLER_WORDS]
         found.append(("study", " ".join(phrase)))
     return found[-1:]
@@ -535,7 +567,7 @@ def relative_value(words, named_later=None):
     if not lowered:
         return None
     if lowered[0].isdigit() or "NUMR" in best_parse(lowered[0]).tag.grammemes or \
-            best_parse(lowered[0]).normal_form in ("двое", "трое", "четверо", "пятеро"):
+            best_parse(lowered[0]).normal_form in COLLECTIVE_NUMERALS:
         return " ".join(lowered)
     head = next((i for i, w in enumerate(lowered) if best_parse(w, "NOUN").normal_form in KIN_LEMMAS | PET_LEMMAS
                  and "NOUN" in best_parse(w, "NOUN").tag.grammemes), None)
@@ -560,11 +592,6 @@ def split_relatives(words):
             current.append(word)
     groups.append(current)
     return [group for group in groups if group]
-
-
-NAMING_WORDS = ("зовут", "кличке", "кличка", "назвала", "назвал", "назвали", "зову")
-# What may stand between the last relative of a list and its name: "... и сестра, которую зовут оля".
-BEFORE_NAMING = {"и", "по", "его", "её", "ее", "их", "которого", "которую", "которых", "которая", "который"}
 
 
 def name_given_after(message, start, stop, listed=False):
@@ -595,7 +622,7 @@ def extract_family_and_pets(text, message):
             found.append(("family", lowered[-1]))
             continue
         after = message.words[stop:stop + 1]
-        if lowered[0] == "а" or best_parse(lowered[-1]).normal_form in ("мой", "свой"):
+        if lowered[0] == "а" or best_parse(lowered[-1]).normal_form in MINE_LEMMAS:
             if after == [] or after[0] in CLAUSE_BREAKS or after[0] in ("ты", "вы"):
                 continue  # someone spoken to: "сын мой, ...", "а мама?"
             if lowered[0] == "а" and best_parse(lowered[-1]).normal_form in PARTNER_LEMMAS:
@@ -604,12 +631,12 @@ def extract_family_and_pets(text, message):
         owned = lowered[:1] == ["у"]
         if owned:
             rest = lowered[2:]
-            if rest[0] in ("есть", "живет", "живёт", "живут"):
+            if rest[0] in OWNER_VERBS:
                 rest = rest[1:]
             groups = split_relatives(rest)
         else:
-            groups = [[w for w in lowered if w not in ("у", "меня", "мы", "с", "со") and not w.isdigit()
-                       and best_parse(w).normal_form not in ("мой", "свой")]]
+            groups = [[w for w in lowered if w not in ("у", "меня", "мы", *WITH_WORDS) and not w.isdigit()
+                       and best_parse(w).normal_form not in MINE_LEMMAS]]
         named_later = name_given_after(message, start, stop, listed=len(groups) > 1)
         for number, group in enumerate(groups, 1):
             lemma = {best_parse(w, "NOUN").normal_form for w in group}
@@ -625,8 +652,7 @@ def extract_family_and_pets(text, message):
 
 def object_case(trigger):
     # The case the verb governs picks the right analysis: "люблю суши" is not "суша".
-    if trigger in ("нравится", "нравятся", "нравиться", "нравяться", "бесит", "бесят", "раздражает",
-                   "раздражают") or trigger.startswith("любим"):
+    if trigger in PLEASE_VERBS + IRRITATE_VERBS or trigger.startswith("любим"):
         return "nomn"
     if trigger == "увлекаюсь":
         return "ablt"
@@ -677,15 +703,15 @@ def extract_likes(text, message):
             continue
         trigger = lowered[0]
         before = message.words[max(0, start - 3):start]
-        if trigger in ("нравится", "нравятся", "нравиться", "нравяться"):
+        if trigger in PLEASE_VERBS:
             experiencer = [w for w in before if w not in ("не", "очень", "тоже", "так", "уже", "сильно", "сейчас")]
             if experiencer and experiencer[-1] not in ("мне", ",", "а", "и", "но") and \
                     "datv" in best_parse(experiencer[-1]).tag.grammemes:
                 continue  # "ей нравится рок": someone else's taste
-        if trigger in ("бесит", "бесят", "раздражает", "раздражают") and any(
+        if trigger in IRRITATE_VERBS and any(
                 w in ("тебя", "его", "её", "ее", "их") for w in before):
             continue
-        if trigger in ("я", "фанат", "фанатка", "поклонник", "поклонница", "любитель", "любительница"):
+        if trigger == "я" or trigger in FAN_WORDS:
             if message.has_other_subject(start):
                 continue  # "он фанат металлики"
             trigger = "я"
@@ -696,8 +722,7 @@ def extract_likes(text, message):
             objects = lowered[3:]
         else:
             objects = lowered[1:]
-        negated = "не" in before[-2:] or trigger in ("терпеть", "ненавижу", "бесит", "бесят", "раздражает",
-                                                      "раздражают", "переношу")
+        negated = "не" in before[-2:] or trigger == "терпеть" or trigger in HATE_VERBS
         if trigger == "переношу" and "не" not in before[-2:]:
             continue
         if any(best_parse(word).normal_form in ("ты", "вы", "твой", "ваш") for word in objects):
@@ -713,7 +738,7 @@ def verb_for_plan(message, first, last, date_span):
         if date_span[0] <= i < date_span[1]:
             continue
         word = message.words[i]
-        follows_motion = i + 1 < last and message.words[i + 1] in ("в", "во", "на", "к", "ко")
+        follows_motion = i + 1 < last and message.words[i + 1] in (*PLACE_PREPOSITIONS, "к", "ко")
         candidates = [p for p in load_fact_tools()["parse"](word)
                       if {"VERB", "1per", "indc"} <= p.tag.grammemes and "past" not in p.tag.grammemes]
         if not candidates:
@@ -798,16 +823,16 @@ def grammars_for_sentence(written):
     after = lambda trigger, like: any(like(word) for i, w in enumerate(words) if w == trigger
                                       for word in next_words(written, words, i))
     worth = {
-        "name": (has(*ME_WORDS) and (has(*CALLED_WORDS) or "а" in seen)) or has("имя", "имечко")
+        "name": (has(*ME_WORDS) and (has(*CALLED_WORDS) or "а" in seen)) or has(*NAME_WORDS)
                 or after("я", name_like) or ("это" in words[:2] and after("это", name_like))
                 or any(name_like(written[i - 1]) for i, w in enumerate(words) if w == "я" and i > 0),
-        "city": has(*LIVE_WORDS, *MOVED_WORDS) or (has("теперь", "сейчас") and has("в", "во"))
-                or ("я" in seen and has("из", "с", "со")),
+        "city": has(*LIVE_WORDS, *MOVED_WORDS) or (has(*NOW_WORDS) and has(*IN_WORDS))
+                or ("я" in seen and has(*FROM_WORDS)),
         "age": "мне" in seen and after("мне", number_like),
         "occupation": has(*WORK_VERBS, "пенсии", "декрете") or after("я", person_like),
-        "study": has(*STUDY_VERBS) or ("я" in seen and has("классе", "класе")),
+        "study": has(*STUDY_VERBS) or ("я" in seen and has(*CLASS_WORDS)),
         "family": ("я" in seen and has(*MARITAL_WORDS)) or (
-            ("а" in seen or ("у" in seen and has("меня", "нас")) or ("мы" in seen and has("с", "со"))
+            ("а" in seen or ("у" in seen and has(*OWNER_WORDS)) or ("мы" in seen and has(*WITH_WORDS))
              or any(word.isdigit() for word in words) or has_lemma(MINE_LEMMAS, tools["mine_forms"]))
             and has_lemma(KIN_LEMMAS | PET_LEMMAS, tools["relative_forms"])),
         "like": has(*LOVE_VERBS, *PLEASE_VERBS, "увлекаюсь", *FAN_WORDS, *FAVOURITE_WORDS, "терпеть", *HATE_VERBS),
@@ -964,8 +989,8 @@ def plan_clause(value):
     when = when.rstrip(")")
     words = what.split()
     if "INFN" in best_parse(words[0]).tag.grammemes:
-        return f"{when} ты {' '.join([second_person(words[0])] + words[1:])}"
-    return f"{when} у тебя {what}"
+        return FACT_CLAUSES["plan"].format(when=when, what=" ".join([second_person(words[0])] + words[1:]))
+    return FACT_CLAUSES["plan_thing"].format(when=when, what=what)
 
 
 def join_russian(items):
@@ -982,31 +1007,23 @@ def fact_clauses(facts):
         values = by_kind.get(kind)
         if not values:
             continue
-        if kind == "name":
-            clauses.append(f"тебя зовут {values[-1]}")
+        if kind in ("name", "study"):
+            clauses.append(FACT_CLAUSES[kind].format(values[-1]))
         elif kind == "city":
-            clauses.append(f"ты живёшь {place_in(values[-1])}")
+            clauses.append(FACT_CLAUSES["city"].format(place_in(values[-1])))
         elif kind == "age":
-            clauses.append(f"тебе {years_phrase(values[-1])}")
+            clauses.append(FACT_CLAUSES["age"].format(years_phrase(values[-1])))
         elif kind == "occupation":
             value = values[-1]
-            if value in STATUS_PHRASES:
-                clauses.append(f"ты {value}")
-            elif value.split()[0] in ("в", "во", "на"):
-                clauses.append(f"ты работаешь {value}")
-            else:
-                clauses.append(f"ты {value}")
-        elif kind == "study":
-            clauses.append(f"ты учишься {values[-1]}")
+            workplace = value not in STATUS_PHRASES and value.split()[0] in PLACE_PREPOSITIONS
+            clauses.append(FACT_CLAUSES["workplace" if workplace else "occupation"].format(value))
         elif kind in ("family", "pet"):
-            marital = [v for v in values if v in MARITAL_WORDS]
             others = [v for v in values if v not in MARITAL_WORDS]
-            clauses += [f"ты {v}" for v in marital]
+            clauses += [FACT_CLAUSES["marital"].format(v) for v in values if v in MARITAL_WORDS]
             if others:
-                clauses.append(f"у тебя есть {join_russian(others)}")
+                clauses.append(FACT_CLAUSES["relatives"].format(join_russian(others)))
         elif kind in ("like", "dislike"):
-            verb = "ты любишь" if kind == "like" else "ты не любишь"
-            clauses.append(f"{verb} {join_russian([inflect_phrase(v, 'accs') for v in values])}")
+            clauses.append(FACT_CLAUSES[kind].format(join_russian([inflect_phrase(v, "accs") for v in values])))
         elif kind == "plan":
             clauses += [plan_clause(v) for v in values]
     return clauses

@@ -80,12 +80,6 @@ REPO_ROOT = Path(SCRIPTS_DIR or (Path(__file__).resolve().parent if "__file__" i
 LSTM_SCRIPTS = {"lstm_pytorch": REPO_ROOT / "pytorch_chatbot.py",
                 "lstm_keras": REPO_ROOT / "tensorflow_chatbot.py"}
 
-DEFAULT_MAX_NEW_TOKENS = 64   # the chat's reply room where a folder's chat_config.json does not say
-
-CONTEXT_COLUMNS = ("dialogue_id", "context", "answer")
-FACTS_COLUMN = "facts"  # optional in context_<split>.parquet: what the user side stated earlier (issue 14)
-PAIRS_COLUMNS = ("dialogue_id", "question", "answer")
-
 # The word-level tokeniser of BLEU, F1, distinct-n and reply length.
 WORD_PATTERN = re.compile(r"\w+|[^\w\s]")
 BLEU_SMOOTHING = "method1"
@@ -126,6 +120,7 @@ class UserError(Exception):
 
 # ---------------------------------------------------------------- metrics
 def words(text):
+    """A text's word tokens, the lists BLEU, unigram_f1 and distinct_n are computed on."""
     return WORD_PATTERN.findall(text.lower())
 
 
@@ -136,24 +131,6 @@ def corpus_bleu4(replies, references):
     smoothing = getattr(SmoothingFunction(), BLEU_SMOOTHING)
     return float(corpus_bleu([[words(r)] for r in references], [words(h) for h in replies],
                              smoothing_function=smoothing))
-
-
-def unigram_f1(reply, reference):
-    """Bag-of-words overlap of one reply with its reference. Words only: a reply of
-    bare punctuation would otherwise score on the reference's full stop."""
-    hyp = [w for w in words(reply) if w[0].isalnum() or w[0] == "_"]
-    ref = [w for w in words(reference) if w[0].isalnum() or w[0] == "_"]
-    common = sum((Counter(hyp) & Counter(ref)).values())
-    if common == 0:
-        return float(not hyp and not ref)
-    precision, recall = common / len(hyp), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
-
-def distinct_n(replies, n):
-    """Unique n-grams over all n-grams of all replies (n-grams never span two replies)."""
-    grams = [tuple(tokens[i:i + n]) for tokens in map(words, replies) for i in range(len(tokens) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
 
 
 def percentile(values, q):
@@ -181,6 +158,7 @@ def reply_metrics(records):
     reference_nll, reference_tokens, reference_chars (the last three None where not scored)."""
     replies = [r["reply"] for r in records]
     references = [r["reference"] for r in records]
+    reply_words = [words(h) for h in replies]
     ms = [r["ms"] for r in records]
     scored = [r for r in records if r.get("reference_nll") is not None]
     nll = sum(r["reference_nll"] for r in scored)
@@ -190,9 +168,9 @@ def reply_metrics(records):
     return {
         "rows": len(records),
         "bleu4": corpus_bleu4(replies, references),
-        "unigram_f1": statistics.fmean(unigram_f1(h, r) for h, r in zip(replies, references)),
-        "distinct_1": distinct_n(replies, 1),
-        "distinct_2": distinct_n(replies, 2),
+        "unigram_f1": statistics.fmean(unigram_f1(h, words(r)) for h, r in zip(reply_words, references)),
+        "distinct_1": distinct_n(reply_words, 1),
+        "distinct_2": distinct_n(reply_words, 2),
         "mean_words": statistics.fmean(len(re.findall(r"\w+", h)) for h in replies),
         "eos_share": statistics.fmean(bool(r["ended_with_eos"]) for r in records),
         "ms_median": statistics.median(ms),
@@ -254,39 +232,13 @@ def fact_distance(item):
 
 
 # ---------------------------------------------------------------- model folders
-def has_weights(folder):
-    return (folder / "config.json").is_file() and (
-        (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file())
-
-
-def read_json(path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: cannot read JSON ({exc.__class__.__name__})") from None
-
-
-def unfinished_lora_run(folder):
-    """Whether a folder with no model is a --lora run that has not finished: its
-    checkpoint-N/ folders hold the adapter only, and the merged model comes at the end."""
-    return any((path / "adapter_config.json").is_file() for path in Path(folder).glob("checkpoint-*"))
-
-
 def resolve_weights(folder):
     """The folder itself if it holds weights, else its newest complete checkpoint-N/."""
-    folder = Path(folder)
-    if has_weights(folder):
-        return folder
-    checkpoints = [p for p in folder.glob("checkpoint-*")
-                   if p.is_dir() and p.name.split("-")[-1].isdigit() and has_weights(p)
-                   and (p / "trainer_state.json").is_file()]  # written last by Trainer
-    if not checkpoints and unfinished_lora_run(folder):
-        raise UserError(f"{folder}: a --lora run that has not finished: its checkpoint-N/ folders hold the "
-                        f"adapter only, and the merged model is saved when it ends (--resume --lora continues it)")
-    if not checkpoints:
+    weights = newest_weights(folder)
+    if weights is None:
         raise UserError(f"{folder}: no model of the kit here (no config.json with kit_model, and no "
                         f"config.json + model.safetensors at the top level or in a checkpoint-N/ folder)")
-    return max(checkpoints, key=lambda p: int(p.name.split("-")[-1]))
+    return weights
 
 
 def model_kind(folder):
@@ -305,48 +257,6 @@ def model_kind(folder):
     if not isinstance(config, dict) or "model_type" not in config:
         raise UserError(f"{folder}: config.json has neither kit_model nor model_type; not a model of the kit")
     return "transformers"
-
-
-def pick_device(name):
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available here")
-    return name
-
-
-def load_model(folder, device, max_turns=None, context_tokens=None):
-    """Model, tokenizer and prompt settings of a transformers folder of the kit."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = Path(folder)
-    weights_dir = resolve_weights(folder)
-    tokenizer_dir = next((d for d in (weights_dir, folder) if any(
-        (d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))), None)
-    if tokenizer_dir is None:
-        raise UserError(f"{folder}: no tokenizer (tokenizer.json / tokenizer_config.json) beside the weights")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    except Exception as exc:  # a broken tokenizer file surfaces as many exception types
-        raise UserError(f"{tokenizer_dir}: cannot load the tokenizer ({exc.__class__.__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-    if tokenizer.eos_token_id is None:
-        raise UserError(f"{tokenizer_dir}: the tokenizer has no eos_token")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=torch.float32)
-    except Exception as exc:
-        raise UserError(f"{weights_dir}: cannot load the model ({exc.__class__.__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-    model.to(device).eval()
-    chat = read_chat_config(folder, weights_dir)
-    n_positions = (getattr(model.config, "max_position_embeddings", None)
-                   or getattr(model.config, "n_positions", None) or 1024)
-    settings = prompt_settings(chat, int(n_positions), max_turns, context_tokens)
-    settings["generation"] = (chat or {}).get("generation") or {}
-    return model, tokenizer, weights_dir, settings
 
 
 # ---------------------------------------------------------------- data, prompts and scoring
@@ -996,11 +906,103 @@ def cut_at_next_turn(text):
 # ==== end of block blocks/decoding.py ====
 
 
+# ==== block blocks/model_folders.py: generated, edit the source and run `make blocks` ====
+"""Model folders: finding the weights of a transformers folder of the kit (or its newest complete
+checkpoint) and loading its model, tokenizer and prompt settings, for perplexity.py and evaluate.py.
+
+A block: blocks/build.py writes this file into the scripts that list it (make blocks).
+It imports nothing itself; its host script imports what it uses, and defines UserError and
+resolve_weights(folder) (the weights folder, or a UserError in its own words; newest_weights helps)."""
+
+def has_weights(folder):
+    return (folder / "config.json").is_file() and (
+        (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file())
+
+
+def read_json(path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: cannot read JSON ({exc.__class__.__name__})") from None
+
+
+def unfinished_lora_run(folder):
+    """Whether a folder with no model is a --lora run that has not finished: its
+    checkpoint-N/ folders hold the adapter only, and the merged model comes at the end."""
+    return any((path / "adapter_config.json").is_file() for path in Path(folder).glob("checkpoint-*"))
+
+
+def newest_weights(folder):
+    """The folder itself if it holds weights, else its newest complete checkpoint-N/, else None."""
+    folder = Path(folder)
+    if has_weights(folder):
+        return folder
+    checkpoints = [p for p in folder.glob("checkpoint-*")
+                   if p.is_dir() and p.name.split("-")[-1].isdigit() and has_weights(p)
+                   and (p / "trainer_state.json").is_file()]  # written last by Trainer
+    if not checkpoints and unfinished_lora_run(folder):
+        raise UserError(f"{folder}: a --lora run that has not finished: its checkpoint-N/ folders hold the "
+                        f"adapter only, and the merged model is saved when it ends (--resume --lora continues it)")
+    return max(checkpoints, key=lambda p: int(p.name.split("-")[-1])) if checkpoints else None
+
+
+def pick_device(name):
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here")
+    return name
+
+
+def load_model(folder, device, max_turns=None, context_tokens=None):
+    """Model, tokenizer and prompt settings (the chat's generation settings too) of a transformers folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    weights_dir = resolve_weights(folder)
+    config = read_json(weights_dir / "config.json")
+    if "model_type" not in config:
+        raise UserError(f"{folder}: {weights_dir / 'config.json'} has no model_type; not a transformers model")
+    tokenizer_dir = next((d for d in (weights_dir, folder) if any(
+        (d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))), None)
+    if tokenizer_dir is None:
+        raise UserError(f"{folder}: no tokenizer (tokenizer.json / tokenizer_config.json) beside the weights")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except Exception as exc:  # a broken tokenizer file surfaces as many exception types
+        raise UserError(f"{tokenizer_dir}: cannot load the tokenizer ({exc.__class__.__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"{tokenizer_dir}: the tokenizer has no eos_token")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=torch.float32)
+    except Exception as exc:
+        raise UserError(f"{weights_dir}: cannot load the model ({exc.__class__.__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    model.to(device).eval()
+    chat = read_chat_config(folder, weights_dir)
+    n_positions = (getattr(model.config, "max_position_embeddings", None)
+                   or getattr(model.config, "n_positions", None) or 1024)
+    settings = prompt_settings(chat, int(n_positions), max_turns, context_tokens)
+    settings["generation"] = (chat or {}).get("generation") or {}
+    return model, tokenizer, weights_dir, settings
+# ==== end of block blocks/model_folders.py ====
+
+
 # ==== block blocks/scoring.py: generated, edit the source and run `make blocks` ====
 """Scoring: reading the test data, building prompts and scoring model folders for perplexity.py and evaluate.py.
 
 A block: blocks/build.py writes this file into the scripts that list it (make blocks).
 It imports nothing itself; its host script imports what it uses."""
+
+DEFAULT_MAX_NEW_TOKENS = 64   # the chat's reply room where a folder's chat_config.json does not say
+CONTEXT_COLUMNS = ("dialogue_id", "context", "answer")
+FACTS_COLUMN = "facts"  # optional in context_<split>.parquet: what the user side stated earlier (issue 14)
+PAIRS_COLUMNS = ("dialogue_id", "question", "answer")
+
 
 def read_chat_config(folder, weights_dir):
     """chat_config.json beside the weights, in the folder or above a checkpoint; None where there is none."""
@@ -1165,6 +1167,37 @@ def score(model, built, batch_size, device, pad_id=0, progress=True):
                               "chars": built[i]["chars"]}
     return results
 # ==== end of block blocks/scoring.py ====
+
+
+# ==== block blocks/metrics.py: generated, edit the source and run `make blocks` ====
+"""Reply metrics: unigram F1 and distinct-n, for evaluate.py and the two LSTM scripts (pytorch_chatbot.py,
+tensorflow_chatbot.py), each scoring token lists of its own tokeniser.
+
+A block: blocks/build.py writes this file into the scripts that list it (make blocks).
+It imports nothing itself; its host script imports what it uses (Counter)."""
+
+def is_word(token):
+    """Letters, digits or an underscore first: a word, not a punctuation mark."""
+    return token[0].isalnum() or token[0] == "_"
+
+
+def unigram_f1(hypothesis, reference):
+    """Bag-of-words overlap of one reply's tokens with its reference's. Words only: a reply of
+    bare punctuation would otherwise score on the reference's full stop."""
+    hypothesis = [t for t in hypothesis if is_word(t)]
+    reference = [t for t in reference if is_word(t)]
+    common = sum((Counter(hypothesis) & Counter(reference)).values())
+    if common == 0:
+        return float(not hypothesis and not reference)
+    precision, recall = common / len(hypothesis), common / len(reference)
+    return 2 * precision * recall / (precision + recall)
+
+
+def distinct_n(replies, n):
+    """Unique n-grams over all n-grams of all replies, each a token list (n-grams never span two replies)."""
+    ngrams = [tuple(tokens[i:i + n]) for tokens in replies for i in range(len(tokens) - n + 1)]
+    return len(set(ngrams)) / len(ngrams) if ngrams else 0.0
+# ==== end of block blocks/metrics.py ====
 
 
 if __name__ == "__main__":

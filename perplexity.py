@@ -65,12 +65,7 @@ NO_PERSONA = False     # True: leave the chat_config persona out of prompts
 MAX_TURNS = None       # turns in a prompt, the question included (None: chat_config.json's, as trained)
 CONTEXT_TOKENS = None  # prompt budget in tokens (None: chat_config.json's, as trained)
 
-DEFAULT_MAX_NEW_TOKENS = 64   # the reply's room where a folder's chat_config.json does not say
-
 DEVICES = ["auto", "cpu", "cuda"]
-CONTEXT_COLUMNS = ("dialogue_id", "context", "answer")
-FACTS_COLUMN = "facts"  # optional in context_<split>.parquet: what the user side stated earlier (issue 14)
-PAIRS_COLUMNS = ("dialogue_id", "question", "answer")
 
 # Where answer perplexity usually sits for a small Russian chat model; the
 # reading is a rule of thumb, not a verdict.
@@ -88,24 +83,6 @@ class UserError(Exception):
 
 
 # ---------------------------------------------------------------- model folders
-def has_weights(folder):
-    return (folder / "config.json").is_file() and (
-        (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file())
-
-
-def read_json(path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: cannot read JSON ({exc.__class__.__name__})") from None
-
-
-def unfinished_lora_run(folder):
-    """Whether a folder with no model is a --lora run that has not finished: its
-    checkpoint-N/ folders hold the adapter only, and the merged model comes at the end."""
-    return any((path / "adapter_config.json").is_file() for path in Path(folder).glob("checkpoint-*"))
-
-
 def resolve_weights(folder):
     """The folder itself if it holds weights, else its newest complete checkpoint-N/."""
     folder = Path(folder)
@@ -114,18 +91,11 @@ def resolve_weights(folder):
     if (folder / "config.json").is_file() and "kit_model" in read_json(folder / "config.json"):
         raise UserError(f"{folder}: an LSTM folder of the kit; perplexity.py reads transformers folders "
                         f"(evaluate.py scores LSTMs)")
-    if has_weights(folder):
-        return folder
-    checkpoints = [p for p in folder.glob("checkpoint-*")
-                   if p.is_dir() and p.name.split("-")[-1].isdigit() and has_weights(p)
-                   and (p / "trainer_state.json").is_file()]  # written last by Trainer
-    if not checkpoints and unfinished_lora_run(folder):
-        raise UserError(f"{folder}: a --lora run that has not finished: its checkpoint-N/ folders hold the "
-                        f"adapter only, and the merged model is saved when it ends (--resume --lora continues it)")
-    if not checkpoints:
+    weights = newest_weights(folder)
+    if weights is None:
         raise UserError(f"{folder}: no model here (config.json + model.safetensors at the top level "
                         f"or in a checkpoint-N/ folder)")
-    return max(checkpoints, key=lambda p: int(p.name.split("-")[-1]))
+    return weights
 
 
 def model_name(folder):
@@ -133,49 +103,6 @@ def model_name(folder):
     if folder.name.startswith("checkpoint-") and folder.parent.name:
         return f"{folder.parent.name}-{folder.name}"
     return folder.name
-
-
-def pick_device(name):
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available here")
-    return name
-
-
-def load_model(folder, device, max_turns=None, context_tokens=None):
-    """Model, tokenizer and prompt settings of a transformers folder of the kit."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = Path(folder)
-    weights_dir = resolve_weights(folder)
-    config = read_json(weights_dir / "config.json")
-    if "model_type" not in config:
-        raise UserError(f"{folder}: {weights_dir / 'config.json'} has no model_type; not a transformers model")
-    tokenizer_dir = next((d for d in (weights_dir, folder) if any(
-        (d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))), None)
-    if tokenizer_dir is None:
-        raise UserError(f"{folder}: no tokenizer (tokenizer.json / tokenizer_config.json) beside the weights")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    except Exception as exc:  # a broken tokenizer file surfaces as many exception types
-        raise UserError(f"{tokenizer_dir}: cannot load the tokenizer ({exc.__class__.__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-    if tokenizer.eos_token_id is None:
-        raise UserError(f"{tokenizer_dir}: the tokenizer has no eos_token")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=torch.float32)
-    except Exception as exc:
-        raise UserError(f"{weights_dir}: cannot load the model ({exc.__class__.__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-    model.to(device).eval()
-    n_positions = (getattr(model.config, "max_position_embeddings", None)
-                   or getattr(model.config, "n_positions", None) or 1024)
-    settings = prompt_settings(read_chat_config(folder, weights_dir), int(n_positions), max_turns, context_tokens)
-    return model, tokenizer, weights_dir, settings
 
 
 # ---------------------------------------------------------------- data, prompts and scoring
@@ -524,11 +451,103 @@ def prompt_window(chat_config, n_positions, max_new_tokens, max_turns=None, cont
 # ==== end of block blocks/prompt_rule.py ====
 
 
+# ==== block blocks/model_folders.py: generated, edit the source and run `make blocks` ====
+"""Model folders: finding the weights of a transformers folder of the kit (or its newest complete
+checkpoint) and loading its model, tokenizer and prompt settings, for perplexity.py and evaluate.py.
+
+A block: blocks/build.py writes this file into the scripts that list it (make blocks).
+It imports nothing itself; its host script imports what it uses, and defines UserError and
+resolve_weights(folder) (the weights folder, or a UserError in its own words; newest_weights helps)."""
+
+def has_weights(folder):
+    return (folder / "config.json").is_file() and (
+        (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file())
+
+
+def read_json(path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: cannot read JSON ({exc.__class__.__name__})") from None
+
+
+def unfinished_lora_run(folder):
+    """Whether a folder with no model is a --lora run that has not finished: its
+    checkpoint-N/ folders hold the adapter only, and the merged model comes at the end."""
+    return any((path / "adapter_config.json").is_file() for path in Path(folder).glob("checkpoint-*"))
+
+
+def newest_weights(folder):
+    """The folder itself if it holds weights, else its newest complete checkpoint-N/, else None."""
+    folder = Path(folder)
+    if has_weights(folder):
+        return folder
+    checkpoints = [p for p in folder.glob("checkpoint-*")
+                   if p.is_dir() and p.name.split("-")[-1].isdigit() and has_weights(p)
+                   and (p / "trainer_state.json").is_file()]  # written last by Trainer
+    if not checkpoints and unfinished_lora_run(folder):
+        raise UserError(f"{folder}: a --lora run that has not finished: its checkpoint-N/ folders hold the "
+                        f"adapter only, and the merged model is saved when it ends (--resume --lora continues it)")
+    return max(checkpoints, key=lambda p: int(p.name.split("-")[-1])) if checkpoints else None
+
+
+def pick_device(name):
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here")
+    return name
+
+
+def load_model(folder, device, max_turns=None, context_tokens=None):
+    """Model, tokenizer and prompt settings (the chat's generation settings too) of a transformers folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    weights_dir = resolve_weights(folder)
+    config = read_json(weights_dir / "config.json")
+    if "model_type" not in config:
+        raise UserError(f"{folder}: {weights_dir / 'config.json'} has no model_type; not a transformers model")
+    tokenizer_dir = next((d for d in (weights_dir, folder) if any(
+        (d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))), None)
+    if tokenizer_dir is None:
+        raise UserError(f"{folder}: no tokenizer (tokenizer.json / tokenizer_config.json) beside the weights")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except Exception as exc:  # a broken tokenizer file surfaces as many exception types
+        raise UserError(f"{tokenizer_dir}: cannot load the tokenizer ({exc.__class__.__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"{tokenizer_dir}: the tokenizer has no eos_token")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=torch.float32)
+    except Exception as exc:
+        raise UserError(f"{weights_dir}: cannot load the model ({exc.__class__.__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    model.to(device).eval()
+    chat = read_chat_config(folder, weights_dir)
+    n_positions = (getattr(model.config, "max_position_embeddings", None)
+                   or getattr(model.config, "n_positions", None) or 1024)
+    settings = prompt_settings(chat, int(n_positions), max_turns, context_tokens)
+    settings["generation"] = (chat or {}).get("generation") or {}
+    return model, tokenizer, weights_dir, settings
+# ==== end of block blocks/model_folders.py ====
+
+
 # ==== block blocks/scoring.py: generated, edit the source and run `make blocks` ====
 """Scoring: reading the test data, building prompts and scoring model folders for perplexity.py and evaluate.py.
 
 A block: blocks/build.py writes this file into the scripts that list it (make blocks).
 It imports nothing itself; its host script imports what it uses."""
+
+DEFAULT_MAX_NEW_TOKENS = 64   # the chat's reply room where a folder's chat_config.json does not say
+CONTEXT_COLUMNS = ("dialogue_id", "context", "answer")
+FACTS_COLUMN = "facts"  # optional in context_<split>.parquet: what the user side stated earlier (issue 14)
+PAIRS_COLUMNS = ("dialogue_id", "question", "answer")
+
 
 def read_chat_config(folder, weights_dir):
     """chat_config.json beside the weights, in the folder or above a checkpoint; None where there is none."""

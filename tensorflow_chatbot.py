@@ -28,12 +28,17 @@ In a notebook (Jupyter, Colab): paste this whole file into one cell, set MODE
 and the rest in the defaults block below, and run the cell (chat mode asks
 for your lines in the cell; «выход» ends it). `%run tensorflow_chatbot.py train
 --epochs 3` and `!python tensorflow_chatbot.py train --epochs 3` take flags as above.
+
+Map: the defaults block, then this script's own Keras code (the data, the model, training,
+the model folder, inference, the train mode) and `main`; after them the generated blocks that
+both LSTM scripts share: blocks/lstm.py (the tokeniser, reading the pairs and the folder's
+config, the chat and eval modes, the command line, the report) and blocks/metrics.py (F1, distinct-n).
 """
 import argparse
 import contextlib
 import json
 import math
-import os
+import os  # also TensorFlow's environment, set before it is imported (import_tensorflow)
 import random
 import re
 import shutil
@@ -66,8 +71,8 @@ HIDDEN = 256
 VOCAB_SIZE = 10000       # including the four special tokens
 MAX_LEN = 20             # tokens per question and per answer (incl. <EOS>); covers ~99% of turns
 LEARNING_RATE = 1e-3
-CLIP_NORM = 1.0
-PATIENCE = 3             # epochs without a better validation loss before stopping
+CLIP_NORM = 1.0          # gradient norm cap (Adam's clipnorm)
+PATIENCE = 3             # epochs without a better validation loss before stopping (Keras EarlyStopping)
 MAX_MINUTES = None       # stop training after this wall time, keeping the best weights (None: no limit)
 CHAT_DECODING = "sample"  # "sample" or "greedy"
 EVAL_DECODING = "greedy"
@@ -77,86 +82,13 @@ REPLY_MAX_LEN = None     # reply length cap in tokens (None: the model's MAX_LEN
 CHAT_SCRIPT = None       # chat: answer each line of this UTF-8 file instead of asking (None: ask)
 QUESTIONS = None         # eval: a JSONL of questions to answer instead of the test split (evaluate.py's way)
 PREDICTIONS = None       # eval: the JSONL the replies to QUESTIONS go to
-SEED = 1337
-
-# ---- tokenisation: spelled out identically in pytorch_chatbot.py ------------
-PAD, SOS, EOS, UNK = "<PAD>", "<SOS>", "<EOS>", "<UNK>"
-SPECIAL_TOKENS = [PAD, SOS, EOS, UNK]
-PAD_ID, SOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
-# A word (letters/digits, inner hyphens and apostrophes kept: «ё-моё», «кто-то»)
-# or a run of one repeated punctuation mark («...», «!!!») as one token.
-TOKEN_PATTERN = r"\w+(?:[-']\w+)*|([^\w\s])\1*"
-TOKEN_RE = re.compile(TOKEN_PATTERN)
-NO_SPACE_BEFORE = re.compile(r"(?<=(\S)) ([.,!?;:…%»)\]}])")
-NO_SPACE_AFTER = re.compile(r"([«(\[{]) ")
-QUIT_WORD = "выход"
-DEVICES = ("auto", "cpu", "cuda", "gpu")  # "gpu" is the Keras script's word, "cuda" this one's: both work in both
-DECODINGS = ("greedy", "sample")
-
+SEED = 1337              # random, numpy and Keras, and the sampling generator of chat and eval
 
 class UserError(Exception):
     """A mistake of the user's (a file, a folder, a flag): one line, exit code 1."""
 
 
-def tokenize(text):
-    return [m.group(0) for m in TOKEN_RE.finditer(str(text).lower())]
-
-
-def detokenize(tokens):
-    text = " ".join(tokens)
-    # The space stays between two tokens of one repeated mark (", ,"), or they would read back as one («,,»).
-    text = NO_SPACE_BEFORE.sub(lambda m: m.group(0) if m.group(1) == m.group(2) else m.group(2), text)
-    return NO_SPACE_AFTER.sub(r"\1", text)
-
-
-def build_vocab(texts, vocab_size):
-    counts = Counter(tok for text in texts for tok in tokenize(text))
-    # Ties broken by the word itself so that the same data gives the same ids.
-    words = sorted(counts, key=lambda w: (-counts[w], w))
-    words = [w for w in words if w not in SPECIAL_TOKENS]
-    return SPECIAL_TOKENS + words[: max(0, vocab_size - len(SPECIAL_TOKENS))]
-
-
-def encode_question(text, stoi, max_len):
-    """Question ids, keeping the LAST max_len tokens: the end of a long context matters most."""
-    ids = [stoi.get(tok, UNK_ID) for tok in tokenize(text)][-max_len:]
-    return ids or [UNK_ID]  # an empty question still needs one step for the encoder
-
-
-def encode_answer(text, stoi, max_len):
-    """(decoder input, target): `<SOS> a1..an` -> `a1..an <EOS>`, at most max_len each.
-
-    An answer too long to fit gets no <EOS>: cutting it and then teaching
-    "stop here" would teach the model to stop mid-sentence.
-    """
-    ids = [stoi.get(tok, UNK_ID) for tok in tokenize(text)]
-    target = ids + [EOS_ID] if len(ids) < max_len else ids[:max_len]
-    return [SOS_ID] + target[:-1], target
-
-
 # ---- data ------------------------------------------------------------------
-def read_pairs(path, rows=None):
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found (create_dataset.py writes the pairs_*.csv splits)")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, nrows=rows, encoding="utf-8")
-    except pd.errors.EmptyDataError:
-        raise UserError(f"{path}: the file is empty") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
-    except pd.errors.ParserError as err:
-        raise UserError(f"{path}: not a readable CSV ({str(err).strip().splitlines()[0]})") from None
-    missing = [col for col in ("question", "answer") if col not in frame.columns]
-    if missing:
-        raise UserError(f"{path}: missing column(s) {', '.join(missing)}; "
-                        f"expected dialogue_id,question,answer, found {','.join(map(str, frame.columns))}")
-    pairs = [(q, a) for q, a in zip(frame["question"], frame["answer"]) if tokenize(q) and tokenize(a)]
-    if not pairs:
-        raise UserError(f"{path}: no question-answer rows with text in them")
-    return pairs
-
-
 def pairs_to_arrays(pairs, stoi, max_len):
     """Padded id matrices ([question, decoder input], target); id 0 is padding and masked."""
     from keras.utils import pad_sequences
@@ -319,56 +251,10 @@ def train_model(args, train_pairs, val_pairs):
 
 
 # ---- model folder ----------------------------------------------------------
-def read_model_config(folder):
-    folder = Path(folder)
-    config_path = folder / "config.json"
-    if not folder.is_dir():
-        raise UserError(f"{folder}: model folder not found (train one with `{SCRIPT} train`)")
-    if not config_path.is_file():
-        raise UserError(f"{folder}: not a model folder (no config.json)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        raise UserError(f"{config_path}: not valid JSON") from None
-    kind = config.get("kit_model") if isinstance(config, dict) else None
-    if kind is None:
-        hint = " (a transformers folder: use system_prompt.py)" if isinstance(config, dict) and "model_type" in config else ""
-        raise UserError(f"{folder}: not an {KIT_MODEL} folder{hint}")
-    if kind != KIT_MODEL:
-        raise UserError(f"{folder}: an {kind} folder, made by another script; {SCRIPT} reads {KIT_MODEL} folders")
-    if config.get("format_version") != FORMAT_VERSION or config.get("token_pattern") != TOKEN_PATTERN:
-        raise UserError(f"{folder}: format_version {config.get('format_version')!r} or tokeniser differs "
-                        f"from this script's (format_version {FORMAT_VERSION}); retrain it with this version")
-    return config
-
-
-def check_output_folder(folder):
-    """Refuse early (before training) to replace anything that is not one of our model folders."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{folder}: exists and is a file, not a model folder")
-    if folder.is_dir() and any(folder.iterdir()):
-        try:
-            read_model_config(folder)
-        except UserError:
-            raise UserError(f"{folder}: exists and is not an {KIT_MODEL} model folder; "
-                            f"refusing to overwrite it") from None
-
-
 def save_model_folder(folder, model, itos, config):
-    folder = Path(folder)
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
-    (tmp / "vocab.json").write_text(json.dumps(itos, ensure_ascii=False), encoding="utf-8")
+    tmp = new_model_folder(folder, itos, config)
     model.save(tmp / "model.keras")
-    # Swap whole folders so a reader never sees old weights with a new vocabulary.
-    old = folder.with_name(f"{folder.name}.old-{os.getpid()}")
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_in_folder(tmp, folder)
 
 
 def load_model_folder(folder, tf):
@@ -458,22 +344,265 @@ def decoding_options(args, bot):
 
 
 # ---- evaluation ------------------------------------------------------------
-def unigram_f1(hypothesis, reference):
-    # Words only: a reply of bare punctuation would otherwise score on the full stop.
-    hypothesis = [t for t in hypothesis if t[0].isalnum() or t[0] == "_"]
-    reference = [t for t in reference if t[0].isalnum() or t[0] == "_"]
-    common = sum((Counter(hypothesis) & Counter(reference)).values())
-    if common == 0:
-        return float(not hypothesis and not reference)
-    precision, recall = common / len(hypothesis), common / len(reference)
-    return 2 * precision * recall / (precision + recall)
+def timed_reply(bot, text, options):
+    started = time.perf_counter()
+    ids, ended = bot.reply_ids(text, **options)  # .numpy() each step already waits for the device
+    return ids, ended, (time.perf_counter() - started) * 1000
 
 
-def distinct_n(replies, n):
-    ngrams = [tuple(tokens[i:i + n]) for tokens in replies for i in range(len(tokens) - n + 1)]
-    return len(set(ngrams)) / len(ngrams) if ngrams else 0.0
+def warm_up(bot, questions, options):
+    """The first calls trace the tf.functions, which is no reply's cost: two untimed replies first."""
+    for question in questions[:2]:
+        timed_reply(bot, question, options)
 
 
+def runtime_info(bot, args):
+    """What the eval report says of the run: the device, the threads asked for, TensorFlow's and Keras's versions."""
+    import keras
+
+    return {"device": bot.device, "threads": args.threads or None, "tensorflow": bot.tf.__version__,
+            "keras": keras.__version__}
+
+
+# ---- modes -----------------------------------------------------------------
+def run_train(args):
+    check_output_folder(args.output)
+    data_dir = Path(args.data_dir)
+    train_pairs = read_pairs(data_dir / "pairs_train.csv", args.rows)
+    val_pairs = read_pairs(data_dir / "pairs_val.csv", args.rows)
+    tf = import_tensorflow(args.device)
+    set_threads(tf, args.threads)
+    model, itos, summary = train_model(args, train_pairs, val_pairs)
+    config = folder_config(args, itos, train_pairs, val_pairs, device_name(tf), summary)
+    save_model_folder(args.output, model, itos, config)
+    print(f"best val loss {summary['best_val_loss']:.4f} at epoch {summary['best_epoch']} "
+          f"({summary['stopped_by']}); model saved to {args.output}")
+    return model, itos, config
+
+
+def open_model(args):
+    read_model_config(args.model)  # a wrong folder fails before TensorFlow is even imported
+    tf = import_tensorflow(args.device)
+    set_threads(tf, args.threads)
+    return load_model_folder(args.model, tf)
+
+
+def parse_args(argv):
+    parser = mode_parser("LSTM seq2seq chatbot (Keras 3): train, chat, eval.",
+                         "CPU threads for TensorFlow (0: its default)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda":  # one word for both LSTM scripts: "cuda" means "gpu" here
+        args.device = "gpu"
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        check_args(args)
+        {"train": run_train, "chat": run_chat, "eval": run_eval}[args.mode](args)
+    except UserError as err:
+        print(f"{SCRIPT}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ==================================================================================================
+# Generated blocks: shared code that blocks/build.py writes into every script that needs it.
+# Do not edit it here: change the block's source in blocks/, then run `make blocks`
+# (`python blocks/build.py`); the suite fails while a copy differs from its source.
+# ==================================================================================================
+
+
+# ==== block blocks/lstm.py: generated, edit the source and run `make blocks` ====
+"""The LSTM baselines' shared half, for pytorch_chatbot.py and tensorflow_chatbot.py: the tokeniser and
+its special tokens, reading the pairs and the model folder's config, the chat and eval modes around a
+loaded bot, the command line and the eval report. Everything framework-bound stays in each script.
+
+A block: blocks/build.py writes this file into the scripts that list it (make blocks).
+It imports nothing itself; its host script imports what it uses, and defines SCRIPT, KIT_MODEL,
+FORMAT_VERSION, UserError, the defaults block's settings, and these framework hooks: open_model(args),
+the Bot (reply_ids, reply, reference_nll, itos), decoding_options(args, bot), timed_reply(bot, text,
+options), warm_up(bot, questions, options) and runtime_info(bot, args) (the eval report's device,
+threads and framework versions)."""
+
+# ---- tokenisation: one for both LSTM scripts, so that their folders and figures compare ------------
+PAD, SOS, EOS, UNK = "<PAD>", "<SOS>", "<EOS>", "<UNK>"
+SPECIAL_TOKENS = [PAD, SOS, EOS, UNK]
+PAD_ID, SOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+# A word (letters/digits, inner hyphens and apostrophes kept: «ё-моё», «кто-то»)
+# or a run of one repeated punctuation mark («...», «!!!») as one token.
+TOKEN_PATTERN = r"\w+(?:[-']\w+)*|([^\w\s])\1*"
+TOKEN_RE = re.compile(TOKEN_PATTERN)
+NO_SPACE_BEFORE = re.compile(r"(?<=(\S)) ([.,!?;:…%»)\]}])")
+NO_SPACE_AFTER = re.compile(r"([«(\[{]) ")
+QUIT_WORD = "выход"
+# "cuda" is pytorch_chatbot.py's word, "gpu" tensorflow_chatbot.py's: both work in both scripts.
+DEVICES = ("auto", "cpu", "cuda", "gpu")
+DECODINGS = ("greedy", "sample")
+
+
+def tokenize(text):
+    return [m.group(0) for m in TOKEN_RE.finditer(str(text).lower())]
+
+
+def detokenize(tokens):
+    text = " ".join(tokens)
+    # The space stays between two tokens of one repeated mark (", ,"), or they would read back as one («,,»).
+    text = NO_SPACE_BEFORE.sub(lambda m: m.group(0) if m.group(1) == m.group(2) else m.group(2), text)
+    return NO_SPACE_AFTER.sub(r"\1", text)
+
+
+def build_vocab(texts, vocab_size):
+    counts = Counter(tok for text in texts for tok in tokenize(text))
+    # Ties broken by the word itself so that the same data gives the same ids.
+    words = sorted(counts, key=lambda w: (-counts[w], w))
+    words = [w for w in words if w not in SPECIAL_TOKENS]
+    return SPECIAL_TOKENS + words[: max(0, vocab_size - len(SPECIAL_TOKENS))]
+
+
+def encode_question(text, stoi, max_len):
+    """Question ids, keeping the LAST max_len tokens: the end of a long context matters most."""
+    ids = [stoi.get(tok, UNK_ID) for tok in tokenize(text)][-max_len:]
+    return ids or [UNK_ID]
+
+
+def encode_answer(text, stoi, max_len):
+    """(decoder input, target): `<SOS> a1..an` -> `a1..an <EOS>`, at most max_len each.
+
+    An answer too long to fit gets no <EOS>: cutting it and then teaching
+    "stop here" would teach the model to stop mid-sentence.
+    """
+    ids = [stoi.get(tok, UNK_ID) for tok in tokenize(text)]
+    target = ids + [EOS_ID] if len(ids) < max_len else ids[:max_len]
+    return [SOS_ID] + target[:-1], target
+
+
+# ---- data ------------------------------------------------------------------
+def read_pairs(path, rows=None):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found (create_dataset.py writes the pairs_*.csv splits)")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, nrows=rows, encoding="utf-8")
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{path}: the file is empty") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    except pd.errors.ParserError as err:
+        raise UserError(f"{path}: not a readable CSV ({str(err).strip().splitlines()[0]})") from None
+    missing = [col for col in ("question", "answer") if col not in frame.columns]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)}; "
+                        f"expected dialogue_id,question,answer, found {','.join(map(str, frame.columns))}")
+    pairs = [(q, a) for q, a in zip(frame["question"], frame["answer"]) if tokenize(q) and tokenize(a)]
+    if not pairs:
+        raise UserError(f"{path}: no question-answer rows with text in them")
+    return pairs
+
+
+def read_questions(path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    records = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise UserError(f"{path}:{number}: not valid JSON") from None
+        if not isinstance(record, dict) or "id" not in record or not isinstance(record.get("question"), str):
+            raise UserError(f"{path}:{number}: needs an \"id\" and a \"question\" string")
+        records.append(record)
+    return records
+
+
+def read_script(path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+
+
+# ---- model folder ----------------------------------------------------------
+def read_model_config(folder):
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not folder.is_dir():
+        raise UserError(f"{folder}: model folder not found (train one with `{SCRIPT} train`)")
+    if not config_path.is_file():
+        raise UserError(f"{folder}: not a model folder (no config.json)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{config_path}: not valid JSON") from None
+    kind = config.get("kit_model") if isinstance(config, dict) else None
+    if kind is None:
+        hint = " (a transformers folder: use system_prompt.py)" if isinstance(config, dict) and "model_type" in config else ""
+        raise UserError(f"{folder}: not an {KIT_MODEL} folder{hint}")
+    if kind != KIT_MODEL:
+        raise UserError(f"{folder}: an {kind} folder, made by another script; {SCRIPT} reads {KIT_MODEL} folders")
+    if config.get("format_version") != FORMAT_VERSION or config.get("token_pattern") != TOKEN_PATTERN:
+        raise UserError(f"{folder}: format_version {config.get('format_version')!r} or tokeniser differs "
+                        f"from this script's (format_version {FORMAT_VERSION}); retrain it with this version")
+    return config
+
+
+def check_output_folder(folder):
+    """Refuse early (before training) to replace anything that is not one of our model folders."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder}: exists and is a file, not a model folder")
+    if folder.is_dir() and any(folder.iterdir()):
+        try:
+            read_model_config(folder)
+        except UserError:
+            raise UserError(f"{folder}: exists and is not an {KIT_MODEL} model folder; "
+                            f"refusing to overwrite it") from None
+
+
+def folder_config(args, itos, train_pairs, val_pairs, device, summary):
+    """config.json of a trained model folder: its kind, sizes, tokeniser, decoding and how it was trained."""
+    return {"kit_model": KIT_MODEL, "format_version": FORMAT_VERSION,
+            "vocab_size": len(itos), "emb_dim": args.emb_dim, "hidden": args.hidden, "max_len": args.max_len,
+            "token_pattern": TOKEN_PATTERN, "lowercase": True, "special_tokens": SPECIAL_TOKENS,
+            "decoding": {"temperature": TEMPERATURE, "top_k": TOP_K},
+            "training": {"data_dir": str(Path(args.data_dir)), "train_pairs": len(train_pairs),
+                         "val_pairs": len(val_pairs), "epochs": args.epochs, "batch_size": args.batch_size,
+                         "lr": args.lr, "seed": args.seed, "device": device, **summary}}
+
+
+def new_model_folder(folder, itos, config):
+    """A fresh `<folder>.tmp-<pid>` beside the folder with config.json and vocab.json; the weights go in next."""
+    folder = Path(folder)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+    (tmp / "vocab.json").write_text(json.dumps(itos, ensure_ascii=False), encoding="utf-8")
+    return tmp
+
+
+def swap_in_folder(tmp, folder):
+    """Swap whole folders so a reader never sees old weights with a new vocabulary."""
+    folder = Path(folder)
+    old = folder.with_name(f"{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- evaluation ------------------------------------------------------------
 def reply_metrics(hypotheses, references, ended, ms):
     """The eval figures; hypotheses and references are token lists of the same tokeniser."""
     from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
@@ -517,21 +646,12 @@ def write_text_atomic(path, text):
     os.replace(tmp, path)
 
 
-def timed_reply(bot, text, options):
-    started = time.perf_counter()
-    ids, ended = bot.reply_ids(text, **options)  # .numpy() each step already waits for the device
-    return ids, ended, (time.perf_counter() - started) * 1000
-
-
 def evaluate_pairs(bot, args):
-    import keras
-
+    """Replies to pairs_test.csv and their figures: reports/<kit model>.json and .md."""
     data_path = Path(args.data_dir) / "pairs_test.csv"
     pairs = read_pairs(data_path, args.rows)
     options = decoding_options(args, bot)
-    # Warm-up: the first calls trace the tf.functions, which is no reply's cost.
-    for question, _ in pairs[:2]:
-        timed_reply(bot, question, options)
+    warm_up(bot, [question for question, _ in pairs], options)
     hypotheses, references, ended, ms = [], [], [], []
     for question, answer in tqdm(pairs, desc="eval", disable=args.quiet):
         ids, stop, elapsed = timed_reply(bot, question, options)
@@ -540,8 +660,7 @@ def evaluate_pairs(bot, args):
         ended.append(stop)
         ms.append(elapsed)
     report = {"model": KIT_MODEL, "model_dir": str(args.model), "data": str(data_path), "rows": len(pairs),
-              "decoding": args.decoding, "device": bot.device, "threads": args.threads or None,
-              "tensorflow": bot.tf.__version__, "keras": keras.__version__,
+              "decoding": args.decoding, **runtime_info(bot, args),
               **reply_metrics(hypotheses, references, ended, ms)}
     if args.decoding == "sample":
         report.update(temperature=args.temperature, top_k=args.top_k, seed=args.seed)
@@ -553,33 +672,10 @@ def evaluate_pairs(bot, args):
     print(f"written {report_dir / (KIT_MODEL + '.json')} and {report_dir / (KIT_MODEL + '.md')}")
 
 
-def read_questions(path):
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    records = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            raise UserError(f"{path}:{number}: not valid JSON") from None
-        if not isinstance(record, dict) or "id" not in record or not isinstance(record.get("question"), str):
-            raise UserError(f"{path}:{number}: needs an \"id\" and a \"question\" string")
-        records.append(record)
-    return records
-
-
 def predict_file(bot, args, records):
     """The evaluate.py interface: JSONL questions in, JSONL greedy replies with timings and NLL out."""
     options = decoding_options(args, bot)
-    for record in records[:2]:
-        timed_reply(bot, record["question"], options)
+    warm_up(bot, [record["question"] for record in records], options)
     lines = []
     for record in tqdm(records, desc="predict", disable=args.quiet):
         text = " ".join([str(turn) for turn in record.get("context") or []] + [record["question"]])
@@ -598,44 +694,6 @@ def predict_file(bot, args, records):
 
 
 # ---- modes -----------------------------------------------------------------
-def run_train(args):
-    check_output_folder(args.output)
-    data_dir = Path(args.data_dir)
-    train_pairs = read_pairs(data_dir / "pairs_train.csv", args.rows)
-    val_pairs = read_pairs(data_dir / "pairs_val.csv", args.rows)
-    tf = import_tensorflow(args.device)
-    set_threads(tf, args.threads)
-    model, itos, summary = train_model(args, train_pairs, val_pairs)
-    config = {"kit_model": KIT_MODEL, "format_version": FORMAT_VERSION,
-              "vocab_size": len(itos), "emb_dim": args.emb_dim, "hidden": args.hidden, "max_len": args.max_len,
-              "token_pattern": TOKEN_PATTERN, "lowercase": True, "special_tokens": SPECIAL_TOKENS,
-              "decoding": {"temperature": TEMPERATURE, "top_k": TOP_K},
-              "training": {"data_dir": str(data_dir), "train_pairs": len(train_pairs), "val_pairs": len(val_pairs),
-                           "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                           "seed": args.seed, "device": device_name(tf), **summary}}
-    save_model_folder(args.output, model, itos, config)
-    print(f"best val loss {summary['best_val_loss']:.4f} at epoch {summary['best_epoch']} "
-          f"({summary['stopped_by']}); model saved to {args.output}")
-    return model, itos, config
-
-
-def open_model(args):
-    read_model_config(args.model)  # a wrong folder fails before TensorFlow is even imported
-    tf = import_tensorflow(args.device)
-    set_threads(tf, args.threads)
-    return load_model_folder(args.model, tf)
-
-
-def read_script(path):
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
-
-
 def run_chat(args):
     lines = read_script(args.script) if args.script else None
     bot = open_model(args)
@@ -670,18 +728,20 @@ def run_eval(args):
         records = read_questions(args.questions)
         predict_file(open_model(args), args, records)
     else:
-        read_pairs(Path(args.data_dir) / "pairs_test.csv", 1)  # fail fast, before TensorFlow starts
+        read_pairs(Path(args.data_dir) / "pairs_test.csv", 1)  # fail fast, before a model (or TensorFlow) loads
         evaluate_pairs(open_model(args), args)
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(prog=SCRIPT, description="LSTM seq2seq chatbot (Keras 3): train, chat, eval.")
+def mode_parser(description, threads_help):
+    """The command line of both LSTM scripts: a mode (train, chat, eval) and its flags, defaults from the
+    defaults block."""
+    parser = argparse.ArgumentParser(prog=SCRIPT, description=description)
     modes = parser.add_subparsers(dest="mode", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    # "cuda" is accepted as a synonym of "gpu" so that one word works for both LSTM scripts.
+    # "cuda" and "gpu" are one choice, so that one word works for both LSTM scripts.
     common.add_argument("--device", default=DEVICE, choices=DEVICES)
     common.add_argument("--seed", type=int, default=SEED)
-    common.add_argument("--threads", type=int, default=THREADS, help="CPU threads for TensorFlow (0: its default)")
+    common.add_argument("--threads", type=int, default=THREADS, help=threads_help)
     common.add_argument("--quiet", action="store_true", default=QUIET, help="no progress bars or per-epoch lines")
     decoding = argparse.ArgumentParser(add_help=False)
     decoding.add_argument("--model", default=MODEL_DIR, help="model folder made by `train`")
@@ -718,10 +778,7 @@ def parse_args(argv):
     evaluate.add_argument("--questions", default=QUESTIONS,
                           help="JSONL of questions (evaluate.py interface); no report then")
     evaluate.add_argument("--predictions", default=PREDICTIONS, help="JSONL to write the replies to, with --questions")
-    args = parser.parse_args(argv)
-    if args.device == "cuda":
-        args.device = "gpu"
-    return args
+    return parser
 
 
 def check_args(args):
@@ -737,17 +794,38 @@ def check_args(args):
     for name, allowed in (("device", DEVICES), ("decoding", DECODINGS)):
         if getattr(args, name, allowed[0]) not in allowed:
             raise UserError(f"--{name} {getattr(args, name)!r}: must be one of {', '.join(allowed)}")
+# ==== end of block blocks/lstm.py ====
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        check_args(args)
-        {"train": run_train, "chat": run_chat, "eval": run_eval}[args.mode](args)
-    except UserError as err:
-        print(f"{SCRIPT}: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+# ==== block blocks/metrics.py: generated, edit the source and run `make blocks` ====
+"""Reply metrics: unigram F1 and distinct-n, for evaluate.py and the two LSTM scripts (pytorch_chatbot.py,
+tensorflow_chatbot.py), each scoring token lists of its own tokeniser.
+
+A block: blocks/build.py writes this file into the scripts that list it (make blocks).
+It imports nothing itself; its host script imports what it uses (Counter)."""
+
+def is_word(token):
+    """Letters, digits or an underscore first: a word, not a punctuation mark."""
+    return token[0].isalnum() or token[0] == "_"
+
+
+def unigram_f1(hypothesis, reference):
+    """Bag-of-words overlap of one reply's tokens with its reference's. Words only: a reply of
+    bare punctuation would otherwise score on the reference's full stop."""
+    hypothesis = [t for t in hypothesis if is_word(t)]
+    reference = [t for t in reference if is_word(t)]
+    common = sum((Counter(hypothesis) & Counter(reference)).values())
+    if common == 0:
+        return float(not hypothesis and not reference)
+    precision, recall = common / len(hypothesis), common / len(reference)
+    return 2 * precision * recall / (precision + recall)
+
+
+def distinct_n(replies, n):
+    """Unique n-grams over all n-grams of all replies, each a token list (n-grams never span two replies)."""
+    ngrams = [tuple(tokens[i:i + n]) for tokens in replies for i in range(len(tokens) - n + 1)]
+    return len(set(ngrams)) / len(ngrams) if ngrams else 0.0
+# ==== end of block blocks/metrics.py ====
 
 
 if __name__ == "__main__":

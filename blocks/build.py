@@ -32,8 +32,10 @@ HOSTS = {
     "create_dataset.py": ["user_facts"],
     "train_transformer.py": ["prompt_rule", "trainer"],
     "train_medium_context.py": ["prompt_rule", "trainer"],
-    "perplexity.py": ["prompt_rule", "scoring"],
-    "evaluate.py": ["prompt_rule", "decoding", "scoring"],
+    "perplexity.py": ["prompt_rule", "model_folders", "scoring"],
+    "evaluate.py": ["prompt_rule", "decoding", "model_folders", "scoring", "metrics"],
+    "pytorch_chatbot.py": ["lstm", "metrics"],
+    "tensorflow_chatbot.py": ["lstm", "metrics"],
     "system_prompt.py": ["prompt_rule", "decoding", "user_facts", "memory_commands", "chat"],
     "tg_bot.py": ["prompt_rule", "decoding", "user_facts", "memory_commands", "chat"],
 }

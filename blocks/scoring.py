@@ -3,6 +3,12 @@
 A block: blocks/build.py writes this file into the scripts that list it (make blocks).
 It imports nothing itself; its host script imports what it uses."""
 
+DEFAULT_MAX_NEW_TOKENS = 64   # the chat's reply room where a folder's chat_config.json does not say
+CONTEXT_COLUMNS = ("dialogue_id", "context", "answer")
+FACTS_COLUMN = "facts"  # optional in context_<split>.parquet: what the user side stated earlier (issue 14)
+PAIRS_COLUMNS = ("dialogue_id", "question", "answer")
+
+
 def read_chat_config(folder, weights_dir):
     """chat_config.json beside the weights, in the folder or above a checkpoint; None where there is none."""
     for candidate in (weights_dir, folder, weights_dir.parent):

@@ -102,14 +102,26 @@ def test_bleu_of_identical_reply_is_one_and_of_unrelated_near_zero():
 
 
 def test_unigram_f1_and_distinct_n():
-    assert evaluate.unigram_f1("Привет, друг", "привет друг ,") == pytest.approx(1.0)
+    # blocks/metrics.py, shared with the LSTM scripts, scores token lists: here evaluate.py's word tokens
+    def f1(reply, reference):
+        return evaluate.unigram_f1(evaluate.words(reply), evaluate.words(reference))
+
+    assert f1("Привет, друг", "привет друг ,") == pytest.approx(1.0)
     # reply: да да нет (3), reference: да нет нет нет (4); overlap 2 -> P 2/3, R 2/4
-    assert evaluate.unigram_f1("да да нет", "да нет нет нет") == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
-    assert evaluate.unigram_f1("кот", "пёс") == 0.0
-    assert evaluate.unigram_f1(". . !", "Да, конечно.") == 0.0
-    replies = ["да да да", "да нет"]
+    assert f1("да да нет", "да нет нет нет") == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
+    assert f1("кот", "пёс") == 0.0
+    assert f1(". . !", "Да, конечно.") == 0.0
+    replies = [evaluate.words(reply) for reply in ["да да да", "да нет"]]
     assert evaluate.distinct_n(replies, 1) == pytest.approx(2 / 5)
     assert evaluate.distinct_n(replies, 2) == pytest.approx(2 / 3)  # (да,да) x2 + (да,нет); none across replies
+    # the comparison's figures are these, computed on the words of the replies and references
+    records = [{"reply": "Привет, друг", "reference": "привет друг ,", "ended_with_eos": True, "ms": 1.0,
+                "reply_tokens": 2},
+               {"reply": "да да нет", "reference": "да нет нет нет", "ended_with_eos": False, "ms": 2.0,
+                "reply_tokens": 3}]
+    figures = evaluate.reply_metrics(records)
+    assert figures["unigram_f1"] == pytest.approx((1.0 + 2 * (2 / 3) * 0.5 / (2 / 3 + 0.5)) / 2)
+    assert figures["distinct_1"] == pytest.approx(5 / 6)  # привет , друг да нет: 5 of 6 unigrams
 
 
 def test_reply_metrics_weight_perplexity_by_tokens():

@@ -42,20 +42,6 @@ def trained(data_dir, tmp_path_factory):
     return folder, model, itos
 
 
-# The framework-free half of the two LSTM scripts: written once in each, kept the same.
-MIRRORED_HELPERS = ["tokenize", "detokenize", "build_vocab", "encode_question", "encode_answer",
-                    "read_pairs", "read_questions", "read_script", "read_model_config", "check_args",
-                    "check_output_folder", "unigram_f1", "distinct_n", "reply_metrics", "report_table",
-                    "write_text_atomic"]
-
-
-def test_shared_helpers_are_the_same_in_both_scripts():
-    import inspect
-
-    for name in MIRRORED_HELPERS:
-        assert inspect.getsource(getattr(pc, name)) == inspect.getsource(getattr(tc, name)), name
-
-
 def test_tokenisers_of_both_scripts_agree():
     assert pc.TOKEN_PATTERN == tc.TOKEN_PATTERN
     assert pc.SPECIAL_TOKENS == tc.SPECIAL_TOKENS

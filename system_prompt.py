@@ -94,6 +94,7 @@ FORGET_COMMAND = "/forget"      # alone: forget everything; "/forget <слово
 USER_PREFIX = "Вы: "
 BOT_PREFIX = "Бот: "
 RESET_NOTICE = "(история разговора очищена)"
+HELP_INTRO = f"Пишите сообщение, и я отвечу; «{EXIT_WORDS[0]}» — закончить разговор."
 NOT_UTF8_NOTICE = "(строка не в кодировке UTF-8, пропускаю её)"
 SERVER_ERROR_NOTICE = "(сервер модели не ответил, попробуйте ещё раз)"
 # -----------------------------------------------------------------------------
@@ -139,31 +140,6 @@ class PrintedReply:
             print(BOT_PREFIX + answer, file=self.out, flush=True)
 
 
-def value_words(text):
-    return [word for word in re.split(r"[^\w]+", fold(text)) if word]
-
-
-def holds_any_fact(turn, facts):
-    """Whether a turn of the conversation states or repeats one of the facts: the facts block finds it
-    there, or every word of its value is in the turn in some form ("Казань" in "я из Казани")."""
-    stated = {(kind, fold(value)) for kind, value in extract_user_facts(turn)}
-    parse = load_fact_tools()["parse"]
-    said = set(value_words(turn))
-    said_lemmas = {fold(p.normal_form) for word in said for p in parse(word)}
-    for kind, value in facts:
-        wanted = value_words(value)
-        if (kind, fold(value)) in stated or wanted and all(
-                word in said or {fold(p.normal_form) for p in parse(word)} & said_lemmas for word in wanted):
-            return True
-    return False
-
-
-def forget_words(argument):
-    """The words of "/forget <слова>", each on its own as tg_bot.py takes them, the punctuation around
-    them stripped ("/forget Аня," forgets the name; a hyphen inside a word stays)."""
-    return [word for word in (re.sub(r"^\W+|\W+$", "", word) for word in argument.split()) if word]
-
-
 class ConsoleChat:
     """One conversation: the turns so far, what the user said about themselves (kept for the
     session, /reset included), and the reply to each new line."""
@@ -186,23 +162,15 @@ class ConsoleChat:
 
     def forget(self, argument):
         """Drop the facts that match a word of argument (all of them for ""), and the exchanges of the
-        conversation that hold them, so that no prompt carries them again; the facts dropped."""
-        if argument.strip():
-            removed = []
-            for word in forget_words(argument):
-                self.facts, gone = forget_user_facts(self.facts, word)
-                removed += gone
-        else:
-            self.facts, removed = [], self.facts
-        if removed:
+        conversation that hold them or the word, by the bot's own rule (forget_facts), so that no
+        prompt carries them again; the facts dropped."""
+        self.facts, removed, holds = forget_facts(self.facts, argument)
+        if holds is not None:
             # Whole exchanges go, question and answer: the labels count back from the answer, so a
             # lone turn dropped would turn every older question into an answer.
-            kept = []
-            for start in range(0, len(self.history), 2):
-                exchange = self.history[start:start + 2]
-                if not any(holds_any_fact(turn, removed) for turn in exchange):
-                    kept += exchange
-            self.history = kept
+            rows = [(i, "user" if i % 2 == 0 else "bot", turn) for i, turn in enumerate(self.history)]
+            doomed = exchanges_holding(rows, holds)
+            self.history = [turn for i, turn in enumerate(self.history) if i not in doomed]
         return removed
 
     def reply(self, text, on_text=None):
@@ -235,11 +203,22 @@ class ConsoleChat:
         """The bot's own words (not the model's), a line under the other, aligned after the prefix."""
         print(BOT_PREFIX + text.replace("\n", "\n" + " " * len(BOT_PREFIX)), file=self.out, flush=True)
 
-    def memory_command(self, command, argument):
+    def command_reset(self, argument):
+        self.reset()
+        print(BOT_PREFIX + RESET_NOTICE, file=self.out, flush=True)
+
+    def command_help(self, argument):
+        self.tell(help_text(HELP_INTRO, COMMANDS, self.handlers(), self.memory))
+
+    def command_memory(self, argument):
         if not self.memory:
             self.tell(MEMORY_OFF_REPLY)
-        elif command == MEMORY_COMMAND:
+        else:
             self.tell(render_facts_list(self.facts) if self.facts else NO_FACTS_ANSWER)
+
+    def command_forget(self, argument):
+        if not self.memory:
+            self.tell(MEMORY_OFF_REPLY)
         elif not argument:
             self.forget("")
             self.tell(FORGOT_ALL_REPLY)
@@ -247,16 +226,21 @@ class ConsoleChat:
             removed = self.forget(argument)
             self.tell(FORGOT_SOME_REPLY + "\n" + render_facts_list(removed) if removed else NOTHING_TO_FORGET_REPLY)
 
+    def handlers(self):
+        """The console's handlers of the command table's rows, by name: a row without one here is
+        a bot's command (/start), which the console passes to the model as any other line."""
+        return {"reset": self.command_reset, "help": self.command_help, "memory": self.command_memory,
+                "forget": self.command_forget}
+
     def handle(self, line):
         """Play one user line; False when the user said goodbye."""
         if line.lower() in EXIT_WORDS:
             return False
         command, _, argument = line.partition(" ")
-        if line == RESET_COMMAND:
-            self.reset()
-            print(BOT_PREFIX + RESET_NOTICE, file=self.out, flush=True)
-        elif command in (MEMORY_COMMAND, FORGET_COMMAND):
-            self.memory_command(command, argument.strip())
+        row = next((row for row in COMMANDS if "/" + row.name == command), None)
+        handler = row and (row.handler or self.handlers().get(row.name))
+        if handler:
+            handler(argument.strip())
         elif line:
             self.say(line)
         return True
@@ -301,20 +285,7 @@ def parse_args(argv):
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="model folder (its newest complete checkpoint-N/ when it has no weights of its own)")
     parser.add_argument("--device", default=DEFAULT_DEVICE, choices=DEVICES)
-    parser.add_argument("--persona", default=PERSONA,
-                        help="the bot's answer to the persona question (default: chat_config.json)")
-    parser.add_argument("--no-persona", action="store_true", default=NO_PERSONA,
-                        help="no persona exchange in the prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
-    parser.add_argument("--temperature", type=float, default=TEMPERATURE)
-    parser.add_argument("--top-p", type=float, default=TOP_P)
-    parser.add_argument("--repetition-penalty", type=float, default=REPETITION_PENALTY, help="must be >= 1.0")
-    parser.add_argument("--context-tokens", type=int, default=CONTEXT_TOKENS,
-                        help="prompt budget in tokens (default: chat_config.json, what the model was trained with)")
-    parser.add_argument("--max-turns", type=int, default=MAX_TURNS,
-                        help="turns of the conversation in the prompt, the new message included (default: "
-                             "chat_config.json, what the model was trained with)")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    add_prompt_flags(parser)
     parser.add_argument("--quantize", default=DEFAULT_QUANTIZE, choices=QUANTIZE_CHOICES,
                         help="int8 weights for the linear layers: about 2x faster on a CPU (auto: int8 on a CPU, "
                              "none on a GPU)")
@@ -705,6 +676,21 @@ FACT_KINDS = ("name", "city", "age", "occupation", "study", "family", "pet", "li
 SINGLE_VALUE_KINDS = ("name", "city", "age", "occupation", "study")  # a later statement replaces the earlier one
 MAX_VALUES_PER_KIND = 8       # likes, family, plans...: the oldest goes when a kind is full
 NO_FACTS_ANSWER = "Пока ничего. Расскажи о себе, и я запомню."
+# The answer to "Что ты обо мне знаешь?": a clause about "ты" for each kind, in FACT_KINDS order.
+FACT_CLAUSES = {
+    "name": "тебя зовут {}",
+    "city": "ты живёшь {}",              # в Казани: place_in()
+    "age": "тебе {}",                    # 25 лет: years_phrase()
+    "occupation": "ты {}",               # ты учитель, ты на пенсии
+    "workplace": "ты работаешь {}",      # an occupation that is a place: в школе
+    "study": "ты учишься {}",
+    "marital": "ты {}",                  # ты замужем
+    "relatives": "у тебя есть {}",       # family, then pets, each kind listed with "и"
+    "like": "ты любишь {}",
+    "dislike": "ты не любишь {}",
+    "plan": "{when} ты {what}",          # завтра ты поедешь в Казань: the verb in the second person
+    "plan_thing": "{when} у тебя {what}",  # в субботу у тебя концерт
+}
 CITY_ABBREVIATIONS = {"мск": "Москва", "спб": "Санкт-Петербург", "питер": "Питер", "екб": "Екатеринбург",
                       "нск": "Новосибирск", "нн": "Нижний Новгород"}
 # No library marks kinship or pet nouns, so these few lemmas are listed here.
@@ -753,9 +739,26 @@ LOVE_VERBS = ("люблю", "обожаю", "любим", "обожаем")
 PLEASE_VERBS = ("нравится", "нравятся", "нравиться", "нравяться")
 FAN_WORDS = ("фанат", "фанатка", "поклонник", "поклонница", "любитель", "любительница")
 FAVOURITE_WORDS = ("любимая", "любимый", "любимое", "любимые")
-HATE_VERBS = ("ненавижу", "бесит", "бесят", "раздражает", "раздражают", "переношу")
-DATE_WORDS = ("завтра", "послезавтра", "сегодня", "выходных", "выходные", "летом", "зимой", "весной", "осенью",
-              "через", "неделе", "месяце", "году")
+IRRITATE_VERBS = ("бесит", "бесят", "раздражает", "раздражают")   # the thing is the subject: nominative
+HATE_VERBS = ("ненавижу", *IRRITATE_VERBS, "переношу")
+DAY_WORDS = ("завтра", "послезавтра", "сегодня")
+SEASON_WORDS = ("летом", "зимой", "весной", "осенью")
+DATE_WORDS = (*DAY_WORDS, "выходных", "выходные", *SEASON_WORDS, "через", "неделе", "месяце", "году")
+NAME_WORDS = ("имя", "имечко")
+MY_NEUTER_WORDS = ("мое", "моё")          # "моё имя"
+AGE_UNITS = ("лет", "год", "года")        # "мне 25 лет"; the grammar also takes "годик", "годика"
+IN_WORDS = ("в", "во")                    # "живу в Казани", "во Владивостоке"
+FROM_WORDS = ("из", "с", "со")            # "я из Казани", "с Питера"
+NOW_WORDS = ("теперь", "сейчас")          # "жила в Омске, теперь в Томске"
+PLACE_PREPOSITIONS = ("в", "во", "на")    # where one works or studies: "в школе", "на заводе"
+CLASS_WORDS = ("классе", "класе")         # "я в 5 классе"
+OWNER_WORDS = ("меня", "нас")             # "у меня", "у нас"
+OWNER_VERBS = ("есть", "живет", "живёт", "живут")   # "у меня есть кот"
+WITH_WORDS = ("с", "со")                  # "мы с мужем"
+COLLECTIVE_NUMERALS = ("двое", "трое", "четверо", "пятеро")   # "у меня двое детей"
+NAMING_WORDS = ("зовут", "кличке", "кличка", "назвала", "назвал", "назвали", "зову")
+# What may stand between the last relative of a list and its name: "... и сестра, которую зовут оля".
+BEFORE_NAMING = {"и", "по", "его", "её", "ее", "их", "которого", "которую", "которых", "которая", "который"}
 CLAUSE_BREAKS = {",", ".", "!", "?", ";", ":", ")", "(", "а", "но", "однако", "зато", "\n"}
 SENTENCE_ENDS = {".", "!", "?", "\n"}
 QUOTE_MARKS = {'"', "«", "»", "„", "“", "”"}   # kept out of a plan's words: 'у меня через месяц "аида"'
@@ -825,8 +828,8 @@ def load_fact_tools():
         rule(called, me, filler, name_any),                              # зовут меня настей
         rule(me, filler, name_any, called),                              # меня кстати дашей зовут
         rule(me, called, eq("не"), name_any, words("а"), name_any),      # меня зовут не аня а катя
-        rule(words("имя", "имечко"), words("мое", "моё"), name_nomn),
-        rule(words("мое", "моё"), words("имя"), name_nomn),
+        rule(words(*NAME_WORDS), words(*MY_NEUTER_WORDS), name_nomn),
+        rule(words(*MY_NEUTER_WORDS), words("имя"), name_nomn),
         rule(words("я", "это"), filler, and_(name_nomn, not_(has_form("VERB")))),  # я саня
         rule(name_nomn, words("я")),                                     # саня я, с питера
         rule(words("а"), me, name_nomn),                                 # ..., а меня маша
@@ -844,26 +847,26 @@ def load_fact_tools():
     )
     live = words(*LIVE_WORDS)
     moved = words(*MOVED_WORDS)
-    other_place = rule(words("в", "во", "на"), and_(has_form("NOUN"), not_(has_form("Geox"))))
+    other_place = rule(words(*PLACE_PREPOSITIONS), and_(has_form("NOUN"), not_(has_form("Geox"))))
     city_rules = or_(
-        rule(live, filler, other_place.optional(), words("в", "во"), place),   # живу в общаге в москве
-        rule(live, filler, eq("не"), words("в", "во"), place, eq(",").optional(),
-             words("а"), words("в", "во"), place),                             # живу не в москве а в казани
-        rule(words("теперь", "сейчас"), words("в", "во"), place),              # жила в омске, теперь в томске
-        rule(words("в", "во"), place, filler, live),
-        rule(moved, filler, words("в", "во"), place),
-        rule(words("из", "с", "со"), place_from),
+        rule(live, filler, other_place.optional(), words(*IN_WORDS), place),   # живу в общаге в москве
+        rule(live, filler, eq("не"), words(*IN_WORDS), place, eq(",").optional(),
+             words("а"), words(*IN_WORDS), place),                             # живу не в москве а в казани
+        rule(words(*NOW_WORDS), words(*IN_WORDS), place),                      # жила в омске, теперь в томске
+        rule(words(*IN_WORDS), place, filler, live),
+        rule(moved, filler, words(*IN_WORDS), place),
+        rule(words(*FROM_WORDS), place_from),
     )
     number = or_(
         rule(token_type("INT")),
         rule(has_lemma(set(NUMBER_WORDS)), has_lemma(set(NUMBER_WORDS)).optional()),
     )
-    age_rules = rule(words("мне"), filler, number, words("лет", "год", "года", "годик", "годика").optional())
+    age_rules = rule(words("мне"), filler, number, words(*AGE_UNITS, "годик", "годика").optional())
     work = in_caseless(set(WORK_VERBS))
     # A city is where one lives, not a workplace: "живу в екатеринбурге работаю инженером".
     noun_phrase = rule(or_(has_form("ADJF"), has_form("NUMR"), token_type("INT")).repeatable(max=2).optional(),
                        and_(has_form("NOUN"), not_(likely("Geox"))))
-    prepositional = rule(words("в", "во", "на"), noun_phrase)
+    prepositional = rule(words(*PLACE_PREPOSITIONS), noun_phrase)
     profession_ablt = has_form("NOUN", "anim", "ablt")
     occupation_rules = or_(
         rule(work, filler, prepositional.optional(), profession_ablt, prepositional.optional()),
@@ -881,14 +884,14 @@ def load_fact_tools():
     study_rules = or_(
         rule(study, filler, prepositional.repeatable(max=3)),
         rule(prepositional, filler, study),
-        rule(words("я"), filler, words("в"), token_type("INT"), words("классе", "класе")),
+        rule(words("я"), filler, words("в"), token_type("INT"), words(*CLASS_WORDS)),
     )
     kin = has_lemma(KIN_LEMMAS)
     pet = has_lemma(PET_LEMMAS)
     relative = or_(kin, pet)
     mine = has_lemma(MINE_LEMMAS)
-    count = or_(token_type("INT"), has_form("NUMR"), has_lemma({"двое", "трое", "четверо", "пятеро"}))
-    owner = rule(words("у"), words("меня", "нас"), words("есть", "живет", "живёт", "живут").optional())
+    count = or_(token_type("INT"), has_form("NUMR"), has_lemma(set(COLLECTIVE_NUMERALS)))
+    owner = rule(words("у"), words(*OWNER_WORDS), words(*OWNER_VERBS).optional())
     pet_name = and_(or_(has_form("Name", "nomn"), has_form("NOUN", "nomn"), unknown_word),
                     not_(has_form("ADJF")), not_(has_form("PREP")), not_(has_form("CONJ")), not_(has_form("PRCL")))
     relative_phrase = or_(
@@ -903,7 +906,7 @@ def load_fact_tools():
              rule(in_caseless({"и", ","}).optional(), count.optional(), relative_phrase)
              .repeatable(max=3).optional()),
         rule(relative, words("у"), words("меня")),
-        rule(words("мы"), words("с", "со"), relative),
+        rule(words("мы"), words(*WITH_WORDS), relative),
         rule(and_(kin, has_form("datv")), token_type("INT")),             # сыну 3 года
         rule(words("я"), filler, in_caseless(MARITAL_WORDS)),
         rule(words("а"), and_(kin, has_form("nomn"))),                    # "..., а муж водитель"
@@ -928,13 +931,13 @@ def load_fact_tools():
         rule(words(*HATE_VERBS), objects),
     )
     date = or_(
-        rule(words("завтра", "послезавтра", "сегодня"), words("вечером", "утром", "днём", "днем").optional()),
-        rule(words("в", "во"), has_lemma(WEEKDAYS)),
+        rule(words(*DAY_WORDS), words("вечером", "утром", "днём", "днем").optional()),
+        rule(words(*IN_WORDS), has_lemma(WEEKDAYS)),
         rule(words("в"), has_lemma(MONTHS)),
         rule(token_type("INT"), has_lemma(MONTHS)),
         rule(words("на"), words("выходных")),
         rule(words("в"), words("выходные")),
-        rule(words("летом", "зимой", "весной", "осенью")),
+        rule(words(*SEASON_WORDS)),
         rule(words("через"), count.optional(), has_lemma({"день", "неделя", "месяц", "год", "час"})),
         rule(words("на"), words("следующей", "этой"), words("неделе")),
         rule(words("в"), words("следующем", "этом"), words("месяце", "году")),
@@ -1129,7 +1132,7 @@ def extract_city(text, message):
         negated = "не" in message.words[max(0, start - 2):start] if contrast else message.is_negated(start, stop)
         if negated or message.is_question(start, stop):
             continue
-        if words[0].lower() in ("из", "с", "со"):
+        if words[0].lower() in FROM_WORDS:
             if not message.said_by_me_earlier(start):
                 continue
             if start > 0 and message.words[start - 1] in ("родом", "родилась", "родился", "привет", "приехал",
@@ -1137,14 +1140,14 @@ def extract_city(text, message):
                 continue
         elif message.has_other_subject(start):
             continue
-        if words[0].lower() in ("теперь", "сейчас") and not any(
+        if words[0].lower() in NOW_WORDS and not any(
                 best_parse(word).normal_form in ("жить", "переехать", "проживать") for word in message.words[:start]):
             continue  # "теперь в томске" moves house only after talk of living somewhere
         while lowered[-1] in FILLER_WORDS or best_parse(lowered[-1]).tag.POS == "VERB":
             lowered.pop()  # "в казани живу"
-        last_preposition = max(i for i, w in enumerate(lowered) if w in ("в", "во", "из", "с", "со")
+        last_preposition = max(i for i, w in enumerate(lowered) if w in IN_WORDS + FROM_WORDS
                                and (i == 0 or lowered[i - 1] != "-"))
-        cases = ("gent",) if lowered[last_preposition] in ("из", "с", "со") else ("loct", "accs")
+        cases = ("gent",) if lowered[last_preposition] in FROM_WORDS else ("loct", "accs")
         cities.append(("city", normal_place(lowered[last_preposition + 1:], cases)))
     return cities[-1:]
 
@@ -1164,7 +1167,7 @@ def extract_age(text, message):
         if start > 0 and message.words[start - 1] in ("во", "в", "ко", "обо", "при"):
             continue  # "во мне 56": not "мне" the dative of age
         after = message.words[stop:stop + 2]
-        if after[:1] and after[0] not in ("лет", "год", "года") and (
+        if after[:1] and after[0] not in AGE_UNITS and (
                 {"NOUN", "INFN"} & best_parse(after[0]).tag.grammemes):
             continue  # "мне 2 часа ехать", "мне 3 кг": a number of something else
         if "не" in after or "было" in after or "было" in message.words[max(0, start - 2):start]:
@@ -1216,7 +1219,7 @@ def extract_study(text, message):
     for start, stop, words in matches_of("study", text, message):
         if message.is_negated(start, stop) or message.is_question(start, stop) or message.has_other_subject(start):
             continue
-        phrase = [w.lower() for w in words if w.lower() not in ("учусь", "обучаюсь", "учимся", "я")
+        phrase = [w.lower() for w in words if w.lower() not in (*STUDY_VERBS, "я")
                   and w.lower() not in FILLER_WORDS]
         found.append(("study", " ".join(phrase)))
     return found[-1:]
@@ -1229,7 +1232,7 @@ def relative_value(words, named_later=None):
     if not lowered:
         return None
     if lowered[0].isdigit() or "NUMR" in best_parse(lowered[0]).tag.grammemes or \
-            best_parse(lowered[0]).normal_form in ("двое", "трое", "четверо", "пятеро"):
+            best_parse(lowered[0]).normal_form in COLLECTIVE_NUMERALS:
         return " ".join(lowered)
     head = next((i for i, w in enumerate(lowered) if best_parse(w, "NOUN").normal_form in KIN_LEMMAS | PET_LEMMAS
                  and "NOUN" in best_parse(w, "NOUN").tag.grammemes), None)
@@ -1254,11 +1257,6 @@ def split_relatives(words):
             current.append(word)
     groups.append(current)
     return [group for group in groups if group]
-
-
-NAMING_WORDS = ("зовут", "кличке", "кличка", "назвала", "назвал", "назвали", "зову")
-# What may stand between the last relative of a list and its name: "... и сестра, которую зовут оля".
-BEFORE_NAMING = {"и", "по", "его", "её", "ее", "их", "которого", "которую", "которых", "которая", "который"}
 
 
 def name_given_after(message, start, stop, listed=False):
@@ -1289,7 +1287,7 @@ def extract_family_and_pets(text, message):
             found.append(("family", lowered[-1]))
             continue
         after = message.words[stop:stop + 1]
-        if lowered[0] == "а" or best_parse(lowered[-1]).normal_form in ("мой", "свой"):
+        if lowered[0] == "а" or best_parse(lowered[-1]).normal_form in MINE_LEMMAS:
             if after == [] or after[0] in CLAUSE_BREAKS or after[0] in ("ты", "вы"):
                 continue  # someone spoken to: "сын мой, ...", "а мама?"
             if lowered[0] == "а" and best_parse(lowered[-1]).normal_form in PARTNER_LEMMAS:
@@ -1298,12 +1296,12 @@ def extract_family_and_pets(text, message):
         owned = lowered[:1] == ["у"]
         if owned:
             rest = lowered[2:]
-            if rest[0] in ("есть", "живет", "живёт", "живут"):
+            if rest[0] in OWNER_VERBS:
                 rest = rest[1:]
             groups = split_relatives(rest)
         else:
-            groups = [[w for w in lowered if w not in ("у", "меня", "мы", "с", "со") and not w.isdigit()
-                       and best_parse(w).normal_form not in ("мой", "свой")]]
+            groups = [[w for w in lowered if w not in ("у", "меня", "мы", *WITH_WORDS) and not w.isdigit()
+                       and best_parse(w).normal_form not in MINE_LEMMAS]]
         named_later = name_given_after(message, start, stop, listed=len(groups) > 1)
         for number, group in enumerate(groups, 1):
             lemma = {best_parse(w, "NOUN").normal_form for w in group}
@@ -1319,8 +1317,7 @@ def extract_family_and_pets(text, message):
 
 def object_case(trigger):
     # The case the verb governs picks the right analysis: "люблю суши" is not "суша".
-    if trigger in ("нравится", "нравятся", "нравиться", "нравяться", "бесит", "бесят", "раздражает",
-                   "раздражают") or trigger.startswith("любим"):
+    if trigger in PLEASE_VERBS + IRRITATE_VERBS or trigger.startswith("любим"):
         return "nomn"
     if trigger == "увлекаюсь":
         return "ablt"
@@ -1371,15 +1368,15 @@ def extract_likes(text, message):
             continue
         trigger = lowered[0]
         before = message.words[max(0, start - 3):start]
-        if trigger in ("нравится", "нравятся", "нравиться", "нравяться"):
+        if trigger in PLEASE_VERBS:
             experiencer = [w for w in before if w not in ("не", "очень", "тоже", "так", "уже", "сильно", "сейчас")]
             if experiencer and experiencer[-1] not in ("мне", ",", "а", "и", "но") and \
                     "datv" in best_parse(experiencer[-1]).tag.grammemes:
                 continue  # "ей нравится рок": someone else's taste
-        if trigger in ("бесит", "бесят", "раздражает", "раздражают") and any(
+        if trigger in IRRITATE_VERBS and any(
                 w in ("тебя", "его", "её", "ее", "их") for w in before):
             continue
-        if trigger in ("я", "фанат", "фанатка", "поклонник", "поклонница", "любитель", "любительница"):
+        if trigger == "я" or trigger in FAN_WORDS:
             if message.has_other_subject(start):
                 continue  # "он фанат металлики"
             trigger = "я"
@@ -1390,8 +1387,7 @@ def extract_likes(text, message):
             objects = lowered[3:]
         else:
             objects = lowered[1:]
-        negated = "не" in before[-2:] or trigger in ("терпеть", "ненавижу", "бесит", "бесят", "раздражает",
-                                                      "раздражают", "переношу")
+        negated = "не" in before[-2:] or trigger == "терпеть" or trigger in HATE_VERBS
         if trigger == "переношу" and "не" not in before[-2:]:
             continue
         if any(best_parse(word).normal_form in ("ты", "вы", "твой", "ваш") for word in objects):
@@ -1407,7 +1403,7 @@ def verb_for_plan(message, first, last, date_span):
         if date_span[0] <= i < date_span[1]:
             continue
         word = message.words[i]
-        follows_motion = i + 1 < last and message.words[i + 1] in ("в", "во", "на", "к", "ко")
+        follows_motion = i + 1 < last and message.words[i + 1] in (*PLACE_PREPOSITIONS, "к", "ко")
         candidates = [p for p in load_fact_tools()["parse"](word)
                       if {"VERB", "1per", "indc"} <= p.tag.grammemes and "past" not in p.tag.grammemes]
         if not candidates:
@@ -1492,16 +1488,16 @@ def grammars_for_sentence(written):
     after = lambda trigger, like: any(like(word) for i, w in enumerate(words) if w == trigger
                                       for word in next_words(written, words, i))
     worth = {
-        "name": (has(*ME_WORDS) and (has(*CALLED_WORDS) or "а" in seen)) or has("имя", "имечко")
+        "name": (has(*ME_WORDS) and (has(*CALLED_WORDS) or "а" in seen)) or has(*NAME_WORDS)
                 or after("я", name_like) or ("это" in words[:2] and after("это", name_like))
                 or any(name_like(written[i - 1]) for i, w in enumerate(words) if w == "я" and i > 0),
-        "city": has(*LIVE_WORDS, *MOVED_WORDS) or (has("теперь", "сейчас") and has("в", "во"))
-                or ("я" in seen and has("из", "с", "со")),
+        "city": has(*LIVE_WORDS, *MOVED_WORDS) or (has(*NOW_WORDS) and has(*IN_WORDS))
+                or ("я" in seen and has(*FROM_WORDS)),
         "age": "мне" in seen and after("мне", number_like),
         "occupation": has(*WORK_VERBS, "пенсии", "декрете") or after("я", person_like),
-        "study": has(*STUDY_VERBS) or ("я" in seen and has("классе", "класе")),
+        "study": has(*STUDY_VERBS) or ("я" in seen and has(*CLASS_WORDS)),
         "family": ("я" in seen and has(*MARITAL_WORDS)) or (
-            ("а" in seen or ("у" in seen and has("меня", "нас")) or ("мы" in seen and has("с", "со"))
+            ("а" in seen or ("у" in seen and has(*OWNER_WORDS)) or ("мы" in seen and has(*WITH_WORDS))
              or any(word.isdigit() for word in words) or has_lemma(MINE_LEMMAS, tools["mine_forms"]))
             and has_lemma(KIN_LEMMAS | PET_LEMMAS, tools["relative_forms"])),
         "like": has(*LOVE_VERBS, *PLEASE_VERBS, "увлекаюсь", *FAN_WORDS, *FAVOURITE_WORDS, "терпеть", *HATE_VERBS),
@@ -1658,8 +1654,8 @@ def plan_clause(value):
     when = when.rstrip(")")
     words = what.split()
     if "INFN" in best_parse(words[0]).tag.grammemes:
-        return f"{when} ты {' '.join([second_person(words[0])] + words[1:])}"
-    return f"{when} у тебя {what}"
+        return FACT_CLAUSES["plan"].format(when=when, what=" ".join([second_person(words[0])] + words[1:]))
+    return FACT_CLAUSES["plan_thing"].format(when=when, what=what)
 
 
 def join_russian(items):
@@ -1676,31 +1672,23 @@ def fact_clauses(facts):
         values = by_kind.get(kind)
         if not values:
             continue
-        if kind == "name":
-            clauses.append(f"тебя зовут {values[-1]}")
+        if kind in ("name", "study"):
+            clauses.append(FACT_CLAUSES[kind].format(values[-1]))
         elif kind == "city":
-            clauses.append(f"ты живёшь {place_in(values[-1])}")
+            clauses.append(FACT_CLAUSES["city"].format(place_in(values[-1])))
         elif kind == "age":
-            clauses.append(f"тебе {years_phrase(values[-1])}")
+            clauses.append(FACT_CLAUSES["age"].format(years_phrase(values[-1])))
         elif kind == "occupation":
             value = values[-1]
-            if value in STATUS_PHRASES:
-                clauses.append(f"ты {value}")
-            elif value.split()[0] in ("в", "во", "на"):
-                clauses.append(f"ты работаешь {value}")
-            else:
-                clauses.append(f"ты {value}")
-        elif kind == "study":
-            clauses.append(f"ты учишься {values[-1]}")
+            workplace = value not in STATUS_PHRASES and value.split()[0] in PLACE_PREPOSITIONS
+            clauses.append(FACT_CLAUSES["workplace" if workplace else "occupation"].format(value))
         elif kind in ("family", "pet"):
-            marital = [v for v in values if v in MARITAL_WORDS]
             others = [v for v in values if v not in MARITAL_WORDS]
-            clauses += [f"ты {v}" for v in marital]
+            clauses += [FACT_CLAUSES["marital"].format(v) for v in values if v in MARITAL_WORDS]
             if others:
-                clauses.append(f"у тебя есть {join_russian(others)}")
+                clauses.append(FACT_CLAUSES["relatives"].format(join_russian(others)))
         elif kind in ("like", "dislike"):
-            verb = "ты любишь" if kind == "like" else "ты не любишь"
-            clauses.append(f"{verb} {join_russian([inflect_phrase(v, 'accs') for v in values])}")
+            clauses.append(FACT_CLAUSES[kind].format(join_russian([inflect_phrase(v, "accs") for v in values])))
         elif kind == "plan":
             clauses += [plan_clause(v) for v in values]
     return clauses
@@ -1717,7 +1705,7 @@ def render_facts_answer(facts):
 
 
 # ==== block blocks/memory_commands.py: generated, edit the source and run `make blocks` ====
-"""Memory commands: /memory and /forget, the one rule for the console chat and the bot.
+"""Commands and memory: the one command table, /memory and /forget, the one rule for the console chat and the bot.
 
 A block: blocks/build.py writes this file into the scripts that list it (make blocks).
 It imports nothing itself; its host script imports what it uses (and the user_facts block)."""
@@ -1730,9 +1718,44 @@ FORGOT_ALL_REPLY = "Забыл всё, что знал о тебе."
 FORGOT_SOME_REPLY = "Забыл:"                 # followed by the forgotten facts, one a line
 NOTHING_TO_FORGET_REPLY = "Ничего такого я о тебе не помню."
 MEMORY_OFF_REPLY = "Память о собеседниках выключена."
-MEMORY_HELP = ("/memory — что я о тебе помню (имя, город, возраст, работа, учёба, семья, питомцы, "
-               "что любишь и не любишь, планы)\n"
-               "/forget — забыть всё о тебе; /forget <слово> — забыть то, где есть это слово")
+EVERYONE, GROUP_ADMINS = "everyone", "group admins"   # who may use a command (in a private chat: its user)
+
+
+class Command:
+    """A row of the command table. The handler is the host script's own (each script registers
+    its handlers by name); a row may bring its own, a command only one script has."""
+
+    def __init__(self, name, description, who=EVERYONE, memory=False, usage=None, handler=None):
+        self.name, self.description, self.who, self.memory = name, description, who, memory
+        self.usage = usage or f"/{name} — {description}"   # its line in /help
+        self.handler = handler
+
+
+# The commands of the console chat and the bot: /help, the bot's menu (setMyCommands) and the
+# dispatch of both are made from this table, so a command is added here once.
+COMMANDS = [
+    Command("start", "начать"),
+    Command("help", "что я умею"),
+    Command("reset", "забыть разговор и начать заново", who=GROUP_ADMINS,
+            usage="/reset — забыть разговор и начать сначала."),
+    Command("memory", "что я о тебе помню", memory=True,
+            usage="/memory — что я о тебе помню (имя, город, возраст, работа, учёба, семья, питомцы, "
+                  "что любишь и не любишь, планы)"),
+    Command("forget", "забыть то, что я о тебе знаю", memory=True,
+            usage="/forget — забыть всё о тебе; /forget <слово> — забыть то, где есть это слово"),
+]
+
+
+def offered_commands(table, handlers, memory=True):
+    """The rows a script answers (a handler of its own or the row's) and shows, in table order;
+    with memory off the memory commands are answered (they say so) but not offered."""
+    return [row for row in table if (row.handler or handlers.get(row.name)) and (memory or not row.memory)]
+
+
+def help_text(intro, table, handlers, memory=True):
+    """/help: the script's own first words, then a line per command it offers."""
+    shown = [row.usage for row in offered_commands(table, handlers, memory) if row.name not in ("start", "help")]
+    return "\n".join([intro] + shown)
 
 
 def render_facts_list(facts):
@@ -1767,6 +1790,78 @@ def forget_user_facts(facts, word):
         hit = query in value_words or query_lemmas & lemmas or query in labels or fold(value) == query
         (removed if hit else kept).append((kind, value))
     return kept, removed
+
+
+# --- /forget: one rule for what goes with a forgotten fact.
+# A stored message goes when it holds ANY content word of a forgotten fact, or the word asked
+# about, in any form. Not only when it holds all of a fact's words: a user who says "/forget Сочи"
+# about "поехать в Сочи летом" expects "я был в Сочи" gone too, since it still tells what they
+# asked to forget; function words ("в", "не") are left out, or every message would go.
+def forget_words(argument):
+    """The words of "/forget <слова>", each on its own, the punctuation around them stripped
+    ("/forget Аня," forgets the name; a hyphen inside a word stays)."""
+    return [word for word in (re.sub(r"^\W+|\W+$", "", word) for word in argument.split()) if word]
+
+
+def content_words(value):
+    """The words of a fact's value that a forgotten fact takes with it from stored messages:
+    not prepositions, conjunctions, particles or pronouns ("поехать в Сочи" takes поехать
+    and Сочи, not every message with "в")."""
+    words = [word for word in re.split(r"[^\w]+", fold(value)) if word]
+    return [word for word in words if word.isdigit() or (len(word) > 1 and not is_function_word(word))]
+
+
+def any_form_matcher(words, parse=None):
+    """holds(text): True when text has one of `words` in any form ("Казани", "казанью" for
+    Казань): a word whose normal forms meet theirs, or one of their inflected forms; None for no words."""
+    parse = parse or load_fact_tools()["parse"]
+    lemmas, forms = set(), set()
+    for word in words:
+        lemmas |= {word} | {fold(p.normal_form) for p in parse(word)}
+        forms |= {word} | {fold(form.word) for p in parse(word)[:3] for form in p.lexeme}
+    if not lemmas:
+        return None
+
+    def holds(text):
+        for word in re.findall(r"\w+", fold(text)):
+            if word in forms or word in lemmas or any(fold(p.normal_form) in lemmas for p in parse(word)):
+                return True
+        return False
+
+    return holds
+
+
+def forget_facts(facts, argument):
+    """/forget (argument "": everything) on a user's facts: (kept, removed, holds), holds(text)
+    True for a stored message that must go with them (None: none need to)."""
+    words = forget_words(argument)
+    if argument.strip():
+        kept, removed = list(facts), []
+        for word in words:
+            kept, gone = forget_user_facts(kept, word)
+            removed += gone
+    else:
+        kept, removed = [], list(facts)
+    labels = {word for label in FACT_LABELS.values() for word in fold(label).split()}
+    asked = [word for word in words if fold(word) not in labels]  # "/forget город" names a kind, not a word said
+    doomed = [word for value in [value for _, value in removed] + asked for word in content_words(value)]
+    return kept, removed, any_form_matcher(doomed)
+
+
+def exchanges_holding(rows, holds):
+    """The ids of the stored turns, (id, role, text) oldest first, that go with a forgotten
+    word: every turn that holds it, and the other turn of its exchange, so that the
+    history left still alternates question and answer."""
+    doomed = set()
+    for i, (row_id, role, text) in enumerate(rows):
+        if not holds(text):
+            continue
+        doomed.add(row_id)
+        if role == "user" and i + 1 < len(rows) and rows[i + 1][1] == "bot":
+            doomed.add(rows[i + 1][0])
+        elif role == "bot" and i > 0 and rows[i - 1][1] == "user":
+            doomed.add(rows[i - 1][0])
+    return doomed
 # ==== end of block blocks/memory_commands.py ====
 
 
@@ -2311,6 +2406,25 @@ def server_reply(server, settings, prompt_text, on_text=None):
     finally:
         pieces.close()
     return clean_reply(raw, server["eos_token"])
+
+
+def add_prompt_flags(parser):
+    """The flags of the persona, the generation settings and the prompt window, which the console
+    chat and the bot take alike; their defaults are the host script's defaults block."""
+    parser.add_argument("--persona", default=PERSONA,
+                        help="the bot's answer to the persona question (default: chat_config.json)")
+    parser.add_argument("--no-persona", action="store_true", default=NO_PERSONA,
+                        help="no persona exchange in the prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
+    parser.add_argument("--temperature", type=float, default=TEMPERATURE)
+    parser.add_argument("--top-p", type=float, default=TOP_P)
+    parser.add_argument("--repetition-penalty", type=float, default=REPETITION_PENALTY, help="must be >= 1.0")
+    parser.add_argument("--context-tokens", type=int, default=CONTEXT_TOKENS,
+                        help="prompt budget in tokens (default: chat_config.json, what the model was trained with)")
+    parser.add_argument("--max-turns", type=int, default=MAX_TURNS,
+                        help="turns of the conversation in the prompt, the new message included (default: "
+                             "chat_config.json, what the model was trained with)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
 # ==== end of block blocks/chat.py ====
 
 

@@ -78,6 +78,20 @@ finishes the replies in progress and closes the database; messages not yet start
 wait there for the next start. A token that Telegram no longer accepts (401), or
 another copy of the bot polling with the same token (409), ends the bot with one
 line and exit code 1.
+
+The file, by job (each section's classes and functions do that job):
+    secrets and logging          the token, never in the log
+    the bot                      ChatBot: a message's way through the parts below, on a worker
+    Telegram intake and offsets  Intake, ChatDispatcher, poll, serve: updates on disk before confirmed
+    triage                       Triage, RateLimit: which messages are taken, notices for the rest
+    commands                     the command table's handlers (/start, /help, /reset...), setMyCommands
+    memory commands              Memory: the facts kept, /memory, /forget
+    answering and streaming      Answerer, ReplyBatcher, ServerReplies, LiveReply: prompt, model, reply
+    one send path                send_reply (split, retried, reply-to), Notifier
+    the store                    HistoryStore: SQLite, and memory while the disk fails
+    settings and main            flags, TG_BOT_* variables, checks, run
+The shared blocks after main hold the prompt rule, decoding, the facts grammars, the command
+table with the /forget rule (blocks/memory_commands.py) and the chat's model code.
 """
 import argparse
 import contextlib
@@ -173,18 +187,15 @@ HISTORY_ROWS_LOADED = 2000      # far beyond any context budget; only bounds the
 MAX_SPEAKER_CHARS = 32
 TOKEN_ENV = "TELEGRAM_BOT_TOKEN"
 API_URL_ENV = "TELEGRAM_API_URL"
-COMMANDS = ("start", "help", "reset", "memory", "forget")
 ANONYMOUS_ADMIN_ID = 1087968824  # @GroupAnonymousBot: the sender of an anonymous group admin's messages
 
 # What the bot says to people.
 START_TEXT = ("Привет! Я бот-собеседник. Пишите мне обычным текстом — я помню, о чём мы говорили. "
               "/reset — начать разговор заново, /help — подсказка.")
-HELP_TEXT = ("Просто напишите сообщение, и я отвечу. Я помню наш разговор, пока он помещается в мою память, "
-             "а после долгой паузы начинаю заново.\n/reset — забыть разговор и начать сначала.")
-COMMAND_DESCRIPTIONS = {"start": "начать", "help": "что я умею", "reset": "забыть разговор и начать заново",
-                        "memory": "что я о тебе помню", "forget": "забыть то, что я о тебе знаю"}
+HELP_INTRO = ("Просто напишите сообщение, и я отвечу. Я помню наш разговор, пока он помещается в мою память, "
+              "а после долгой паузы начинаю заново.")  # /help: then a line for each command of the table
 RESET_TEXT = "Хорошо, начнём с чистого листа. О чём поговорим?"
-ADMINS_ONLY_TEXT = "Забыть разговор в группе могут только её администраторы."
+ADMINS_ONLY_TEXT = "В группе эту команду могут давать только её администраторы."
 UNKNOWN_COMMAND_TEXT = "Такой команды я не знаю. Список команд — /help."
 NON_TEXT_TEXT = "Я понимаю только текст. Напишите, пожалуйста, словами."
 EMPTY_TEXT = "Кажется, сообщение пустое. Напишите, что вас интересует."
@@ -201,7 +212,6 @@ APOLOGY_TEXT = "Простите, что-то пошло не так. Попро
 # -----------------------------------------------------------------------------
 
 log = logging.getLogger("tg_bot")
-
 
 # --- secrets and logging
 class RedactingFormatter(logging.Formatter):
@@ -264,559 +274,367 @@ def api_url_template(url):
         return url
     return url.rstrip("/") + "/bot{0}/{1}"
 
+# --- the bot: a message's way from Telegram to its answer
+class ChatBot:
+    """The bot's parts, each with one job: Intake takes updates (on the polling thread, with
+    Triage deciding which), the dispatcher runs each chat's messages in order on a worker,
+    handle() sends each to a command of the table or to the Answerer, Memory keeps the facts,
+    and every message goes out by the one send path (send_reply; notices through the Notifier)."""
 
-# --- history and the messages not yet answered
-class Change:
-    """One write to the database, kept in memory until it is written."""
+    def __init__(self, bot, me, store, chat, settings, args, batcher, stopping=None):
+        self.bot, self.me, self.store, self.settings, self.batcher = bot, me, store, settings, batcher
+        self.stopping = stopping or threading.Event()
+        self.notifier = Notifier(bot, self.stopping)
+        # A message handed to a worker is announced to the model thread, so that a batch
+        # can wait the few milliseconds its prompt takes rather than leave without it.
+        self.dispatcher = ChatDispatcher(args.workers or 2 * args.max_batch, self.handle,
+                                         on_ready=lambda chat_id: batcher.announce())
+        self.triage = Triage(me, args, self.notifier, self.dispatcher)
+        self.intake = Intake(store, self.dispatcher, self.triage, self.stopping)
+        self.memory = Memory(self, on=not args.no_memory)
+        self.answerer = Answerer(self, chat, args)
+        self.told_unsaved = {}   # chat id -> the spell of database trouble it was told about
 
-    def __init__(self, kind, chat_id=None, rows=(), done=None, offset=None, user_id=None, holds=None):
-        self.kind, self.chat_id, self.rows, self.done, self.offset = kind, chat_id, list(rows), done, offset
-        self.user_id = user_id
-        self.holds = holds  # "forget": holds(text) is True for a message to delete with the facts
-
-
-def exchanges_holding(rows, holds):
-    """The ids of the stored turns, (id, role, text) oldest first, that go with a forgotten
-    word: every turn that holds it, and the other turn of its exchange, so that the
-    history left still alternates question and answer."""
-    doomed = set()
-    for i, (row_id, role, text) in enumerate(rows):
-        if not holds(text):
-            continue
-        doomed.add(row_id)
-        if role == "user" and i + 1 < len(rows) and rows[i + 1][1] == "bot":
-            doomed.add(rows[i + 1][0])
-        elif role == "bot" and i > 0 and rows[i - 1][1] == "user":
-            doomed.add(rows[i - 1][0])
-    return doomed
-
-
-def message_text(raw):
-    """The text (or caption) of a message kept in the inbox as JSON."""
-    try:
-        message = json.loads(raw)
-        return (message.get("text") or message.get("caption") or "") if isinstance(message, dict) else ""
-    except json.JSONDecodeError:
-        return raw
-
-
-def restrict_to_owner(path):
-    """The database and its -wal and -shm files readable by their owner only. Regular files
-    only: os.chmod follows a symbolic link, and a folder at 0600 would lock its owner out."""
-    for name in (path, path + "-wal", path + "-shm"):
+    # --- on a worker, one message of a chat at a time
+    def handle(self, item):
+        message, chat_id = item.message, item.chat_id
+        item.announced = True  # by the dispatcher; withdrawn below unless it reaches the model
+        finished = True
         try:
-            if stat.S_ISREG(os.lstat(name).st_mode):
-                os.chmod(name, 0o600)
-        except FileNotFoundError:
-            pass
-
-
-def check_database_path(path):
-    """--db names a file: a folder there is a mistake to say, before anything is touched."""
-    if os.path.isdir(path):
-        raise UserError(f"--db {path}: is a folder; give the database file, e.g. "
-                        f"{os.path.join(path, DEFAULT_DB)}")
-
-
-class HistoryStore:
-    """Each chat's turns, the messages taken and not yet answered (the inbox), and
-    what each user said about themselves (user_facts, per chat and user), in SQLite,
-    readable by its owner only. Deleted rows are overwritten (secure_delete) and a
-    reset or a /forget is checkpointed out of the write-ahead log, so forgotten words
-    do not linger in the files. A write that fails (a full disk, an
-    I/O error) is kept in memory, where reads see it, and tried again with the next
-    write: the bot keeps answering from memory, says so once in the log, and
-    catches up when the disk has room again."""
-
-    def __init__(self, path):
-        self.path = str(path)
-        self.lock = threading.Lock()
-        self.backlog = []          # changes not yet written, oldest first
-        self.fault = None          # the error that keeps changes in memory, while it lasts
-        self.faults = 0            # how many such spells there were, so each is told about once
-        self.read_fault_logged = False
-        check_database_path(self.path)
-        try:
-            restrict_to_owner(self.path)
-            previous = os.umask(0o077)  # new files (the database, -wal, -shm) come out 0600
-            try:
-                self.db = sqlite3.connect(self.path, check_same_thread=False)
-                self.db.execute("PRAGMA journal_mode=WAL")
-                self.db.execute("PRAGMA secure_delete=ON")
-                self.db.execute("CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY AUTOINCREMENT, "
-                                "chat_id INTEGER NOT NULL, role TEXT NOT NULL, text TEXT NOT NULL, "
-                                "created REAL NOT NULL, speaker TEXT)")
-                columns = [row[1] for row in self.db.execute("PRAGMA table_info(messages)")]
-                if "speaker" not in columns:  # a database from before speakers were kept
-                    self.db.execute("ALTER TABLE messages ADD COLUMN speaker TEXT")
-                self.db.execute("CREATE INDEX IF NOT EXISTS messages_chat ON messages (chat_id, id)")
-                self.db.execute("CREATE TABLE IF NOT EXISTS inbox (update_id INTEGER PRIMARY KEY, "
-                                "chat_id INTEGER NOT NULL, message TEXT NOT NULL, taken REAL NOT NULL)")
-                self.db.execute("CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
-                self.db.execute("CREATE TABLE IF NOT EXISTS user_facts (chat_id INTEGER NOT NULL, "
-                                "user_id INTEGER NOT NULL, position INTEGER NOT NULL, kind TEXT NOT NULL, "
-                                "value TEXT NOT NULL, PRIMARY KEY (chat_id, user_id, position))")
-                self.db.commit()
-            finally:
-                os.umask(previous)
-            restrict_to_owner(self.path)
-        except (sqlite3.Error, OSError) as error:
-            raise UserError(f"{self.path}: cannot open the history database ({error})") from None
-
-    # --- writing
-    def _apply(self, change):
-        if change.kind == "exchange":
-            self.db.executemany("INSERT INTO messages (chat_id, role, text, created, speaker) VALUES (?, ?, ?, ?, ?)",
-                                [(change.chat_id,) + row for row in change.rows])
-        elif change.kind == "clear":
-            self.db.execute("DELETE FROM messages WHERE chat_id = ?", (change.chat_id,))
-        elif change.kind in ("facts", "forget"):
-            self.db.execute("DELETE FROM user_facts WHERE chat_id = ? AND user_id = ?",
-                            (change.chat_id, change.user_id))
-            self.db.executemany("INSERT INTO user_facts (chat_id, user_id, position, kind, value) "
-                                "VALUES (?, ?, ?, ?, ?)",
-                                [(change.chat_id, change.user_id, position, kind, value)
-                                 for position, (kind, value) in enumerate(change.rows)])
-            if change.kind == "forget" and change.holds is not None:
-                rows = self.db.execute("SELECT id, role, text FROM messages WHERE chat_id = ? ORDER BY id",
-                                       (change.chat_id,)).fetchall()
-                self.db.executemany("DELETE FROM messages WHERE id = ?",
-                                    [(row_id,) for row_id in sorted(exchanges_holding(rows, change.holds))])
-                inbox = self.db.execute("SELECT update_id, message FROM inbox WHERE chat_id = ?",
-                                        (change.chat_id,)).fetchall()
-                self.db.executemany("DELETE FROM inbox WHERE update_id = ?",
-                                    [(update_id,) for update_id, raw in inbox
-                                     if (change.done is None or update_id < change.done)
-                                     and change.holds(message_text(raw))])
-        elif change.kind == "take":
-            self.db.executemany("INSERT OR REPLACE INTO inbox (update_id, chat_id, message, taken) VALUES (?, ?, ?, ?)",
-                                change.rows)
-            if change.offset is not None:
-                self.db.execute("INSERT OR REPLACE INTO state (key, value) VALUES ('offset', ?)", (change.offset,))
-        if change.done is not None:
-            self.db.execute("DELETE FROM inbox WHERE update_id = ?", (change.done,))
-
-    def _write(self, change=None):
-        """Write `change` (after any kept in memory; None: only those); False when it stays in memory."""
-        with self.lock:
-            if change is not None:
-                self.backlog.append(change)
-            if len(self.backlog) > BACKLOG_LIMIT:
-                del self.backlog[0]
-                log.error("history database: more than %d changes waiting in memory; the oldest is dropped",
-                          BACKLOG_LIMIT)
-            try:
-                with self.db:
-                    for waiting in self.backlog:
-                        self._apply(waiting)
-            except sqlite3.Error as error:
-                if self.fault is None:  # once a spell, not once a message
-                    self.fault, self.faults = error, self.faults + 1
-                    log.error("history database %s: cannot write (%s); answering from memory, and saving "
-                              "what is kept there once it can", self.path, error)
-                return False
-            cleared = any(waiting.kind in ("clear", "forget") for waiting in self.backlog)
-            if self.fault is not None:
-                log.warning("history database %s: writable again; %d changes kept in memory are saved",
-                            self.path, len(self.backlog))
-                self.fault = None
-            self.backlog.clear()
-            if cleared:
-                self._checkpoint()
-            return True
-
-    def _checkpoint(self):
-        # Copies the log into the database and empties it: the deleted turns, zeroed
-        # there by secure_delete, are then gone from the -wal file as well.
-        try:
-            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error as error:
-            log.warning("history database %s: checkpoint after a reset or /forget failed (%s)", self.path, error)
-
-    def take(self, rows, offset):
-        """Messages taken from Telegram, (update id, chat id, message JSON) each, and the
-        offset that confirms them: on disk before that offset goes to Telegram."""
-        now = time.time()
-        return self._write(Change("take", rows=[(u, c, m, now) for u, c, m in rows], offset=offset))
-
-    def flush(self):
-        """Try again to write what is kept in memory; True when nothing is left there."""
-        return self._write()
-
-    def add_exchange(self, chat_id, question, answer, now=None, speaker=None, done=None):
-        now = time.time() if now is None else now
-        return self._write(Change("exchange", chat_id, [("user", question, now, speaker), ("bot", answer, now, None)],
-                                  done=done))
-
-    def clear(self, chat_id, done=None):
-        return self._write(Change("clear", chat_id, done=done))
-
-    def done(self, update_id):
-        """The message is answered (or deliberately not): the next start leaves it alone."""
-        return self._write(Change("done", done=update_id))
-
-    def set_user_facts(self, chat_id, user_id, facts):
-        """What the user has said about themselves in this chat, (kind, value) pairs oldest first."""
-        return self._write(Change("facts", chat_id, facts, user_id=user_id))
-
-    def forget(self, chat_id, user_id, kept, holds=None, done=None):
-        """Keep only `kept` of the user's facts in this chat, and delete for good every stored
-        message of the chat (both sides of its exchange, the inbox too) for which holds(text)
-        is True; `done` is the /forget's own update, whose inbox row goes in the same write."""
-        return self._write(Change("forget", chat_id, kept, done=done, user_id=user_id, holds=holds))
-
-    # --- reading: the database, then what is still in memory
-    def _read(self, sql, parameters):
-        try:
-            return self.db.execute(sql, parameters).fetchall()
-        except sqlite3.Error as error:
-            if not self.read_fault_logged:
-                self.read_fault_logged = True
-                log.error("history database %s: cannot read (%s); answering from memory", self.path, error)
-            return []
-
-    def history(self, chat_id):
-        """The chat's (speaker, text) turns, oldest first, whole exchanges only, and the
-        time of its last one (None for a new chat)."""
-        with self.lock:
-            cleared = any(change.kind == "clear" and change.chat_id == chat_id for change in self.backlog)
-            rows = [] if cleared else self._read(
-                "SELECT id, role, speaker, text, created FROM messages WHERE chat_id = ? ORDER BY id DESC LIMIT ?",
-                (chat_id, HISTORY_ROWS_LOADED))[::-1]
-            for change in self.backlog:
-                if change.chat_id == chat_id and change.kind == "clear":
-                    rows = []
-                elif change.chat_id == chat_id and change.kind == "exchange":
-                    rows += [(None, role, speaker, text, created) for role, text, created, speaker in change.rows]
-                elif change.chat_id == chat_id and change.kind == "forget" and change.holds is not None:
-                    numbered = [(i, role, text) for i, (_, role, _, text, _) in enumerate(rows)]
-                    doomed = exchanges_holding(numbered, change.holds)
-                    rows = [row for i, row in enumerate(rows) if i not in doomed]
-        last = rows[-1][4] if rows else None
-        turns = [(speaker, text) for _, _, speaker, text, _ in rows]
-        return (turns[1:] if len(turns) % 2 else turns), last
-
-    def turns(self, chat_id):
-        return [text for _, text in self.history(chat_id)[0]]
-
-    def last_activity(self, chat_id):
-        return self.history(chat_id)[1]
-
-    def pending(self):
-        """The messages taken and not answered, (update id, message JSON), oldest first."""
-        with self.lock:
-            rows = dict(self._read("SELECT update_id, message FROM inbox ORDER BY update_id", ()))
-            for change in self.backlog:
-                rows.update((update_id, message) for update_id, _, message, _ in change.rows
-                            if change.kind == "take")
-                rows.pop(change.done, None)
-        return sorted(rows.items())
-
-    def user_facts(self, chat_id, user_id):
-        """The user's facts in this chat, (kind, value) pairs oldest first; None when the
-        database cannot be read (so that nothing is merged into, and written over, an empty list)."""
-        with self.lock:
-            try:
-                facts = [tuple(row) for row in self.db.execute(
-                    "SELECT kind, value FROM user_facts WHERE chat_id = ? AND user_id = ? ORDER BY position",
-                    (chat_id, user_id))]
-            except sqlite3.Error as error:
-                log.error("history database %s: cannot read a user's facts (%s)", self.path, error)
-                facts = None
-            for change in self.backlog:
-                if change.kind in ("facts", "forget") and (change.chat_id, change.user_id) == (chat_id, user_id):
-                    facts = list(change.rows)
-        return facts
-
-    def saved_offset(self):
-        with self.lock:
-            rows = self._read("SELECT value FROM state WHERE key = 'offset'", ())
-            offsets = [change.offset for change in self.backlog if change.offset is not None]
-        return (offsets or [row[0] for row in rows] or [None])[-1]
-
-    def close(self):
-        with self.lock:
-            if self.backlog:
-                try:
-                    with self.db:
-                        for waiting in self.backlog:
-                            self._apply(waiting)
-                    self.backlog.clear()
-                except sqlite3.Error as error:
-                    log.error("history database %s: %d changes could not be saved (%s)", self.path,
-                              len(self.backlog), error)
-            self.db.close()
-
-
-# --- sending
-class ShuttingDown(Exception):
-    """A wait before trying again was cut short by SIGTERM."""
-
-
-class SendFailed(Exception):
-    """A Bot API call still failed after SEND_ATTEMPTS tries."""
-
-
-def retry_wait(error, attempt):
-    """Seconds to wait before trying `error`'s call again, or None when trying again
-    cannot help (a 400, a 403: the request itself is wrong or unwelcome)."""
-    backoff = min(SEND_BACKOFF_SECONDS * 2 ** (attempt - 1), MAX_SEND_BACKOFF_SECONDS)
-    if isinstance(error, apihelper.ApiTelegramException):
-        if error.error_code == 429:
-            parameters = (error.result_json or {}).get("parameters") or {}
-            return min(max(float(parameters.get("retry_after", 1)), 0.0), MAX_RETRY_AFTER_SECONDS)
-        return backoff if error.error_code >= 500 else None
-    if isinstance(error, apihelper.ApiHTTPException):  # a proxy's HTML error page
-        return backoff if error.result.status_code >= 500 else None
-    if isinstance(error, (apihelper.ApiInvalidJSONException, requests.ConnectionError, requests.Timeout)):
-        return backoff
-    return None
-
-
-def call_with_retry(call, stopping=None, attempts=SEND_ATTEMPTS):
-    """call() with retries: a 429 waits as long as Telegram asks, a 5xx or a network
-    error 1, 2, 4... s. A wait ends early when `stopping` is set (ShuttingDown); the
-    last error, after `attempts` tries, comes as SendFailed."""
-    stopping = stopping or threading.Event()
-    for attempt in range(1, attempts + 1):
-        try:
-            return call()
-        except Exception as error:
-            wait = retry_wait(error, attempt)
-            if wait is None:
-                raise
-            if attempt == attempts:
-                raise SendFailed(f"{attempts} tries, the last: {error}") from error
-            code = getattr(error, "error_code", None) or type(error).__name__
-            log.warning("Bot API call failed (%s): trying again in %.1f s", code, wait)
-            if stopping.wait(wait):
-                raise ShuttingDown() from error
-
-
-def send_reply(bot, chat_id, text, reply_to=None, stopping=None):
-    """Send text, split at Telegram's 4096-character limit; in groups the first
-    part answers the message it replies to."""
-    for number, part in enumerate(util.smart_split(text, util.MAX_MESSAGE_LENGTH)):
-        reply = None
-        if reply_to is not None and number == 0:
-            reply = types.ReplyParameters(reply_to, allow_sending_without_reply=True)
-        call_with_retry(lambda: bot.send_message(chat_id, part, reply_parameters=reply), stopping)
-
-
-def in_group(message):
-    return message.chat.type in ("group", "supergroup")
-
-
-@contextlib.contextmanager
-def keep_typing(send_action, every=TYPING_EVERY_SECONDS):
-    """Show "typing…" while the body runs, refreshed before Telegram lets it lapse.
-    Never waited for: a slow action call must not hold up the reply."""
-    done = threading.Event()
-
-    def refresh():
-        while True:
-            try:
-                send_action()
-            except Exception as error:  # a missed "typing…" is cosmetic
-                log.debug("typing action failed: %s", error)
-            if done.wait(every):
-                return
-
-    threading.Thread(target=refresh, name="typing", daemon=True).start()
-    try:
-        yield
-    finally:
-        done.set()
-
-
-class LiveReply:
-    """A reply shown to its chat while it is written. In a private chat the text grows in a
-    draft (sendMessageDraft: a temporary bubble, which the final message replaces); where
-    drafts are refused (a group, a Bot API server without them) the first part is sent as a
-    message and edited as it grows. At most one call per `every` seconds, counted from the
-    start of the reply, so a reply written faster than that is just sent; a 429 is waited out
-    and halves the pace; a text over 4096 characters goes on in a second message. Runs on the
-    chat's worker (the generating thread only stores the text), and every update is the start
-    of the final text. An update that fails stops the updates, never the reply."""
-
-    draft_ids = itertools.count(1)  # non-zero; a new id is a new draft bubble
-
-    def __init__(self, bot, chat_id, group, reply_to, stopping, drafts=True):
-        self.bot, self.chat_id, self.reply_to, self.stopping = bot, chat_id, reply_to, stopping
-        self.mode = "draft" if drafts and not group else "edit"  # "off" once an update failed
-        self.every = GROUP_STREAM_EVERY_SECONDS if group else STREAM_EVERY_SECONDS
-        self.next_at = time.monotonic() + self.every
-        self.shown = ""            # the text visible now, all its parts together
-        self.messages = []         # [message id, text] of each message of this reply, in order
-        self.draft_id = next(self.draft_ids)
-        self.drafts_refused = False  # a 404: the Bot API server has no drafts at all
-
-    def follow(self, request):
-        """Show the request's text as it grows, paced, until the reply is done; its result."""
-        while True:
-            with request.changed:
-                while not request.done.is_set():
-                    wait = self.next_at - time.monotonic()
-                    news = self.mode != "off" and request.visible != self.shown
-                    if news and wait <= 0:
-                        break
-                    request.changed.wait(min(wait, 1.0) if news else 1.0)
-                if request.done.is_set():
-                    return request.result()
-                text = request.visible
-            self.show(text)
-
-    def show(self, text):
-        parts = util.smart_split(text, util.MAX_MESSAGE_LENGTH)
-        try:
-            if self.mode == "draft":
-                try:
-                    self._draft(parts)
-                except apihelper.ApiTelegramException as error:
-                    if error.error_code not in (400, 404):
-                        raise
-                    # 404: a Bot API server older than drafts; 400: a chat that takes none
-                    log.info("chat %s: no drafts (%s %s): the reply is sent and edited as it grows", self.chat_id,
-                             error.error_code, error.description)
-                    self.drafts_refused |= error.error_code == 404
-                    self.mode = "edit"
-                    self._edit(parts)
+            if self.stopping.is_set() and item.saved:
+                finished = False  # not started before SIGTERM: it waits in the database for the next start
+            elif message.content_type != "text":
+                self.send(message, NON_TEXT_TEXT)
             else:
-                self._edit(parts)
-        except RetryAfter as wait:
-            if self.stopping.wait(wait.seconds):
-                self.mode = "off"
-            self.every *= 2  # Telegram said too fast: slower for the rest of this reply
-            self.next_at = time.monotonic()  # ...but the text waiting now goes out at once
-            return
-        except Exception as error:  # the final send tries again and reports what fails
-            log.warning("chat %s: an update of the reply being written failed (%s): the reply comes whole",
-                        self.chat_id, error)
-            self.mode = "off"
-            return
-        self.shown = text
-        self.next_at = time.monotonic() + self.every
-
-    def _draft(self, parts):
-        for part in parts[len(self.messages):-1]:  # parts complete now: messages; the draft goes on after them
-            self.messages.append([once(lambda: self.bot.send_message(self.chat_id, part)).message_id, part])
-            self.draft_id = next(self.draft_ids)
-        once(lambda: self.bot.send_message_draft(self.chat_id, self.draft_id, parts[-1]))
-
-    def _edit(self, parts):
-        for number, part in enumerate(parts):
-            if number < len(self.messages):
-                if self.messages[number][1] != part:
-                    once(lambda: self.bot.edit_message_text(part, chat_id=self.chat_id,
-                                                            message_id=self.messages[number][0]))
-                    self.messages[number][1] = part
-            else:
-                sent = once(lambda: self.bot.send_message(self.chat_id, part,
-                                                          reply_parameters=self._reply_parameters(number)))
-                self.messages.append([sent.message_id, part])
-
-    def _reply_parameters(self, number):
-        if self.reply_to is None or number > 0:
-            return None
-        return types.ReplyParameters(self.reply_to, allow_sending_without_reply=True)
-
-    def finish(self, reply):
-        """Deliver the finished reply, each call tried as send_reply tries one: the messages
-        sent so far edited where the text changed (paced), the rest sent. A draft is temporary,
-        so in a private chat the reply itself is always sent as a message."""
-        for number, part in enumerate(util.smart_split(reply, util.MAX_MESSAGE_LENGTH)):
-            if number < len(self.messages):
-                if self.messages[number][1] != part and not self._final_edit(number, part):
-                    self.messages[number] = [self._final_send(number, part), part]
-            else:
-                self.messages.append([self._final_send(number, part), part])
-
-    def _final_edit(self, number, part):
-        """False when the message cannot be edited (deleted): it is sent anew instead."""
-        wait = self.next_at - time.monotonic()
-        if wait > 0:
-            self.stopping.wait(wait)  # the pace; stopping: the reply still goes
-        try:
-            call_with_retry(lambda: self.bot.edit_message_text(part, chat_id=self.chat_id,
-                                                               message_id=self.messages[number][0]), self.stopping)
-        except apihelper.ApiTelegramException as error:
-            if error.error_code != 400:
-                raise
-            if "not modified" not in error.description:
-                log.info("chat %s: cannot edit the reply (%s); sending it anew", self.chat_id, error.description)
-                return False
-        self.messages[number][1] = part
-        self.next_at = time.monotonic() + self.every
-        return True
-
-    def _final_send(self, number, part):
-        sent = call_with_retry(lambda: self.bot.send_message(self.chat_id, part,
-                                                             reply_parameters=self._reply_parameters(number)),
-                               self.stopping)
-        return sent.message_id
-
-
-class RetryAfter(Exception):
-    """Telegram answered 429: the call may be tried again after `seconds`."""
-
-    def __init__(self, seconds):
-        super().__init__(f"retry after {seconds} s")
-        self.seconds = seconds
-
-
-def once(call):
-    """call() tried once; a 429 comes as RetryAfter, for the caller to wait out and slow down."""
-    try:
-        return call()
-    except apihelper.ApiTelegramException as error:
-        if error.error_code == 429:
-            raise RetryAfter(retry_wait(error, 1)) from error
-        raise
-
-
-class Notifier:
-    """Short notices (busy, too fast, offline, not allowed) sent from a small pool of
-    their own, so that waiting out a 429 for one of them never holds up the polling
-    thread. A chat gets the same notice at most once in NOTICE_INTERVAL_SECONDS,
-    and at most NOTICE_QUEUE wait to be sent."""
-
-    def __init__(self, bot, stopping, threads=NOTICE_THREADS):
-        self.bot, self.stopping = bot, stopping
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="notice")
-        self.lock = threading.Lock()
-        self.last = {}       # (chat id, text) -> when it was last queued
-        self.waiting = 0
-
-    def notify(self, message, text):
-        key, now = (message.chat.id, text), time.monotonic()
-        with self.lock:
-            if now - self.last.get(key, -NOTICE_INTERVAL_SECONDS) < NOTICE_INTERVAL_SECONDS:
-                return False
-            if self.waiting >= NOTICE_QUEUE:
-                log.warning("chat %s: too many notices waiting; this one is dropped", message.chat.id)
-                return False
-            if len(self.last) > 10 * NOTICE_QUEUE:  # forget chats that have been quiet for a while
-                self.last = {k: t for k, t in self.last.items() if now - t < NOTICE_INTERVAL_SECONDS}
-            self.last[key] = now
-            self.waiting += 1
-        self.pool.submit(self._send, message.chat.id, text, message.message_id if in_group(message) else None)
-        return True
-
-    def _send(self, chat_id, text, reply_to):
-        try:
-            send_reply(self.bot, chat_id, text, reply_to, self.stopping)
+                self.handle_text(item)
         except ShuttingDown:
-            log.info("chat %s: a notice was not sent: stopping", chat_id)
-        except Exception as error:
-            log.error("chat %s: cannot send a notice: %s", chat_id, error)
+            finished = False
+            log.info("chat %s: stopping while a send waited to be tried again; the message waits in the "
+                     "database for the next start", chat_id)
+        except ServerError as error:
+            log.error("chat %s: no reply from the inference server: %s", chat_id, error)
+            self.send_apology(message, APOLOGY_TEXT)
+        except SendFailed as error:
+            log.error("chat %s: cannot send the reply: %s", chat_id, error)
+            self.send_apology(message, SEND_FAILED_TEXT)
+        except apihelper.ApiTelegramException as error:
+            if error.error_code == 401:
+                finished = False  # the token was revoked: the polling thread ends the bot; keep the message
+            log.error("chat %s: reply failed: %s", chat_id, error)
+            if error.error_code not in (401, 403):  # 403: the user blocked the bot
+                self.send_apology(message, APOLOGY_TEXT)
+        except Exception:
+            log.exception("chat %s: reply failed", chat_id)
+            self.send_apology(message, APOLOGY_TEXT)
         finally:
-            with self.lock:
-                self.waiting -= 1
+            if item.announced:
+                item.announced = False
+                self.batcher.withdraw()
+            if finished and not item.recorded:
+                self.store.done(item.update_id)
+
+    def handle_text(self, item):
+        text = self.triage.strip_mentions(item.message).strip()
+        command = util.extract_command(text)
+        if command is not None:
+            run_command(self, item, command, util.extract_arguments(text) or "")
+        elif not text:
+            self.send(item.message, EMPTY_TEXT)
+        else:
+            self.answerer.answer(item, text)
+
+    def tell_if_unsaved(self, message, saved):
+        """A chat is told once per spell of database trouble that it is remembered in memory only."""
+        if saved or self.told_unsaved.get(message.chat.id) == self.store.faults:
+            return
+        self.told_unsaved[message.chat.id] = self.store.faults
+        self.send(message, UNSAVED_TEXT)
+
+    def send(self, message, text):
+        send_reply(self.bot, message.chat.id, text, reply_to_of(message), self.stopping)
+
+    def send_apology(self, message, text):
+        """The last word of a message that failed: by the same path, and a failure of its own only logged."""
+        try:
+            self.send(message, text)
+        except Exception as error:
+            log.error("chat %s: cannot send a message either: %s", message.chat.id, error)
 
     def close(self):
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        """Finish the messages in progress; the ones not started stay in the database."""
+        self.dispatcher.close()
+        self.notifier.close()
+
+# --- Telegram intake and offsets: updates taken, on disk before they are confirmed, handed to the workers
+class Taken:
+    """A message the bot took: its update id, and whether the inbox holds it on disk."""
+
+    def __init__(self, update_id, message):
+        self.update_id, self.message, self.saved = update_id, message, False
+        self.chat_id = message.chat.id
+        self.announced = False   # to the model thread, which may hold a batch for it: withdrawn unless it goes there
+        self.recorded = False    # its inbox row went with the change it made (an exchange, a reset, a /forget)
 
 
+class Intake:
+    """The polling thread's part: triage a getUpdates batch, write the messages taken to the
+    inbox, hand them to the workers, and say which offset confirms them to Telegram; after a
+    restart, hand the workers what the inbox still holds."""
+
+    def __init__(self, store, dispatcher, triage, stopping):
+        self.store, self.dispatcher, self.triage, self.stopping = store, dispatcher, triage, stopping
+        # While the inbox cannot be written, the offset stays at the first update not on disk, so
+        # Telegram keeps it (and sends it again with every getUpdates); the updates seen since are
+        # not triaged twice, and they are confirmed once the disk takes them.
+        self.held_from = None    # the first update id taken and not on disk; None when there is none
+        self.held_ids = set()    # the update ids seen since, taken or turned away
+        self.held_items = []     # the Taken among them, marked saved once they are
+        self.next_offset = None  # past every update seen
+        self.held_full_logged = False
+
+    def take_updates(self, updates):
+        """Triage a getUpdates batch, write the messages taken (and the next offset) to
+        the database, then hand them to the workers; returns the next offset. Only the
+        next getUpdates confirms these updates to Telegram, so they are on disk first:
+        while they cannot be written (a full disk), the offset returned stays at the first
+        one not on disk, and the updates Telegram sends again are not taken twice."""
+        now = time.time()
+        fresh = [update for update in updates if update.update_id not in self.held_ids]
+        taken, extra = [], Counter()
+        for update in fresh:
+            message = update.message
+            try:
+                if message is not None and self.triage.takes(message, now, extra, len(taken)):
+                    taken.append(Taken(update.update_id, message))
+                    extra[message.chat.id] += 1
+            except Exception:
+                log.exception("cannot take update %s", update.update_id)
+        self.next_offset = max(updates[-1].update_id + 1, self.next_offset or 0)
+        rows = [(item.update_id, item.chat_id, json.dumps(item.message.json, ensure_ascii=False)) for item in taken]
+        if fresh or self.held_from is None:
+            saved = self.store.take(rows, self.next_offset)
+        else:
+            saved = self.store.flush()  # only updates sent again: what is held may go to disk now
+        for item in taken:
+            item.saved = saved
+            self.dispatcher.submit(item.chat_id, item, force=True)
+        if len(self.triage.rate.times) > 10_000:
+            self.triage.rate.forget_idle(time.monotonic())
+        if saved:
+            self.release_held()
+            return self.next_offset
+        if self.held_from is None:
+            self.held_from = updates[0].update_id
+            log.warning("updates from %d on are not on disk: Telegram keeps them until they are", self.held_from)
+        self.held_ids.update(update.update_id for update in fresh)
+        self.held_items += taken
+        if not fresh:  # Telegram answers at once while it keeps updates: no tight loop of getUpdates
+            if len(updates) >= GET_UPDATES_LIMIT and not self.held_full_logged:
+                self.held_full_logged = True
+                log.error("%d updates wait for the database: Telegram sends no more than these, so new messages "
+                          "wait there until it can be written", len(updates))
+            self.stopping.wait(HELD_RETRY_SECONDS)
+        return self.held_from
+
+    def release_held(self):
+        """The updates held in memory are on disk now: the next offset confirms them."""
+        if self.held_from is None:
+            return
+        log.info("%d updates kept in memory are on disk now: confirming them", len(self.held_ids))
+        for item in self.held_items:
+            item.saved = True
+        self.held_from, self.held_ids, self.held_items = None, set(), []
+        self.held_full_logged = False
+
+    def offset_to_confirm(self, offset):
+        """At a stop: past every update seen once those held in memory are on disk; else
+        `offset`, and Telegram sends them to the next start (answered again if they were)."""
+        if self.held_from is None:
+            return offset
+        if self.store.flush():
+            self.release_held()
+            return self.next_offset
+        log.error("%d updates seen while the database could not be written stay unconfirmed: Telegram sends "
+                  "them to the next start, which answers them (again, where they were answered)", len(self.held_ids))
+        return self.held_from
+
+    def recover(self):
+        """Hand the workers the messages taken before the last stop or crash and not yet
+        answered: oldest first, each once; too old ones get the offline note."""
+        pending, now, answered = self.store.pending(), time.time(), 0
+        for update_id, raw in pending:
+            try:
+                message = types.Message.de_json(raw)
+            except Exception:
+                log.exception("update %s in the database cannot be read; dropped", update_id)
+                self.store.done(update_id)
+                continue
+            if self.triage.is_old(message, now):
+                self.triage.offline_note(message)
+                self.store.done(update_id)
+                continue
+            item = Taken(update_id, message)
+            item.saved = True
+            self.dispatcher.submit(item.chat_id, item, force=True)
+            answered += 1
+        if pending:
+            log.info("%d messages were taken before the last stop and not answered: answering %d of them now",
+                     len(pending), answered)
+
+
+class ChatDispatcher:
+    """Runs handle(item) on a pool of workers so that items of one chat run in
+    order, one at a time, while other chats proceed in parallel."""
+
+    def __init__(self, workers, handle, max_pending=MAX_PENDING_PER_CHAT, on_ready=None):
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reply")
+        self.handle, self.max_pending = handle, max_pending
+        self.on_ready = on_ready or (lambda chat_id: None)  # told when an item is handed to the pool
+        self.queues = {}  # chat id -> items; the first one is being handled
+        self.total = 0    # items in all the queues
+        self.idle = threading.Condition()
+
+    def waiting(self, chat_id):
+        with self.idle:
+            return len(self.queues.get(chat_id, ()))
+
+    def submit(self, chat_id, item, force=False):
+        """Queue an item; False when that chat already has too many waiting (unless forced)."""
+        with self.idle:
+            queue = self.queues.get(chat_id)
+            if queue is not None:
+                if len(queue) >= self.max_pending and not force:
+                    return False
+                queue.append(item)
+                self.total += 1
+                return True
+            self.queues[chat_id] = deque([item])
+            self.total += 1
+        self.on_ready(chat_id)
+        self.pool.submit(self._run_next, chat_id)
+        return True
+
+    def _run_next(self, chat_id):
+        with self.idle:
+            item = self.queues[chat_id][0]
+        try:
+            self.handle(item)
+        except Exception:
+            log.exception("unhandled error in chat %s", chat_id)
+        with self.idle:
+            queue = self.queues[chat_id]
+            queue.popleft()
+            self.total -= 1
+            if not queue:
+                del self.queues[chat_id]
+                self.idle.notify_all()
+                return
+        # Back of the line: a chat with many messages does not hold a worker for all of them.
+        self.on_ready(chat_id)
+        self.pool.submit(self._run_next, chat_id)
+
+    def close(self):
+        """Wait until every queued item is handled, then stop the workers."""
+        with self.idle:
+            self.idle.wait_for(lambda: not self.queues)
+        self.pool.shutdown(wait=True)
+
+
+def remove_webhook(bot):
+    """getUpdates answers 409 while a webhook is set: remove one left behind (by an
+    earlier deployment, another tool) and say so."""
+    try:
+        info = bot.get_webhook_info()
+    except apihelper.ApiTelegramException as error:
+        if error.error_code == 401:
+            raise UserError(f"getWebhookInfo: Telegram refused the bot token (401 {error.description})") from None
+        log.warning("cannot ask whether a webhook is set: %s", error)
+        return
+    except Exception as error:
+        log.warning("cannot ask whether a webhook is set: %s", error)
+        return
+    if info.url:
+        # Only the host: the rest of a webhook address is often a secret of its own.
+        log.warning("a webhook was set (to %s), which keeps getUpdates from working: removing it (deleteWebhook)",
+                    urlsplit(info.url).hostname or "an address")
+        try:
+            call_with_retry(lambda: bot.delete_webhook(drop_pending_updates=False))
+        except Exception as error:  # getUpdates will answer 409 and bring us back here
+            log.error("cannot remove the webhook: %s", error)
+
+
+def poll(bot, take_updates, stopping, poll_seconds, offset=None):
+    """Long-poll getUpdates until `stopping` is set; take_updates(updates) records a
+    batch and returns the next offset, which the next call confirms. Returns the
+    last offset. A refused token (401) and another copy polling (409 that a
+    deleteWebhook does not cure) end it with UserError."""
+    backoff, conflicts = 1.0, deque()
+    while not stopping.is_set():
+        try:
+            updates = bot.get_updates(offset=offset, timeout=poll_seconds + 10, long_polling_timeout=poll_seconds,
+                                      allowed_updates=["message"])
+        except apihelper.ApiTelegramException as error:
+            if error.error_code == 401:
+                raise UserError(f"getUpdates: Telegram refused the bot token (401 {error.description}): it was "
+                                f"revoked or replaced; put the new one from @BotFather in {TOKEN_ENV}") from None
+            if error.error_code == 409:
+                now = time.monotonic()
+                conflicts.append(now)
+                while now - conflicts[0] > CONFLICT_WINDOW_SECONDS:
+                    conflicts.popleft()
+                if len(conflicts) >= CONFLICT_LIMIT:
+                    raise UserError(f"getUpdates: {len(conflicts)} conflicts (409 {error.description}) within "
+                                    f"{CONFLICT_WINDOW_SECONDS:.0f} s: another copy of this bot is polling with the "
+                                    f"same token; stop it") from None
+                log.error("getUpdates conflict (409 %s)", error.description)
+                if "webhook" in error.description.lower():
+                    remove_webhook(bot)
+            else:
+                log.error("getUpdates failed: %s", error)
+            stopping.wait(backoff)
+            backoff = min(backoff * 2, 60.0)
+            continue
+        except Exception as error:  # the network or Telegram having a bad moment: wait, try again
+            log.error("getUpdates failed: %s", error)
+            stopping.wait(backoff)
+            backoff = min(backoff * 2, 60.0)
+            continue
+        backoff = 1.0
+        if updates:
+            offset = take_updates(updates)
+    return offset
+
+
+def confirm_updates(bot, offset):
+    # Telegram forgets updates below the offset only on the next getUpdates; without
+    # this call the messages answered last would come again to whatever polls next.
+    if offset is None:
+        return
+    try:
+        bot.get_updates(offset=offset, limit=1, timeout=10, long_polling_timeout=1)
+    except Exception as error:
+        log.warning("could not confirm the last updates: %s", error)
+
+
+def serve(bot, chat_bot, stopping, poll_seconds):
+    """Remove a stale webhook, answer what the last run left, poll until `stopping`,
+    then confirm the updates taken and finish the replies in progress. A fatal API
+    error (UserError) comes out after the same shutdown."""
+    fatal, offset = None, chat_bot.store.saved_offset()
+    try:
+        remove_webhook(bot)
+        chat_bot.intake.recover()
+        offset = poll(bot, chat_bot.intake.take_updates, stopping, poll_seconds, offset)
+    except UserError as error:
+        fatal = error
+    stopping.set()
+    if fatal is None:
+        confirm_updates(bot, chat_bot.intake.offset_to_confirm(offset))
+    chat_bot.close()
+    if fatal is not None:
+        raise fatal
+
+# --- triage: which messages the bot takes, and what the ones turned away are told
 class RateLimit:
     """At most `per_minute` messages from one user in any 60 seconds (0: no limit).
     allow() says "yes", "warn" (the first one over: tell them once) or "no"."""
@@ -847,7 +665,357 @@ class RateLimit:
             self.warned.discard(user)
 
 
-# --- one model, many chats: requests that meet at the model are generated together
+def utf16_slice(text, offset, length):
+    # Telegram counts entity offsets in UTF-16 code units (an emoji is two).
+    units = text.encode("utf-16-le")
+    return units[2 * offset:2 * (offset + length)].decode("utf-16-le", errors="replace")
+
+
+def cut_utf16_spans(text, spans):
+    units = text.encode("utf-16-le")
+    for offset, length in sorted(spans, reverse=True):
+        units = units[:2 * offset] + b" \x00" + units[2 * (offset + length):]
+    return units.decode("utf-16-le", errors="replace")
+
+
+def speaker_name(user):
+    """The first name a group turn is labelled with: one line, not too long."""
+    name = " ".join(((user and user.first_name) or "").split())[:MAX_SPEAKER_CHARS]
+    return name or "Участник"
+
+
+def speaker_id(message):
+    """Whose facts a message adds to: its sender (an anonymous group admin or a channel
+    speaking in a group: that chat)."""
+    user = message.from_user
+    if message.sender_chat is not None or user is None or user.id == ANONYMOUS_ADMIN_ID:
+        return (message.sender_chat or message.chat).id
+    return user.id
+
+
+class Triage:
+    """On the polling thread, quickly: whether the bot takes a message (meant for it, from someone
+    allowed, not too old, not too fast, with room for it), and the notice for one turned away."""
+
+    def __init__(self, me, args, notifier, dispatcher):
+        self.me, self.notifier, self.dispatcher = me, notifier, dispatcher
+        self.username = (me.username or "").lower()
+        self.allowed = args.allowed_users
+        self.max_queue = args.max_queue
+        self.max_age = args.max_age_minutes * 60
+        self.old_messages = args.old_messages
+        self.rate = RateLimit(args.rate_limit)
+
+    def takes(self, message, now, extra=None, taken_so_far=0):
+        """True when the bot takes the message; notices for the ones it turns away."""
+        chat_id, user = message.chat.id, message.from_user
+        if message.chat.type == "channel" or message.content_type in util.content_type_service:
+            return False
+        if in_group(message):
+            if not self.addressed_to_me(message):
+                return False
+            command = util.extract_command(self.strip_mentions(message).strip())
+            if command is not None and command_row(command) is None:
+                return False  # meant for another bot of the group, or a typo: not ours to answer
+        if self.allowed is not None and not self.may_talk(message):
+            log.info("chat %s: refused user %s (not on --allowed-users)", chat_id, user and user.id)
+            self.notifier.notify(message, NOT_ALLOWED_TEXT)
+            return False
+        if self.is_old(message, now):  # before the rate limit: a backlog after downtime is no flood
+            self.offline_note(message)
+            return False
+        verdict = self.rate.allow(user.id if user else chat_id, time.monotonic())
+        if verdict != "yes":
+            if verdict == "warn":
+                log.warning("chat %s: user %s writes faster than --rate-limit %d a minute; dropping the rest",
+                            chat_id, user and user.id, self.rate.per_minute)
+                self.notifier.notify(message, RATE_LIMIT_TEXT)
+            return False
+        extra = extra or Counter()
+        if self.dispatcher.waiting(chat_id) + extra[chat_id] >= MAX_PENDING_PER_CHAT:
+            log.warning("chat %s: too many messages waiting, one turned away", chat_id)
+            self.notifier.notify(message, BUSY_TEXT)
+            return False
+        if self.dispatcher.total + taken_so_far >= self.max_queue:
+            log.warning("chat %s: %d messages waiting in all (--max-queue): one turned away", chat_id,
+                        self.dispatcher.total + taken_so_far)
+            self.notifier.notify(message, OVERLOADED_TEXT)
+            return False
+        return True
+
+    def may_talk(self, message):
+        user = message.from_user
+        return user is not None and user.id in self.allowed
+
+    def is_old(self, message, now):
+        return self.max_age > 0 and now - message.date > self.max_age
+
+    def offline_note(self, message):
+        log.info("chat %s: message from %.0f min ago, sent while the bot was away: %s", message.chat.id,
+                 (time.time() - message.date) / 60, "noted" if self.old_messages == "note" else "skipped")
+        if self.old_messages == "note":
+            self.notifier.notify(message, OFFLINE_TEXT)
+
+    def my_mentions(self, message):
+        """The (offset, length) of every mention of this bot, from the message's entities:
+        "support@tiny_test_bot.ru" holds the name, but Telegram marks it an email."""
+        text = message.text or message.caption or ""
+        spans = []
+        for entity in (message.entities or message.caption_entities or []):
+            if entity.type == "mention" and utf16_slice(text, entity.offset, entity.length).lower() == \
+                    "@" + self.username:
+                spans.append((entity.offset, entity.length))
+            elif entity.type == "text_mention" and entity.user is not None and entity.user.id == self.me.id:
+                spans.append((entity.offset, entity.length))
+        return spans
+
+    def strip_mentions(self, message):
+        text = message.text or message.caption or ""
+        spans = self.my_mentions(message)
+        return cut_utf16_spans(text, spans) if spans else text
+
+    def addressed_to_me(self, message):
+        replied = message.reply_to_message
+        if replied is not None and replied.from_user is not None and replied.from_user.id == self.me.id:
+            return True
+        text = message.text or message.caption or ""
+        if util.is_command(text):
+            target = text.split()[0].partition("@")[2]
+            return not target or target.lower() == self.username
+        return bool(self.my_mentions(message))
+
+# --- commands: the rows of the command table (blocks/memory_commands.py) this bot answers
+def start_command(chat_bot, item, argument):
+    chat_bot.send(item.message, START_TEXT)
+
+
+def help_command(chat_bot, item, argument):
+    chat_bot.send(item.message, bot_help_text(chat_bot.memory.on))
+
+
+def reset_command(chat_bot, item, argument):
+    saved = chat_bot.store.clear(item.chat_id, done=item.update_id)
+    item.recorded = True
+    log.info("chat %s: history reset", item.chat_id)
+    chat_bot.send(item.message, RESET_TEXT)
+    chat_bot.tell_if_unsaved(item.message, saved)
+
+
+def memory_command(chat_bot, item, argument):
+    chat_bot.memory.show(item)
+
+
+def forget_command(chat_bot, item, argument):
+    chat_bot.memory.forget(item, argument)
+
+
+# The bot's handler of each row of the table, by name; a row may bring its own instead.
+COMMAND_HANDLERS = {"start": start_command, "help": help_command, "reset": reset_command,
+                    "memory": memory_command, "forget": forget_command}
+
+
+def command_row(name):
+    """The table's row of a command this bot answers; None for another bot's command or a typo."""
+    return next((row for row in offered_commands(COMMANDS, COMMAND_HANDLERS) if row.name == name), None)
+
+
+def bot_help_text(memory):
+    return help_text(HELP_INTRO, COMMANDS, COMMAND_HANDLERS, memory)
+
+
+def run_command(chat_bot, item, name, argument):
+    """Answer a command by the table: its handler, once its row's `who` allows the sender."""
+    row = command_row(name)
+    if row is None:
+        chat_bot.send(item.message, UNKNOWN_COMMAND_TEXT)  # groups never get here (triage)
+        return
+    if row.who == GROUP_ADMINS and in_group(item.message) and not is_group_admin(chat_bot.bot, item.message,
+                                                                                    chat_bot.stopping):
+        log.info("chat %s: /%s by user %s refused: not an admin", item.chat_id, name,
+                 item.message.from_user and item.message.from_user.id)
+        chat_bot.send(item.message, ADMINS_ONLY_TEXT)
+        return
+    (row.handler or COMMAND_HANDLERS[row.name])(chat_bot, item, argument)
+
+
+def is_group_admin(bot, message, stopping):
+    """Whether the sender may change the group's bot: its creator or an administrator
+    (asked of Telegram each time: rights change), or an admin writing anonymously."""
+    user = message.from_user
+    if message.sender_chat is not None and message.sender_chat.id == message.chat.id:
+        return True  # sent "as the group": only its admins can
+    if user is None or user.id == ANONYMOUS_ADMIN_ID:
+        return False
+    try:
+        member = call_with_retry(lambda: bot.get_chat_member(message.chat.id, user.id), stopping)
+    except (SendFailed, apihelper.ApiException) as error:
+        log.warning("chat %s: cannot ask Telegram whether user %s is an admin (%s): refused", message.chat.id,
+                    user.id, error)
+        return False
+    return member.status in ("creator", "administrator")
+
+
+def register_commands(bot, memory):
+    """The command list Telegram shows when a user types "/" (setMyCommands), from the table; nice
+    to have, so never fatal."""
+    rows = offered_commands(COMMANDS, COMMAND_HANDLERS, memory)
+    try:
+        bot.set_my_commands([types.BotCommand(row.name, row.description) for row in rows])
+    except Exception as error:
+        log.warning("cannot register the command list (setMyCommands): %s", error)
+
+
+# --- memory commands: what each user said about themselves, per chat (/memory, /forget)
+class Memory:
+    """Each user's facts in each chat: merged from what they say, shown by /memory, deleted by
+    /forget with every stored message of theirs that holds the forgotten words (the one rule of
+    blocks/memory_commands.py, which the console chat follows too)."""
+
+    def __init__(self, chat_bot, on):
+        self.chat_bot, self.store, self.on = chat_bot, chat_bot.store, on
+        # One user's read-merge-write at a time (a user writes in several chats, the workers
+        # run chats in parallel), and the grammars are not known to be safe in threads.
+        self.lock = threading.Lock()
+
+    def remember(self, message, text):
+        """Merge the facts the user states in `text` into what is kept of them in this chat
+        (the message's own facts count for its answer, as in training); the facts for the prompt."""
+        if not self.on:
+            return ()
+        chat_id, user_id = message.chat.id, speaker_id(message)
+        with self.lock:
+            new = extract_user_facts(text)
+            stored = self.store.user_facts(chat_id, user_id)
+            if stored is None:  # unreadable: answer with what this message says, write nothing over the rest
+                return merge_user_facts([], new)
+            merged = merge_user_facts(stored, new) if new else stored
+            if merged != stored:
+                self.store.set_user_facts(chat_id, user_id, merged)
+                log.info("chat %s: user %s: %d facts kept (%d new in this message)", chat_id, user_id, len(merged),
+                         len(new))
+        return merged
+
+    def show(self, item):
+        message = item.message
+        if not self.on:
+            self.chat_bot.send(message, MEMORY_OFF_REPLY)
+            return
+        with self.lock:
+            facts = self.store.user_facts(message.chat.id, speaker_id(message)) or []
+        self.chat_bot.send(message, render_facts_list(facts) if facts else NO_FACTS_ANSWER)
+
+    def forget(self, item, argument):
+        """/forget: all the user's facts in this chat; /forget <слово>: the ones that hold the
+        word in any form. The user's stored messages holding the forgotten words (and the word
+        asked about) go too, both sides of their exchanges, and the command's own text; in a
+        group, what other members said stays."""
+        message, chat_id, user_id = item.message, item.chat_id, speaker_id(item.message)
+        if not self.on:
+            self.chat_bot.send(message, MEMORY_OFF_REPLY)
+            return
+        with self.lock:
+            kept, removed, holds = forget_facts(self.store.user_facts(chat_id, user_id) or [], argument)
+            saved = self.store.forget(chat_id, user_id, kept, holds, done=item.update_id)
+        item.recorded = True
+        log.info("chat %s: user %s: /forget%s: %d facts forgotten, %d kept", chat_id, user_id,
+                 " <word>" if argument.strip() else "", len(removed), len(kept))
+        if not argument.strip():
+            self.chat_bot.send(message, FORGOT_ALL_REPLY)
+        elif removed:
+            self.chat_bot.send(message, FORGOT_SOME_REPLY + "\n" + render_facts_list(removed))
+        else:
+            self.chat_bot.send(message, NOTHING_TO_FORGET_REPLY)
+        self.chat_bot.tell_if_unsaved(message, saved)
+
+# --- answering and streaming: the prompt, one model for many chats, the reply shown as it is written
+class Answerer:
+    """A message's answer: the prompt (the chat's history within the idle limit, the user's
+    facts), the model's reply shown as it is written, and the exchange stored once it was sent."""
+
+    def __init__(self, chat_bot, chat, args):
+        self.chat_bot = chat_bot  # its settings are read for each prompt
+        self.idle_seconds = args.idle_minutes * 60
+        self.max_input_chars = args.max_input_chars
+        self.log_prompts = args.log_prompts
+        self.stream = not args.no_stream
+        self.drafts = hasattr(chat_bot.bot, "send_message_draft")  # pyTelegramBotAPI before 4.32 has none: edits
+        self.tokenizers = TokenizerPool(chat["tokenizer"], TOKENIZER_COPIES)
+
+    def prompt(self, item, text, speaker):
+        """(prompt ids, prompt text) for the message: its chat's turns, an idle one started afresh."""
+        chat_bot, chat_id = self.chat_bot, item.chat_id
+        history, last = chat_bot.store.history(chat_id)
+        if last is not None and self.idle_seconds > 0 and time.time() - last > self.idle_seconds:
+            chat_bot.store.clear(chat_id)
+            log.info("chat %s: idle for %.0f min, starting afresh", chat_id, (time.time() - last) / 60)
+            history = []
+        facts = chat_bot.memory.remember(item.message, text)
+        # In a group, whose words a turn holds: one member's words are not another's.
+        turns = [f"{who}: {said}" if who else said for who, said in history + [(speaker, text)]]
+        with self.tokenizers.borrow() as tokenizer:
+            prompt = chat_prompt_ids(turns, chat_bot.settings, tokenizer, facts)
+            prompt_text = tokenizer.decode(prompt)  # what a server is sent
+        if self.log_prompts:
+            log.info("prompt chat=%s: %s", chat_id, json.dumps(prompt_text, ensure_ascii=False))
+        return prompt, prompt_text
+
+    def answer(self, item, text):
+        chat_bot, message, chat_id = self.chat_bot, item.message, item.chat_id
+        if len(text) > self.max_input_chars:
+            text = text[-self.max_input_chars:]  # the end usually holds the question
+        speaker = speaker_name(message.from_user) if in_group(message) else None
+        prompt, prompt_text = self.prompt(item, text, speaker)
+        live = None
+        if self.stream:
+            live = LiveReply(chat_bot.bot, chat_id, in_group(message), reply_to_of(message), chat_bot.stopping,
+                             self.drafts)
+        with keep_typing(lambda: chat_bot.bot.send_chat_action(chat_id, "typing")):
+            request = chat_bot.batcher.submit(prompt, len(prompt), announced=True, stream=live is not None,
+                                              prompt_text=prompt_text)
+            item.announced = False
+            reply = live.follow(request) if live else request.result()
+        if live:
+            if live.drafts_refused and self.drafts:
+                self.drafts = False
+                log.warning("the Bot API server has no sendMessageDraft (404): replies are shown by editing a "
+                            "message as they grow")
+            live.finish(reply)
+        else:
+            chat_bot.send(message, reply)
+        if reply == FALLBACK_REPLY:
+            # The model said nothing usable: remembering the stock line would only teach the
+            # prompt to repeat it, so the exchange is left out (the message is answered, though).
+            saved = chat_bot.store.done(item.update_id)
+        else:
+            # Stored once it reached the user, so a failed send leaves no exchange they never saw.
+            saved = chat_bot.store.add_exchange(chat_id, text, reply, speaker=speaker, done=item.update_id,
+                                                user_id=speaker_id(message))
+        item.recorded = True
+        chat_bot.tell_if_unsaved(message, saved)
+
+
+@contextlib.contextmanager
+def keep_typing(send_action, every=TYPING_EVERY_SECONDS):
+    """Show "typing…" while the body runs, refreshed before Telegram lets it lapse.
+    Never waited for: a slow action call must not hold up the reply."""
+    done = threading.Event()
+
+    def refresh():
+        while True:
+            try:
+                send_action()
+            except Exception as error:  # a missed "typing…" is cosmetic
+                log.debug("typing action failed: %s", error)
+            if done.wait(every):
+                return
+
+    threading.Thread(target=refresh, name="typing", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
 class TokenizerPool:
     """Copies of the tokenizer, lent to one thread at a time: a fast tokenizer is one
     Rust object whose settings every call mutates, and sharing it across threads
@@ -1018,556 +1186,6 @@ class ServerReplies:
         self.pool.shutdown(wait=True)
 
 
-# --- one request at a time per chat, a bounded pool for all
-class ChatDispatcher:
-    """Runs handle(item) on a pool of workers so that items of one chat run in
-    order, one at a time, while other chats proceed in parallel."""
-
-    def __init__(self, workers, handle, max_pending=MAX_PENDING_PER_CHAT, on_ready=None):
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reply")
-        self.handle, self.max_pending = handle, max_pending
-        self.on_ready = on_ready or (lambda chat_id: None)  # told when an item is handed to the pool
-        self.queues = {}  # chat id -> items; the first one is being handled
-        self.total = 0    # items in all the queues
-        self.idle = threading.Condition()
-
-    def waiting(self, chat_id):
-        with self.idle:
-            return len(self.queues.get(chat_id, ()))
-
-    def submit(self, chat_id, item, force=False):
-        """Queue an item; False when that chat already has too many waiting (unless forced)."""
-        with self.idle:
-            queue = self.queues.get(chat_id)
-            if queue is not None:
-                if len(queue) >= self.max_pending and not force:
-                    return False
-                queue.append(item)
-                self.total += 1
-                return True
-            self.queues[chat_id] = deque([item])
-            self.total += 1
-        self.on_ready(chat_id)
-        self.pool.submit(self._run_next, chat_id)
-        return True
-
-    def _run_next(self, chat_id):
-        with self.idle:
-            item = self.queues[chat_id][0]
-        try:
-            self.handle(item)
-        except Exception:
-            log.exception("unhandled error in chat %s", chat_id)
-        with self.idle:
-            queue = self.queues[chat_id]
-            queue.popleft()
-            self.total -= 1
-            if not queue:
-                del self.queues[chat_id]
-                self.idle.notify_all()
-                return
-        # Back of the line: a chat with many messages does not hold a worker for all of them.
-        self.on_ready(chat_id)
-        self.pool.submit(self._run_next, chat_id)
-
-    def close(self):
-        """Wait until every queued item is handled, then stop the workers."""
-        with self.idle:
-            self.idle.wait_for(lambda: not self.queues)
-        self.pool.shutdown(wait=True)
-
-
-# --- reading messages
-def utf16_slice(text, offset, length):
-    # Telegram counts entity offsets in UTF-16 code units (an emoji is two).
-    units = text.encode("utf-16-le")
-    return units[2 * offset:2 * (offset + length)].decode("utf-16-le", errors="replace")
-
-
-def cut_utf16_spans(text, spans):
-    units = text.encode("utf-16-le")
-    for offset, length in sorted(spans, reverse=True):
-        units = units[:2 * offset] + b" \x00" + units[2 * (offset + length):]
-    return units.decode("utf-16-le", errors="replace")
-
-
-def speaker_name(user):
-    """The first name a group turn is labelled with: one line, not too long."""
-    name = " ".join(((user and user.first_name) or "").split())[:MAX_SPEAKER_CHARS]
-    return name or "Участник"
-
-
-def speaker_id(message):
-    """Whose facts a message adds to: its sender (an anonymous group admin or a channel
-    speaking in a group: that chat)."""
-    user = message.from_user
-    if message.sender_chat is not None or user is None or user.id == ANONYMOUS_ADMIN_ID:
-        return (message.sender_chat or message.chat).id
-    return user.id
-
-
-def content_words(value):
-    """The words of a fact's value that a forgotten fact takes with it from stored messages:
-    not prepositions, conjunctions, particles or pronouns ("поехать в Сочи" takes поехать
-    and Сочи, not every message with "в"), by the user facts block's own rule (is_function_word)."""
-    words = [word for word in re.split(r"[^\w]+", fold(value)) if word]
-    return [word for word in words if word.isdigit() or (len(word) > 1 and not is_function_word(word))]
-
-
-def any_form_matcher(words, parse):
-    """holds(text): True when text has one of `words` in any form ("Казани", "казанью" for
-    Казань): a word whose normal forms meet theirs, or one of their inflected forms."""
-    lemmas, forms = set(), set()
-    for word in words:
-        lemmas |= {word} | {fold(p.normal_form) for p in parse(word)}
-        forms |= {word} | {fold(form.word) for p in parse(word)[:3] for form in p.lexeme}
-    if not lemmas:
-        return None
-
-    def holds(text):
-        for word in re.findall(r"\w+", fold(text)):
-            if word in forms or word in lemmas or any(fold(p.normal_form) in lemmas for p in parse(word)):
-                return True
-        return False
-
-    return holds
-
-
-class Taken:
-    """A message the bot took: its update id, and whether the inbox holds it on disk."""
-
-    def __init__(self, update_id, message):
-        self.update_id, self.message, self.saved = update_id, message, False
-        self.chat_id = message.chat.id
-
-
-# --- the bot
-class ChatBot:
-    """The bot's behaviour: which messages it takes, and what it answers."""
-
-    def __init__(self, bot, me, store, chat, settings, args, batcher, stopping=None):
-        self.bot, self.me, self.store, self.chat, self.settings = bot, me, store, chat, settings
-        self.batcher = batcher
-        self.stopping = stopping or threading.Event()
-        self.allowed = args.allowed_users
-        self.idle_seconds = args.idle_minutes * 60
-        self.max_input_chars = args.max_input_chars
-        self.max_queue = args.max_queue
-        self.max_age = args.max_age_minutes * 60
-        self.old_messages = args.old_messages
-        self.log_prompts = args.log_prompts
-        self.stream = not args.no_stream
-        self.drafts = hasattr(bot, "send_message_draft")  # pyTelegramBotAPI before 4.32 has no drafts: edits
-        self.username = (me.username or "").lower()
-        self.rate = RateLimit(args.rate_limit)
-        self.notifier = Notifier(bot, self.stopping)
-        # A message handed to a worker is announced to the model thread, so that a batch
-        # can wait the few milliseconds its prompt takes rather than leave without it.
-        self.dispatcher = ChatDispatcher(args.workers or 2 * args.max_batch, self.handle,
-                                         on_ready=lambda chat_id: batcher.announce())
-        self.local = threading.local()
-        self.tokenizers = TokenizerPool(chat["tokenizer"], TOKENIZER_COPIES)
-        self.told_unsaved = {}   # chat id -> the spell of database trouble it was told about
-        # While the inbox cannot be written, the offset stays at the first update not on disk, so
-        # Telegram keeps it (and sends it again with every getUpdates); the updates seen since are
-        # not triaged twice, and they are confirmed once the disk takes them.
-        self.held_from = None    # the first update id taken and not on disk; None when there is none
-        self.held_ids = set()    # the update ids seen since, taken or turned away
-        self.held_items = []     # the Taken among them, marked saved once they are
-        self.next_offset = None  # past every update seen
-        self.held_full_logged = False
-        self.memory = not args.no_memory
-        # One user's read-merge-write at a time (a user writes in several chats, the workers
-        # run chats in parallel), and the grammars are not known to be safe in threads.
-        self.facts_lock = threading.Lock()
-
-    # --- on the polling thread: decide quickly, record, leave the work (and any wait) to others
-    def take_updates(self, updates):
-        """Triage a getUpdates batch, write the messages taken (and the next offset) to
-        the database, then hand them to the workers; returns the next offset. Only the
-        next getUpdates confirms these updates to Telegram, so they are on disk first:
-        while they cannot be written (a full disk), the offset returned stays at the first
-        one not on disk, and the updates Telegram sends again are not taken twice."""
-        now = time.time()
-        fresh = [update for update in updates if update.update_id not in self.held_ids]
-        taken, extra = [], Counter()
-        for update in fresh:
-            message = update.message
-            try:
-                if message is not None and self.triage(message, now, extra, len(taken)):
-                    taken.append(Taken(update.update_id, message))
-                    extra[message.chat.id] += 1
-            except Exception:
-                log.exception("cannot take update %s", update.update_id)
-        self.next_offset = max(updates[-1].update_id + 1, self.next_offset or 0)
-        rows = [(item.update_id, item.chat_id, json.dumps(item.message.json, ensure_ascii=False)) for item in taken]
-        if fresh or self.held_from is None:
-            saved = self.store.take(rows, self.next_offset)
-        else:
-            saved = self.store.flush()  # only updates sent again: what is held may go to disk now
-        for item in taken:
-            item.saved = saved
-            self.dispatcher.submit(item.chat_id, item, force=True)
-        if len(self.rate.times) > 10_000:
-            self.rate.forget_idle(time.monotonic())
-        if saved:
-            self.release_held()
-            return self.next_offset
-        if self.held_from is None:
-            self.held_from = updates[0].update_id
-            log.warning("updates from %d on are not on disk: Telegram keeps them until they are", self.held_from)
-        self.held_ids.update(update.update_id for update in fresh)
-        self.held_items += taken
-        if not fresh:  # Telegram answers at once while it keeps updates: no tight loop of getUpdates
-            if len(updates) >= GET_UPDATES_LIMIT and not self.held_full_logged:
-                self.held_full_logged = True
-                log.error("%d updates wait for the database: Telegram sends no more than these, so new messages "
-                          "wait there until it can be written", len(updates))
-            self.stopping.wait(HELD_RETRY_SECONDS)
-        return self.held_from
-
-    def release_held(self):
-        """The updates held in memory are on disk now: the next offset confirms them."""
-        if self.held_from is None:
-            return
-        log.info("%d updates kept in memory are on disk now: confirming them", len(self.held_ids))
-        for item in self.held_items:
-            item.saved = True
-        self.held_from, self.held_ids, self.held_items = None, set(), []
-        self.held_full_logged = False
-
-    def offset_to_confirm(self, offset):
-        """At a stop: past every update seen once those held in memory are on disk; else
-        `offset`, and Telegram sends them to the next start (answered again if they were)."""
-        if self.held_from is None:
-            return offset
-        if self.store.flush():
-            self.release_held()
-            return self.next_offset
-        log.error("%d updates seen while the database could not be written stay unconfirmed: Telegram sends "
-                  "them to the next start, which answers them (again, where they were answered)", len(self.held_ids))
-        return self.held_from
-
-    def triage(self, message, now, extra=None, taken_so_far=0):
-        """True when the bot takes the message; notices for the ones it turns away."""
-        chat_id, user = message.chat.id, message.from_user
-        if message.chat.type == "channel" or message.content_type in util.content_type_service:
-            return False
-        if in_group(message):
-            if not self.addressed_to_me(message):
-                return False
-            command = util.extract_command(self.strip_mentions(message).strip())
-            if command is not None and command not in COMMANDS:
-                return False  # meant for another bot of the group, or a typo: not ours to answer
-        if self.allowed is not None and not self.may_talk(message):
-            log.info("chat %s: refused user %s (not on --allowed-users)", chat_id, user and user.id)
-            self.notifier.notify(message, NOT_ALLOWED_TEXT)
-            return False
-        if self.is_old(message, now):  # before the rate limit: a backlog after downtime is no flood
-            self.offline_note(message)
-            return False
-        verdict = self.rate.allow(user.id if user else chat_id, time.monotonic())
-        if verdict != "yes":
-            if verdict == "warn":
-                log.warning("chat %s: user %s writes faster than --rate-limit %d a minute; dropping the rest",
-                            chat_id, user and user.id, self.rate.per_minute)
-                self.notifier.notify(message, RATE_LIMIT_TEXT)
-            return False
-        extra = extra or Counter()
-        if self.dispatcher.waiting(chat_id) + extra[chat_id] >= MAX_PENDING_PER_CHAT:
-            log.warning("chat %s: too many messages waiting, one turned away", chat_id)
-            self.notifier.notify(message, BUSY_TEXT)
-            return False
-        if self.dispatcher.total + taken_so_far >= self.max_queue:
-            log.warning("chat %s: %d messages waiting in all (--max-queue): one turned away", chat_id,
-                        self.dispatcher.total + taken_so_far)
-            self.notifier.notify(message, OVERLOADED_TEXT)
-            return False
-        return True
-
-    def may_talk(self, message):
-        user = message.from_user
-        return user is not None and user.id in self.allowed
-
-    def is_old(self, message, now):
-        return self.max_age > 0 and now - message.date > self.max_age
-
-    def offline_note(self, message):
-        log.info("chat %s: message from %.0f min ago, sent while the bot was away: %s", message.chat.id,
-                 (time.time() - message.date) / 60, "noted" if self.old_messages == "note" else "skipped")
-        if self.old_messages == "note":
-            self.notifier.notify(message, OFFLINE_TEXT)
-
-    def my_mentions(self, message):
-        """The (offset, length) of every mention of this bot, from the message's entities:
-        "support@tiny_test_bot.ru" holds the name, but Telegram marks it an email."""
-        text = message.text or message.caption or ""
-        spans = []
-        for entity in (message.entities or message.caption_entities or []):
-            if entity.type == "mention" and utf16_slice(text, entity.offset, entity.length).lower() == \
-                    "@" + self.username:
-                spans.append((entity.offset, entity.length))
-            elif entity.type == "text_mention" and entity.user is not None and entity.user.id == self.me.id:
-                spans.append((entity.offset, entity.length))
-        return spans
-
-    def strip_mentions(self, message):
-        text = message.text or message.caption or ""
-        spans = self.my_mentions(message)
-        return cut_utf16_spans(text, spans) if spans else text
-
-    def addressed_to_me(self, message):
-        replied = message.reply_to_message
-        if replied is not None and replied.from_user is not None and replied.from_user.id == self.me.id:
-            return True
-        text = message.text or message.caption or ""
-        if util.is_command(text):
-            target = text.split()[0].partition("@")[2]
-            return not target or target.lower() == self.username
-        return bool(self.my_mentions(message))
-
-    # --- after a restart
-    def recover(self):
-        """Hand the workers the messages taken before the last stop or crash and not yet
-        answered: oldest first, each once; too old ones get the offline note."""
-        pending, now, answered = self.store.pending(), time.time(), 0
-        for update_id, raw in pending:
-            try:
-                message = types.Message.de_json(raw)
-            except Exception:
-                log.exception("update %s in the database cannot be read; dropped", update_id)
-                self.store.done(update_id)
-                continue
-            if self.is_old(message, now):
-                self.offline_note(message)
-                self.store.done(update_id)
-                continue
-            item = Taken(update_id, message)
-            item.saved = True
-            self.dispatcher.submit(item.chat_id, item, force=True)
-            answered += 1
-        if pending:
-            log.info("%d messages were taken before the last stop and not answered: answering %d of them now",
-                     len(pending), answered)
-
-    # --- on a worker, one message of a chat at a time
-    def handle(self, item):
-        message, chat_id = item.message, item.chat_id
-        self.local.announced = True  # by the dispatcher; withdrawn below unless it reaches the model
-        self.local.recorded = False
-        finished = True
-        try:
-            if self.stopping.is_set() and item.saved:
-                finished = False  # not started before SIGTERM: it waits in the database for the next start
-            elif message.content_type != "text":
-                self.send(message, NON_TEXT_TEXT)
-            else:
-                self.handle_text(item)
-        except ShuttingDown:
-            finished = False
-            log.info("chat %s: stopping while a send waited to be tried again; the message waits in the "
-                     "database for the next start", chat_id)
-        except ServerError as error:
-            log.error("chat %s: no reply from the inference server: %s", chat_id, error)
-            self.safe_send(chat_id, APOLOGY_TEXT)
-        except SendFailed as error:
-            log.error("chat %s: cannot send the reply: %s", chat_id, error)
-            self.safe_send(chat_id, SEND_FAILED_TEXT)
-        except apihelper.ApiTelegramException as error:
-            if error.error_code == 401:
-                finished = False  # the token was revoked: the polling thread ends the bot; keep the message
-            log.error("chat %s: reply failed: %s", chat_id, error)
-            if error.error_code not in (401, 403):  # 403: the user blocked the bot
-                self.safe_send(chat_id, APOLOGY_TEXT)
-        except Exception:
-            log.exception("chat %s: reply failed", chat_id)
-            self.safe_send(chat_id, APOLOGY_TEXT)
-        finally:
-            if self.local.announced:
-                self.local.announced = False
-                self.batcher.withdraw()
-            if finished and not self.local.recorded:
-                self.store.done(item.update_id)
-
-    def handle_text(self, item):
-        message, chat_id = item.message, item.chat_id
-        text = self.strip_mentions(message).strip()
-        command = util.extract_command(text)
-        if command == "start":
-            self.send(message, START_TEXT)
-        elif command == "help":
-            self.send(message, HELP_TEXT + ("\n" + MEMORY_HELP if self.memory else ""))
-        elif command == "reset":
-            if in_group(message) and not self.is_group_admin(message):
-                log.info("chat %s: /reset by user %s refused: not an admin", chat_id,
-                         message.from_user and message.from_user.id)
-                self.send(message, ADMINS_ONLY_TEXT)
-                return
-            saved = self.store.clear(chat_id, done=item.update_id)
-            self.local.recorded = True
-            log.info("chat %s: history reset", chat_id)
-            self.send(message, RESET_TEXT)
-            self.tell_if_unsaved(message, saved)
-        elif command == "memory":
-            self.show_memory(item)
-        elif command == "forget":
-            self.forget(item, util.extract_arguments(text) or "")
-        elif command is not None:
-            self.send(message, UNKNOWN_COMMAND_TEXT)  # groups never get here (triage)
-        elif not text:
-            self.send(message, EMPTY_TEXT)
-        else:
-            self.answer(item, text)
-
-    # --- long-term memory: what each user said about themselves, per chat
-    def remember(self, message, text):
-        """Merge the facts the user states in `text` into what is kept of them in this chat
-        (the message's own facts count for its answer, as in training); the facts for the prompt."""
-        if not self.memory:
-            return ()
-        chat_id, user_id = message.chat.id, speaker_id(message)
-        with self.facts_lock:
-            new = extract_user_facts(text)
-            stored = self.store.user_facts(chat_id, user_id)
-            if stored is None:  # unreadable: answer with what this message says, write nothing over the rest
-                return merge_user_facts([], new)
-            merged = merge_user_facts(stored, new) if new else stored
-            if merged != stored:
-                self.store.set_user_facts(chat_id, user_id, merged)
-                log.info("chat %s: user %s: %d facts kept (%d new in this message)", chat_id, user_id, len(merged),
-                         len(new))
-        return merged
-
-    def show_memory(self, item):
-        message = item.message
-        if not self.memory:
-            self.send(message, MEMORY_OFF_REPLY)
-            return
-        with self.facts_lock:
-            facts = self.store.user_facts(message.chat.id, speaker_id(message)) or []
-        self.send(message, render_facts_list(facts) if facts else NO_FACTS_ANSWER)
-
-    def forget(self, item, argument):
-        """/forget: all the user's facts in this chat; /forget <слово>: the ones that hold the
-        word in any form. The stored messages holding the forgotten words (and the word asked
-        about) go too, both sides of their exchanges, and the command's own text."""
-        message, chat_id, user_id = item.message, item.chat_id, speaker_id(item.message)
-        if not self.memory:
-            self.send(message, MEMORY_OFF_REPLY)
-            return
-        # Punctuation around a word is not part of it ("/forget Аня,"); an argument of
-        # punctuation alone forgets nothing rather than everything.
-        words = [word for word in (re.sub(r"^\W+|\W+$", "", word) for word in argument.split()) if word]
-        forget_all = not argument.strip()
-        with self.facts_lock:
-            facts = self.store.user_facts(chat_id, user_id) or []
-            kept, removed = facts, []
-            if not forget_all:
-                for word in words:
-                    kept, gone = forget_user_facts(kept, word)
-                    removed += gone
-            else:
-                kept, removed = [], facts
-            parse = load_fact_tools()["parse"]
-            labels = {word for label in FACT_LABELS.values() for word in fold(label).split()}
-            doomed = [word for value in [value for _, value in removed] + [w for w in words if fold(w) not in labels]
-                      for word in content_words(value)]
-            saved = self.store.forget(chat_id, user_id, kept, any_form_matcher(doomed, parse), done=item.update_id)
-        self.local.recorded = True
-        log.info("chat %s: user %s: /forget%s: %d facts forgotten, %d kept", chat_id, user_id,
-                 "" if forget_all else " <word>", len(removed), len(kept))
-        if forget_all:
-            self.send(message, FORGOT_ALL_REPLY)
-        elif removed:
-            self.send(message, FORGOT_SOME_REPLY + "\n" + render_facts_list(removed))
-        else:
-            self.send(message, NOTHING_TO_FORGET_REPLY)
-        self.tell_if_unsaved(message, saved)
-
-    def is_group_admin(self, message):
-        """Whether the sender may change the group's bot: its creator or an administrator
-        (asked of Telegram each time: rights change), or an admin writing anonymously."""
-        user = message.from_user
-        if message.sender_chat is not None and message.sender_chat.id == message.chat.id:
-            return True  # sent "as the group": only its admins can
-        if user is None or user.id == ANONYMOUS_ADMIN_ID:
-            return False
-        try:
-            member = call_with_retry(lambda: self.bot.get_chat_member(message.chat.id, user.id), self.stopping)
-        except (SendFailed, apihelper.ApiException) as error:
-            log.warning("chat %s: cannot ask Telegram whether user %s is an admin (%s): refused", message.chat.id,
-                        user.id, error)
-            return False
-        return member.status in ("creator", "administrator")
-
-    def answer(self, item, text):
-        message, chat_id = item.message, item.chat_id
-        if len(text) > self.max_input_chars:
-            text = text[-self.max_input_chars:]  # the end usually holds the question
-        speaker = speaker_name(message.from_user) if in_group(message) else None
-        history, last = self.store.history(chat_id)
-        if last is not None and self.idle_seconds > 0 and time.time() - last > self.idle_seconds:
-            self.store.clear(chat_id)
-            log.info("chat %s: idle for %.0f min, starting afresh", chat_id, (time.time() - last) / 60)
-            history = []
-        facts = self.remember(message, text)
-        # In a group, whose words a turn holds: one member's words are not another's.
-        turns = [f"{who}: {said}" if who else said for who, said in history + [(speaker, text)]]
-        with self.tokenizers.borrow() as tokenizer:
-            prompt = chat_prompt_ids(turns, self.settings, tokenizer, facts)
-            prompt_text = tokenizer.decode(prompt)  # what a server is sent
-        if self.log_prompts:
-            log.info("prompt chat=%s: %s", chat_id, json.dumps(prompt_text, ensure_ascii=False))
-        live = None
-        if self.stream:
-            live = LiveReply(self.bot, chat_id, in_group(message), message.message_id if in_group(message) else None,
-                             self.stopping, self.drafts)
-        with keep_typing(lambda: self.bot.send_chat_action(chat_id, "typing")):
-            request = self.batcher.submit(prompt, len(prompt), announced=True, stream=live is not None,
-                                          prompt_text=prompt_text)
-            self.local.announced = False
-            reply = live.follow(request) if live else request.result()
-        if live:
-            if live.drafts_refused and self.drafts:
-                self.drafts = False
-                log.warning("the Bot API server has no sendMessageDraft (404): replies are shown by editing a "
-                            "message as they grow")
-            live.finish(reply)
-        else:
-            self.send(message, reply)
-        if reply == FALLBACK_REPLY:
-            # The model said nothing usable: remembering the stock line would only teach the
-            # prompt to repeat it, so the exchange is left out (the message is answered, though).
-            saved = self.store.done(item.update_id)
-        else:
-            # Stored once it reached the user, so a failed send leaves no exchange they never saw.
-            saved = self.store.add_exchange(chat_id, text, reply, speaker=speaker, done=item.update_id)
-        self.local.recorded = True
-        self.tell_if_unsaved(message, saved)
-
-    def tell_if_unsaved(self, message, saved):
-        """A chat is told once per spell of database trouble that it is remembered in memory only."""
-        if saved or self.told_unsaved.get(message.chat.id) == self.store.faults:
-            return
-        self.told_unsaved[message.chat.id] = self.store.faults
-        self.send(message, UNSAVED_TEXT)
-
-    def send(self, message, text):
-        send_reply(self.bot, message.chat.id, text, message.message_id if in_group(message) else None,
-                   self.stopping)
-
-    def safe_send(self, chat_id, text):
-        # One try: the call that failed has already had its retries.
-        try:
-            self.bot.send_message(chat_id, text)
-        except Exception as error:
-            log.error("chat %s: cannot send a message either: %s", chat_id, error)
-
-    def close(self):
-        """Finish the messages in progress; the ones not started stay in the database."""
-        self.dispatcher.close()
-        self.notifier.close()
-
 
 def model_thread_generate(chat, settings):
     """generate(prompts, on_text) -> replies for the model thread, with its own tokenizer
@@ -1585,103 +1203,546 @@ def model_thread_generate(chat, settings):
     return generate
 
 
-# --- polling
-def remove_webhook(bot):
-    """getUpdates answers 409 while a webhook is set: remove one left behind (by an
-    earlier deployment, another tool) and say so."""
-    try:
-        info = bot.get_webhook_info()
-    except apihelper.ApiTelegramException as error:
-        if error.error_code == 401:
-            raise UserError(f"getWebhookInfo: Telegram refused the bot token (401 {error.description})") from None
-        log.warning("cannot ask whether a webhook is set: %s", error)
-        return
-    except Exception as error:
-        log.warning("cannot ask whether a webhook is set: %s", error)
-        return
-    if info.url:
-        # Only the host: the rest of a webhook address is often a secret of its own.
-        log.warning("a webhook was set (to %s), which keeps getUpdates from working: removing it (deleteWebhook)",
-                    urlsplit(info.url).hostname or "an address")
-        try:
-            call_with_retry(lambda: bot.delete_webhook(drop_pending_updates=False))
-        except Exception as error:  # getUpdates will answer 409 and bring us back here
-            log.error("cannot remove the webhook: %s", error)
 
+class LiveReply:
+    """A reply shown to its chat while it is written. In a private chat the text grows in a
+    draft (sendMessageDraft: a temporary bubble, which the final message replaces); where
+    drafts are refused (a group, a Bot API server without them) the first part is sent as a
+    message and edited as it grows. At most one call per `every` seconds, counted from the
+    start of the reply, so a reply written faster than that is just sent; a 429 is waited out
+    and halves the pace; a text over 4096 characters goes on in a second message. Runs on the
+    chat's worker (the generating thread only stores the text), and every update is the start
+    of the final text. An update that fails stops the updates, never the reply."""
 
-def poll(bot, take_updates, stopping, poll_seconds, offset=None):
-    """Long-poll getUpdates until `stopping` is set; take_updates(updates) records a
-    batch and returns the next offset, which the next call confirms. Returns the
-    last offset. A refused token (401) and another copy polling (409 that a
-    deleteWebhook does not cure) end it with UserError."""
-    backoff, conflicts = 1.0, deque()
-    while not stopping.is_set():
+    draft_ids = itertools.count(1)  # non-zero; a new id is a new draft bubble
+
+    def __init__(self, bot, chat_id, group, reply_to, stopping, drafts=True, clock=time.monotonic, pause=None):
+        self.bot, self.chat_id, self.reply_to, self.stopping = bot, chat_id, reply_to, stopping
+        # The pace is read from `clock` and waited by `pause` (stopping.wait): a test moves a fake clock itself.
+        self.clock, self.pause = clock, pause or stopping.wait
+        self.mode = "draft" if drafts and not group else "edit"  # "off" once an update failed
+        self.every = GROUP_STREAM_EVERY_SECONDS if group else STREAM_EVERY_SECONDS
+        self.next_at = self.clock() + self.every
+        self.shown = ""            # the text visible now, all its parts together
+        self.messages = []         # [message id, text] of each message of this reply, in order
+        self.draft_id = next(self.draft_ids)
+        self.drafts_refused = False  # a 404: the Bot API server has no drafts at all
+
+    def due(self, text):
+        """Whether `text` is to be shown now: it is new, updates are on, and the pace allows one."""
+        return self.mode != "off" and text != self.shown and self.clock() >= self.next_at
+
+    def follow(self, request):
+        """Show the request's text as it grows, paced, until the reply is done; its result."""
+        while True:
+            with request.changed:
+                while not request.done.is_set() and not self.due(request.visible):
+                    news = self.mode != "off" and request.visible != self.shown
+                    request.changed.wait(min(max(self.next_at - self.clock(), 0.0), 1.0) if news else 1.0)
+                if request.done.is_set():
+                    return request.result()
+                text = request.visible
+            self.show(text)
+
+    def show(self, text):
+        parts = util.smart_split(text, util.MAX_MESSAGE_LENGTH)
         try:
-            updates = bot.get_updates(offset=offset, timeout=poll_seconds + 10, long_polling_timeout=poll_seconds,
-                                      allowed_updates=["message"])
-        except apihelper.ApiTelegramException as error:
-            if error.error_code == 401:
-                raise UserError(f"getUpdates: Telegram refused the bot token (401 {error.description}): it was "
-                                f"revoked or replaced; put the new one from @BotFather in {TOKEN_ENV}") from None
-            if error.error_code == 409:
-                now = time.monotonic()
-                conflicts.append(now)
-                while now - conflicts[0] > CONFLICT_WINDOW_SECONDS:
-                    conflicts.popleft()
-                if len(conflicts) >= CONFLICT_LIMIT:
-                    raise UserError(f"getUpdates: {len(conflicts)} conflicts (409 {error.description}) within "
-                                    f"{CONFLICT_WINDOW_SECONDS:.0f} s: another copy of this bot is polling with the "
-                                    f"same token; stop it") from None
-                log.error("getUpdates conflict (409 %s)", error.description)
-                if "webhook" in error.description.lower():
-                    remove_webhook(bot)
+            if self.mode == "draft":
+                try:
+                    self._draft(parts)
+                except apihelper.ApiTelegramException as error:
+                    if error.error_code not in (400, 404):
+                        raise
+                    # 404: a Bot API server older than drafts; 400: a chat that takes none
+                    log.info("chat %s: no drafts (%s %s): the reply is sent and edited as it grows", self.chat_id,
+                             error.error_code, error.description)
+                    self.drafts_refused |= error.error_code == 404
+                    self.mode = "edit"
+                    self._edit(parts)
             else:
-                log.error("getUpdates failed: %s", error)
-            stopping.wait(backoff)
-            backoff = min(backoff * 2, 60.0)
-            continue
-        except Exception as error:  # the network or Telegram having a bad moment: wait, try again
-            log.error("getUpdates failed: %s", error)
-            stopping.wait(backoff)
-            backoff = min(backoff * 2, 60.0)
-            continue
-        backoff = 1.0
-        if updates:
-            offset = take_updates(updates)
-    return offset
+                self._edit(parts)
+        except RetryAfter as wait:
+            if self.pause(wait.seconds):
+                self.mode = "off"
+            self.every *= 2  # Telegram said too fast: slower for the rest of this reply
+            self.next_at = self.clock()  # ...but the text waiting now goes out at once
+            return
+        except Exception as error:  # the final send tries again and reports what fails
+            log.warning("chat %s: an update of the reply being written failed (%s): the reply comes whole",
+                        self.chat_id, error)
+            self.mode = "off"
+            return
+        self.shown = text
+        self.next_at = self.clock() + self.every
+
+    def _draft(self, parts):
+        for part in parts[len(self.messages):-1]:  # parts complete now: messages; the draft goes on after them
+            self.messages.append([once(lambda: self.bot.send_message(self.chat_id, part)).message_id, part])
+            self.draft_id = next(self.draft_ids)
+        once(lambda: self.bot.send_message_draft(self.chat_id, self.draft_id, parts[-1]))
+
+    def _edit(self, parts):
+        for number, part in enumerate(parts):
+            if number < len(self.messages):
+                if self.messages[number][1] != part:
+                    once(lambda: self.bot.edit_message_text(part, chat_id=self.chat_id,
+                                                            message_id=self.messages[number][0]))
+                    self.messages[number][1] = part
+            else:
+                sent = once(lambda: self.bot.send_message(self.chat_id, part,
+                                                          reply_parameters=self._reply_parameters(number)))
+                self.messages.append([sent.message_id, part])
+
+    def _reply_parameters(self, number):
+        if self.reply_to is None or number > 0:
+            return None
+        return types.ReplyParameters(self.reply_to, allow_sending_without_reply=True)
+
+    def finish(self, reply):
+        """Deliver the finished reply, each call tried as send_reply tries one: the messages
+        sent so far edited where the text changed (paced), the rest sent. A draft is temporary,
+        so in a private chat the reply itself is always sent as a message."""
+        for number, part in enumerate(util.smart_split(reply, util.MAX_MESSAGE_LENGTH)):
+            if number < len(self.messages):
+                if self.messages[number][1] != part and not self._final_edit(number, part):
+                    self.messages[number] = [self._final_send(number, part), part]
+            else:
+                self.messages.append([self._final_send(number, part), part])
+
+    def _final_edit(self, number, part):
+        """False when the message cannot be edited (deleted): it is sent anew instead."""
+        wait = self.next_at - self.clock()
+        if wait > 0:
+            self.pause(wait)  # the pace; stopping: the reply still goes
+        try:
+            call_with_retry(lambda: self.bot.edit_message_text(part, chat_id=self.chat_id,
+                                                               message_id=self.messages[number][0]), self.stopping)
+        except apihelper.ApiTelegramException as error:
+            if error.error_code != 400:
+                raise
+            if "not modified" not in error.description:
+                log.info("chat %s: cannot edit the reply (%s); sending it anew", self.chat_id, error.description)
+                return False
+        self.messages[number][1] = part
+        self.next_at = self.clock() + self.every
+        return True
+
+    def _final_send(self, number, part):
+        # The one send path: a part is at most 4096 characters, so it is one message.
+        return send_reply(self.bot, self.chat_id, part, self.reply_to if number == 0 else None,
+                          self.stopping)[0].message_id
+
+# --- one send path: every message the bot sends, bar the updates of a reply being written
+class ShuttingDown(Exception):
+    """A wait before trying again was cut short by SIGTERM."""
 
 
-def confirm_updates(bot, offset):
-    # Telegram forgets updates below the offset only on the next getUpdates; without
-    # this call the messages answered last would come again to whatever polls next.
-    if offset is None:
-        return
+class SendFailed(Exception):
+    """A Bot API call still failed after SEND_ATTEMPTS tries."""
+
+
+def retry_wait(error, attempt):
+    """Seconds to wait before trying `error`'s call again, or None when trying again
+    cannot help (a 400, a 403: the request itself is wrong or unwelcome)."""
+    backoff = min(SEND_BACKOFF_SECONDS * 2 ** (attempt - 1), MAX_SEND_BACKOFF_SECONDS)
+    if isinstance(error, apihelper.ApiTelegramException):
+        if error.error_code == 429:
+            parameters = (error.result_json or {}).get("parameters") or {}
+            return min(max(float(parameters.get("retry_after", 1)), 0.0), MAX_RETRY_AFTER_SECONDS)
+        return backoff if error.error_code >= 500 else None
+    if isinstance(error, apihelper.ApiHTTPException):  # a proxy's HTML error page
+        return backoff if error.result.status_code >= 500 else None
+    if isinstance(error, (apihelper.ApiInvalidJSONException, requests.ConnectionError, requests.Timeout)):
+        return backoff
+    return None
+
+
+def call_with_retry(call, stopping=None, attempts=SEND_ATTEMPTS):
+    """call() with retries: a 429 waits as long as Telegram asks, a 5xx or a network
+    error 1, 2, 4... s. A wait ends early when `stopping` is set (ShuttingDown); the
+    last error, after `attempts` tries, comes as SendFailed."""
+    stopping = stopping or threading.Event()
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except Exception as error:
+            wait = retry_wait(error, attempt)
+            if wait is None:
+                raise
+            if attempt == attempts:
+                raise SendFailed(f"{attempts} tries, the last: {error}") from error
+            code = getattr(error, "error_code", None) or type(error).__name__
+            log.warning("Bot API call failed (%s): trying again in %.1f s", code, wait)
+            if stopping.wait(wait):
+                raise ShuttingDown() from error
+
+
+def send_reply(bot, chat_id, text, reply_to=None, stopping=None):
+    """The one way a message goes out (replies, commands' answers, notices, apologies, a streamed
+    reply's final parts): split at Telegram's 4096-character limit, each part tried again on a
+    429, a 5xx or a network error (call_with_retry); in groups the first part answers the message
+    it replies to. The messages sent, in order."""
+    sent = []
+    for number, part in enumerate(util.smart_split(text, util.MAX_MESSAGE_LENGTH)):
+        reply = None
+        if reply_to is not None and number == 0:
+            reply = types.ReplyParameters(reply_to, allow_sending_without_reply=True)
+        sent.append(call_with_retry(lambda: bot.send_message(chat_id, part, reply_parameters=reply), stopping))
+    return sent
+
+
+def in_group(message):
+    return message.chat.type in ("group", "supergroup")
+
+
+def reply_to_of(message):
+    """The message a reply answers: in a group, so that its members see whom; none in a private chat."""
+    return message.message_id if in_group(message) else None
+
+
+class RetryAfter(Exception):
+    """Telegram answered 429: the call may be tried again after `seconds`."""
+
+    def __init__(self, seconds):
+        super().__init__(f"retry after {seconds} s")
+        self.seconds = seconds
+
+
+def once(call):
+    """call() tried once; a 429 comes as RetryAfter, for the caller to wait out and slow down."""
     try:
-        bot.get_updates(offset=offset, limit=1, timeout=10, long_polling_timeout=1)
-    except Exception as error:
-        log.warning("could not confirm the last updates: %s", error)
+        return call()
+    except apihelper.ApiTelegramException as error:
+        if error.error_code == 429:
+            raise RetryAfter(retry_wait(error, 1)) from error
+        raise
 
 
-def serve(bot, chat_bot, stopping, poll_seconds):
-    """Remove a stale webhook, answer what the last run left, poll until `stopping`,
-    then confirm the updates taken and finish the replies in progress. A fatal API
-    error (UserError) comes out after the same shutdown."""
-    fatal, offset = None, chat_bot.store.saved_offset()
+class Notifier:
+    """Short notices (busy, too fast, offline, not allowed) sent from a small pool of
+    their own, so that waiting out a 429 for one of them never holds up the polling
+    thread. A chat gets the same notice at most once in NOTICE_INTERVAL_SECONDS,
+    and at most NOTICE_QUEUE wait to be sent."""
+
+    def __init__(self, bot, stopping, threads=NOTICE_THREADS):
+        self.bot, self.stopping = bot, stopping
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="notice")
+        self.lock = threading.Lock()
+        self.last = {}       # (chat id, text) -> when it was last queued
+        self.waiting = 0
+
+    def notify(self, message, text):
+        key, now = (message.chat.id, text), time.monotonic()
+        with self.lock:
+            if now - self.last.get(key, -NOTICE_INTERVAL_SECONDS) < NOTICE_INTERVAL_SECONDS:
+                return False
+            if self.waiting >= NOTICE_QUEUE:
+                log.warning("chat %s: too many notices waiting; this one is dropped", message.chat.id)
+                return False
+            if len(self.last) > 10 * NOTICE_QUEUE:  # forget chats that have been quiet for a while
+                self.last = {k: t for k, t in self.last.items() if now - t < NOTICE_INTERVAL_SECONDS}
+            self.last[key] = now
+            self.waiting += 1
+        self.pool.submit(self._send, message.chat.id, text, reply_to_of(message))
+        return True
+
+    def _send(self, chat_id, text, reply_to):
+        try:
+            send_reply(self.bot, chat_id, text, reply_to, self.stopping)
+        except ShuttingDown:
+            log.info("chat %s: a notice was not sent: stopping", chat_id)
+        except Exception as error:
+            log.error("chat %s: cannot send a notice: %s", chat_id, error)
+        finally:
+            with self.lock:
+                self.waiting -= 1
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+# --- the store: history, the inbox of messages not yet answered, the offset, the facts
+class Change:
+    """One write to the database, kept in memory until it is written."""
+
+    def __init__(self, kind, chat_id=None, rows=(), done=None, offset=None, user_id=None, holds=None):
+        self.kind, self.chat_id, self.rows, self.done, self.offset = kind, chat_id, list(rows), done, offset
+        self.user_id = user_id
+        self.holds = holds  # "forget": holds(text) is True for a message to delete with the facts
+
+
+def inbox_message(raw):
+    """(text or caption, owner) of a message kept in the inbox as JSON; the owner is whose
+    words they are, as speaker_id says of a live message."""
     try:
-        remove_webhook(bot)
-        chat_bot.recover()
-        offset = poll(bot, chat_bot.take_updates, stopping, poll_seconds, offset)
-    except UserError as error:
-        fatal = error
-    stopping.set()
-    if fatal is None:
-        confirm_updates(bot, chat_bot.offset_to_confirm(offset))
-    chat_bot.close()
-    if fatal is not None:
-        raise fatal
+        message = json.loads(raw)
+    except json.JSONDecodeError:
+        return raw, None
+    if not isinstance(message, dict):
+        return "", None
+    user, sender = message.get("from") or {}, message.get("sender_chat")
+    if sender or not user or user.get("id") == ANONYMOUS_ADMIN_ID:
+        owner = (sender or message.get("chat") or {}).get("id")
+    else:
+        owner = user.get("id")
+    return message.get("text") or message.get("caption") or "", owner
 
 
-# --- settings
+def owned_by(owner, user_id):
+    # A turn stored before owners were kept (None) counts as the asker's: /forget erred on the
+    # side of forgetting then, and still does for those.
+    return owner is None or owner == user_id
+
+
+def restrict_to_owner(path):
+    """The database and its -wal and -shm files readable by their owner only. Regular files
+    only: os.chmod follows a symbolic link, and a folder at 0600 would lock its owner out."""
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            if stat.S_ISREG(os.lstat(name).st_mode):
+                os.chmod(name, 0o600)
+        except FileNotFoundError:
+            pass
+
+
+def check_database_path(path):
+    """--db names a file: a folder there is a mistake to say, before anything is touched."""
+    if os.path.isdir(path):
+        raise UserError(f"--db {path}: is a folder; give the database file, e.g. "
+                        f"{os.path.join(path, DEFAULT_DB)}")
+
+
+class HistoryStore:
+    """Each chat's turns, the messages taken and not yet answered (the inbox), and
+    what each user said about themselves (user_facts, per chat and user), in SQLite,
+    readable by its owner only. Deleted rows are overwritten (secure_delete) and a
+    reset or a /forget is checkpointed out of the write-ahead log, so forgotten words
+    do not linger in the files. A write that fails (a full disk, an
+    I/O error) is kept in memory, where reads see it, and tried again with the next
+    write: the bot keeps answering from memory, says so once in the log, and
+    catches up when the disk has room again."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.lock = threading.Lock()
+        self.backlog = []          # changes not yet written, oldest first
+        self.fault = None          # the error that keeps changes in memory, while it lasts
+        self.faults = 0            # how many such spells there were, so each is told about once
+        self.read_fault_logged = False
+        check_database_path(self.path)
+        try:
+            restrict_to_owner(self.path)
+            previous = os.umask(0o077)  # new files (the database, -wal, -shm) come out 0600
+            try:
+                self.db = sqlite3.connect(self.path, check_same_thread=False)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA secure_delete=ON")
+                self.db.execute("CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                                "chat_id INTEGER NOT NULL, role TEXT NOT NULL, text TEXT NOT NULL, "
+                                "created REAL NOT NULL, speaker TEXT, user_id INTEGER)")
+                columns = [row[1] for row in self.db.execute("PRAGMA table_info(messages)")]
+                if "speaker" not in columns:  # a database from before speakers were kept
+                    self.db.execute("ALTER TABLE messages ADD COLUMN speaker TEXT")
+                if "user_id" not in columns:  # ...or whose exchange a turn is (a group's /forget)
+                    self.db.execute("ALTER TABLE messages ADD COLUMN user_id INTEGER")
+                self.db.execute("CREATE INDEX IF NOT EXISTS messages_chat ON messages (chat_id, id)")
+                self.db.execute("CREATE TABLE IF NOT EXISTS inbox (update_id INTEGER PRIMARY KEY, "
+                                "chat_id INTEGER NOT NULL, message TEXT NOT NULL, taken REAL NOT NULL)")
+                self.db.execute("CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+                self.db.execute("CREATE TABLE IF NOT EXISTS user_facts (chat_id INTEGER NOT NULL, "
+                                "user_id INTEGER NOT NULL, position INTEGER NOT NULL, kind TEXT NOT NULL, "
+                                "value TEXT NOT NULL, PRIMARY KEY (chat_id, user_id, position))")
+                self.db.commit()
+            finally:
+                os.umask(previous)
+            restrict_to_owner(self.path)
+        except (sqlite3.Error, OSError) as error:
+            raise UserError(f"{self.path}: cannot open the history database ({error})") from None
+
+    # --- writing
+    def _apply(self, change):
+        if change.kind == "exchange":
+            self.db.executemany("INSERT INTO messages (chat_id, role, text, created, speaker, user_id) "
+                                "VALUES (?, ?, ?, ?, ?, ?)",
+                                [(change.chat_id,) + row for row in change.rows])
+        elif change.kind == "clear":
+            self.db.execute("DELETE FROM messages WHERE chat_id = ?", (change.chat_id,))
+        elif change.kind in ("facts", "forget"):
+            self.db.execute("DELETE FROM user_facts WHERE chat_id = ? AND user_id = ?",
+                            (change.chat_id, change.user_id))
+            self.db.executemany("INSERT INTO user_facts (chat_id, user_id, position, kind, value) "
+                                "VALUES (?, ?, ?, ?, ?)",
+                                [(change.chat_id, change.user_id, position, kind, value)
+                                 for position, (kind, value) in enumerate(change.rows)])
+            if change.kind == "forget" and change.holds is not None:
+                # Only the asker's exchanges: in a group, what other members said is theirs.
+                rows = self.db.execute("SELECT id, role, text, user_id FROM messages WHERE chat_id = ? ORDER BY id",
+                                       (change.chat_id,)).fetchall()
+                mine = [(row_id, role, text) for row_id, role, text, owner in rows if owned_by(owner, change.user_id)]
+                self.db.executemany("DELETE FROM messages WHERE id = ?",
+                                    [(row_id,) for row_id in sorted(exchanges_holding(mine, change.holds))])
+                inbox = self.db.execute("SELECT update_id, message FROM inbox WHERE chat_id = ?",
+                                        (change.chat_id,)).fetchall()
+                self.db.executemany("DELETE FROM inbox WHERE update_id = ?",
+                                    [(update_id,) for update_id, raw in inbox
+                                     if (change.done is None or update_id < change.done)
+                                     and owned_by(inbox_message(raw)[1], change.user_id)
+                                     and change.holds(inbox_message(raw)[0])])
+        elif change.kind == "take":
+            self.db.executemany("INSERT OR REPLACE INTO inbox (update_id, chat_id, message, taken) VALUES (?, ?, ?, ?)",
+                                change.rows)
+            if change.offset is not None:
+                self.db.execute("INSERT OR REPLACE INTO state (key, value) VALUES ('offset', ?)", (change.offset,))
+        if change.done is not None:
+            self.db.execute("DELETE FROM inbox WHERE update_id = ?", (change.done,))
+
+    def _write(self, change=None):
+        """Write `change` (after any kept in memory; None: only those); False when it stays in memory."""
+        with self.lock:
+            if change is not None:
+                self.backlog.append(change)
+            if len(self.backlog) > BACKLOG_LIMIT:
+                del self.backlog[0]
+                log.error("history database: more than %d changes waiting in memory; the oldest is dropped",
+                          BACKLOG_LIMIT)
+            try:
+                with self.db:
+                    for waiting in self.backlog:
+                        self._apply(waiting)
+            except sqlite3.Error as error:
+                if self.fault is None:  # once a spell, not once a message
+                    self.fault, self.faults = error, self.faults + 1
+                    log.error("history database %s: cannot write (%s); answering from memory, and saving "
+                              "what is kept there once it can", self.path, error)
+                return False
+            cleared = any(waiting.kind in ("clear", "forget") for waiting in self.backlog)
+            if self.fault is not None:
+                log.warning("history database %s: writable again; %d changes kept in memory are saved",
+                            self.path, len(self.backlog))
+                self.fault = None
+            self.backlog.clear()
+            if cleared:
+                self._checkpoint()
+            return True
+
+    def _checkpoint(self):
+        # Copies the log into the database and empties it: the deleted turns, zeroed
+        # there by secure_delete, are then gone from the -wal file as well.
+        try:
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as error:
+            log.warning("history database %s: checkpoint after a reset or /forget failed (%s)", self.path, error)
+
+    def take(self, rows, offset):
+        """Messages taken from Telegram, (update id, chat id, message JSON) each, and the
+        offset that confirms them: on disk before that offset goes to Telegram."""
+        now = time.time()
+        return self._write(Change("take", rows=[(u, c, m, now) for u, c, m in rows], offset=offset))
+
+    def flush(self):
+        """Try again to write what is kept in memory; True when nothing is left there."""
+        return self._write()
+
+    def add_exchange(self, chat_id, question, answer, now=None, speaker=None, done=None, user_id=None):
+        """A question and its answer; user_id: whose exchange it is (who asked), for /forget."""
+        now = time.time() if now is None else now
+        return self._write(Change("exchange", chat_id, [("user", question, now, speaker, user_id),
+                                                        ("bot", answer, now, None, user_id)], done=done))
+
+    def clear(self, chat_id, done=None):
+        return self._write(Change("clear", chat_id, done=done))
+
+    def done(self, update_id):
+        """The message is answered (or deliberately not): the next start leaves it alone."""
+        return self._write(Change("done", done=update_id))
+
+    def set_user_facts(self, chat_id, user_id, facts):
+        """What the user has said about themselves in this chat, (kind, value) pairs oldest first."""
+        return self._write(Change("facts", chat_id, facts, user_id=user_id))
+
+    def forget(self, chat_id, user_id, kept, holds=None, done=None):
+        """Keep only `kept` of the user's facts in this chat, and delete for good every stored
+        message of the user's in the chat (both sides of its exchange, the inbox too) for which
+        holds(text) is True; `done` is the /forget's own update, whose inbox row goes in the same write."""
+        return self._write(Change("forget", chat_id, kept, done=done, user_id=user_id, holds=holds))
+
+    # --- reading: the database, then what is still in memory
+    def _read(self, sql, parameters):
+        try:
+            return self.db.execute(sql, parameters).fetchall()
+        except sqlite3.Error as error:
+            if not self.read_fault_logged:
+                self.read_fault_logged = True
+                log.error("history database %s: cannot read (%s); answering from memory", self.path, error)
+            return []
+
+    def history(self, chat_id):
+        """The chat's (speaker, text) turns, oldest first, whole exchanges only, and the
+        time of its last one (None for a new chat)."""
+        with self.lock:
+            cleared = any(change.kind == "clear" and change.chat_id == chat_id for change in self.backlog)
+            rows = [] if cleared else self._read(
+                "SELECT id, role, speaker, text, created, user_id FROM messages WHERE chat_id = ? "
+                "ORDER BY id DESC LIMIT ?", (chat_id, HISTORY_ROWS_LOADED))[::-1]
+            for change in self.backlog:
+                if change.chat_id == chat_id and change.kind == "clear":
+                    rows = []
+                elif change.chat_id == chat_id and change.kind == "exchange":
+                    rows += [(None, role, speaker, text, created, owner)
+                             for role, text, created, speaker, owner in change.rows]
+                elif change.chat_id == chat_id and change.kind == "forget" and change.holds is not None:
+                    numbered = [(i, row[1], row[3]) for i, row in enumerate(rows) if owned_by(row[5], change.user_id)]
+                    doomed = exchanges_holding(numbered, change.holds)
+                    rows = [row for i, row in enumerate(rows) if i not in doomed]
+        last = rows[-1][4] if rows else None
+        turns = [(row[2], row[3]) for row in rows]
+        return (turns[1:] if len(turns) % 2 else turns), last
+
+    def pending(self):
+        """The messages taken and not answered, (update id, message JSON), oldest first."""
+        with self.lock:
+            rows = dict(self._read("SELECT update_id, message FROM inbox ORDER BY update_id", ()))
+            for change in self.backlog:
+                rows.update((update_id, message) for update_id, _, message, _ in change.rows
+                            if change.kind == "take")
+                rows.pop(change.done, None)
+        return sorted(rows.items())
+
+    def user_facts(self, chat_id, user_id):
+        """The user's facts in this chat, (kind, value) pairs oldest first; None when the
+        database cannot be read (so that nothing is merged into, and written over, an empty list)."""
+        with self.lock:
+            try:
+                facts = [tuple(row) for row in self.db.execute(
+                    "SELECT kind, value FROM user_facts WHERE chat_id = ? AND user_id = ? ORDER BY position",
+                    (chat_id, user_id))]
+            except sqlite3.Error as error:
+                log.error("history database %s: cannot read a user's facts (%s)", self.path, error)
+                facts = None
+            for change in self.backlog:
+                if change.kind in ("facts", "forget") and (change.chat_id, change.user_id) == (chat_id, user_id):
+                    facts = list(change.rows)
+        return facts
+
+    def saved_offset(self):
+        with self.lock:
+            rows = self._read("SELECT value FROM state WHERE key = 'offset'", ())
+            offsets = [change.offset for change in self.backlog if change.offset is not None]
+        return (offsets or [row[0] for row in rows] or [None])[-1]
+
+    def close(self):
+        with self.lock:
+            if self.backlog:
+                try:
+                    with self.db:
+                        for waiting in self.backlog:
+                            self._apply(waiting)
+                    self.backlog.clear()
+                except sqlite3.Error as error:
+                    log.error("history database %s: %d changes could not be saved (%s)", self.path,
+                              len(self.backlog), error)
+            self.db.close()
+
+# --- settings and main
 def parse_user_ids(text):
     """--allowed-users as a set of ids; None (a public bot) only when the flag is absent."""
     if text is None:
@@ -1746,20 +1807,7 @@ def build_parser():
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="model folder (its newest complete checkpoint-N/ when it has no weights of its own)")
     parser.add_argument("--device", default=DEFAULT_DEVICE, choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--persona", default=PERSONA,
-                        help="the bot's answer to the persona question (default: chat_config.json)")
-    parser.add_argument("--no-persona", action="store_true", default=NO_PERSONA,
-                        help="no persona exchange in the prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
-    parser.add_argument("--temperature", type=float, default=TEMPERATURE)
-    parser.add_argument("--top-p", type=float, default=TOP_P)
-    parser.add_argument("--repetition-penalty", type=float, default=REPETITION_PENALTY, help="must be >= 1.0")
-    parser.add_argument("--context-tokens", type=int, default=CONTEXT_TOKENS,
-                        help="prompt budget in tokens (default: chat_config.json, what the model was trained with)")
-    parser.add_argument("--max-turns", type=int, default=MAX_TURNS,
-                        help="turns of the conversation in the prompt, the new message included (default: "
-                             "chat_config.json, what the model was trained with)")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    add_prompt_flags(parser)
     parser.add_argument("--token-file", default=TOKEN_FILE, help=f"file holding the bot token (default: ${TOKEN_ENV})")
     parser.add_argument("--api-url", default=API_URL or os.environ.get(API_URL_ENV),
                         help=f"self-hosted Bot API server, e.g. http://127.0.0.1:8081 (default: ${API_URL_ENV}, "
@@ -1904,15 +1952,6 @@ def check_memory(args):
     except ImportError as error:
         raise UserError(f"long-term memory needs yargy and pymorphy3 ({error}); install them "
                         "(pip install -r requirements.txt) or pass --no-memory") from None
-
-
-def register_commands(bot, memory):
-    """The command list Telegram shows when a user types "/" (setMyCommands); nice to have, so never fatal."""
-    names = [name for name in COMMANDS if memory or name not in ("memory", "forget")]
-    try:
-        bot.set_my_commands([types.BotCommand(name, COMMAND_DESCRIPTIONS[name]) for name in names])
-    except Exception as error:
-        log.warning("cannot register the command list (setMyCommands): %s", error)
 
 
 def connect(token, api_url):
@@ -2287,6 +2326,21 @@ FACT_KINDS = ("name", "city", "age", "occupation", "study", "family", "pet", "li
 SINGLE_VALUE_KINDS = ("name", "city", "age", "occupation", "study")  # a later statement replaces the earlier one
 MAX_VALUES_PER_KIND = 8       # likes, family, plans...: the oldest goes when a kind is full
 NO_FACTS_ANSWER = "Пока ничего. Расскажи о себе, и я запомню."
+# The answer to "Что ты обо мне знаешь?": a clause about "ты" for each kind, in FACT_KINDS order.
+FACT_CLAUSES = {
+    "name": "тебя зовут {}",
+    "city": "ты живёшь {}",              # в Казани: place_in()
+    "age": "тебе {}",                    # 25 лет: years_phrase()
+    "occupation": "ты {}",               # ты учитель, ты на пенсии
+    "workplace": "ты работаешь {}",      # an occupation that is a place: в школе
+    "study": "ты учишься {}",
+    "marital": "ты {}",                  # ты замужем
+    "relatives": "у тебя есть {}",       # family, then pets, each kind listed with "и"
+    "like": "ты любишь {}",
+    "dislike": "ты не любишь {}",
+    "plan": "{when} ты {what}",          # завтра ты поедешь в Казань: the verb in the second person
+    "plan_thing": "{when} у тебя {what}",  # в субботу у тебя концерт
+}
 CITY_ABBREVIATIONS = {"мск": "Москва", "спб": "Санкт-Петербург", "питер": "Питер", "екб": "Екатеринбург",
                       "нск": "Новосибирск", "нн": "Нижний Новгород"}
 # No library marks kinship or pet nouns, so these few lemmas are listed here.
@@ -2335,9 +2389,26 @@ LOVE_VERBS = ("люблю", "обожаю", "любим", "обожаем")
 PLEASE_VERBS = ("нравится", "нравятся", "нравиться", "нравяться")
 FAN_WORDS = ("фанат", "фанатка", "поклонник", "поклонница", "любитель", "любительница")
 FAVOURITE_WORDS = ("любимая", "любимый", "любимое", "любимые")
-HATE_VERBS = ("ненавижу", "бесит", "бесят", "раздражает", "раздражают", "переношу")
-DATE_WORDS = ("завтра", "послезавтра", "сегодня", "выходных", "выходные", "летом", "зимой", "весной", "осенью",
-              "через", "неделе", "месяце", "году")
+IRRITATE_VERBS = ("бесит", "бесят", "раздражает", "раздражают")   # the thing is the subject: nominative
+HATE_VERBS = ("ненавижу", *IRRITATE_VERBS, "переношу")
+DAY_WORDS = ("завтра", "послезавтра", "сегодня")
+SEASON_WORDS = ("летом", "зимой", "весной", "осенью")
+DATE_WORDS = (*DAY_WORDS, "выходных", "выходные", *SEASON_WORDS, "через", "неделе", "месяце", "году")
+NAME_WORDS = ("имя", "имечко")
+MY_NEUTER_WORDS = ("мое", "моё")          # "моё имя"
+AGE_UNITS = ("лет", "год", "года")        # "мне 25 лет"; the grammar also takes "годик", "годика"
+IN_WORDS = ("в", "во")                    # "живу в Казани", "во Владивостоке"
+FROM_WORDS = ("из", "с", "со")            # "я из Казани", "с Питера"
+NOW_WORDS = ("теперь", "сейчас")          # "жила в Омске, теперь в Томске"
+PLACE_PREPOSITIONS = ("в", "во", "на")    # where one works or studies: "в школе", "на заводе"
+CLASS_WORDS = ("классе", "класе")         # "я в 5 классе"
+OWNER_WORDS = ("меня", "нас")             # "у меня", "у нас"
+OWNER_VERBS = ("есть", "живет", "живёт", "живут")   # "у меня есть кот"
+WITH_WORDS = ("с", "со")                  # "мы с мужем"
+COLLECTIVE_NUMERALS = ("двое", "трое", "четверо", "пятеро")   # "у меня двое детей"
+NAMING_WORDS = ("зовут", "кличке", "кличка", "назвала", "назвал", "назвали", "зову")
+# What may stand between the last relative of a list and its name: "... и сестра, которую зовут оля".
+BEFORE_NAMING = {"и", "по", "его", "её", "ее", "их", "которого", "которую", "которых", "которая", "который"}
 CLAUSE_BREAKS = {",", ".", "!", "?", ";", ":", ")", "(", "а", "но", "однако", "зато", "\n"}
 SENTENCE_ENDS = {".", "!", "?", "\n"}
 QUOTE_MARKS = {'"', "«", "»", "„", "“", "”"}   # kept out of a plan's words: 'у меня через месяц "аида"'
@@ -2407,8 +2478,8 @@ def load_fact_tools():
         rule(called, me, filler, name_any),                              # зовут меня настей
         rule(me, filler, name_any, called),                              # меня кстати дашей зовут
         rule(me, called, eq("не"), name_any, words("а"), name_any),      # меня зовут не аня а катя
-        rule(words("имя", "имечко"), words("мое", "моё"), name_nomn),
-        rule(words("мое", "моё"), words("имя"), name_nomn),
+        rule(words(*NAME_WORDS), words(*MY_NEUTER_WORDS), name_nomn),
+        rule(words(*MY_NEUTER_WORDS), words("имя"), name_nomn),
         rule(words("я", "это"), filler, and_(name_nomn, not_(has_form("VERB")))),  # я саня
         rule(name_nomn, words("я")),                                     # саня я, с питера
         rule(words("а"), me, name_nomn),                                 # ..., а меня маша
@@ -2426,26 +2497,26 @@ def load_fact_tools():
     )
     live = words(*LIVE_WORDS)
     moved = words(*MOVED_WORDS)
-    other_place = rule(words("в", "во", "на"), and_(has_form("NOUN"), not_(has_form("Geox"))))
+    other_place = rule(words(*PLACE_PREPOSITIONS), and_(has_form("NOUN"), not_(has_form("Geox"))))
     city_rules = or_(
-        rule(live, filler, other_place.optional(), words("в", "во"), place),   # живу в общаге в москве
-        rule(live, filler, eq("не"), words("в", "во"), place, eq(",").optional(),
-             words("а"), words("в", "во"), place),                             # живу не в москве а в казани
-        rule(words("теперь", "сейчас"), words("в", "во"), place),              # жила в омске, теперь в томске
-        rule(words("в", "во"), place, filler, live),
-        rule(moved, filler, words("в", "во"), place),
-        rule(words("из", "с", "со"), place_from),
+        rule(live, filler, other_place.optional(), words(*IN_WORDS), place),   # живу в общаге в москве
+        rule(live, filler, eq("не"), words(*IN_WORDS), place, eq(",").optional(),
+             words("а"), words(*IN_WORDS), place),                             # живу не в москве а в казани
+        rule(words(*NOW_WORDS), words(*IN_WORDS), place),                      # жила в омске, теперь в томске
+        rule(words(*IN_WORDS), place, filler, live),
+        rule(moved, filler, words(*IN_WORDS), place),
+        rule(words(*FROM_WORDS), place_from),
     )
     number = or_(
         rule(token_type("INT")),
         rule(has_lemma(set(NUMBER_WORDS)), has_lemma(set(NUMBER_WORDS)).optional()),
     )
-    age_rules = rule(words("мне"), filler, number, words("лет", "год", "года", "годик", "годика").optional())
+    age_rules = rule(words("мне"), filler, number, words(*AGE_UNITS, "годик", "годика").optional())
     work = in_caseless(set(WORK_VERBS))
     # A city is where one lives, not a workplace: "живу в екатеринбурге работаю инженером".
     noun_phrase = rule(or_(has_form("ADJF"), has_form("NUMR"), token_type("INT")).repeatable(max=2).optional(),
                        and_(has_form("NOUN"), not_(likely("Geox"))))
-    prepositional = rule(words("в", "во", "на"), noun_phrase)
+    prepositional = rule(words(*PLACE_PREPOSITIONS), noun_phrase)
     profession_ablt = has_form("NOUN", "anim", "ablt")
     occupation_rules = or_(
         rule(work, filler, prepositional.optional(), profession_ablt, prepositional.optional()),
@@ -2463,14 +2534,14 @@ def load_fact_tools():
     study_rules = or_(
         rule(study, filler, prepositional.repeatable(max=3)),
         rule(prepositional, filler, study),
-        rule(words("я"), filler, words("в"), token_type("INT"), words("классе", "класе")),
+        rule(words("я"), filler, words("в"), token_type("INT"), words(*CLASS_WORDS)),
     )
     kin = has_lemma(KIN_LEMMAS)
     pet = has_lemma(PET_LEMMAS)
     relative = or_(kin, pet)
     mine = has_lemma(MINE_LEMMAS)
-    count = or_(token_type("INT"), has_form("NUMR"), has_lemma({"двое", "трое", "четверо", "пятеро"}))
-    owner = rule(words("у"), words("меня", "нас"), words("есть", "живет", "живёт", "живут").optional())
+    count = or_(token_type("INT"), has_form("NUMR"), has_lemma(set(COLLECTIVE_NUMERALS)))
+    owner = rule(words("у"), words(*OWNER_WORDS), words(*OWNER_VERBS).optional())
     pet_name = and_(or_(has_form("Name", "nomn"), has_form("NOUN", "nomn"), unknown_word),
                     not_(has_form("ADJF")), not_(has_form("PREP")), not_(has_form("CONJ")), not_(has_form("PRCL")))
     relative_phrase = or_(
@@ -2485,7 +2556,7 @@ def load_fact_tools():
              rule(in_caseless({"и", ","}).optional(), count.optional(), relative_phrase)
              .repeatable(max=3).optional()),
         rule(relative, words("у"), words("меня")),
-        rule(words("мы"), words("с", "со"), relative),
+        rule(words("мы"), words(*WITH_WORDS), relative),
         rule(and_(kin, has_form("datv")), token_type("INT")),             # сыну 3 года
         rule(words("я"), filler, in_caseless(MARITAL_WORDS)),
         rule(words("а"), and_(kin, has_form("nomn"))),                    # "..., а муж водитель"
@@ -2510,13 +2581,13 @@ def load_fact_tools():
         rule(words(*HATE_VERBS), objects),
     )
     date = or_(
-        rule(words("завтра", "послезавтра", "сегодня"), words("вечером", "утром", "днём", "днем").optional()),
-        rule(words("в", "во"), has_lemma(WEEKDAYS)),
+        rule(words(*DAY_WORDS), words("вечером", "утром", "днём", "днем").optional()),
+        rule(words(*IN_WORDS), has_lemma(WEEKDAYS)),
         rule(words("в"), has_lemma(MONTHS)),
         rule(token_type("INT"), has_lemma(MONTHS)),
         rule(words("на"), words("выходных")),
         rule(words("в"), words("выходные")),
-        rule(words("летом", "зимой", "весной", "осенью")),
+        rule(words(*SEASON_WORDS)),
         rule(words("через"), count.optional(), has_lemma({"день", "неделя", "месяц", "год", "час"})),
         rule(words("на"), words("следующей", "этой"), words("неделе")),
         rule(words("в"), words("следующем", "этом"), words("месяце", "году")),
@@ -2711,7 +2782,7 @@ def extract_city(text, message):
         negated = "не" in message.words[max(0, start - 2):start] if contrast else message.is_negated(start, stop)
         if negated or message.is_question(start, stop):
             continue
-        if words[0].lower() in ("из", "с", "со"):
+        if words[0].lower() in FROM_WORDS:
             if not message.said_by_me_earlier(start):
                 continue
             if start > 0 and message.words[start - 1] in ("родом", "родилась", "родился", "привет", "приехал",
@@ -2719,14 +2790,14 @@ def extract_city(text, message):
                 continue
         elif message.has_other_subject(start):
             continue
-        if words[0].lower() in ("теперь", "сейчас") and not any(
+        if words[0].lower() in NOW_WORDS and not any(
                 best_parse(word).normal_form in ("жить", "переехать", "проживать") for word in message.words[:start]):
             continue  # "теперь в томске" moves house only after talk of living somewhere
         while lowered[-1] in FILLER_WORDS or best_parse(lowered[-1]).tag.POS == "VERB":
             lowered.pop()  # "в казани живу"
-        last_preposition = max(i for i, w in enumerate(lowered) if w in ("в", "во", "из", "с", "со")
+        last_preposition = max(i for i, w in enumerate(lowered) if w in IN_WORDS + FROM_WORDS
                                and (i == 0 or lowered[i - 1] != "-"))
-        cases = ("gent",) if lowered[last_preposition] in ("из", "с", "со") else ("loct", "accs")
+        cases = ("gent",) if lowered[last_preposition] in FROM_WORDS else ("loct", "accs")
         cities.append(("city", normal_place(lowered[last_preposition + 1:], cases)))
     return cities[-1:]
 
@@ -2746,7 +2817,7 @@ def extract_age(text, message):
         if start > 0 and message.words[start - 1] in ("во", "в", "ко", "обо", "при"):
             continue  # "во мне 56": not "мне" the dative of age
         after = message.words[stop:stop + 2]
-        if after[:1] and after[0] not in ("лет", "год", "года") and (
+        if after[:1] and after[0] not in AGE_UNITS and (
                 {"NOUN", "INFN"} & best_parse(after[0]).tag.grammemes):
             continue  # "мне 2 часа ехать", "мне 3 кг": a number of something else
         if "не" in after or "было" in after or "было" in message.words[max(0, start - 2):start]:
@@ -2798,7 +2869,7 @@ def extract_study(text, message):
     for start, stop, words in matches_of("study", text, message):
         if message.is_negated(start, stop) or message.is_question(start, stop) or message.has_other_subject(start):
             continue
-        phrase = [w.lower() for w in words if w.lower() not in ("учусь", "обучаюсь", "учимся", "я")
+        phrase = [w.lower() for w in words if w.lower() not in (*STUDY_VERBS, "я")
                   and w.lower() not in FILLER_WORDS]
         found.append(("study", " ".join(phrase)))
     return found[-1:]
@@ -2811,7 +2882,7 @@ def relative_value(words, named_later=None):
     if not lowered:
         return None
     if lowered[0].isdigit() or "NUMR" in best_parse(lowered[0]).tag.grammemes or \
-            best_parse(lowered[0]).normal_form in ("двое", "трое", "четверо", "пятеро"):
+            best_parse(lowered[0]).normal_form in COLLECTIVE_NUMERALS:
         return " ".join(lowered)
     head = next((i for i, w in enumerate(lowered) if best_parse(w, "NOUN").normal_form in KIN_LEMMAS | PET_LEMMAS
                  and "NOUN" in best_parse(w, "NOUN").tag.grammemes), None)
@@ -2836,11 +2907,6 @@ def split_relatives(words):
             current.append(word)
     groups.append(current)
     return [group for group in groups if group]
-
-
-NAMING_WORDS = ("зовут", "кличке", "кличка", "назвала", "назвал", "назвали", "зову")
-# What may stand between the last relative of a list and its name: "... и сестра, которую зовут оля".
-BEFORE_NAMING = {"и", "по", "его", "её", "ее", "их", "которого", "которую", "которых", "которая", "который"}
 
 
 def name_given_after(message, start, stop, listed=False):
@@ -2871,7 +2937,7 @@ def extract_family_and_pets(text, message):
             found.append(("family", lowered[-1]))
             continue
         after = message.words[stop:stop + 1]
-        if lowered[0] == "а" or best_parse(lowered[-1]).normal_form in ("мой", "свой"):
+        if lowered[0] == "а" or best_parse(lowered[-1]).normal_form in MINE_LEMMAS:
             if after == [] or after[0] in CLAUSE_BREAKS or after[0] in ("ты", "вы"):
                 continue  # someone spoken to: "сын мой, ...", "а мама?"
             if lowered[0] == "а" and best_parse(lowered[-1]).normal_form in PARTNER_LEMMAS:
@@ -2880,12 +2946,12 @@ def extract_family_and_pets(text, message):
         owned = lowered[:1] == ["у"]
         if owned:
             rest = lowered[2:]
-            if rest[0] in ("есть", "живет", "живёт", "живут"):
+            if rest[0] in OWNER_VERBS:
                 rest = rest[1:]
             groups = split_relatives(rest)
         else:
-            groups = [[w for w in lowered if w not in ("у", "меня", "мы", "с", "со") and not w.isdigit()
-                       and best_parse(w).normal_form not in ("мой", "свой")]]
+            groups = [[w for w in lowered if w not in ("у", "меня", "мы", *WITH_WORDS) and not w.isdigit()
+                       and best_parse(w).normal_form not in MINE_LEMMAS]]
         named_later = name_given_after(message, start, stop, listed=len(groups) > 1)
         for number, group in enumerate(groups, 1):
             lemma = {best_parse(w, "NOUN").normal_form for w in group}
@@ -2901,8 +2967,7 @@ def extract_family_and_pets(text, message):
 
 def object_case(trigger):
     # The case the verb governs picks the right analysis: "люблю суши" is not "суша".
-    if trigger in ("нравится", "нравятся", "нравиться", "нравяться", "бесит", "бесят", "раздражает",
-                   "раздражают") or trigger.startswith("любим"):
+    if trigger in PLEASE_VERBS + IRRITATE_VERBS or trigger.startswith("любим"):
         return "nomn"
     if trigger == "увлекаюсь":
         return "ablt"
@@ -2953,15 +3018,15 @@ def extract_likes(text, message):
             continue
         trigger = lowered[0]
         before = message.words[max(0, start - 3):start]
-        if trigger in ("нравится", "нравятся", "нравиться", "нравяться"):
+        if trigger in PLEASE_VERBS:
             experiencer = [w for w in before if w not in ("не", "очень", "тоже", "так", "уже", "сильно", "сейчас")]
             if experiencer and experiencer[-1] not in ("мне", ",", "а", "и", "но") and \
                     "datv" in best_parse(experiencer[-1]).tag.grammemes:
                 continue  # "ей нравится рок": someone else's taste
-        if trigger in ("бесит", "бесят", "раздражает", "раздражают") and any(
+        if trigger in IRRITATE_VERBS and any(
                 w in ("тебя", "его", "её", "ее", "их") for w in before):
             continue
-        if trigger in ("я", "фанат", "фанатка", "поклонник", "поклонница", "любитель", "любительница"):
+        if trigger == "я" or trigger in FAN_WORDS:
             if message.has_other_subject(start):
                 continue  # "он фанат металлики"
             trigger = "я"
@@ -2972,8 +3037,7 @@ def extract_likes(text, message):
             objects = lowered[3:]
         else:
             objects = lowered[1:]
-        negated = "не" in before[-2:] or trigger in ("терпеть", "ненавижу", "бесит", "бесят", "раздражает",
-                                                      "раздражают", "переношу")
+        negated = "не" in before[-2:] or trigger == "терпеть" or trigger in HATE_VERBS
         if trigger == "переношу" and "не" not in before[-2:]:
             continue
         if any(best_parse(word).normal_form in ("ты", "вы", "твой", "ваш") for word in objects):
@@ -2989,7 +3053,7 @@ def verb_for_plan(message, first, last, date_span):
         if date_span[0] <= i < date_span[1]:
             continue
         word = message.words[i]
-        follows_motion = i + 1 < last and message.words[i + 1] in ("в", "во", "на", "к", "ко")
+        follows_motion = i + 1 < last and message.words[i + 1] in (*PLACE_PREPOSITIONS, "к", "ко")
         candidates = [p for p in load_fact_tools()["parse"](word)
                       if {"VERB", "1per", "indc"} <= p.tag.grammemes and "past" not in p.tag.grammemes]
         if not candidates:
@@ -3074,16 +3138,16 @@ def grammars_for_sentence(written):
     after = lambda trigger, like: any(like(word) for i, w in enumerate(words) if w == trigger
                                       for word in next_words(written, words, i))
     worth = {
-        "name": (has(*ME_WORDS) and (has(*CALLED_WORDS) or "а" in seen)) or has("имя", "имечко")
+        "name": (has(*ME_WORDS) and (has(*CALLED_WORDS) or "а" in seen)) or has(*NAME_WORDS)
                 or after("я", name_like) or ("это" in words[:2] and after("это", name_like))
                 or any(name_like(written[i - 1]) for i, w in enumerate(words) if w == "я" and i > 0),
-        "city": has(*LIVE_WORDS, *MOVED_WORDS) or (has("теперь", "сейчас") and has("в", "во"))
-                or ("я" in seen and has("из", "с", "со")),
+        "city": has(*LIVE_WORDS, *MOVED_WORDS) or (has(*NOW_WORDS) and has(*IN_WORDS))
+                or ("я" in seen and has(*FROM_WORDS)),
         "age": "мне" in seen and after("мне", number_like),
         "occupation": has(*WORK_VERBS, "пенсии", "декрете") or after("я", person_like),
-        "study": has(*STUDY_VERBS) or ("я" in seen and has("классе", "класе")),
+        "study": has(*STUDY_VERBS) or ("я" in seen and has(*CLASS_WORDS)),
         "family": ("я" in seen and has(*MARITAL_WORDS)) or (
-            ("а" in seen or ("у" in seen and has("меня", "нас")) or ("мы" in seen and has("с", "со"))
+            ("а" in seen or ("у" in seen and has(*OWNER_WORDS)) or ("мы" in seen and has(*WITH_WORDS))
              or any(word.isdigit() for word in words) or has_lemma(MINE_LEMMAS, tools["mine_forms"]))
             and has_lemma(KIN_LEMMAS | PET_LEMMAS, tools["relative_forms"])),
         "like": has(*LOVE_VERBS, *PLEASE_VERBS, "увлекаюсь", *FAN_WORDS, *FAVOURITE_WORDS, "терпеть", *HATE_VERBS),
@@ -3240,8 +3304,8 @@ def plan_clause(value):
     when = when.rstrip(")")
     words = what.split()
     if "INFN" in best_parse(words[0]).tag.grammemes:
-        return f"{when} ты {' '.join([second_person(words[0])] + words[1:])}"
-    return f"{when} у тебя {what}"
+        return FACT_CLAUSES["plan"].format(when=when, what=" ".join([second_person(words[0])] + words[1:]))
+    return FACT_CLAUSES["plan_thing"].format(when=when, what=what)
 
 
 def join_russian(items):
@@ -3258,31 +3322,23 @@ def fact_clauses(facts):
         values = by_kind.get(kind)
         if not values:
             continue
-        if kind == "name":
-            clauses.append(f"тебя зовут {values[-1]}")
+        if kind in ("name", "study"):
+            clauses.append(FACT_CLAUSES[kind].format(values[-1]))
         elif kind == "city":
-            clauses.append(f"ты живёшь {place_in(values[-1])}")
+            clauses.append(FACT_CLAUSES["city"].format(place_in(values[-1])))
         elif kind == "age":
-            clauses.append(f"тебе {years_phrase(values[-1])}")
+            clauses.append(FACT_CLAUSES["age"].format(years_phrase(values[-1])))
         elif kind == "occupation":
             value = values[-1]
-            if value in STATUS_PHRASES:
-                clauses.append(f"ты {value}")
-            elif value.split()[0] in ("в", "во", "на"):
-                clauses.append(f"ты работаешь {value}")
-            else:
-                clauses.append(f"ты {value}")
-        elif kind == "study":
-            clauses.append(f"ты учишься {values[-1]}")
+            workplace = value not in STATUS_PHRASES and value.split()[0] in PLACE_PREPOSITIONS
+            clauses.append(FACT_CLAUSES["workplace" if workplace else "occupation"].format(value))
         elif kind in ("family", "pet"):
-            marital = [v for v in values if v in MARITAL_WORDS]
             others = [v for v in values if v not in MARITAL_WORDS]
-            clauses += [f"ты {v}" for v in marital]
+            clauses += [FACT_CLAUSES["marital"].format(v) for v in values if v in MARITAL_WORDS]
             if others:
-                clauses.append(f"у тебя есть {join_russian(others)}")
+                clauses.append(FACT_CLAUSES["relatives"].format(join_russian(others)))
         elif kind in ("like", "dislike"):
-            verb = "ты любишь" if kind == "like" else "ты не любишь"
-            clauses.append(f"{verb} {join_russian([inflect_phrase(v, 'accs') for v in values])}")
+            clauses.append(FACT_CLAUSES[kind].format(join_russian([inflect_phrase(v, "accs") for v in values])))
         elif kind == "plan":
             clauses += [plan_clause(v) for v in values]
     return clauses
@@ -3299,7 +3355,7 @@ def render_facts_answer(facts):
 
 
 # ==== block blocks/memory_commands.py: generated, edit the source and run `make blocks` ====
-"""Memory commands: /memory and /forget, the one rule for the console chat and the bot.
+"""Commands and memory: the one command table, /memory and /forget, the one rule for the console chat and the bot.
 
 A block: blocks/build.py writes this file into the scripts that list it (make blocks).
 It imports nothing itself; its host script imports what it uses (and the user_facts block)."""
@@ -3312,9 +3368,44 @@ FORGOT_ALL_REPLY = "Забыл всё, что знал о тебе."
 FORGOT_SOME_REPLY = "Забыл:"                 # followed by the forgotten facts, one a line
 NOTHING_TO_FORGET_REPLY = "Ничего такого я о тебе не помню."
 MEMORY_OFF_REPLY = "Память о собеседниках выключена."
-MEMORY_HELP = ("/memory — что я о тебе помню (имя, город, возраст, работа, учёба, семья, питомцы, "
-               "что любишь и не любишь, планы)\n"
-               "/forget — забыть всё о тебе; /forget <слово> — забыть то, где есть это слово")
+EVERYONE, GROUP_ADMINS = "everyone", "group admins"   # who may use a command (in a private chat: its user)
+
+
+class Command:
+    """A row of the command table. The handler is the host script's own (each script registers
+    its handlers by name); a row may bring its own, a command only one script has."""
+
+    def __init__(self, name, description, who=EVERYONE, memory=False, usage=None, handler=None):
+        self.name, self.description, self.who, self.memory = name, description, who, memory
+        self.usage = usage or f"/{name} — {description}"   # its line in /help
+        self.handler = handler
+
+
+# The commands of the console chat and the bot: /help, the bot's menu (setMyCommands) and the
+# dispatch of both are made from this table, so a command is added here once.
+COMMANDS = [
+    Command("start", "начать"),
+    Command("help", "что я умею"),
+    Command("reset", "забыть разговор и начать заново", who=GROUP_ADMINS,
+            usage="/reset — забыть разговор и начать сначала."),
+    Command("memory", "что я о тебе помню", memory=True,
+            usage="/memory — что я о тебе помню (имя, город, возраст, работа, учёба, семья, питомцы, "
+                  "что любишь и не любишь, планы)"),
+    Command("forget", "забыть то, что я о тебе знаю", memory=True,
+            usage="/forget — забыть всё о тебе; /forget <слово> — забыть то, где есть это слово"),
+]
+
+
+def offered_commands(table, handlers, memory=True):
+    """The rows a script answers (a handler of its own or the row's) and shows, in table order;
+    with memory off the memory commands are answered (they say so) but not offered."""
+    return [row for row in table if (row.handler or handlers.get(row.name)) and (memory or not row.memory)]
+
+
+def help_text(intro, table, handlers, memory=True):
+    """/help: the script's own first words, then a line per command it offers."""
+    shown = [row.usage for row in offered_commands(table, handlers, memory) if row.name not in ("start", "help")]
+    return "\n".join([intro] + shown)
 
 
 def render_facts_list(facts):
@@ -3349,6 +3440,78 @@ def forget_user_facts(facts, word):
         hit = query in value_words or query_lemmas & lemmas or query in labels or fold(value) == query
         (removed if hit else kept).append((kind, value))
     return kept, removed
+
+
+# --- /forget: one rule for what goes with a forgotten fact.
+# A stored message goes when it holds ANY content word of a forgotten fact, or the word asked
+# about, in any form. Not only when it holds all of a fact's words: a user who says "/forget Сочи"
+# about "поехать в Сочи летом" expects "я был в Сочи" gone too, since it still tells what they
+# asked to forget; function words ("в", "не") are left out, or every message would go.
+def forget_words(argument):
+    """The words of "/forget <слова>", each on its own, the punctuation around them stripped
+    ("/forget Аня," forgets the name; a hyphen inside a word stays)."""
+    return [word for word in (re.sub(r"^\W+|\W+$", "", word) for word in argument.split()) if word]
+
+
+def content_words(value):
+    """The words of a fact's value that a forgotten fact takes with it from stored messages:
+    not prepositions, conjunctions, particles or pronouns ("поехать в Сочи" takes поехать
+    and Сочи, not every message with "в")."""
+    words = [word for word in re.split(r"[^\w]+", fold(value)) if word]
+    return [word for word in words if word.isdigit() or (len(word) > 1 and not is_function_word(word))]
+
+
+def any_form_matcher(words, parse=None):
+    """holds(text): True when text has one of `words` in any form ("Казани", "казанью" for
+    Казань): a word whose normal forms meet theirs, or one of their inflected forms; None for no words."""
+    parse = parse or load_fact_tools()["parse"]
+    lemmas, forms = set(), set()
+    for word in words:
+        lemmas |= {word} | {fold(p.normal_form) for p in parse(word)}
+        forms |= {word} | {fold(form.word) for p in parse(word)[:3] for form in p.lexeme}
+    if not lemmas:
+        return None
+
+    def holds(text):
+        for word in re.findall(r"\w+", fold(text)):
+            if word in forms or word in lemmas or any(fold(p.normal_form) in lemmas for p in parse(word)):
+                return True
+        return False
+
+    return holds
+
+
+def forget_facts(facts, argument):
+    """/forget (argument "": everything) on a user's facts: (kept, removed, holds), holds(text)
+    True for a stored message that must go with them (None: none need to)."""
+    words = forget_words(argument)
+    if argument.strip():
+        kept, removed = list(facts), []
+        for word in words:
+            kept, gone = forget_user_facts(kept, word)
+            removed += gone
+    else:
+        kept, removed = [], list(facts)
+    labels = {word for label in FACT_LABELS.values() for word in fold(label).split()}
+    asked = [word for word in words if fold(word) not in labels]  # "/forget город" names a kind, not a word said
+    doomed = [word for value in [value for _, value in removed] + asked for word in content_words(value)]
+    return kept, removed, any_form_matcher(doomed)
+
+
+def exchanges_holding(rows, holds):
+    """The ids of the stored turns, (id, role, text) oldest first, that go with a forgotten
+    word: every turn that holds it, and the other turn of its exchange, so that the
+    history left still alternates question and answer."""
+    doomed = set()
+    for i, (row_id, role, text) in enumerate(rows):
+        if not holds(text):
+            continue
+        doomed.add(row_id)
+        if role == "user" and i + 1 < len(rows) and rows[i + 1][1] == "bot":
+            doomed.add(rows[i + 1][0])
+        elif role == "bot" and i > 0 and rows[i - 1][1] == "user":
+            doomed.add(rows[i - 1][0])
+    return doomed
 # ==== end of block blocks/memory_commands.py ====
 
 
@@ -3893,6 +4056,25 @@ def server_reply(server, settings, prompt_text, on_text=None):
     finally:
         pieces.close()
     return clean_reply(raw, server["eos_token"])
+
+
+def add_prompt_flags(parser):
+    """The flags of the persona, the generation settings and the prompt window, which the console
+    chat and the bot take alike; their defaults are the host script's defaults block."""
+    parser.add_argument("--persona", default=PERSONA,
+                        help="the bot's answer to the persona question (default: chat_config.json)")
+    parser.add_argument("--no-persona", action="store_true", default=NO_PERSONA,
+                        help="no persona exchange in the prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
+    parser.add_argument("--temperature", type=float, default=TEMPERATURE)
+    parser.add_argument("--top-p", type=float, default=TOP_P)
+    parser.add_argument("--repetition-penalty", type=float, default=REPETITION_PENALTY, help="must be >= 1.0")
+    parser.add_argument("--context-tokens", type=int, default=CONTEXT_TOKENS,
+                        help="prompt budget in tokens (default: chat_config.json, what the model was trained with)")
+    parser.add_argument("--max-turns", type=int, default=MAX_TURNS,
+                        help="turns of the conversation in the prompt, the new message included (default: "
+                             "chat_config.json, what the model was trained with)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
 # ==== end of block blocks/chat.py ====
 
 

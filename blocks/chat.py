@@ -538,3 +538,22 @@ def server_reply(server, settings, prompt_text, on_text=None):
     finally:
         pieces.close()
     return clean_reply(raw, server["eos_token"])
+
+
+def add_prompt_flags(parser):
+    """The flags of the persona, the generation settings and the prompt window, which the console
+    chat and the bot take alike; their defaults are the host script's defaults block."""
+    parser.add_argument("--persona", default=PERSONA,
+                        help="the bot's answer to the persona question (default: chat_config.json)")
+    parser.add_argument("--no-persona", action="store_true", default=NO_PERSONA,
+                        help="no persona exchange in the prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
+    parser.add_argument("--temperature", type=float, default=TEMPERATURE)
+    parser.add_argument("--top-p", type=float, default=TOP_P)
+    parser.add_argument("--repetition-penalty", type=float, default=REPETITION_PENALTY, help="must be >= 1.0")
+    parser.add_argument("--context-tokens", type=int, default=CONTEXT_TOKENS,
+                        help="prompt budget in tokens (default: chat_config.json, what the model was trained with)")
+    parser.add_argument("--max-turns", type=int, default=MAX_TURNS,
+                        help="turns of the conversation in the prompt, the new message included (default: "
+                             "chat_config.json, what the model was trained with)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)

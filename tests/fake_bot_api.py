@@ -87,10 +87,12 @@ class FakeBotApi:
         self.conflict = False         # True: getUpdates answers 409 as when another copy polls
         self.revoked = False          # True: every call answers 401, as for a revoked token
         self.confirmed = []           # update ids forgotten through an offset, in order
+        self.my_commands = None       # the command list of the last setMyCommands: [{"command", "description"}]
         self.on_confirm = None        # called (under the lock) with each update id as it is confirmed
         self.bad_tokens = 0
         self.closing = False
         self.hurry = False            # True: long polls answer at once (a test winding down)
+        self.clock = time.monotonic   # what the calls are timed by: a test may give a fake clock it moves itself
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1},
@@ -172,7 +174,7 @@ class FakeBotApi:
     def throttle(self, chat_id, seconds):
         """Every sendMessage to the chat for the next `seconds` gets a 429 with the time left."""
         with self.lock:
-            self.throttled[chat_id] = time.monotonic() + seconds
+            self.throttled[chat_id] = self.clock() + seconds
 
     def delay_next(self, method, seconds):
         with self.lock:
@@ -275,7 +277,7 @@ class FakeBotApi:
 
     def _failure(self, method, chat_id):
         """The failure queued for this call, if any (called under the lock)."""
-        now = time.monotonic()
+        now = self.clock()
         if method == "sendMessage" and self.chat_send_interval and chat_id in self.last_send:
             # Telegram's advice is at most one message a second in a chat; it answers bursts with 429.
             self.throttled[chat_id] = max(self.throttled.get(chat_id, 0),
@@ -301,7 +303,7 @@ class FakeBotApi:
     def answer(self, method, params):
         chat_id = int(params["chat_id"]) if "chat_id" in params else None
         with self.lock:
-            self.arrivals.append((method, chat_id, time.monotonic()))
+            self.arrivals.append((method, chat_id, self.clock()))
             self.lock.notify_all()
             delay = self.delays.get(method, []).pop(0) if self.delays.get(method) else 0
             failure = self._failure(method, chat_id)
@@ -316,9 +318,9 @@ class FakeBotApi:
         else:
             status, body = 200, {"ok": True, "result": self._result(method, params, chat_id)}
         with self.lock:
-            self.calls.append((method, time.monotonic(), status))
+            self.calls.append((method, self.clock(), status))
             self.requests.append({"method": method, "chat_id": chat_id, "text": params.get("text"), "status": status,
-                                  "offset": params.get("offset"), "time": time.monotonic(),
+                                  "offset": params.get("offset"), "time": self.clock(),
                                   "message_id": body["result"].get("message_id") if status == 200 and isinstance(
                                       body.get("result"), dict) else None,
                                   "draft_id": int(params["draft_id"]) if "draft_id" in params else None})
@@ -370,6 +372,11 @@ class FakeBotApi:
     def _result(self, method, params, chat_id):
         if method == "getMe":
             return BOT_USER
+        if method == "setMyCommands":
+            commands = params.get("commands")
+            with self.lock:
+                self.my_commands = json.loads(commands) if isinstance(commands, str) else commands
+            return True
         if method == "getWebhookInfo":
             with self.lock:
                 return {"url": self.webhook_url, "has_custom_certificate": False,
@@ -391,12 +398,12 @@ class FakeBotApi:
             return {"status": "administrator", "user": user, **{right: False for right in rights}}
         if method == "sendChatAction":
             with self.lock:
-                self.actions.append({"chat_id": chat_id, "action": params.get("action"), "time": time.monotonic()})
+                self.actions.append({"chat_id": chat_id, "action": params.get("action"), "time": self.clock()})
             return True
         if method == "sendMessageDraft":
             with self.lock:
                 self.drafts.append({"chat_id": chat_id, "draft_id": int(params["draft_id"]), "text": params["text"],
-                                    "time": time.monotonic()})
+                                    "time": self.clock()})
             return True
         if method == "editMessageText":
             with self.lock:
@@ -404,7 +411,7 @@ class FakeBotApi:
                              and m["message_id"] == int(params["message_id"])]
                 message["text"] = params["text"]
                 self.edits.append({"chat_id": chat_id, "message_id": message["message_id"], "text": params["text"],
-                                   "time": time.monotonic()})
+                                   "time": self.clock()})
                 chat = self.chats.get(chat_id, {"id": chat_id, "type": "private", "first_name": "user"})
             return {"message_id": message["message_id"], "date": int(time.time()), "edit_date": int(time.time()),
                     "chat": chat, "from": BOT_USER, "text": params["text"]}
@@ -412,7 +419,7 @@ class FakeBotApi:
             reply = json.loads(params["reply_parameters"]) if params.get("reply_parameters") else {}
             with self.lock:
                 message = {"message_id": self.next_message_id, "chat_id": chat_id, "text": params["text"],
-                           "reply_to": reply.get("message_id"), "time": time.monotonic()}
+                           "reply_to": reply.get("message_id"), "time": self.clock()}
                 self.next_message_id += 1
                 self.sent.append(message)
                 self.last_send[chat_id] = message["time"]

@@ -23,6 +23,11 @@ from test_tg_bot_production import TOKEN, Harness, StubModel  # noqa: E402  (the
 
 import tg_bot  # noqa: E402
 
+
+def turns(store, chat_id):
+    """The chat's stored texts, oldest first, as the bot reads them for a prompt."""
+    return [text for _, text in store.history(chat_id)[0]]
+
 torch.set_num_threads(1)
 PERSONA = tiny_model.CHAT_CONFIG["persona"]
 MAX_NEW_TOKENS = 4
@@ -69,12 +74,12 @@ def test_forget_deletes_the_facts_and_every_exchange_holding_their_words_from_th
     holds = tg_bot.any_form_matcher(tg_bot.content_words("Казань"), parse)
     assert store.forget(1, 10, kept, holds, done=502)
     assert store.user_facts(1, 10) == [("name", "Аня")]
-    assert store.turns(1) == ["поеду в Самару летом", "Отличный план"]  # whole exchanges go, the rest stays
-    assert store.turns(2) == ["в Казани тепло", "Да"]
+    assert turns(store, 1) == ["поеду в Самару летом", "Отличный план"]  # whole exchanges go, the rest stays
+    assert turns(store, 2) == ["в Казани тепло", "Да"]
     assert store.pending() == []  # the inbox's older message holding the word, and the command itself
     store.close()
     store = tg_bot.HistoryStore(str(db))
-    assert store.user_facts(1, 10) == [("name", "Аня")] and store.turns(1) == ["поеду в Самару летом", "Отличный план"]
+    assert store.user_facts(1, 10) == [("name", "Аня")] and turns(store, 1) == ["поеду в Самару летом", "Отличный план"]
     store.forget(1, 10, [], tg_bot.any_form_matcher(["казань"], parse))
     store.clear(2)
     store.close()
@@ -241,7 +246,7 @@ def test_facts_outlive_an_idle_reset(api, harness):
     prompt = bot.model.prompts[-1]
     assert INTRODUCTION not in prompt  # the conversation started afresh...
     assert "Тебя зовут Аня, ты живёшь в Казани." in prompt  # ...and the facts stayed
-    bot.wait_until(lambda: bot.chat_bot.store.turns(51) == ["как дела?", "ответ на «как дела?»"],
+    bot.wait_until(lambda: turns(bot.chat_bot.store, 51) == ["как дела?", "ответ на «как дела?»"],
                    "only the new exchange is in the history")
 
 
@@ -255,7 +260,7 @@ def test_no_memory_stores_nothing_and_the_commands_say_so(api, harness, tmp_path
     assert tg_bot.FACTS_QUESTION not in off.model.prompts[-1]
     assert ask(api, 42, "/memory") == tg_bot.MEMORY_OFF_REPLY
     assert ask(api, 42, "/forget") == tg_bot.MEMORY_OFF_REPLY
-    assert ask(api, 42, "/help") == tg_bot.HELP_TEXT
+    assert ask(api, 42, "/help") == tg_bot.bot_help_text(memory=False)
     assert query(off.db, "SELECT COUNT(*) FROM user_facts") == [(0,)]
 
 

@@ -195,22 +195,32 @@ def harness(api, local, tmp_path, monkeypatch):
 
 
 def test_the_bot_streams_what_the_server_writes(server_url, local, api, harness, monkeypatch):
-    read = tg_bot.server_pieces
+    read, show = tg_bot.server_pieces, tg_bot.ReplyRequest.show
+    shown = []  # each visible text the bot's request was given, in order
 
-    def slowly(server, body):  # a reply that takes its time, as a real model's does, read from the real server
+    def recorded(request, text):
+        shown.append(text)
+        show(request, text)
+
+    def in_step(server, body):
+        # A handshake, not a pace: after each piece the next waits until the bot has shown what
+        # the pieces so far make visible, so every visible text is its own draft however busy
+        # the machine is (a bot that does not stream never shows one: the wait runs out).
         for piece in read(server, body):
-            time.sleep(0.04)
             yield piece
+            if shown:
+                api.wait_for(lambda: any(d["text"] == shown[-1] for d in api.drafts), timeout=5.0)
 
-    monkeypatch.setattr(tg_bot, "server_pieces", slowly)
-    monkeypatch.setattr(tg_bot, "STREAM_EVERY_SECONDS", 0.1)
+    monkeypatch.setattr(tg_bot.ReplyRequest, "show", recorded)
+    monkeypatch.setattr(tg_bot, "server_pieces", in_step)
+    monkeypatch.setattr(tg_bot, "STREAM_EVERY_SECONDS", 0.0)  # no pace: a text is shown as soon as it is visible
     harness(tg_bot.open_server(server_url, local[0]["tokenizer"], 30))
     api.push_text(43, tiny_model.PARROT_QUESTION)
     assert api.wait_for_messages(43, 1, timeout=WAIT)[0]["text"] == tiny_model.PARROT_ANSWER
-    shown = api.visible(43)
-    drafts = [text for method, text, *_ in shown if method == "sendMessageDraft"]
-    assert len(drafts) >= 2 and all(tiny_model.PARROT_ANSWER.startswith(text) for text in drafts)
-    assert not any("Вопрос" in text for _, text, *_ in shown)
+    drafts = [text for method, text, *_ in api.visible(43) if method == "sendMessageDraft"]
+    assert len(shown) >= 2 and drafts == shown  # every visible text was shown, once, in order
+    assert all(tiny_model.PARROT_ANSWER.startswith(text) for text in drafts)
+    assert not any("Вопрос" in text for _, text, *_ in api.visible(43))
 
 
 def closed_port():

@@ -30,7 +30,7 @@ torch.set_num_threads(1)
 TOKEN = "987654:TEST-s3cret_token-value"  # the Harness's
 PERSONA = tiny_model.CHAT_CONFIG["persona"]
 PACE, GROUP_PACE = 0.3, 0.6  # tg_bot's pace for the tests, so that a stream of a second or two shows several updates
-SLACK = 0.02                 # seconds: the fake's clock reads a call a moment after the bot's
+SLACK = 1e-6                 # seconds: float rounding only, the bot and the fake Bot API read one fake clock
 WAIT = 30.0
 
 
@@ -146,12 +146,29 @@ def api(request):
         yield api
 
 
+class FakeClock:
+    """Time that moves only when the test moves it, or when the bot pauses (a 429, the pace):
+    the pace is then the same on a busy machine as on an idle one."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+        return False  # as stopping.wait answers when the bot is not stopping
+
+
 @pytest.fixture
 def bot(api, monkeypatch):
     monkeypatch.setattr(apihelper, "API_URL", tg_bot.api_url_template(api.url))
     monkeypatch.setattr(tg_bot, "STREAM_EVERY_SECONDS", PACE)
     monkeypatch.setattr(tg_bot, "GROUP_STREAM_EVERY_SECONDS", GROUP_PACE)
-    return telebot.TeleBot(TOKEN, threaded=False)
+    bot = telebot.TeleBot(TOKEN, threaded=False)
+    bot.fake_clock = api.clock = FakeClock()  # the fake Bot API times its calls by it too
+    return bot
 
 
 def words(count, length=5):
@@ -159,23 +176,20 @@ def words(count, length=5):
 
 
 def stream(bot, chat_id, final, steps, step, group=False, reply_to=None, drafts=True):
-    """LiveReply showing a reply written in `steps` growing texts, one every `step`
-    seconds (each a start of `final`, cut at a space), then `final`; (live, start time)."""
-    request = tg_bot.ReplyRequest([1], 1, stream=True)
+    """LiveReply showing a reply written in `steps` growing texts, one every `step` seconds of
+    the fake clock (each a start of `final`, cut at a space), then `final`; (live, start time).
+    Each text is offered as follow() offers it, when due() says the pace allows it."""
+    clock = bot.fake_clock
     cuts = [final.rfind(" ", 0, len(final) * (number + 1) // (steps + 1)) for number in range(steps)]
-
-    def write():
-        for cut in cuts:
-            time.sleep(step)
-            if cut > 0:
-                request.show(final[:cut])
-        time.sleep(step)
-        request.finish(final)
-
-    live = tg_bot.LiveReply(bot, chat_id, group, reply_to, threading.Event(), drafts)
-    started = time.monotonic()
-    threading.Thread(target=write, daemon=True).start()
-    live.finish(live.follow(request))
+    live = tg_bot.LiveReply(bot, chat_id, group, reply_to, threading.Event(), drafts, clock=clock,
+                            pause=clock.advance)
+    started = clock()
+    for cut in cuts:
+        clock.advance(step)
+        if cut > 0 and live.due(final[:cut]):
+            live.show(final[:cut])
+    clock.advance(step)
+    live.finish(final)
     return live, started
 
 
@@ -199,7 +213,7 @@ def test_a_private_reply_grows_in_a_draft_at_the_pace_then_is_sent(api, bot):
 
 
 def test_a_reply_written_faster_than_the_pace_is_just_sent(api, bot, monkeypatch):
-    monkeypatch.setattr(tg_bot, "STREAM_EVERY_SECONDS", 2.0)  # far beyond the 0.05 s it takes, however busy the CPU
+    monkeypatch.setattr(tg_bot, "STREAM_EVERY_SECONDS", 2.0)  # far beyond the 0.055 s it takes
     final = words(20)
     stream(bot, 2, final, steps=10, step=0.005)
     assert [(method, text) for method, text, *_ in api.visible(2)] == [("sendMessage", final)]

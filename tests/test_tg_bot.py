@@ -22,6 +22,11 @@ from fake_bot_api import BOT_USER, FakeBotApi, LiveBot  # noqa: E402
 
 import tg_bot  # noqa: E402
 
+
+def turns(store, chat_id):
+    """The chat's stored texts, oldest first, as the bot reads them for a prompt."""
+    return [text for _, text in store.history(chat_id)[0]]
+
 torch.set_num_threads(1)
 TOKEN = "987654:TEST-s3cret_token-value"
 PERSONA = tiny_model.CHAT_CONFIG["persona"]
@@ -229,10 +234,10 @@ def test_history_survives_reopening(tmp_path):
     store.add_exchange(1, "Как дела?", "Хорошо", now=200.0)
     store.close()
     store = tg_bot.HistoryStore(str(db))
-    assert store.turns(1) == ["Привет", "Здравствуйте", "Как дела?", "Хорошо"]
-    assert store.last_activity(1) == 200.0
+    assert turns(store, 1) == ["Привет", "Здравствуйте", "Как дела?", "Хорошо"]
+    assert store.history(1)[1] == 200.0
     store.clear(1)
-    assert store.turns(1) == [] and store.turns(2) == ["Другой чат", "Да"]
+    assert turns(store, 1) == [] and turns(store, 2) == ["Другой чат", "Да"]
     store.close()
     (tmp_path / "not_a_db").write_text("hello" * 1000)
     with pytest.raises(tg_bot.UserError):
@@ -279,7 +284,7 @@ def say(live, chat_id, text, count, **kwargs):
 
 def test_start_and_help(live):
     assert say(live, 101, "/start", 1) == tg_bot.START_TEXT
-    assert say(live, 101, "/help", 2) == tg_bot.HELP_TEXT + "\n" + tg_bot.MEMORY_HELP
+    assert say(live, 101, "/help", 2) == tg_bot.bot_help_text(memory=True)
     assert live.prompts(101) == []  # commands never reach the model
 
 

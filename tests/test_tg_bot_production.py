@@ -34,6 +34,11 @@ BOT = "@" + BOT_USER["username"]
 WAIT = 30.0
 
 
+def turns(store, chat_id):
+    """The chat's stored texts, oldest first, as the bot reads them for a prompt."""
+    return [text for _, text in store.history(chat_id)[0]]
+
+
 # --- the bot in this process
 class StubModel:
     """The model thread's generate(prompts): "ответ на «question»" for each prompt,
@@ -191,14 +196,14 @@ def test_an_update_is_confirmed_only_once_its_message_is_on_disk(api, harness, t
 
 def test_a_clean_stop_confirms_every_update_it_took(api, harness):
     bot = harness()
-    take = bot.chat_bot.take_updates
+    take = bot.chat_bot.intake.take_updates
 
     def take_then_stop(updates):  # SIGTERM comes while a batch is being taken
         offset = take(updates)
         bot.stopping.set()
         return offset
 
-    bot.chat_bot.take_updates = take_then_stop
+    bot.chat_bot.intake.take_updates = take_then_stop
     update = api.next_update_id
     api.push_text(3, "Последнее перед остановкой")
     bot.thread.join(WAIT)
@@ -471,7 +476,7 @@ def test_the_database_files_are_readable_by_their_owner_only(tmp_path):
                 {file.name: "0o600" for file in files}
             store.close()
         store = tg_bot.HistoryStore(str(old))  # and the old database still reads, speakers added
-        assert store.turns(1) == ["Привет", "Здравствуйте"]  # the odd old turn is not a whole exchange
+        assert turns(store, 1) == ["Привет", "Здравствуйте"]  # the odd old turn is not a whole exchange
         store.close()
     finally:
         os.umask(previous)
@@ -520,7 +525,7 @@ def test_a_reset_leaves_no_trace_in_the_database_files(tmp_path):
     files = [Path(str(path) + suffix) for suffix in ("", "-wal", "-shm")]
     assert any(secret.encode() in file.read_bytes() for file in files)  # the test can see it at all
     store.clear(1)
-    assert store.turns(1) == [] and store.turns(2) == ["Другой чат", "Да"]
+    assert turns(store, 1) == [] and turns(store, 2) == ["Другой чат", "Да"]
     for file in files:
         if file.exists():
             assert secret.encode() not in file.read_bytes(), file.name

@@ -8,12 +8,29 @@ Reads data/clean_dialogues.parquet and writes, for each split
 Every turn after the first is an answer: its question is the turn before it,
 its context the --max-turns turns before it, oldest first.
 
+A bot that talks like one person (--as WHO, given once or more): only that
+person's turns are answers; the turns before each, whoever wrote them, are its
+question and context. WHO is a speaker's key (user111), their display name
+("Вадим Петров", or the first name alone where one person has it), or `me`:
+the owner that a whole-account Telegram export records (cleaner_text.py keeps
+the record). It needs the `speakers` column (parser_dataset.py writes it where
+the source says who spoke); a dialogue whose speakers are unknown gives no
+answers. In a group (a dialogue with three or more distinct speaker keys) each
+context turn of someone else starts with their first name, "Аня: текст", as
+tg_bot.py shows a group member's message to the model; the person's own turns,
+like the bot's replies, carry none. The output says whose voice it holds:
+data/voice.json, {"keys": [...], "names": [...]}, which the trainers copy into
+chat_config.json as "voice", and the same JSON under b"voice" in the context
+files' schema metadata. A run without --as removes a voice.json it finds, and
+writes exactly what it always wrote.
+
 `facts` is what the bot would answer to "Что ты обо мне знаешь?" at that
 point, had it been the bot of this dialogue: the facts the user stated about
 themselves (name, city, age, work, study, family, pets, likes, dislikes, plans)
 in all their earlier turns, not only the window, merged oldest first ("" where
 none). The user is the side whose turns the prompt labels "Вопрос:" counting
-back from the answer. The trainers put it in the prompt as the chat does, so
+back from the answer; with --as, everyone but the person (in a group, all the
+others' facts merged as one user's). The trainers put it in the prompt as the chat does, so
 the model learns to use a memory that outlives its context. It is found with
 the user facts block below (yargy grammars over pymorphy3), which most turns
 skip after a look at their words; still, it makes this stage about five times
@@ -36,6 +53,8 @@ Run it:
     python create_dataset.py --rows 50000 --max-turns 4 --seed 42
     python create_dataset.py --input data/clean_dialogues.parquet --output data/
     python create_dataset.py --no-facts        # no facts column: the old speed
+    python create_dataset.py --as me           # a Telegram account export's owner's voice
+    python create_dataset.py --as "Вадим Петров" --as user222
 
 In a notebook (Jupyter, Colab): paste this whole file into one cell, set the
 defaults block below, and run the cell. `%run create_dataset.py --rows 50000`
@@ -47,6 +66,7 @@ import csv
 import functools
 import hashlib
 import itertools
+import json
 import os
 import re
 import sys
@@ -72,6 +92,14 @@ NUM_PERM = 64           # ...estimated with 64 MinHash permutations,
 BANDS = 8               # in 8 bands of 8 rows: candidates from about 0.7 similarity up
 LONG_ANSWER_CHARS = 40  # an answer this long said after two different questions is one joke
 FACTS = True            # the facts column (what the user said about themselves earlier); False: left out
+AS = None               # whose turns are the answers: "me", a key, a display name, or a list (None: everyone's)
+GROUP_SPEAKERS = 3      # a dialogue with this many distinct speaker keys is a group: context turns carry names
+MAX_SPEAKER_CHARS = 32  # a first name in a group turn is cut as tg_bot.py cuts it
+NO_SPEAKER_NAME = "Участник"  # tg_bot.py's label for a group member without a first name
+SPEAKERS_LISTED = 20    # an unknown --as lists this many speakers, the most talkative first
+VOICE_FILE = "voice.json"
+VOICE_METADATA_KEY = b"voice"
+OWNER_METADATA_KEY = b"owner"
 
 CONTEXT_SCHEMA = pa.schema([
     ("dialogue_id", pa.int64()),
@@ -238,13 +266,20 @@ class SplitWriters:
     """One CSV and one parquet writer per split, all on temporary names until
     commit(), so that a failed run leaves the previous files untouched."""
 
-    def __init__(self, folder, facts):
+    def __init__(self, folder, facts, voice=None):
         self.schema = CONTEXT_SCHEMA.append(FACTS_FIELD) if facts else CONTEXT_SCHEMA
+        if voice:
+            self.schema = self.schema.with_metadata({VOICE_METADATA_KEY: voice_json(voice).encode("utf-8")})
         self.folder = Path(folder)
+        self.voice = voice
         suffix = f".tmp-{os.getpid()}"
         self.targets, self.csv_files, self.csv, self.parquet, self.buffers = {}, {}, {}, {}, {}
         with self.named_on_error():
             self.folder.mkdir(parents=True, exist_ok=True)
+            self.voice_file = self.folder / VOICE_FILE
+            self.voice_tmp = self.folder / f".{VOICE_FILE}{suffix}"
+            if voice:
+                self.voice_tmp.write_text(voice_json(voice) + "\n", encoding="utf-8")
             for split in SPLITS:
                 pairs = self.folder / f"pairs_{split}.csv"
                 context = self.folder / f"context_{split}.parquet"
@@ -299,6 +334,10 @@ class SplitWriters:
             for split in SPLITS:
                 for tmp, final in self.targets[split]:
                     os.replace(tmp, final)
+            if self.voice:
+                os.replace(self.voice_tmp, self.voice_file)
+            else:  # a voice.json of an earlier --as run would name a voice these files are not in
+                self.voice_file.unlink(missing_ok=True)
 
     def abort(self):
         for split in SPLITS:
@@ -309,25 +348,36 @@ class SplitWriters:
             for tmp, _ in self.targets.get(split, []):
                 with contextlib.suppress(OSError):
                     tmp.unlink(missing_ok=True)
+        if getattr(self, "voice_tmp", None) is not None:
+            with contextlib.suppress(OSError):
+                self.voice_tmp.unlink(missing_ok=True)
 
 
-def usable_dialogues(parquet, rows):
-    """(dialogue_id, turns) of every dialogue with two or more turns, up to the
-    one that reaches `rows` pairs; the same sequence on every pass."""
+def usable_dialogues(parquet, rows, voice_keys=None):
+    """(dialogue_id, turns, speaker keys) of every dialogue with two or more
+    turns, up to the one that reaches `rows` pairs; the same sequence on every
+    pass. The speaker keys (aligned with the turns, "" unknown) are read with
+    --as only (voice_keys: the person's keys, whose turns count as pairs);
+    without it they are None and every turn after the first is a pair."""
     total = 0
-    for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=["sample", "dialogue_id"]):
+    columns = ["sample", "dialogue_id"] + (["speakers"] if voice_keys else [])
+    for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns):
         data = batch.to_pydict()
-        for turns, dialogue_id in zip(data["sample"], data["dialogue_id"]):
-            turns = [t for t in (turns or []) if t]
+        who = data["speakers"] if voice_keys else itertools.repeat(None)
+        for turns, dialogue_id, speakers in zip(data["sample"], data["dialogue_id"], who):
+            if voice_keys:
+                turns, keys = aligned_speakers(turns, speakers)
+            else:
+                turns, keys = [t for t in (turns or []) if t], None
             if len(turns) < 2:
                 continue
-            yield dialogue_id, turns
-            total += len(turns) - 1
+            yield dialogue_id, turns, keys
+            total += len(turns) - 1 if keys is None else sum(k in voice_keys for k in keys[1:])
             if rows and total >= rows:
                 return
 
 
-def group_splits(parquet, rows, seed, val_fraction, test_fraction):
+def group_splits(parquet, rows, seed, val_fraction, test_fraction, voice_keys=None):
     """For each usable dialogue (in reading order): its split after grouping,
     and the split its own id would give. Also how many dialogues are in a
     group of two or more. Keys are kept in numpy arrays a batch at a time,
@@ -343,7 +393,7 @@ def group_splits(parquet, rows, seed, val_fraction, test_fraction):
         for batch in (batch_ids, batch_keys, batch_owners, batch_shingles):
             batch.clear()
 
-    for index, (dialogue_id, turns) in enumerate(usable_dialogues(parquet, rows)):
+    for index, (dialogue_id, turns, _) in enumerate(usable_dialogues(parquet, rows, voice_keys)):
         keys, shingles = dialogue_fingerprint(turns)
         batch_ids.append(dialogue_id)
         batch_keys.extend(keys)
@@ -371,28 +421,174 @@ def group_splits(parquet, rows, seed, val_fraction, test_fraction):
     return own[group], own, grouped
 
 
+# ---------------------------------------------------------------- --as: one person's voice
+def speaker_key(entry):
+    """A speakers entry's key, the part before the first "|" ("" unknown)."""
+    return (entry or "").split("|", 1)[0]
+
+
+def speaker_display_name(entry):
+    return (entry or "").split("|", 1)[1].strip() if "|" in (entry or "") else ""
+
+
+def group_label(display_name):
+    """The name a group turn starts with, as tg_bot.py's speaker_name makes it from a Telegram
+    user's first_name (one line, at most MAX_SPEAKER_CHARS characters, "Участник" for none);
+    an export's display name is "first last", so its first word is the first name."""
+    first = (display_name or "").split()[:1]
+    return " ".join(" ".join(first).split())[:MAX_SPEAKER_CHARS] or NO_SPEAKER_NAME
+
+
+def group_turn(display_name, text):
+    """A group member's turn as the bot's prompt shows it: "Аня: текст"."""
+    return f"{group_label(display_name)}: {text}"
+
+
+def aligned_speakers(turns, speakers):
+    """(turns, keys) without the empty turns; keys all "" where the dialogue's speakers are unknown
+    (none recorded, or not one a turn)."""
+    turns = list(turns or [])
+    speakers = list(speakers or [])
+    if len(speakers) != len(turns):
+        speakers = [""] * len(turns)
+    kept = [(t, s or "") for t, s in zip(turns, speakers) if t]
+    return [t for t, _ in kept], [s for _, s in kept]
+
+
+def voice_examples(turns, entries, voice_keys, max_turns):
+    """(context, answer) for every turn of the person (keys in voice_keys) after the first. In a group
+    (GROUP_SPEAKERS or more distinct keys) the others' turns start with their first name."""
+    keys = [speaker_key(e) for e in entries]
+    group = len({k for k in keys if k}) >= GROUP_SPEAKERS
+    shown = [turn if not group or key in voice_keys else group_turn(speaker_display_name(entry), turn)
+             for turn, key, entry in zip(turns, keys, entries)]
+    for i in range(1, len(turns)):
+        if keys[i] in voice_keys:
+            yield shown[max(0, i - max_turns):i], turns[i]
+
+
+def facts_of_others(turns, entries, voice_keys):
+    """For every answer of voice_examples, the facts the others stated before it, merged oldest first."""
+    stored, answer = [], ""
+    for k in range(1, len(turns)):
+        if speaker_key(entries[k - 1]) not in voice_keys:
+            new = extract_user_facts(turns[k - 1])
+            if new:
+                stored = merge_user_facts(stored, new)
+                answer = render_facts_answer(stored)
+        if speaker_key(entries[k]) in voice_keys:
+            yield answer
+
+
+def input_owner(parquet):
+    record = (parquet.schema_arrow.metadata or {}).get(OWNER_METADATA_KEY)
+    if not record:
+        return None
+    try:
+        owner = json.loads(record)
+    except ValueError:
+        return None
+    return owner if isinstance(owner, dict) and owner.get("key") else None
+
+
+def speaker_survey(parquet):
+    """{key: [display name (the last seen), turns]} over the whole input."""
+    found = {}
+    for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=["sample", "speakers"]):
+        data = batch.to_pydict()
+        for turns, speakers in zip(data["sample"], data["speakers"]):
+            for entry in aligned_speakers(turns, speakers)[1]:
+                key = speaker_key(entry)
+                if key:
+                    seen = found.setdefault(key, ["", 0])
+                    seen[0] = speaker_display_name(entry) or seen[0]
+                    seen[1] += 1
+    return found
+
+
+def speakers_line(found):
+    ranked = sorted(found.items(), key=lambda item: (-item[1][1], item[0]))
+    listed = [f"{name} ({key}) {turns} turns" if name else f"{key} {turns} turns"
+              for key, (name, turns) in ranked[:SPEAKERS_LISTED]]
+    more = len(ranked) - SPEAKERS_LISTED
+    return "; ".join(listed) + (f"; and {more} more" if more > 0 else "")
+
+
+def folded(name):
+    return " ".join(name.split()).casefold().replace("ё", "е")
+
+
+def resolve_voice(parquet, path, wanted):
+    """{"keys", "names"} of the people --as names: each WHO is "me", a key, a display name or a first name
+    that is one person's. No match, or a name two people share, is a UserError that lists the speakers."""
+    if "speakers" not in parquet.schema_arrow.names:
+        raise UserError(f"{path}: no 'speakers' column, so nobody's turns can be told apart for --as "
+                        "(parse a source that names who spoke, e.g. a Telegram export, with parser_dataset.py)")
+    found = speaker_survey(parquet)
+    if not found:
+        raise UserError(f"{path}: the 'speakers' column names nobody, so --as has no one to pick")
+    keys = []
+    for who in wanted:
+        who = who.strip()
+        if who.casefold() == "me":
+            owner = input_owner(parquet)
+            if owner is None:
+                raise UserError(f"{path}: --as me needs the owner record of a whole-account Telegram export "
+                                "(Settings > Advanced > Export Telegram data, JSON), and this input has none; "
+                                f"name the person instead: {speakers_line(found)}")
+            matches = [owner["key"]] if owner["key"] in found else []
+            if not matches:
+                raise UserError(f"{path}: the export's owner {owner.get('name') or ''} ({owner['key']}) wrote none "
+                                f"of its turns; speakers: {speakers_line(found)}")
+        elif who in found:
+            matches = [who]
+        else:
+            matches = [k for k, (name, _) in found.items() if name and folded(name) == folded(who)] or \
+                      [k for k, (name, _) in found.items() if name and folded(group_label(name)) == folded(who)]
+        if not matches:
+            raise UserError(f"{path}: --as {who!r} matches no speaker; speakers: {speakers_line(found)}")
+        if len(matches) > 1:
+            raise UserError(f"{path}: --as {who!r} matches {len(matches)} speakers "
+                            f"({', '.join(sorted(matches))}); give a key instead; speakers: {speakers_line(found)}")
+        keys += [k for k in matches if k not in keys]
+    return {"keys": keys, "names": [found[k][0] or k for k in keys]}
+
+
+def voice_json(voice):
+    return json.dumps({"keys": voice["keys"], "names": voice["names"]}, ensure_ascii=False)
+
+
 def create_dataset(input_path, output_dir, max_turns=MAX_TURNS, rows=None, seed=SEED,
-                   val_fraction=VAL_FRACTION, test_fraction=TEST_FRACTION, facts=FACTS):
-    """Write the six split files; return the counts per split (with the rows
-    whose facts are not empty) and what the grouping of repeated dialogues moved."""
+                   val_fraction=VAL_FRACTION, test_fraction=TEST_FRACTION, facts=FACTS, voice_of=None):
+    """Write the six split files (and, with voice_of, the --as names, voice.json); return the
+    counts per split (with the rows whose facts are not empty), what the grouping of repeated
+    dialogues moved, and the voice ({"keys", "names", "answers"}, or None)."""
     if Path(output_dir).exists() and not Path(output_dir).is_dir():
         raise UserError(f"{output_dir}: is a file; --output names the folder of the split files")
     parquet = open_input(input_path)
+    voice = resolve_voice(parquet, input_path, voice_of) if voice_of else None
+    voice_keys = set(voice["keys"]) if voice else None
     if facts:
         check_fact_tools()
-    splits, own, grouped = group_splits(parquet, rows, seed, val_fraction, test_fraction)
+    # Grouping reads every usable dialogue, so --as splits the dialogues as a run without it does.
+    splits, own, grouped = group_splits(parquet, rows, seed, val_fraction, test_fraction, voice_keys)
     counts = {split: {"dialogues": 0, "pairs": 0, "facts": 0} for split in SPLITS}
     moved = {"grouped": grouped, "dialogues": int(np.count_nonzero(splits != own)) if len(own) else 0,
              "pairs": 0}
-    writers = SplitWriters(output_dir, facts)
+    writers = SplitWriters(output_dir, facts, voice and {"keys": voice["keys"], "names": voice["names"]})
     total = 0
     try:
-        for index, (dialogue_id, turns) in enumerate(usable_dialogues(parquet, rows)):
+        for index, (dialogue_id, turns, keys) in enumerate(usable_dialogues(parquet, rows, voice_keys)):
             split = SPLITS[splits[index]]
             was_moved = bool(splits[index] != own[index])
-            counts[split]["dialogues"] += 1
-            known = facts_before_answers(turns) if facts else itertools.repeat(None)
-            for (context, answer), known_facts in zip(examples_from_dialogue(turns, max_turns), known):
+            if keys is None:
+                examples = examples_from_dialogue(turns, max_turns)
+                known = facts_before_answers(turns) if facts else itertools.repeat(None)
+            else:
+                examples = list(voice_examples(turns, keys, voice_keys, max_turns))
+                known = facts_of_others(turns, keys, voice_keys) if facts else itertools.repeat(None)
+            counts[split]["dialogues"] += keys is None or bool(examples)
+            for (context, answer), known_facts in zip(examples, known):
                 writers.add(split, dialogue_id, context, answer, known_facts)
                 counts[split]["pairs"] += 1
                 counts[split]["facts"] += bool(known_facts)
@@ -400,13 +596,19 @@ def create_dataset(input_path, output_dir, max_turns=MAX_TURNS, rows=None, seed=
                 total += 1
                 if rows and total >= rows:
                     break
+            if rows and total >= rows:
+                break
         if total == 0:
+            if voice:
+                raise UserError(f"{input_path}: no turn of {', '.join(voice['names'])} follows another turn")
             raise UserError(f"{input_path}: no dialogue with two or more turns")
         writers.commit()
     except BaseException:
         writers.abort()
         raise
-    return counts, moved
+    if voice:
+        voice["answers"] = total
+    return counts, moved, voice
 
 
 def parse_args(argv):
@@ -420,10 +622,17 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=SEED, help="seed of the split hash")
     parser.add_argument("--val-fraction", type=float, default=VAL_FRACTION)
     parser.add_argument("--test-fraction", type=float, default=TEST_FRACTION)
+    parser.add_argument("--as", dest="as_who", action="append", default=None, metavar="WHO",
+                        help="only this person's turns are answers: a speaker key (user111), a display name, or "
+                             "'me' (a Telegram account export's owner); repeat for several keys of one person")
     parser.add_argument("--facts", action=argparse.BooleanOptionalAction, default=FACTS,
                         help="write the facts column: what the user said about themselves earlier "
                              "(--no-facts: leave it out, several times faster)")
     args = parser.parse_args(argv)
+    if args.as_who is None and AS is not None:
+        args.as_who = [AS] if isinstance(AS, str) else list(AS)
+    if args.as_who is not None and not all(isinstance(w, str) and w.strip() for w in args.as_who):
+        parser.error("--as names a person: a key, a display name or 'me'")
     if args.max_turns < 1:
         parser.error("--max-turns must be at least 1")
     if args.rows is not None and args.rows < 1:
@@ -437,8 +646,8 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        counts, moved = create_dataset(args.input, args.output, args.max_turns, args.rows, args.seed,
-                                       args.val_fraction, args.test_fraction, args.facts)
+        counts, moved, voice = create_dataset(args.input, args.output, args.max_turns, args.rows, args.seed,
+                                              args.val_fraction, args.test_fraction, args.facts, args.as_who)
     except UserError as exc:
         print(f"create_dataset.py: error: {exc}", file=sys.stderr)
         return 1
@@ -451,6 +660,9 @@ def main(argv=None):
                   file=sys.stderr)
     print(f"repeated dialogues: {moved['grouped']} share a pair's text or are near-duplicates of "
           f"another; {moved['dialogues']} dialogues ({moved['pairs']} pairs) moved to their group's split")
+    if voice:
+        print(f"voice: {', '.join(f'{n} ({k})' for k, n in zip(voice['keys'], voice['names']))}: "
+              f"{voice['answers']} answers are theirs; recorded in {Path(args.output) / VOICE_FILE}")
     print(f"wrote pairs_*.csv and context_*.parquet to {args.output}/")
     return 0
 

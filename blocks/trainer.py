@@ -10,7 +10,9 @@ EOS, so the model learns where to stop. EOS, BOS and pad are chosen among the
 tokens the vocabulary already has (printed, with the reason); only a missing
 pad is added, and pad is never EOS. Batches are padded to their longest example
 and grouped by length. chat_config.json records the prompt rule, the turn
-window and the prompt budget, which every reader of the folder uses. The figure
+window and the prompt budget, which every reader of the folder uses, and "voice":
+whose turns the answers were (create_dataset.py --as writes them into the data
+folder's voice.json; null where the data is everyone's). The figure
 printed at the end is the validation loss weighted by answer tokens, as
 perplexity.py counts it; early stopping and the best checkpoint go by it too."""
 
@@ -30,6 +32,8 @@ MODEL_FILE_RE = re.compile(r"^(config\.json|generation_config\.json|model(-\d+-o
 RUN_FILES = {"chat_config.json", "training_curves.png", "trainer_state.json", "tokenizer.json",
              "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
              "added_tokens.json", "chat_template.jinja"}
+
+VOICE_FILE = "voice.json"   # <data-dir>/voice.json, create_dataset.py --as: {"keys": [...], "names": [...]}
 
 # ----------------------------------------------------------------------------
 # examples
@@ -283,14 +287,34 @@ def training_window(model, max_length, max_turns):
             "max_new_tokens": max_new}
 
 
-def chat_config(window, persona, facts=False):
+def chat_config(window, persona, facts=False, voice=None):
     """chat_config.json; "facts": whether training showed the model the facts exchange, which the chat
-    then puts into its prompts (a model that never saw it would take it for a turn of the dialogue)."""
+    then puts into its prompts (a model that never saw it would take it for a turn of the dialogue);
+    "voice": whose turns it learnt to write ({"keys", "names"}; None: everyone's)."""
     return {"format_version": 1, "prompt_rule": PROMPT_RULE, "question_label": QUESTION_LABEL,
             "answer_label": ANSWER_LABEL, "turn_separator": TURN_SEPARATOR, "persona": persona,
             "facts": bool(facts), "max_turns": window["max_turns"], "context_tokens": window["context_tokens"],
             "max_length": window["max_length"],
-            "generation": dict(GENERATION, max_new_tokens=window["max_new_tokens"])}
+            "generation": dict(GENERATION, max_new_tokens=window["max_new_tokens"]), "voice": voice}
+
+
+def read_voice(data_dir):
+    """{"keys", "names"} of the person whose turns the data's answers are (create_dataset.py --as writes
+    <data-dir>/voice.json beside the splits), or None where there is no such file."""
+    path = os.path.join(data_dir, VOICE_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            voice = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not readable as JSON ({first_line(exc)}); run create_dataset.py again") from None
+    if not (isinstance(voice, dict) and isinstance(voice.get("keys"), list) and voice["keys"]
+            and isinstance(voice.get("names"), list) and len(voice["names"]) == len(voice["keys"])
+            and all(isinstance(v, str) for v in voice["keys"] + voice["names"])):
+        raise UserError(f"{path}: expected {{\"keys\": [...], \"names\": [...]}} as create_dataset.py --as "
+                        "writes it; run create_dataset.py again")
+    return {"keys": voice["keys"], "names": voice["names"]}
 
 
 # The prompt rule as a chat template, saved with the tokenizer (chat_template.jinja), so that
@@ -885,6 +909,7 @@ def run(args, train_rows, val_rows, max_turns, persona):
     from transformers import Trainer
 
     check_training_flags(args)
+    voice = read_voice(args.data_dir)
     device = pick_device(args.device)
     check_output_dir(args.output)
     args.resume_from = resume_checkpoint(args.output, args.lora) if args.resume else None
@@ -918,10 +943,13 @@ def run(args, train_rows, val_rows, max_turns, persona):
         if any(row_parts(row)[2] for row in train_rows):
             print(f"facts exchange (the data's facts column): in {with_facts} of {len(train_rows)} training "
                   f"prompts; chat_config.json records facts {'true' if with_facts else 'false'}", flush=True)
+        if voice:
+            print(f"voice: {', '.join(f'{n} ({k})' for k, n in zip(voice['keys'], voice['names']))}, from "
+                  f"{os.path.join(args.data_dir, VOICE_FILE)}; chat_config.json records it", flush=True)
         if not args.resume_from:
             clear_previous_run(args.output)
         os.makedirs(args.output, exist_ok=True)
-        save_tokenizer_and_chat_config(tokenizer, chat_config(window, persona, with_facts > 0), args.output)
+        save_tokenizer_and_chat_config(tokenizer, chat_config(window, persona, with_facts > 0, voice), args.output)
 
     trainer = Trainer(model=model, args=targs, train_dataset=train_set, eval_dataset=val_set,
                       data_collator=make_collator(tokenizer, device), processing_class=tokenizer,

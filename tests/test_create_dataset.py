@@ -261,10 +261,41 @@ def test_real_corpus_has_no_pair_in_train_and_test(tmp_path, shared_data):
     assert parser_dataset.main(["--input", str(shared_data / "anekdot_dialogues.parquet"),
                                 "--output", str(raw)]) == 0
     # facts=False: the grouping is under test here, and facts would add a minute
-    counts, moved = cd.create_dataset(raw, tmp_path, max_turns=1, facts=False)
+    counts, moved, voice = cd.create_dataset(raw, tmp_path, max_turns=1, facts=False)
+    assert voice is None and not (tmp_path / "voice.json").exists()
     pairs = {split: pd.read_csv(tmp_path / f"pairs_{split}.csv", keep_default_na=False)
              for split in cd.SPLITS}
     text = {split: set(zip(frame["question"], frame["answer"])) for split, frame in pairs.items()}
     assert len(pairs["test"]) > 10_000 and moved["dialogues"] > 0
     assert not text["train"] & text["test"]
     assert not text["train"] & text["val"] and not text["val"] & text["test"]
+
+
+def test_as_takes_its_default_from_the_defaults_block(monkeypatch):
+    assert cd.AS is None and cd.parse_args([]).as_who is None
+    assert cd.parse_args(["--as", "me", "--as", "user2"]).as_who == ["me", "user2"]
+    monkeypatch.setattr(cd, "AS", "Вадим Петров")
+    assert cd.parse_args([]).as_who == ["Вадим Петров"]
+    monkeypatch.setattr(cd, "AS", ["me", "user2"])
+    assert cd.parse_args([]).as_who == ["me", "user2"]
+    assert cd.parse_args(["--as", "user3"]).as_who == ["user3"]  # a flag overrides the block
+
+
+def test_as_names_group_turns_only_in_a_group(tmp_path):
+    """Two speakers: a private chat, turns as they are. Three or more: the others' turns carry their
+    first name; unknown speakers are "Участник"; the person's own turns carry none."""
+    clean = tmp_path / "clean.parquet"
+    pq.write_table(pa.table({
+        "dialogue_id": [1, 2],
+        "sample": [["Привет", "Здорово", "Как жизнь?", "Норм"], ["Кто идёт?", "Я", "А я нет", "?", "Я иду"]],
+        "speakers": [["u2|Аня Иванова", "u1|Вадим", "u2|Аня Иванова", "u1|Вадим"],
+                     ["u2|Аня Иванова", "u1|Вадим", "u3|Кирилл", "", "u1|Вадим"]]}), clean)
+    out = tmp_path / "data"
+    assert cd.main(["--input", str(clean), "--output", str(out), "--as", "u1", "--no-facts",
+                    "--val-fraction", "0", "--test-fraction", "0"]) == 0
+    rows = pq.read_table(out / "context_train.parquet").to_pylist()
+    assert [(r["context"], r["answer"]) for r in rows] == [
+        (["Привет"], "Здорово"), (["Привет", "Здорово", "Как жизнь?"], "Норм"),
+        (["Аня: Кто идёт?"], "Я"), (["Аня: Кто идёт?", "Я", "Кирилл: А я нет", "Участник: ?"], "Я иду")]
+    assert [r["question"] for r in csv.DictReader(open(out / "pairs_train.csv", encoding="utf-8"))] == \
+        ["Привет", "Как жизнь?", "Аня: Кто идёт?", "Участник: ?"]

@@ -188,6 +188,7 @@ def test_tiny_run_writes_a_context_model_folder(tmp_path):
     config = json.loads((out / "chat_config.json").read_text(encoding="utf-8"))
     assert config["max_turns"] == 3 and config["context_tokens"] == 64 and config["prompt_rule"] == tm.PROMPT_RULE
     assert config["facts"] is False  # a file without the facts column
+    assert config["voice"] is None  # no voice.json: everyone's turns
     assert (out / "training_curves.png").is_file()
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -206,10 +207,14 @@ def test_the_recorded_window_is_what_the_data_held(tmp_path, capsys):
     """A context file cut to 4 turns (create_dataset.py --max-turns 4) trains a model on 4
     turns at most: chat_config.json says 4, so the chat does not show it 16."""
     data = write_context(tmp_path / "data")  # context_rows keeps at most 4 turns
+    # create_dataset.py --as: whose turns the answers are, which chat_config.json records as "voice"
+    voice = {"keys": ["user111"], "names": ["Вадим Петров"]}
+    (data / "voice.json").write_text(json.dumps(voice, ensure_ascii=False), encoding="utf-8")
     out = tmp_path / "model"
     assert tm.main(TINY + ["--data-dir", str(data), "--output", str(out), "--max-steps", "2", "--eval-steps", "2",
                            "--batch-size", "4"]) == 0
-    assert json.loads((out / "chat_config.json").read_text(encoding="utf-8"))["max_turns"] == 4
+    config = json.loads((out / "chat_config.json").read_text(encoding="utf-8"))
+    assert config["max_turns"] == 4 and config["voice"] == voice
     assert "at most 4 turns" in capsys.readouterr().out
     assert tm.trained_turns([(["a"] * 20, "b")], 16) == 16
 

@@ -456,6 +456,26 @@ def test_data_file_of_the_wrong_kind(tmp_path, capfd):
     assert not (tmp_path / "m").exists()
 
 
+def test_the_folder_records_whose_voice_the_data_was(tmp_path, capfd):
+    """create_dataset.py --as writes voice.json beside the splits; chat_config.json carries it as
+    "voice" (null for everyone's turns), and a broken voice.json is one line before any training."""
+    data = write_pairs(tmp_path / "data", PAIRS)
+    out = tmp_path / "model"
+    common = TINY + ["--data-dir", str(data), "--output", str(out), "--max-steps", "2", "--eval-steps", "2",
+                     "--batch-size", "4"]
+    assert tt.main(common) == 0
+    assert json.loads((out / "chat_config.json").read_text(encoding="utf-8"))["voice"] is None
+    voice = {"keys": ["user111"], "names": ["Вадим Петров"]}
+    (data / "voice.json").write_text(json.dumps(voice, ensure_ascii=False), encoding="utf-8")
+    assert tt.main(common) == 0
+    assert json.loads((out / "chat_config.json").read_text(encoding="utf-8"))["voice"] == voice
+    assert "voice: Вадим Петров (user111)" in capfd.readouterr().out
+    (data / "voice.json").write_text('{"keys": "user111"}', encoding="utf-8")
+    assert tt.main(common + ["--output", str(tmp_path / "m")]) == 1
+    assert "voice.json: expected" in one_line_error(capfd)
+    assert not (tmp_path / "m").exists()
+
+
 def test_unreachable_hub_points_to_offline_options(tmp_path, capfd, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     data = write_pairs(tmp_path / "data", PAIRS)

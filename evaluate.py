@@ -24,8 +24,18 @@ perplexity.py's, row for row. LSTM folders are run through their own script's
 prediction interface (`pytorch_chatbot.py eval --questions ...`), and this
 script scores what they return.
 
+A bot that talks like one person (create_dataset.py --as WHO): `--as WHO` (a speaker key, a display name
+or `me`, repeatable, resolved as create_dataset.py resolves it, from the `speakers` of --dialogues) adds a
+style match. A character n-gram classifier (TF-IDF of 2-4-grams within words, case and punctuation kept,
+and a balanced logistic regression, seeded) learns that person's turns against everyone else's in the
+train split's dialogues (those whose dialogue_id the train split files hold), and the table gets the
+share of each model's replies it attributes to the person, with the same share for the person's own
+held-out replies (the ceiling) and for the others' held-out turns (the floor). The test rows are the
+ones the person answered (with --as data, all of them), so answer PPL is on the person's held-out replies.
+
 Run it:
   python evaluate.py --model rugpt3_50k lstm_pytorch lstm_keras            # CPU
+  python evaluate.py --model vadim_bot rugpt3_50k --as "Вадим Петров"     # and how each sounds like Вадим
   python evaluate.py --model rugpt3_medium_CLEAN_model --device cuda --rows 1000
 
 Writes reports/comparison.json, reports/comparison.md and reports/comparison.png.
@@ -72,6 +82,10 @@ MAX_TURNS = None           # turns before the answer, question included (None: t
 CONTEXT_TOKENS = None      # prompt budget of transformers models in tokens (None: chat_config.json's)
 BATCH_SIZE = 8             # teacher-forced scoring only; replies are always generated one at a time
 QUIET = False              # True: no progress bars
+AS = None                  # --as: whose voice to measure, a speaker key, display name or "me" (a list: several
+                           # keys of one person); None: no style match, the table as always
+DIALOGUES = "data/clean_dialogues.parquet"  # --dialogues: the dialogues with speakers the splits were made from
+STYLE_TURNS = 50_000       # the style classifier learns from at most this many turns a side (a seeded sample)
 SCRIPTS_DIR = None         # folder of pytorch_chatbot.py and tensorflow_chatbot.py (None: beside this file,
                            # or the current folder when pasted into a notebook cell, which has no __file__)
 
@@ -112,6 +126,10 @@ COLUMNS = [
 ]
 CHART_KEYS = ["bleu4", "unigram_f1", "distinct_2", "eos_share", "memory_probe", "mean_words",
               "ms_median", "bits_per_char"]
+
+
+STYLE_COLUMN = ("style_match", "style match", "{:.2f}", True)  # a column of the table with --as only
+OWNER_KEY = b"owner"       # the parquet schema metadata of a whole-account Telegram export: {"key", "name"}
 
 
 class UserError(Exception):
@@ -229,6 +247,222 @@ def fact_distance(item):
         if probe_hit(turns[-1 - back], item["fact"]):
             return back
     return None
+
+
+# ---------------------------------------------------------------- style match (--as)
+def entry_key(entry):
+    """The key of a speakers entry ("user111|Вадим Петров" -> "user111"; "" unknown)."""
+    return str(entry or "").partition("|")[0].strip()
+
+
+def entry_name(entry):
+    return str(entry or "").partition("|")[2].strip()
+
+
+def read_dialogues(path):
+    """The dialogues of a parquet with speakers: ([(dialogue_id, [(turn, key, name), ...])], owner record or None).
+
+    Turns without text are left out; a dialogue whose speakers list is missing or not one a turn
+    has every key "" (unknown), as create_dataset.py reads it."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: dialogues file not found (--dialogues: the parquet the splits were made from)")
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:
+        raise UserError(f"{path}: cannot read parquet ({exc.__class__.__name__})") from None
+    names = parquet.schema_arrow.names
+    missing = [c for c in ("sample", "dialogue_id") if c not in names]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)}")
+    if "speakers" not in names:
+        raise UserError(f"{path}: no 'speakers' column, so --as cannot tell whose turns are whose "
+                        "(parse a source that names who spoke, e.g. a Telegram export, with parser_dataset.py)")
+    owner = None
+    record = (parquet.schema_arrow.metadata or {}).get(OWNER_KEY)
+    if record:
+        with contextlib.suppress(ValueError):
+            owner = json.loads(record)
+    if not (isinstance(owner, dict) and owner.get("key")):
+        owner = None
+    dialogues = []
+    table = parquet.read(columns=["dialogue_id", "sample", "speakers"]).to_pydict()
+    for dialogue_id, turns, speakers in zip(table["dialogue_id"], table["sample"], table["speakers"]):
+        turns = list(turns or [])
+        speakers = list(speakers or [])
+        if len(speakers) != len(turns):
+            speakers = [""] * len(turns)
+        dialogues.append((int(dialogue_id), [(t, entry_key(s), entry_name(s)) for t, s in zip(turns, speakers) if t]))
+    return dialogues, owner
+
+
+def speaker_counts(dialogues):
+    """{key: [display name (the last one seen), turns]} over all dialogues, unknown speakers left out."""
+    counts = {}
+    for _, turns in dialogues:
+        for _, key, name in turns:
+            if key:
+                known = counts.setdefault(key, ["", 0])
+                known[0] = name or known[0]
+                known[1] += 1
+    return counts
+
+
+def list_speakers(counts, limit=20):
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1][1], kv[0]))
+    text = "; ".join(f"{name} ({key}) {n} turns" if name else f"{key} {n} turns" for key, (name, n) in ranked[:limit])
+    return text + (f"; and {len(ranked) - limit} more" if len(ranked) > limit else "")
+
+
+def resolve_as(dialogues, owner, wanted, path):
+    """{"keys", "names"} of the person --as names, as create_dataset.py resolves it: "me" (the export's
+    owner), a key, a display name, or a first name that is one speaker's; otherwise a UserError listing the
+    speakers with their turn counts."""
+    counts = speaker_counts(dialogues)
+    if not counts:
+        raise UserError(f"{path}: the 'speakers' column names nobody, so --as has no one to pick")
+
+    def fold(text):
+        return " ".join(text.split()).casefold().replace("ё", "е")
+
+    keys = []
+    for who in (w.strip() for w in wanted):
+        if who.casefold() == "me":
+            if owner is None:
+                raise UserError(f"{path}: --as me needs the owner record of a whole-account Telegram export, and "
+                                f"this input has none; name the person instead: {list_speakers(counts)}")
+            found = [owner["key"]] if owner["key"] in counts else []
+        elif who in counts:
+            found = [who]
+        else:
+            found = [k for k, (name, _) in counts.items() if name and fold(name) == fold(who)]
+            found = found or [k for k, (name, _) in counts.items() if name and fold(name.split()[0]) == fold(who)]
+        if len(found) != 1:
+            what = "matches no speaker" if not found else f"matches {len(found)} speakers ({', '.join(sorted(found))})"
+            raise UserError(f"{path}: --as {who!r} {what}; speakers: {list_speakers(counts)}")
+        keys += [k for k in found if k not in keys]
+    return {"keys": keys, "names": [counts[k][0] or k for k in keys]}
+
+
+def split_dialogue_ids(data_dir, split):
+    """The dialogue ids of a split, from context_<split>.parquet or else pairs_<split>.csv."""
+    import pandas as pd
+
+    data_dir = Path(data_dir)
+    for path, read in ((data_dir / f"context_{split}.parquet", pd.read_parquet),
+                       (data_dir / f"pairs_{split}.csv", pd.read_csv)):
+        if path.is_file():
+            try:
+                frame = read(path, columns=["dialogue_id"]) if path.suffix == ".parquet" else read(path, usecols=[
+                    "dialogue_id"], encoding="utf-8")
+            except Exception as exc:
+                raise UserError(f"{path}: cannot read its dialogue_id column ({exc.__class__.__name__})") from None
+            return {int(i) for i in frame["dialogue_id"]}
+    raise UserError(f"{data_dir / f'context_{split}.parquet'}: not found (nor pairs_{split}.csv); the style match "
+                    f"learns from the {split} split")
+
+
+def turns_by_side(dialogues, ids, keys):
+    """(the person's turns, everyone else's) in the dialogues of ids; turns of unknown speakers left out."""
+    own, others = [], []
+    for dialogue_id, turns in dialogues:
+        if dialogue_id in ids:
+            for text, key, _ in turns:
+                if key:
+                    (own if key in keys else others).append(text)
+    return own, others
+
+
+def capped(texts, limit, seed):
+    """At most limit texts, a seeded sample kept in order."""
+    if len(texts) <= limit:
+        return list(texts)
+    return [texts[i] for i in sorted(random.Random(seed).sample(range(len(texts)), limit))]
+
+
+def train_style_classifier(own, others, seed):
+    """A character n-gram classifier of the person's turns (1) against everyone else's (0): TF-IDF over
+    2-4-grams of characters within words, case and punctuation kept, and a balanced logistic regression."""
+    try:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+    except ImportError:
+        raise UserError("--as: the style match needs scikit-learn (pip install scikit-learn)") from None
+
+    classifier = make_pipeline(
+        TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 4), lowercase=False, sublinear_tf=True),
+        LogisticRegression(C=4.0, class_weight="balanced", max_iter=2000, random_state=seed))
+    classifier.fit(list(own) + list(others), [1] * len(own) + [0] * len(others))
+    return classifier
+
+
+def style_share(classifier, texts):
+    """The share of texts the classifier attributes to the person; an empty reply is nobody's."""
+    texts = [" ".join(str(t).split()) for t in texts]
+    if not texts:
+        return None
+    said = [i for i, t in enumerate(texts) if t]
+    votes = classifier.predict([texts[i] for i in said]) if said else []
+    return float(sum(int(v) for v in votes) / len(texts))
+
+
+def prepare_style(args):
+    """With --as: the person, the classifier trained on the train split's turns, the floor (others' held-out
+    turns) and a keep(dialogue_id, answer) that picks the test rows the person answered; None without --as."""
+    if not args.as_who:
+        return None
+    dialogues, owner = read_dialogues(args.dialogues)
+    person = resolve_as(dialogues, owner, args.as_who, args.dialogues)
+    keys = set(person["keys"])
+    train_ids = split_dialogue_ids(args.data_dir, "train")
+    own, others = turns_by_side(dialogues, train_ids, keys)
+    if not own or not others:
+        side = "the person's" if not own else "anyone else's"
+        raise UserError(f"{args.dialogues}: the train split's dialogues ({args.data_dir}) hold none of {side} turns, "
+                        f"so no style can be learnt for --as {', '.join(person['names'])}")
+    own, others = capped(own, STYLE_TURNS, args.seed), capped(others, STYLE_TURNS, args.seed)
+    classifier = train_style_classifier(own, others, args.seed)
+    test_ids = split_dialogue_ids(args.data_dir, args.split)
+    _, held_out_others = turns_by_side(dialogues, test_ids, keys)
+    held_out_others = capped(held_out_others, STYLE_TURNS, args.seed)
+    said_by_person = {}
+    for dialogue_id, turns in dialogues:
+        if dialogue_id in test_ids:
+            said_by_person[dialogue_id] = {" ".join(t.split()) for t, key, _ in turns if key in keys}
+    return {"person": person, "classifier": classifier, "train_turns": {"person": len(own), "others": len(others)},
+            "floor": style_share(classifier, held_out_others), "floor_turns": len(held_out_others), "seed": args.seed,
+            "keep": lambda dialogue_id, answer: " ".join(answer.split()) in said_by_person.get(dialogue_id, ())}
+
+
+def style_report(style, examples, rows):
+    """The --as part of the comparison: who, how the classifier was trained, ceiling and floor, and per model
+    its style match and answer perplexity on the person's held-out replies."""
+    ok = [row for row in rows if row["status"] == "ok"]
+    return {"as": style["person"]["names"], "keys": style["person"]["keys"],
+            "classifier": "TF-IDF of character 2-4-grams within words (case and punctuation kept) + logistic "
+                          f"regression (balanced classes, C=4), seed {style['seed']}",
+            "train_turns": style["train_turns"], "held_out_replies": len(examples),
+            "ceiling": style_share(style["classifier"], [e["answer"] for e in examples]),
+            "floor": style["floor"], "floor_turns": style["floor_turns"],
+            "models": {row["model"]: {"style_match": row.get("style_match"),
+                                      "answer_perplexity": row.get("answer_perplexity")} for row in ok}}
+
+
+def style_lines(style):
+    """The printed (and written) lines of the style match."""
+    who = " / ".join(style["as"])
+    figures = style["models"].items()
+    return [
+        f"style match (share of replies that read as {who}): "
+        + ", ".join(f"{model} {fmt(f['style_match'], '{:.2f}')}" for model, f in figures)
+        + f"; ceiling {fmt(style['ceiling'], '{:.2f}')} ({who}'s own held-out replies), "
+          f"floor {fmt(style['floor'], '{:.2f}')} (others')",
+        f"answer perplexity on {who}'s {style['held_out_replies']} held-out replies: "
+        + ", ".join(f"{model} {fmt(f['answer_perplexity'], '{:.2f}')}" for model, f in figures),
+    ]
 
 
 # ---------------------------------------------------------------- model folders
@@ -440,6 +674,8 @@ def evaluate_model(folder, examples, probe, options):
             records, probe_replies, info = run_lstm(folder, kind, examples, probe, options)
         row.update(info)
         row.update(reply_metrics(records))
+        if options.get("style"):
+            row["style_match"] = style_share(options["style"]["classifier"], [r["reply"] for r in records])
         row.update(probe_metrics(probe, probe_replies))
         row["samples"] = [{"question": e["turns"][-1], "reference": r["reference"], "reply": r["reply"]}
                           for e, r in list(zip(examples, records))[:5]]
@@ -456,9 +692,15 @@ def fmt(value, pattern):
     return "—" if value is None else pattern.format(value)
 
 
+def table_columns(result):
+    """The table's columns: COLUMNS, and the style match where --as asked for one."""
+    return COLUMNS + [STYLE_COLUMN] if result.get("style") else COLUMNS
+
+
 def markdown_table(result):
     settings = result["settings"]
-    header = "| model | kind | " + " | ".join(title for _, title, _, _ in COLUMNS) + " | status |"
+    columns = table_columns(result)
+    header = "| model | kind | " + " | ".join(title for _, title, _, _ in columns) + " | status |"
     lines = [
         "# Comparison of the kit's models",
         "",
@@ -467,15 +709,15 @@ def markdown_table(result):
         f"Memory probe: `{settings['probe']}`, {settings['probe_dialogues']} dialogues.",
         "",
         header,
-        "|" + "---|" * (len(COLUMNS) + 3),
+        "|" + "---|" * (len(columns) + 3),
     ]
     for row in result["models"]:
-        cells = [fmt(row.get(key), pattern) for key, _, pattern, _ in COLUMNS]
+        cells = [fmt(row.get(key), pattern) for key, _, pattern, _ in columns]
         status = "ok" if row["status"] == "ok" else "error: " + row["error"].replace("|", "\\|")
         lines.append(f"| {row['model']} | {row['kind'] or '—'} | " + " | ".join(cells) + f" | {status} |")
     research = result["research"]
     cells = []
-    for key, _, pattern, _ in COLUMNS:
+    for key, _, pattern, _ in columns:
         cells.append(f"{research[key]} ({research[key + '_model']})" if key in research else "—")
     lines.append("| research write-up † | as published | " + " | ".join(cells) + " | measured differently |")
     lines += [
@@ -512,6 +754,21 @@ def markdown_table(result):
         lines.append(f"- {row['model']}: memory probe {row['memory_probe_hits']}/"
                      f"{row['memory_probe_dialogues']} ({', '.join(parts)})")
     lines.append("")
+    style = result.get("style")
+    if style:
+        who = " / ".join(style["as"])
+        lines += [
+            f"Style match (`--as`): the share of a model's replies to the {style['held_out_replies']} held-out "
+            f"questions that {who} answered which a classifier attributes to {who}. The classifier "
+            f"({style['classifier']}) learnt {who}'s turns ({style['train_turns']['person']}) against everyone "
+            f"else's ({style['train_turns']['others']}) in the train split's dialogues; an empty reply counts as "
+            f"nobody's. The ceiling is the same share for {who}'s own held-out replies (the test answers), the "
+            f"floor for the other people's held-out turns ({style['floor_turns']}). Answer PPL is measured on "
+            f"{who}'s held-out replies.",
+            "",
+            *(f"- {line}" for line in style_lines(style)),
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -586,7 +843,7 @@ def compare(folders, examples, probe, options):
     by_distance = {}
     for item in probe:
         by_distance.setdefault(fact_distance(item), []).append(item["id"])
-    return {
+    result = {
         "settings": {"data": options["data"], "rows": len(examples), "seed": options["seed"],
                      "device": options["device"], "max_new_tokens": options["max_new_tokens"],
                      "probe": options["probe"], "probe_dialogues": len(probe),
@@ -596,6 +853,9 @@ def compare(folders, examples, probe, options):
         "research": RESEARCH,
         "probe_by_distance": {str(k): v for k, v in by_distance.items()},
     }
+    if options.get("style"):
+        result["style"] = style_report(options["style"], examples, rows)
+    return result
 
 
 # ---------------------------------------------------------------- main
@@ -622,7 +882,17 @@ def parse_args(argv):
                         help="prompt budget of transformers models in tokens (default: chat_config.json)")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="batch of the perplexity scoring")
     parser.add_argument("--quiet", action="store_true", default=QUIET, help="no progress bars")
+    parser.add_argument("--as", dest="as_who", action="append", default=None, metavar="WHO",
+                        help="also report how much each model's replies read like this person's (a style match): a "
+                             "speaker key (user111), a display name, or 'me' (a Telegram account export's owner); "
+                             "repeat for several keys of one person; the test rows are the ones they answered")
+    parser.add_argument("--dialogues", default=DIALOGUES,
+                        help="the dialogues with speakers the splits were made from, for --as (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.as_who is None and AS is not None:
+        args.as_who = [AS] if isinstance(AS, str) else list(AS)
+    if args.as_who is not None and not all(isinstance(w, str) and w.strip() for w in args.as_who):
+        parser.error("--as: give a speaker key, a display name or 'me'")
     if (args.rows or 0) < 0 or args.batch_size < 1 or args.max_new_tokens < 1 \
             or any(value is not None and value < 1 for value in (args.max_turns, args.context_tokens)):
         parser.error("--rows must be >= 0; --batch-size, --max-new-tokens, --max-turns and --context-tokens >= 1")
@@ -640,7 +910,9 @@ def main(argv=None, scripts=None):
     args = parse_args(argv)
     try:
         device = pick_device(args.device)
-        examples, data_path = load_split(args.data_dir, args.split, args.rows, args.seed)
+        style = prepare_style(args)
+        examples, data_path = load_split(args.data_dir, args.split, args.rows, args.seed,
+                                         style["keep"] if style else None)
         probe = load_probe(args.probe)
     except UserError as exc:
         print(f"evaluate.py: error: {exc}", file=sys.stderr)
@@ -648,7 +920,7 @@ def main(argv=None, scripts=None):
     options = {"device": device, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
                "max_turns": args.max_turns, "context_tokens": args.context_tokens, "batch_size": args.batch_size,
                "progress": not args.quiet,
-               "scripts": scripts or LSTM_SCRIPTS, "data": str(data_path), "probe": str(args.probe)}
+               "scripts": scripts or LSTM_SCRIPTS, "data": str(data_path), "probe": str(args.probe), "style": style}
     result = compare(args.model, examples, probe, options)
     failed = [row for row in result["models"] if row["status"] != "ok"]
     if len(failed) == len(result["models"]):
@@ -656,6 +928,8 @@ def main(argv=None, scripts=None):
         return 1
     paths = write_reports(result, args.output)
     print("\n".join(line for line in markdown_table(result).splitlines() if line.startswith("|")))
+    if result.get("style"):
+        print("\n".join(style_lines(result["style"])))
     print("wrote " + ", ".join(str(p) for p in paths))
     show_in_notebook(str(next(p for p in paths if p.suffix == ".png")))
     return 1 if failed else 0
@@ -1043,9 +1317,10 @@ def row_facts(example, settings):
     return (example.get("facts") or None) if settings["facts_exchange"] else None
 
 
-def load_split(data_dir, split, rows, seed):
+def load_split(data_dir, split, rows, seed, keep=None):
     """Test rows as dicts {dialogue_id, turns (oldest first, the question last), answer}, and
-    facts (a text, "" where none) where the split has a facts column.
+    facts (a text, "" where none) where the split has a facts column; keep (a row's dialogue_id
+    and answer to True or False), where given, picks the rows before the sample is drawn.
 
     context_<split>.parquet is preferred (it carries the earlier turns);
     pairs_<split>.csv is the fallback, with the question as the only turn."""
@@ -1085,13 +1360,14 @@ def load_split(data_dir, split, rows, seed):
         else:
             turns = [str(row.question)]
         answer = row.answer if isinstance(row.answer, str) else ""
-        if turns and turns[-1].strip() and answer.strip():
+        if turns and turns[-1].strip() and answer.strip() and (keep is None or keep(int(row.dialogue_id), answer)):
             examples.append({"dialogue_id": int(row.dialogue_id), "turns": turns, "answer": answer})
             if has_facts:
                 facts = getattr(row, FACTS_COLUMN)
                 examples[-1]["facts"] = facts if isinstance(facts, str) else ""
     if not examples:
-        raise UserError(f"{path}: the {split} split is empty (no row with a question and an answer)")
+        which = "no row with a question and an answer" + (" that --as picks" if keep is not None else "")
+        raise UserError(f"{path}: the {split} split is empty ({which})")
     if rows and rows < len(examples):
         # A seeded sample kept in file order: the same rows for every script given the same seed.
         picked = sorted(random.Random(seed).sample(range(len(examples)), rows))

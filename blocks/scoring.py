@@ -48,9 +48,10 @@ def row_facts(example, settings):
     return (example.get("facts") or None) if settings["facts_exchange"] else None
 
 
-def load_split(data_dir, split, rows, seed):
+def load_split(data_dir, split, rows, seed, keep=None):
     """Test rows as dicts {dialogue_id, turns (oldest first, the question last), answer}, and
-    facts (a text, "" where none) where the split has a facts column.
+    facts (a text, "" where none) where the split has a facts column; keep (a row's dialogue_id
+    and answer to True or False), where given, picks the rows before the sample is drawn.
 
     context_<split>.parquet is preferred (it carries the earlier turns);
     pairs_<split>.csv is the fallback, with the question as the only turn."""
@@ -90,13 +91,14 @@ def load_split(data_dir, split, rows, seed):
         else:
             turns = [str(row.question)]
         answer = row.answer if isinstance(row.answer, str) else ""
-        if turns and turns[-1].strip() and answer.strip():
+        if turns and turns[-1].strip() and answer.strip() and (keep is None or keep(int(row.dialogue_id), answer)):
             examples.append({"dialogue_id": int(row.dialogue_id), "turns": turns, "answer": answer})
             if has_facts:
                 facts = getattr(row, FACTS_COLUMN)
                 examples[-1]["facts"] = facts if isinstance(facts, str) else ""
     if not examples:
-        raise UserError(f"{path}: the {split} split is empty (no row with a question and an answer)")
+        which = "no row with a question and an answer" + (" that --as picks" if keep is not None else "")
+        raise UserError(f"{path}: the {split} split is empty ({which})")
     if rows and rows < len(examples):
         # A seeded sample kept in file order: the same rows for every script given the same seed.
         picked = sorted(random.Random(seed).sample(range(len(examples)), rows))

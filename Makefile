@@ -65,4 +65,5 @@ bench: $(STAMP)
 
 clean:
 	rm -rf .pytest_cache reports lstm_pytorch lstm_keras rugpt3_50k rugpt3_medium_CLEAN_model \
-	       data/*.parquet data/*.csv data/clean_report.json
+	       data/*.parquet data/*.csv data/clean_report.json \
+	       data/voice.json *.gguf *.chat_config.json

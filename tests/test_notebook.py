@@ -75,6 +75,7 @@ NEEDS = {  # the stages whose output a stage reads, in the order they run
                     "tensorflow_chatbot.py", "train_transformer.py", "train_medium_context.py"],
     "system_prompt.py": ["parser_dataset.py", "cleaner_text.py", "create_dataset.py", "train_medium_context.py"],
     "tg_bot.py": ["parser_dataset.py", "cleaner_text.py", "create_dataset.py", "train_transformer.py"],
+    "export_gguf.py": ["parser_dataset.py", "cleaner_text.py", "create_dataset.py", "train_transformer.py"],
 }
 
 # The end every converted script has, word for word but for the argv of a pasted cell.
@@ -531,6 +532,27 @@ def test_evaluate_in_a_cell_shows_its_chart(folder):
     assert (folder / "reports" / "comparison.md").is_file() and (folder / "reports" / "comparison.png").is_file()
     assert images(cells[6]), describe(cells[6])  # the chart, shown in the cell
     # The same backend as before: a script that forces Agg leaves every later plot of the notebook blank.
+    assert kernel_state(cells[0]) == kernel_state(cells[-1])
+
+
+def test_export_gguf_in_a_cell(folder):
+    """The defaults block names the trainer's folder; the GGUF and its chat_config.json land beside it, and
+    a wrong setting in the block is one `export_gguf.py: error:` line."""
+    script = "export_gguf.py"
+    produce(folder, script)
+    model = TRANSFORMER_MODELS["train_transformer.py"]
+    cells = run_notebook(folder, [
+        PROBE,
+        cell(script, MODEL="no_such_model"),
+        cell(script, TYPE="q3"),
+        cell(script, MODEL=model, TYPE="f16", OUTPUT="tiny.f16.gguf"),
+        PROBE,
+    ])
+    assert_user_error(cells[1], script, "no_such_model")
+    assert_user_error(cells[2], script, "q3")
+    assert_no_exception(cells[3])
+    assert "tokenizer check" in stream(cells[3], "stdout")
+    assert (folder / "tiny.f16.gguf").stat().st_size > 0 and (folder / "tiny.f16.chat_config.json").is_file()
     assert kernel_state(cells[0]) == kernel_state(cells[-1])
 
 

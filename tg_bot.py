@@ -164,6 +164,7 @@ LOG_PROMPTS = False             # True: log every prompt (users' words: for debu
 LOG_LEVEL = "INFO"              # DEBUG, INFO, WARNING or ERROR
 SERVER = None                   # base URL of an OpenAI-compatible inference server; None: the model runs here
 SERVER_TIMEOUT = 60.0           # seconds a reply from the server may take, its wait in the server's queue included
+SERVER_KEY = None               # the server's API key (None: $OPENAI_API_KEY, else none; better: TG_BOT_SERVER_KEY)
 NO_STREAM = False               # True: a reply is sent once complete, not shown as it is written
 STREAM_EVERY_SECONDS = 1.0      # a streamed reply is updated at most this often in a private chat...
 GROUP_STREAM_EVERY_SECONDS = 3.0  # ...and in a group (Telegram allows about 20 messages a minute there)
@@ -1177,8 +1178,8 @@ class ServerReplies:
 
     def _run(self, request):
         try:
-            request.finish(server_reply(self.server, self.settings, request.prompt_text,
-                                        request.show if request.stream else None))
+            request.finish(server_reply(self.server, self.settings, request.prompt,
+                                        request.show if request.stream else None, request.prompt_text))
         except Exception as error:  # ServerError: the worker apologises to its chat
             request.finish(error=error)
 
@@ -1851,6 +1852,9 @@ def build_parser():
     parser.add_argument("--server-timeout", type=float, default=SERVER_TIMEOUT,
                         help="seconds a reply from the server may take, its wait in the server's queue included; "
                              "later, the user gets an apology")
+    parser.add_argument("--server-key", default=SERVER_KEY,
+                        help="the inference server's API key, sent as \"Authorization: Bearer KEY\" (default: "
+                             "$OPENAI_API_KEY, else none)")
     parser.add_argument("--no-stream", action="store_true", default=NO_STREAM,
                         help="send a reply once it is complete instead of showing it as it is written")
     parser.add_argument("--max-input-chars", type=int, default=DEFAULT_MAX_INPUT_CHARS,
@@ -1882,7 +1886,7 @@ def check_choices(parser, args):
 
 # Settings that None leaves to chat_config.json, the environment or "none": every other one must be set.
 MAY_BE_NONE = {"persona", "max_new_tokens", "temperature", "top_p", "repetition_penalty", "context_tokens",
-               "max_turns", "token_file", "api_url", "allowed_users", "workers", "server"}
+               "max_turns", "token_file", "api_url", "allowed_users", "workers", "server", "server_key"}
 
 
 def check_types(parser, args):
@@ -1981,7 +1985,8 @@ def run(args, token):
                     chat["weights"])
     server = None
     if args.server:
-        server = open_server(args.server, chat["tokenizer"], args.server_timeout, settings["generation"])
+        server = open_server(args.server, chat["tokenizer"], args.server_timeout, settings["generation"],
+                             args.server_key)
         for note in server["notes"]:
             log.warning("%s", note)
     # Opened only once the settings are known to be good, so a mistake leaves no new file behind.
@@ -2017,9 +2022,12 @@ def run(args, token):
                  "plain weights", f"{chat['threads']} threads" if chat["device"] == "cpu" else chat["device"],
                  settings["budget"], args.max_batch, streaming, args.db)
     else:
-        log.info("bot @%s is up: replies from the inference server %s (model %s; tokenizer and chat settings of %s), "
+        log.info("bot @%s is up: replies from the inference server %s (%s; tokenizer and chat settings of %s), "
                  "prompt budget %d tokens, replies %s, history in %s", me.username, server["url"],
-                 server["model"] or "not known yet", chat["weights"], settings["budget"], streaming, args.db)
+                 server_summary(server), chat["weights"], settings["budget"], streaming, args.db)
+    voice = describe_voice(chat["chat_config"])
+    if voice:
+        log.info("voice: %s", voice)
     log.info("access: %s", describe_access(args.allowed_users))
     log.info("memory: %s", "off (--no-memory)" if args.no_memory else
              f"what users say about themselves is kept in {args.db} (/memory, /forget)")
@@ -3539,6 +3547,7 @@ SERVER_CONNECT_SECONDS = 5.0  # an inference server that does not take the conne
 # Counted by the server's tokenizer at the start: a BOS added, or "</s>" typed by a user read as the
 # end of text, would give a count other than the kit's.
 PROBE_PROMPT = "Вопрос: </s> проверка <s>\nОтвет:"
+SERVER_KEY_ENV = "OPENAI_API_KEY"  # the server's key where --server-key is not given
 
 
 class UserError(Exception):
@@ -3919,9 +3928,13 @@ def generate_reply(chat, settings, prompt, on_text=None):
     the inference server the chat was opened with; on_text, if given, gets the visible text as
     it grows."""
     if chat.get("server"):
-        return server_reply(chat["server"], settings, chat["tokenizer"].decode(prompt), on_text)
+        return server_reply(chat["server"], settings, prompt, on_text)
     ids = generate_ids(chat, settings, [prompt], [on_text])[0]
     return decode_reply(chat["tokenizer"], ids)
+
+
+class ServerKeyError(ServerError):
+    """The inference server refused the key (HTTP 401 or 403)."""
 
 
 def server_base_url(url):
@@ -3933,71 +3946,149 @@ def server_base_url(url):
     return base
 
 
-def open_server(url, tokenizer, timeout, generation=None):
-    """The inference server that runs the model (an OpenAI-compatible one: transformers serve,
-    vLLM): its address, the model it serves (GET /v1/models, sent with every request), and
-    notes for the caller to show: penalties of the generation settings it cannot apply, a
-    server that does not answer yet, or one whose tokenizer counts a prompt otherwise than the
-    kit (a BOS added, a user's "</s>" read as the end of text)."""
+def server_call(server, method, route, **options):
+    """One HTTP request to the server with its key; ServerKeyError when the key is refused."""
+    response = requests.request(method, server["url"] + route, headers=server["headers"],
+                                timeout=(SERVER_CONNECT_SECONDS, server["timeout"]), **options)
+    if response.status_code in (401, 403):
+        response.close()
+        raise ServerKeyError(f"{server['url']} refused the key (HTTP {response.status_code}): "
+                             + ("--server-key is not the server's key" if server["headers"] else
+                                "give the server's key with --server-key (or OPENAI_API_KEY)"))
+    return response
+
+
+def open_server(url, tokenizer, timeout, generation=None, key=None):
+    """The inference server that runs the model (an OpenAI-compatible one: llama.cpp's
+    llama-server, vLLM, transformers serve): its address, the model it serves (GET /v1/models,
+    sent with every request), how it takes a prompt (probe_server), and notes for the caller to
+    show: penalties of the generation settings it cannot apply, a server that does not answer
+    yet, or one that takes text only and counts a prompt otherwise than the kit. `key` (else
+    $OPENAI_API_KEY) goes as "Authorization: Bearer"; a key the server refuses is a UserError."""
     base = server_base_url(url)
-    server = {"url": base, "timeout": float(timeout), "model": None, "eos_token": tokenizer.eos_token,
-              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, "notes": []}
+    key = key or os.environ.get(SERVER_KEY_ENV) or None
+    server = {"url": base, "timeout": float(timeout), "model": None, "owner": None, "eos_token": tokenizer.eos_token,
+              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, "notes": [],
+              "tokenizer": tokenizer, "headers": {"Authorization": f"Bearer {key}"} if key else {},
+              "prompt_form": None, "sampling_fields": None}
     generation = generation or {}
     if float(generation.get("repetition_penalty") or 1.0) != 1.0 or int(generation.get("no_repeat_ngram_size") or 0):
         server["notes"].append("the repetition penalty and n-gram blocking of the generation settings are not sent to "
                                "the server: its own would count the prompt's words too (see deploy/README.md)")
-    server["model"] = served_model(server)
     try:
-        if server["model"] is None:
-            raise ValueError("GET /v1/models names no model")
-        probe = requests.post(base + "/v1/completions", timeout=(SERVER_CONNECT_SECONDS, server["timeout"]), json={
-            "model": server["model"], "prompt": PROBE_PROMPT, "max_tokens": 1, "temperature": 0.0})
-        probe.raise_for_status()
-        counted = probe.json()["usage"]["prompt_tokens"]
-    except (requests.RequestException, ValueError, LookupError, TypeError) as error:
-        server["notes"].append(f"--server {base}: no answer as an OpenAI-compatible server ({type(error).__name__}: "
-                               f"{error}); every reply is an apology until it answers")
-        return server
-    ours = len(encode_text(tokenizer, PROBE_PROMPT))
-    if counted != ours:
-        server["notes"].append(f"--server {base} counts {counted} tokens in a prompt where the kit counts {ours}: "
-                               f"its tokenizer adds a BOS or reads a user's '</s>' as the end of text; serve a "
-                               f"model folder whose tokenizer_config.json has \"split_special_tokens\": true")
+        server["notes"].extend(probe_server(server))
+    except ServerKeyError as error:
+        raise UserError(f"--server {error}") from None
+    except ServerError as error:
+        server["notes"].append(f"--server {base}: no answer as an OpenAI-compatible server ({error}); every reply is "
+                               f"an apology until it answers")
     return server
 
 
 def served_model(server):
-    """The id of the model the server serves (GET /v1/models), sent with every request; None
-    while the server does not say."""
+    """The id of the model the server serves (GET /v1/models), sent with every request, and who
+    says it serves it ("llamacpp", "vllm"...); None while the server does not say."""
     try:
-        listed = requests.get(server["url"] + "/v1/models", timeout=(SERVER_CONNECT_SECONDS, server["timeout"]))
-        listed.raise_for_status()
-        return listed.json()["data"][0]["id"]
-    except (requests.RequestException, ValueError, LookupError, TypeError):
+        with server_call(server, "GET", "/v1/models") as listed:
+            listed.raise_for_status()
+            entry = listed.json()["data"][0]
+        server["owner"] = entry.get("owned_by")
+        return entry["id"]
+    except (requests.RequestException, ValueError, LookupError, TypeError, AttributeError):
         return None
 
 
-def server_body(server, settings, prompt_text):
-    """The /v1/completions request for a prompt: the kit's prompt as text, the reply's length,
-    sampling and the label stop strings, streamed. transformers serve samples only when its own
-    generation_config says so (which replaces the folder's: the EOS and pad ids go with it);
-    vLLM ignores that key and samples whenever the temperature is above 0. The penalties are
-    left out: both servers would count the prompt's tokens too."""
-    generation = settings["generation"]
+def probe_server(server):
+    """How the server takes a prompt, learnt once with the probe prompt and max_tokens 1, and
+    remembered in server["prompt_form"] ("ids" or "text") and server["sampling_fields"] ("top
+    level": top_k and min_p beside temperature, as llama-server and vLLM take them; "generation
+    config": inside transformers serve's generation_config JSON, as it refuses unknown fields).
+    Token ids are used where the server counts exactly their number: it then reads the prompt as
+    the kit built it. Else text, with a note where the server's tokenizer counts the probe
+    otherwise (a BOS added, a typed "</s>" read as the end of text). The notes are returned;
+    ServerError when no form is taken, ServerKeyError when the key is refused."""
+    if server["model"] is None:
+        server["model"] = served_model(server)
+        if server["model"] is None:
+            raise ServerError("GET /v1/models names no model")
+    ids = encode_text(server["tokenizer"], PROBE_PROMPT)
+    probe = {"max_new_tokens": 1, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
+    failures = []
+    for form, fields in (("ids", "top level"), ("ids", "generation config"), ("text", "top level"),
+                         ("text", "generation config")):
+        body = completion_body(server, probe, ids if form == "ids" else PROBE_PROMPT, fields, stream=False)
+        try:
+            with server_call(server, "POST", "/v1/completions", json=body) as answer:
+                if answer.status_code != 200:
+                    failures.append(f"{form} prompt, {fields}: HTTP {answer.status_code} {answer.text[:120]!r}")
+                    continue
+                counted = answer.json()["usage"]["prompt_tokens"]
+        except ServerKeyError:
+            raise
+        except (requests.RequestException, ValueError, LookupError, TypeError) as error:
+            raise ServerError(f"{type(error).__name__}: {error}") from None
+        if form == "ids" and counted != len(ids):
+            failures.append(f"ids prompt: {counted} tokens counted for {len(ids)} ids")
+            continue
+        server["prompt_form"], server["sampling_fields"] = form, fields
+        if form == "text" and counted != len(ids):
+            return [f"--server {server['url']} takes prompts as text only and counts {counted} tokens in one where "
+                    f"the kit counts {len(ids)}: its tokenizer adds a BOS or reads a user's '</s>' as the end of "
+                    f"text; serve a model folder whose tokenizer_config.json has \"split_special_tokens\": true"]
+        return []
+    raise ServerError("; ".join(failures))
+
+
+def server_summary(server):
+    """The start line's words for the server: where it is, what it serves, how prompts go."""
+    how = {"ids": "prompts sent as token ids", "text": "prompts sent as text"}.get(server["prompt_form"],
+                                                                                "not answering yet")
+    return f"server {server['url']} serves {server['model'] or 'a model not known yet'}; {how}"
+
+
+def completion_body(server, generation, prompt, fields, stream=True):
+    """A /v1/completions request: the prompt (token ids or text), the reply's length, every
+    sampling setting and the label stop strings. fields "top level": temperature, top_p, top_k
+    (0: off; llama-cpp-python's server refuses -1) and min_p 0 beside the prompt, as llama-server
+    (whose own defaults are top_k 40 and min_p 0.05) and vLLM take them; llama-server is also told
+    the kit's order, temperature before top_p (its own puts it last). fields "generation config":
+    transformers serve, which refuses fields it does not know and samples only when its
+    generation_config says so (which replaces the folder's: the EOS and pad ids go with it). The
+    penalties are left out: the servers would count the prompt's tokens too."""
     sample, length = bool(generation["do_sample"]), int(generation["max_new_tokens"])
-    config = {"do_sample": sample, "max_new_tokens": length, "eos_token_id": server["eos_token_id"],
-              "pad_token_id": server["pad_token_id"]}
-    body = {"prompt": prompt_text, "max_tokens": length, "temperature": 0.0, "stop": STOP_STRINGS, "stream": True}
-    if sample:
-        config.update(temperature=float(generation["temperature"]), top_p=float(generation["top_p"]),
-                      top_k=int(generation.get("top_k") or 0))
-        body.update(temperature=config["temperature"], top_p=config["top_p"])
-    if generation.get("min_new_tokens"):
-        config["min_new_tokens"] = int(generation["min_new_tokens"])  # fixed-length replies, for benchmarks
-    body["generation_config"] = json.dumps(config)
+    temperature, top_p = float(generation["temperature"]), float(generation["top_p"])
+    top_k = int(generation.get("top_k") or 0)
+    body = {"prompt": prompt, "max_tokens": length, "temperature": temperature if sample else 0.0,
+            "top_p": top_p if sample else 1.0, "stop": STOP_STRINGS, "stream": stream}
+    if fields == "top level":
+        body.update(top_k=top_k if sample and top_k > 0 else 0, min_p=0.0)
+        if sample and server.get("owner") == "llamacpp":
+            body["samplers"] = ["top_k", "temperature", "top_p"]
+        if generation.get("min_new_tokens"):
+            body["min_tokens"] = int(generation["min_new_tokens"])  # vLLM's name; fixed-length replies, for benchmarks
+    else:
+        config = {"do_sample": sample, "max_new_tokens": length, "eos_token_id": server["eos_token_id"],
+                  "pad_token_id": server["pad_token_id"]}
+        if sample:
+            config.update(temperature=temperature, top_p=top_p, top_k=top_k)
+        else:
+            del body["top_p"]
+        if generation.get("min_new_tokens"):
+            config["min_new_tokens"] = int(generation["min_new_tokens"])  # fixed-length replies, for benchmarks
+        body["generation_config"] = json.dumps(config)
     if server["model"]:
         body["model"] = server["model"]
     return body
+
+
+def server_body(server, settings, prompt, prompt_text=None):
+    """The streamed /v1/completions request for a prompt (its token ids, or its text), in the form
+    the server was found to take (probe_server): the ids themselves where it takes them, else the
+    text (prompt_text where the caller has it decoded already: a tokenizer is not shared between
+    threads)."""
+    if not isinstance(prompt, str) and server["prompt_form"] != "ids":
+        prompt = prompt_text if prompt_text is not None else server["tokenizer"].decode(prompt)
+    return completion_body(server, settings["generation"], prompt, server["sampling_fields"] or "generation config")
 
 
 def server_pieces(server, body):
@@ -4005,12 +4096,15 @@ def server_pieces(server, body):
     closes the connection, which stops the server writing (a request not streamed would run to
     its end after the client gave up). ServerError when the server does not take the connection,
     answers with an error (an HTTP error, or an error event inside a 200 stream), or the reply is
-    not complete within server["timeout"] seconds, its wait in the server's queue included."""
+    not complete within server["timeout"] seconds, its wait in the server's queue included. A
+    request refused as malformed (400, 422) makes the next reply probe the server again: another
+    kind of server may have taken the address."""
     deadline = time.monotonic() + server["timeout"]
     try:
-        with requests.post(server["url"] + "/v1/completions", json=body, stream=True,
-                           timeout=(SERVER_CONNECT_SECONDS, server["timeout"])) as response:
+        with server_call(server, "POST", "/v1/completions", json=body, stream=True) as response:
             if response.status_code != 200:
+                if response.status_code in (400, 422):
+                    server["prompt_form"] = None
                 raise ServerError(f"{server['url']}: HTTP {response.status_code} {response.text[:200]!r}")
             for line in response.iter_lines():
                 if time.monotonic() > deadline:
@@ -4018,7 +4112,7 @@ def server_pieces(server, body):
                 if not line.startswith(b"data:"):
                     continue
                 data = line[len(b"data:"):].strip()
-                if data == b"[DONE]":  # vLLM ends a stream so; transformers serve closes it
+                if data == b"[DONE]":  # vLLM and llama-server end a stream so; transformers serve closes it
                     return
                 try:
                     event = json.loads(data)
@@ -4035,15 +4129,16 @@ def server_pieces(server, body):
         raise ServerError(f"{server['url']}: {type(error).__name__}: {error}") from None
 
 
-def server_reply(server, settings, prompt_text, on_text=None):
-    """The cleaned reply to a prompt (its text) from the inference server, read as it is
-    streamed: on_text, if given, gets the visible text as it grows, and the stream is closed as
-    soon as the model starts the next turn, which the cleaning would cut anyway. The same
-    cleaning as in this process, so both give the same reply for the same continuation."""
-    if server["model"] is None:  # the server did not answer at the start: what does it serve now?
-        server["model"] = served_model(server)
+def server_reply(server, settings, prompt, on_text=None, prompt_text=None):
+    """The cleaned reply to a prompt (its token ids; text is sent as it is) from the inference
+    server, read as it is streamed: on_text, if given, gets the visible text as it grows, and
+    the stream is closed as soon as the model starts the next turn, which the cleaning would cut
+    anyway. The same cleaning as in this process, so both give the same reply for the same
+    continuation. A server that did not answer at the start is probed first."""
+    if server["prompt_form"] is None:
+        probe_server(server)
     raw, shown = "", ""
-    pieces = server_pieces(server, server_body(server, settings, prompt_text))
+    pieces = server_pieces(server, server_body(server, settings, prompt, prompt_text))
     try:
         for piece in pieces:
             raw += piece
@@ -4056,6 +4151,18 @@ def server_reply(server, settings, prompt_text, on_text=None):
     finally:
         pieces.close()
     return clean_reply(raw, server["eos_token"])
+
+
+def describe_voice(chat_config):
+    """Whose turns the model learnt to write (chat_config.json "voice": {"keys", "names"}, from
+    create_dataset.py --as), as the start line shows it: "говорит как: Вадим Петров"; None where
+    the data was everyone's or the record is not one."""
+    voice = chat_config.get("voice")
+    if not isinstance(voice, dict):
+        return None
+    names = [str(name) for name in voice.get("names") or [] if str(name).strip()]
+    keys = [str(key) for key in voice.get("keys") or [] if str(key).strip()]
+    return f"говорит как: {', '.join(names or keys)}" if names or keys else None
 
 
 def add_prompt_flags(parser):

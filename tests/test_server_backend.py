@@ -102,6 +102,10 @@ def test_the_server_is_found_and_counts_a_prompt_as_the_kit(server_url, local, m
     server = sp.open_server(server_url + "/v1/", chat["tokenizer"], 30, settings["generation"])
     assert server["url"] == server_url and server["model"] == str(model_dir)
     assert server["notes"] == []  # no penalties to leave out, and the typed "</s>" counted as text
+    # transformers serve takes a string prompt only and refuses fields it does not know (top_k, min_p at the
+    # top level): the probe falls back to text, the sampling inside its generation_config
+    assert (server["prompt_form"], server["sampling_fields"]) == ("text", "generation config")
+    assert sp.server_summary(server) == f"server {server_url} serves {model_dir}; prompts sent as text"
     noted = sp.open_server(server_url, chat["tokenizer"], 30, tiny_model.CHAT_CONFIG["generation"])["notes"]
     assert len(noted) == 1 and "repetition penalty" in noted[0]
 
@@ -111,11 +115,15 @@ def test_a_reply_is_read_as_it_is_streamed_and_cut_at_the_next_label(server_url,
     server = sp.open_server(server_url, chat["tokenizer"], 30)
     prompt = sp.chat_prompt_ids([tiny_model.PARROT_QUESTION], settings, chat["tokenizer"])
     pieces = list(sp.server_pieces(server, sp.server_body(server, settings, chat["tokenizer"].decode(prompt))))
-    assert len(pieces) > 5 and "".join(pieces).endswith("\nВопрос:")  # what the server writes, label and all
+    # what the server writes, label and all, in pieces (how many: a busy server sends several tokens at once)
+    assert len(pieces) >= 2 and "".join(pieces).endswith("\nВопрос:")
     seen = []
     reply = sp.server_reply(server, settings, chat["tokenizer"].decode(prompt), seen.append)
     assert reply == tiny_model.PARROT_ANSWER == sp.generate_reply(in_process, settings, prompt)
     assert len(seen) > 2 and seen[-1] == reply and all(reply.startswith(text) for text in seen)
+    assert sp.server_reply(server, settings, prompt) == reply  # ids, sent as their text to a text-only server
+    sampled = dict(settings, generation=dict(GREEDY, do_sample=True, temperature=0.5, top_p=0.9, top_k=5))
+    assert sp.server_reply(server, sampled, prompt)  # every sampling setting, in a form it takes (no 422)
 
 
 def test_the_console_talks_through_the_server_as_in_process(server_url, model_dir, tmp_path, capsys):
@@ -129,6 +137,7 @@ def test_the_console_talks_through_the_server_as_in_process(server_url, model_di
     served = capsys.readouterr()
     assert served.out == here.out and f"{sp.BOT_PREFIX}{tiny_model.PARROT_ANSWER}\n" in served.out
     assert "warning" not in served.err
+    assert f"system_prompt.py: server {server_url} serves {model_dir}; prompts sent as text\n" in served.err
     # beside a server the folder needs no weights: its tokenizer and chat settings are all the chat reads
     light = tmp_path / "light"
     shutil.copytree(model_dir, light, ignore=shutil.ignore_patterns("*.safetensors"))

@@ -3,13 +3,12 @@ visible text a start of the final reply, the streamer that hands each row of a b
 own text without changing a token, the console printing a reply as it comes, and
 tg_bot's LiveReply against the fake Bot API: drafts in private chats, send-then-edit in
 groups and where drafts are refused, the pace, a 429 waited out, a long reply going on
-in a second message; then the bot end to end with a real (tiny, slowed) model."""
+in a second message; then the bot end to end with a real (tiny) model held in step with the bot."""
 import io
 import math
 import random
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -291,19 +290,44 @@ def test_a_reply_over_4096_characters_goes_on_in_a_second_message(api, bot, grou
         assert all(parts[1].startswith(text) for method, text, _ in shown[sent_at + 1:])
 
 
-# --- the bot end to end: a real model, slowed so that the stream shows
-class SlowDown:
-    """A logits processor that only takes time: a tiny model then writes as slowly as a real one."""
+# --- the bot end to end: a real model, held in step with the bot so that the stream shows
+class InStep:
+    """A logits processor that holds the model in step with the bot, a handshake and not a pace:
+    before each token it waits until the bot has shown, as a draft in its chat, the last visible
+    text each reply was given so far. Every visible text is then its own draft however busy the
+    machine is. A bot that does not stream never shows one: the first wait runs out, the model
+    goes on unheld, and the test finds no drafts."""
+
+    def __init__(self, api):
+        self.api, self.chats, self.last, self.holding = api, {}, {}, True
+        self.lock = threading.Lock()
+
+    def expect(self, chat_id, prompt):
+        self.chats[tuple(prompt)] = chat_id
+
+    def shown(self, request, text):
+        with self.lock:
+            self.last[self.chats.get(tuple(request.prompt))] = text
+
+    def drafted(self):
+        with self.lock:
+            last = list(self.last.items())
+        return all(any(d["text"] == text and chat_id in (None, d["chat_id"]) for d in self.api.drafts)
+                   for chat_id, text in last)
 
     def __call__(self, input_ids, scores):
-        time.sleep(0.06)
+        if self.holding:
+            try:
+                self.api.wait_for(self.drafted, timeout=5.0)
+            except AssertionError:
+                self.holding = False
         return scores
 
 
-def run_bot(api, chat, settings, db, flags, questions, max_wait=0.0):
-    """The bot in this process, its model `chat` slowed down, answering `questions` (chat id ->
-    text, queued before it starts, so that one getUpdates takes them all); the replies, and
-    the sizes of the batches the model ran."""
+def run_bot(api, chat, settings, db, flags, questions, max_wait=0.0, step=None):
+    """The bot in this process, its model `chat` held in step with it (InStep), answering
+    `questions` (chat id -> text, queued before it starts, so that one getUpdates takes them
+    all); the replies, and the sizes of the batches the model ran."""
     sizes = []
     generate = tg_bot.model_thread_generate(chat, settings)
 
@@ -312,6 +336,8 @@ def run_bot(api, chat, settings, db, flags, questions, max_wait=0.0):
         return generate(prompts, on_text)
 
     for chat_id, question in questions.items():
+        if step is not None:
+            step.expect(chat_id, sp.chat_prompt_ids([question], settings, chat["tokenizer"]))
         api.push_text(chat_id, question)
     bot = Harness(api, chat["tokenizer"], db, flags, batcher=tg_bot.ReplyBatcher(counted, 4, max_wait),
                   settings=settings).start()
@@ -322,19 +348,29 @@ def run_bot(api, chat, settings, db, flags, questions, max_wait=0.0):
 
 
 @pytest.fixture
-def slow(monkeypatch):
+def in_step(api, monkeypatch):
+    """The model held in step with the bot (InStep), which shows a text as soon as it is visible."""
     monkeypatch.setattr(apihelper, "API_URL", None)
-    monkeypatch.setattr(tg_bot, "STREAM_EVERY_SECONDS", PACE)
+    monkeypatch.setattr(tg_bot, "STREAM_EVERY_SECONDS", 0.0)
+    step, show = InStep(api), tg_bot.ReplyRequest.show
+
+    def recorded(request, text):
+        step.shown(request, text)
+        show(request, text)
+
+    monkeypatch.setattr(tg_bot.ReplyRequest, "show", recorded)
     processors = tg_bot.reply_processors
-    monkeypatch.setattr(tg_bot, "reply_processors", lambda *args: processors(*args) + [SlowDown()])
+    monkeypatch.setattr(tg_bot, "reply_processors", lambda *args: processors(*args) + [step])
+    return step
 
 
-def test_a_streamed_reply_ends_as_the_reply_sent_whole_for_the_same_seed(parrot, api, tmp_path, slow):
+def test_a_streamed_reply_ends_as_the_reply_sent_whole_for_the_same_seed(parrot, api, tmp_path, in_step):
     settings = settings_for(temperature=1.3, max_new_tokens=24)  # hot: another seed, another reply
     finals = []
     for run, flags in enumerate((["--no-stream"], [])):
         set_seed(42)
-        replies, _ = run_bot(api, parrot, settings, tmp_path / f"h{run}.sqlite3", flags, {21 + run: "Привет!"})
+        replies, _ = run_bot(api, parrot, settings, tmp_path / f"h{run}.sqlite3", flags, {21 + run: "Привет!"},
+                             step=in_step)
         finals.append(replies[21 + run])
     assert finals[0] == finals[1]
     assert [method for method, *_ in api.visible(21)] == ["sendMessage"]
@@ -342,10 +378,11 @@ def test_a_streamed_reply_ends_as_the_reply_sent_whole_for_the_same_seed(parrot,
     assert drafts and all(finals[1].startswith(text) for text in drafts), (drafts, finals[1])
 
 
-def test_the_bot_streams_each_row_of_a_batch_to_its_own_chat(parrot, api, tmp_path, slow):
+def test_the_bot_streams_each_row_of_a_batch_to_its_own_chat(parrot, api, tmp_path, in_step):
     settings = settings_for(do_sample=False)
     questions = {31: tiny_model.PARROT_QUESTION, 32: "Какая завтра погода?"}
-    replies, sizes = run_bot(api, parrot, settings, tmp_path / "h.sqlite3", [], questions, max_wait=2.0)
+    replies, sizes = run_bot(api, parrot, settings, tmp_path / "h.sqlite3", [], questions, max_wait=WAIT,
+                             step=in_step)  # it waits only for a message announced as on its way
     assert sizes == [2]
     assert replies[31] == tiny_model.PARROT_ANSWER and replies[32] != replies[31]
     for chat_id, question in questions.items():

@@ -273,7 +273,7 @@ FLAG_CONSTANTS = {"model": "DEFAULT_MODEL", "device": "DEFAULT_DEVICE", "persona
                   "no_persona": "NO_PERSONA", "max_new_tokens": "MAX_NEW_TOKENS", "temperature": "TEMPERATURE",
                   "top_p": "TOP_P", "repetition_penalty": "REPETITION_PENALTY", "context_tokens": "CONTEXT_TOKENS",
                   "max_turns": "MAX_TURNS", "seed": "DEFAULT_SEED", "quantize": "DEFAULT_QUANTIZE",
-                  "threads": "THREADS", "server": "SERVER", "server_timeout": "SERVER_TIMEOUT",
+                  "threads": "THREADS", "server": "SERVER", "server_timeout": "SERVER_TIMEOUT", "server_key": "SERVER_KEY",
                   "no_stream": "NO_STREAM", "no_memory": "NO_MEMORY", "script": "CHAT_SCRIPT",
                   "show_prompt": "SHOW_PROMPT"}
 
@@ -355,3 +355,26 @@ def test_the_program_is_named_whatever_argv_says(monkeypatch, capsys):
         sp.parse_args(["--device", "tpu"])
     err = capsys.readouterr().err
     assert "system_prompt.py: error:" in err and "ipykernel_launcher" not in err
+
+
+@pytest.mark.parametrize("voice,shown", [({"keys": ["user123"], "names": ["Вадим Петров"]}, "говорит как: Вадим Петров"),
+                                         ({"keys": ["a", "b"], "names": []}, "говорит как: a, b"),
+                                         (None, None), ("not a record", None)])
+def test_the_voice_of_chat_config_is_described(voice, shown):
+    # issue 20: a folder trained on one person's turns (create_dataset.py --as) says whose
+    assert sp.describe_voice({"voice": voice}) == tg_bot.describe_voice({"voice": voice}) == shown
+    assert sp.describe_voice({}) is None
+
+
+def test_the_chat_names_its_voice_at_the_start(model_dir, tmp_path, capsys):
+    folder = tmp_path / "voiced"
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "chat_config.json").read_text(encoding="utf-8"))
+    config["voice"] = {"keys": ["user123"], "names": ["Вадим Петров"]}
+    (folder / "chat_config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+    script = tmp_path / "chat.txt"
+    script.write_text("Привет\n", encoding="utf-8")
+    assert sp.main(["--model", str(folder), "--script", str(script), "--no-memory"]) == 0
+    assert "system_prompt.py: voice: говорит как: Вадим Петров\n" in capsys.readouterr().err
+    assert sp.main(["--model", str(model_dir), "--script", str(script), "--no-memory"]) == 0
+    assert "voice" not in capsys.readouterr().err

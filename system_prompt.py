@@ -2131,17 +2131,46 @@ def conv1d_to_linear(model):
     return model
 
 
+def int8_activations_full_range():
+    """Whether torch's int8 kernel (fbgemm, the x86 engine) may round activations to all 8 bits.
+    With VNNI instructions its products add up in 32 bits; without them pairs of products add
+    up in 16 bits, which full-range activations can overflow, hence torch's default of 7 bits
+    (reduce_range). On GPT-2 those 7 bits gave three times the logit error of 8 (issue 23);
+    the output layer over the vocabulary was not the cause. Read from /proc/cpuinfo; elsewhere
+    than on Linux, the safe default."""
+    if torch.backends.quantized.engine not in ("x86", "fbgemm"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_vnni|avx_vnni)\b", flags) is not None
+
+
+def full_range_forward(layer, x):
+    """A dynamic int8 linear layer's forward with its activations rounded to 8 bits instead of 7:
+    the same packed weights and kernel, so the same bytes read a token."""
+    return torch.ops.quantized.linear_dynamic(x, layer._packed_params._packed_params, False)
+
+
 def quantize_int8(model):
     """Every linear layer (the output layer too) with int8 weights, one scale per
     output row, and activations quantized on the fly: a quarter of the weight
-    bytes that each generated token must read, which is what bounds a CPU."""
+    bytes that each generated token must read, which is what bounds a CPU. The
+    activations get all 8 bits where the CPU adds the products in 32 bits (VNNI),
+    torch's 7 elsewhere."""
     model = conv1d_to_linear(model)
     with warnings.catch_warnings():
         # torch 2.13 ships this API but marks it deprecated in favour of the torchao
         # package (see deploy/README.md); choose_quantization falls back where it is gone.
         warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(
+        model = torch.ao.quantization.quantize_dynamic(
             model, {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, inplace=True)
+    if int8_activations_full_range():
+        for module in model.modules():
+            if type(module) is torch.ao.nn.quantized.dynamic.Linear:
+                module.forward = functools.partial(full_range_forward, module)
+    return model
 
 
 def fuse_gelu(model):

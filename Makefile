@@ -1,7 +1,8 @@
 # Two commands do everything on a fresh machine:
 #   make demo   - every stage of the kit on the bundled sample, one after another
 #   make test   - the test suite
-# Both create .venv and install requirements.txt into it first (make test also requirements-dev.txt).
+# Both create .venv and install requirements.txt into it first (make test also requirements-dev.txt,
+# and builds llama.cpp's llama-server into .llama/ for the tests that serve a GGUF with it).
 
 PYTHON ?= python3
 VENV   := .venv
@@ -9,7 +10,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEV_STAMP := $(VENV)/.installed-dev-stamp
 
-.PHONY: install blocks test demo demo-data demo-lstm demo-transformers demo-eval demo-chat bench clean
+.PHONY: install blocks llama-server test demo demo-data demo-lstm demo-transformers demo-eval demo-chat bench clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,9 +19,17 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 # The tests also run the DeepSpeed and 8-bit optimizer paths, whose packages only they need.
+# llama-cpp-python compiles llama.cpp: portable code (no -march=native), so a cached wheel runs on any x86-64.
 $(DEV_STAMP): $(STAMP) requirements-dev.txt
-	$(BIN)/pip install -q -r requirements-dev.txt
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -q -r requirements-dev.txt
 	touch $(DEV_STAMP)
+
+# llama.cpp's C++ server, for tests/test_llama_server.py and deploy/README.md's way of serving (minutes, once).
+LLAMA_SERVER := .llama/bin/llama-server
+$(LLAMA_SERVER): $(STAMP) deploy/build_llama_server.sh
+	PYTHON=$(BIN)/python deploy/build_llama_server.sh $(LLAMA_SERVER)
+
+llama-server: $(LLAMA_SERVER)
 
 install: $(STAMP)
 
@@ -29,7 +38,7 @@ install: $(STAMP)
 blocks:
 	$(PYTHON) blocks/build.py
 
-test: $(DEV_STAMP)
+test: $(DEV_STAMP) $(LLAMA_SERVER)
 	$(BIN)/python -m pytest -q
 
 # The demo: tiny models trained for a few minutes on the bundled sample, so the

@@ -2144,7 +2144,9 @@ def int8_activations_full_range():
         flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
         return False
-    return re.search(r"\b(avx512_vnni|avx_vnni)\b", flags) is not None
+    # fbgemm takes its 32-bit kernel on AVX-512 VNNI only; AVX-VNNI (Alder Lake and later, without
+    # AVX-512) still runs the AVX2 kernel with 16-bit pair sums
+    return re.search(r"\bavx512_vnni\b", flags) is not None
 
 
 def full_range_forward(layer, x):

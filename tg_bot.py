@@ -202,6 +202,7 @@ NON_TEXT_TEXT = "Я понимаю только текст. Напишите, п
 EMPTY_TEXT = "Кажется, сообщение пустое. Напишите, что вас интересует."
 NOT_ALLOWED_TEXT = "Извините, это закрытый бот: у вас нет к нему доступа."
 BUSY_TEXT = "Я ещё отвечаю на предыдущие сообщения. Подождите немного, пожалуйста."
+FACTS_UNREADABLE_TEXT = "Не могу сейчас прочитать, что я о вас помню. Попробуйте ещё раз чуть позже."
 OVERLOADED_TEXT = "Сейчас мне пишут очень многие, и я не успеваю. Напишите, пожалуйста, через пару минут."
 RATE_LIMIT_TEXT = ("Вы пишете слишком часто, я не успеваю читать. Следующие сообщения этой минуты я пропущу — "
                    "подождите немного, пожалуйста.")
@@ -915,7 +916,13 @@ class Memory:
             self.chat_bot.send(message, MEMORY_OFF_REPLY)
             return
         with self.lock:
-            kept, removed, holds = forget_facts(self.store.user_facts(chat_id, user_id) or [], argument)
+            stored = self.store.user_facts(chat_id, user_id)
+            if stored is None and argument.strip():
+                # unreadable: which facts hold the word is unknown, and forgetting from an empty
+                # list would write all of them away
+                self.chat_bot.send(message, FACTS_UNREADABLE_TEXT)
+                return
+            kept, removed, holds = forget_facts(stored or [], argument)
             saved = self.store.forget(chat_id, user_id, kept, holds, done=item.update_id)
         item.recorded = True
         log.info("chat %s: user %s: /forget%s: %d facts forgotten, %d kept", chat_id, user_id,
@@ -3787,7 +3794,9 @@ def int8_activations_full_range():
         flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
         return False
-    return re.search(r"\b(avx512_vnni|avx_vnni)\b", flags) is not None
+    # fbgemm takes its 32-bit kernel on AVX-512 VNNI only; AVX-VNNI (Alder Lake and later, without
+    # AVX-512) still runs the AVX2 kernel with 16-bit pair sums
+    return re.search(r"\bavx512_vnni\b", flags) is not None
 
 
 def full_range_forward(layer, x):

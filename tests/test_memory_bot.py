@@ -280,3 +280,16 @@ def test_memory_without_its_packages_is_one_line_naming_no_memory(monkeypatch, c
     assert len(err) == 1 and "--no-memory" not in err[0] and "token" in err[0]  # past the memory check
     assert tg_bot.parse_args([], environ={"TG_BOT_NO_MEMORY": "1"}).no_memory is True
     assert tg_bot.parse_args([], environ={}).no_memory is tg_bot.NO_MEMORY is False
+
+
+def test_forget_a_word_while_the_facts_cannot_be_read_writes_nothing_over_them(api, harness, monkeypatch):
+    """An unreadable facts table says nothing of which facts hold the word: forgetting from an empty
+    list would delete all of them, so the bot says it cannot read them and keeps them."""
+    bot = harness()
+    ask(api, 71, INTRODUCTION)
+    store = bot.chat_bot.store
+    readable = store.user_facts
+    monkeypatch.setattr(store, "user_facts", lambda chat_id, user_id: None)
+    assert ask(api, 71, "/forget Аня") == tg_bot.FACTS_UNREADABLE_TEXT
+    monkeypatch.setattr(store, "user_facts", readable)
+    assert ask(api, 71, "/memory") == "имя: Аня\nгород: Казань"

@@ -550,12 +550,6 @@ def clean_run_bounds(faults):
     return best
 
 
-def longest_clean_run(turns, faults):
-    """The longest run of consecutive turns without a fault (earliest on ties)."""
-    start, end = clean_run_bounds(faults)
-    return turns[start:end]
-
-
 def clean_dialogue(turns, report, min_chars, max_chars, min_turns, keep_personal_data=KEEP_PERSONAL_DATA):
     """Return the cleaned turns, or None when fewer than min_turns are left,
     whether or not the dialogue was cut."""

@@ -624,7 +624,7 @@ def parse_args(argv):
     parser.add_argument("--test-fraction", type=float, default=TEST_FRACTION)
     parser.add_argument("--as", dest="as_who", action="append", default=None, metavar="WHO",
                         help="only this person's turns are answers: a speaker key (user111), a display name, or "
-                             "'me' (a Telegram account export's owner); repeat for several keys of one person")
+                             "'me' (a Telegram account export's owner); repeat for several people (their turns are all answers) or one person's several keys")
     parser.add_argument("--facts", action=argparse.BooleanOptionalAction, default=FACTS,
                         help="write the facts column: what the user said about themselves earlier "
                              "(--no-facts: leave it out, several times faster)")

@@ -455,7 +455,11 @@ def style_lines(style):
     """The printed (and written) lines of the style match."""
     who = " / ".join(style["as"])
     figures = style["models"].items()
-    return [
+    ceiling, floor = style["ceiling"], style["floor"]
+    blind = [] if ceiling is None or floor is None or ceiling > floor else [
+        f"the classifier does not tell {who} from the others on this data (ceiling {ceiling:.2f} is not above "
+        f"floor {floor:.2f}: too few turns, or no way of writing of their own): the style match says nothing here"]
+    return blind + [
         f"style match (share of replies that read as {who}): "
         + ", ".join(f"{model} {fmt(f['style_match'], '{:.2f}')}" for model, f in figures)
         + f"; ceiling {fmt(style['ceiling'], '{:.2f}')} ({who}'s own held-out replies), "
@@ -885,7 +889,7 @@ def parse_args(argv):
     parser.add_argument("--as", dest="as_who", action="append", default=None, metavar="WHO",
                         help="also report how much each model's replies read like this person's (a style match): a "
                              "speaker key (user111), a display name, or 'me' (a Telegram account export's owner); "
-                             "repeat for several keys of one person; the test rows are the ones they answered")
+                             "repeat for several people or one person's several keys; the test rows are the ones they answered")
     parser.add_argument("--dialogues", default=DIALOGUES,
                         help="the dialogues with speakers the splits were made from, for --as (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -1194,10 +1198,14 @@ def has_weights(folder):
 
 
 def read_json(path):
+    """A JSON object from a model folder's file (config.json, chat_config.json); a UserError otherwise."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"{path}: cannot read JSON ({exc.__class__.__name__})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: not a JSON object")
+    return value
 
 
 def unfinished_lora_run(folder):

@@ -15,7 +15,7 @@ it is written, cleaned as the whole one is (a label the model goes on to write n
 --no-stream prints it once complete). On a CPU the model runs
 with int8 linear layers on one thread per physical core, about twice as fast as
 plain fp32 (bench/generation.py measures it); --quantize none turns that off. Or the model
-runs in an OpenAI-compatible inference server (--server: transformers serve, vLLM), asked
+runs in an OpenAI-compatible inference server (--server: llama.cpp's llama-server, transformers serve, vLLM), asked
 only for the continuation of the chat's own prompt; the folder then gives the tokenizer and
 the chat settings and needs no weights.
 
@@ -293,8 +293,8 @@ def parse_args(argv):
     parser.add_argument("--threads", type=int, default=THREADS,
                         help="CPU threads for the model (default: physical cores)")
     parser.add_argument("--server", default=SERVER,
-                        help="base URL of an OpenAI-compatible inference server that runs the model (transformers "
-                             "serve, vLLM), e.g. http://127.0.0.1:8000; --model still gives the tokenizer and the "
+                        help="base URL of an OpenAI-compatible inference server that runs the model (llama.cpp's "
+                             "llama-server, transformers serve, vLLM), e.g. http://127.0.0.1:8000; --model still gives the tokenizer and the "
                              "chat settings (default: the model runs in this process)")
     parser.add_argument("--server-timeout", type=float, default=SERVER_TIMEOUT,
                         help="seconds a reply from the server may take, its wait in the server's queue included")

@@ -40,7 +40,7 @@ as the message, in a group (or where the Bot API server has no drafts) as a mess
 edited as it grows, every three seconds; each row of a batch streams to its own
 chat, and nothing the cleaning would remove (a label the model goes on to write, a
 link) ever shows. When one machine is not enough, the model runs in an
-OpenAI-compatible inference server (--server URL: transformers serve, vLLM with
+OpenAI-compatible inference server (--server URL: llama.cpp's llama-server, transformers serve, vLLM with
 replicas or tensor parallelism; deploy/README.md): the bot keeps the persona, the
 memory, the database, the allow-lists and the streaming, and asks the server only
 for the continuation of its prompt, streamed. A server that is down, slow or
@@ -1853,8 +1853,8 @@ def build_parser():
                         help="messages handled at once; each waits while the model writes its reply "
                              "(default: 2 x --max-batch, so the next batch is ready when the model frees)")
     parser.add_argument("--server", default=SERVER,
-                        help="base URL of an OpenAI-compatible inference server that runs the model (transformers "
-                             "serve, vLLM), e.g. http://127.0.0.1:8000; --model still gives the tokenizer and the "
+                        help="base URL of an OpenAI-compatible inference server that runs the model (llama.cpp's "
+                             "llama-server, transformers serve, vLLM), e.g. http://127.0.0.1:8000; --model still gives the tokenizer and the "
                              "chat settings (default: the model runs in this process)")
     parser.add_argument("--server-timeout", type=float, default=SERVER_TIMEOUT,
                         help="seconds a reply from the server may take, its wait in the server's queue included; "

@@ -11,10 +11,14 @@ def has_weights(folder):
 
 
 def read_json(path):
+    """A JSON object from a model folder's file (config.json, chat_config.json); a UserError otherwise."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"{path}: cannot read JSON ({exc.__class__.__name__})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: not a JSON object")
+    return value
 
 
 def unfinished_lora_run(folder):

@@ -130,6 +130,23 @@ def test_who_resolves_as_create_dataset_does(tmp_path):
         evaluate.resolve_as(dialogues, None, ["me"], path)
 
 
+@pytest.mark.parametrize("who", ["user1", "Вадим Петров", "вадим петров", "Вадим", " Вадим ", "me", "Пётр",
+                                 "user2", "Борис"])
+def test_evaluate_and_create_dataset_resolve_a_name_alike(tmp_path, who):
+    """The two scripts each hold their own --as resolution (one reads a ParquetFile as it streams, the
+    other the whole table): on the same file they must name the same person, or both refuse."""
+    path = write_dialogues(tmp_path / "d.parquet", owner={"key": "user1", "name": "Вадим Петров"})
+    dialogues, owner = evaluate.read_dialogues(path)
+    results = []
+    for resolve in (lambda: evaluate.resolve_as(dialogues, owner, [who], path),
+                    lambda: create_dataset.resolve_voice(create_dataset.open_input(path), path, [who])):
+        try:
+            results.append(resolve())
+        except (evaluate.UserError, create_dataset.UserError):
+            results.append("refused")
+    assert results[0] == results[1], results
+
+
 # ---------------------------------------------------------------- evaluate.py --as end to end
 def test_style_match_ranks_the_persons_model_above_everyones(corpus, tmp_path, capsys):
     assert run_evaluate(corpus, tmp_path / "r1", "--as", "Вадим Петров") == 0
@@ -171,3 +188,12 @@ def test_as_on_dialogues_without_speakers_is_one_line(corpus, tmp_path, capsys):
     assert run_evaluate(corpus, tmp_path / "r", "--as", "Вадим Петров", "--dialogues", str(bare)) == 1
     assert "no 'speakers' column" in one_line_error(capsys)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_classifier_that_cannot_tell_the_person_apart_is_said_to(tmp_path):
+    style = {"as": ["Вадим"], "ceiling": 0.0, "floor": 0.0, "held_out_replies": 3,
+             "models": {"m": {"style_match": 0.67, "answer_perplexity": 9.0}}}
+    lines = evaluate.style_lines(style)
+    assert lines[0].startswith("the classifier does not tell Вадим from the others") and len(lines) == 3
+    assert len(evaluate.style_lines({**style, "ceiling": 0.9, "floor": 0.1})) == 2
+

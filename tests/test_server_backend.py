@@ -110,17 +110,35 @@ def test_the_server_is_found_and_counts_a_prompt_as_the_kit(server_url, local, m
     assert len(noted) == 1 and "repetition penalty" in noted[0]
 
 
-def test_a_reply_is_read_as_it_is_streamed_and_cut_at_the_next_label(server_url, local, in_process):
+def test_a_reply_is_read_as_it_is_streamed_and_cut_at_the_next_label(server_url, local, in_process, monkeypatch):
     chat, settings = local
     server = sp.open_server(server_url, chat["tokenizer"], 30)
     prompt = sp.chat_prompt_ids([tiny_model.PARROT_QUESTION], settings, chat["tokenizer"])
     pieces = list(sp.server_pieces(server, sp.server_body(server, settings, chat["tokenizer"].decode(prompt))))
-    # what the server writes, label and all, in pieces (how many: a busy server sends several tokens at once)
-    assert len(pieces) >= 2 and "".join(pieces).endswith("\nВопрос:")
+    # what the server writes, label and all (in how many pieces is the server's pace: a busy one sends
+    # several tokens in one event)
+    assert pieces and "".join(pieces).endswith("\nВопрос:")
+    received, real_pieces = [], sp.server_pieces
+
+    def recording(*args):
+        for piece in real_pieces(*args):
+            received.append(piece)
+            yield piece
+
+    monkeypatch.setattr(sp, "server_pieces", recording)
     seen = []
     reply = sp.server_reply(server, settings, chat["tokenizer"].decode(prompt), seen.append)
     assert reply == tiny_model.PARROT_ANSWER == sp.generate_reply(in_process, settings, prompt)
-    assert len(seen) > 2 and seen[-1] == reply and all(reply.startswith(text) for text in seen)
+    # each piece that made the visible text grow was shown at once, whatever pieces the server sent
+    # (all but the last, which brought the next label and closed the stream)
+    assert "\nВопрос:" in "".join(received) and "\nВопрос:" not in "".join(received[:-1])
+    grown = []
+    for n in range(1, len(received)):
+        text = sp.visible_reply("".join(received[:n]))
+        if text.startswith(grown[-1] if grown else "") and text != (grown[-1] if grown else ""):
+            grown.append(text)
+    assert seen == grown and all(reply.startswith(text) for text in seen)
+    monkeypatch.setattr(sp, "server_pieces", real_pieces)
     assert sp.server_reply(server, settings, prompt) == reply  # ids, sent as their text to a text-only server
     sampled = dict(settings, generation=dict(GREEDY, do_sample=True, temperature=0.5, top_p=0.9, top_k=5))
     assert sp.server_reply(server, sampled, prompt)  # every sampling setting, in a form it takes (no 422)

@@ -29,7 +29,7 @@ BLOCK_DIR = "blocks"
 
 # The blocks each script holds, in the order they are written into it.
 HOSTS = {
-    "create_dataset.py": ["user_facts"],
+    "create_dataset.py": ["user_facts", "ratings"],
     "train_transformer.py": ["prompt_rule", "trainer"],
     "train_medium_context.py": ["prompt_rule", "trainer"],
     "perplexity.py": ["prompt_rule", "model_folders", "scoring"],
@@ -37,7 +37,7 @@ HOSTS = {
     "pytorch_chatbot.py": ["lstm", "metrics"],
     "tensorflow_chatbot.py": ["lstm", "metrics"],
     "system_prompt.py": ["prompt_rule", "decoding", "user_facts", "memory_commands", "chat"],
-    "tg_bot.py": ["prompt_rule", "decoding", "user_facts", "memory_commands", "chat"],
+    "tg_bot.py": ["prompt_rule", "decoding", "user_facts", "memory_commands", "chat", "ratings"],
 }
 
 BANNER = [

@@ -30,10 +30,22 @@ with the model in an inference server (deploy/README.md has the ways to run one)
     python system_prompt.py --model rugpt3_50k --server http://127.0.0.1:8000
 without a person (tests, the demo): play a file of user lines, print the transcript
     python system_prompt.py --model rugpt3_50k --script data/demo_chat.txt --show-prompt
+a chat page in the browser instead (--web: Gradio's chat interface on http://127.0.0.1:7860):
+    python system_prompt.py --model rugpt3_50k --web
+    python system_prompt.py --model rugpt3_50k --web --host 0.0.0.0 --auth /etc/chat-kit/web_auth   # user:password
 In a notebook (Jupyter, Colab): paste this whole file into one cell, set the defaults block
 below (DEFAULT_MODEL, DEFAULT_DEVICE = "cuda" on a GPU...), run the cell and chat in it; "выход"
-ends the chat. `%run system_prompt.py --flags` and `!python system_prompt.py --flags` take flags
-as above.
+ends the chat. With WEB = True the page shows in the cell's output instead (SHARE = True: also a
+public gradio.live link, for a phone or a friend), until the notebook's Stop button, which closes it
+cleanly. `%run system_prompt.py --flags` and `!python system_prompt.py --flags` take flags as above.
+
+The web chat (--web) is the console's chat for each browser session: its own conversation and
+remembered facts, the same commands and the same prompt rule (the token ids of a web turn equal the
+console's), a reply shown as it is written, the persona and the model named on the page, and a
+panel with what the bot remembers about you. Messages of several sessions that meet at the model
+are generated together (the bot's batcher, --max-batch); past --max-queue waiting messages a
+session is told the bot is busy, and a message longer than --max-input-chars gets one line. It
+listens on 127.0.0.1 only, unless --host says otherwise (the start line warns; set --auth).
 
 In the chat: "выход" ends it, "/reset" forgets the conversation. Long-term memory: what the user
 says about themselves (name, city, age, work, study, family, pets, likes, dislikes, plans) is
@@ -44,15 +56,21 @@ and with it the exchanges of the conversation that hold it. --no-memory turns it
 """
 import argparse
 import contextlib
+import copy
 import functools
 import html
 import json
 import os
+import queue
 import re
+import signal
 import sys
+import threading
 import time
 import unicodedata
 import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
@@ -66,6 +84,14 @@ from transformers.pytorch_utils import Conv1D
 # -----------------------------------------------------------------------------
 # defaults (every one is also a flag; the model folder's chat_config.json wins over
 # the built-in generation values, a flag wins over both)
+WEB = False                     # True: a chat page in the browser instead of the console (--web)
+HOST = "127.0.0.1"              # the page's address; "0.0.0.0" opens it to the network (set AUTH then)
+PORT = None                     # the page's port (None: 7860, or the next free one)
+SHARE = False                   # True: also a public gradio.live link (anyone who has it can chat)
+AUTH = None                     # "user:password", or a file holding it: the page asks for them
+MAX_BATCH = 8                   # web: replies generated together
+MAX_QUEUE = 32                  # web: messages waiting for the model, all sessions together; more: "busy"
+MAX_INPUT_CHARS = 1000          # web: a longer message gets one line instead of a reply
 DEFAULT_MODEL = "rugpt3_50k"
 DEFAULT_DEVICE = "auto"
 DEFAULT_SEED = 42
@@ -98,6 +124,17 @@ RESET_NOTICE = "(история разговора очищена)"
 HELP_INTRO = f"Пишите сообщение, и я отвечу; «{EXIT_WORDS[0]}» — закончить разговор."
 NOT_UTF8_NOTICE = "(строка не в кодировке UTF-8, пропускаю её)"
 SERVER_ERROR_NOTICE = "(сервер модели не ответил, попробуйте ещё раз)"
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+BATCH_WAIT_SECONDS = 0.05       # the most a batch waits for messages already being prepared
+MAX_BATCH_TOKENS = 8192         # rows x (longest prompt + reply): the key/value cache a batch holds
+TOKENIZER_COPIES = 4            # prompts are built in the page's threads; a fast tokenizer is not shared
+WEB_HELP_INTRO = "Пишите сообщение, и я отвечу."
+TOO_LONG_TEXT = "Сообщение слишком длинное: не больше {limit} знаков. Сократите его, пожалуйста."
+EMPTY_TEXT = "Кажется, сообщение пустое. Напишите, что вас интересует."
+STILL_ANSWERING_TEXT = "Я ещё отвечаю на предыдущее сообщение. Подождите немного, пожалуйста."
+BUSY_TEXT = "Сейчас мне пишут очень многие, и я не успеваю. Напишите, пожалуйста, через минуту."
+APOLOGY_TEXT = "Простите, что-то пошло не так. Попробуйте ещё раз чуть позже."
+MEMORY_PANEL_LABEL = "Что я о вас помню"
 # -----------------------------------------------------------------------------
 
 
@@ -174,17 +211,25 @@ class ConsoleChat:
             self.history = [turn for i, turn in enumerate(self.history) if i not in doomed]
         return removed
 
-    def reply(self, text, on_text=None):
-        tokenizer = self.chat["tokenizer"]
+    def prompt(self, text, tokenizer=None):
+        """The prompt's token ids for a new line (its facts remembered first), by the one prompt rule."""
+        tokenizer = tokenizer or self.chat["tokenizer"]
         self.remember(text)
         prompt = chat_prompt_ids(self.history + [text], self.settings, tokenizer, self.facts)
         if self.show_prompt:
             print(f"[prompt]\n{tokenizer.decode(prompt)}\n[/prompt]", file=self.out, flush=True)
-        answer = generate_reply(self.chat, self.settings, prompt, on_text)
+        return prompt
+
+    def keep(self, text, answer):
         if answer != FALLBACK_REPLY:
             # The fallback is the kit's words, not the model's: kept, it would teach the
             # conversation that the bot did not understand.
             self.history += [text, answer]
+
+    def reply(self, text, on_text=None):
+        prompt = self.prompt(text)
+        answer = generate_reply(self.chat, self.settings, prompt, on_text)
+        self.keep(text, answer)
         return answer
 
     def say(self, text):
@@ -206,7 +251,7 @@ class ConsoleChat:
 
     def command_reset(self, argument):
         self.reset()
-        print(BOT_PREFIX + RESET_NOTICE, file=self.out, flush=True)
+        self.tell(RESET_NOTICE)
 
     def command_help(self, argument):
         self.tell(help_text(HELP_INTRO, COMMANDS, self.handlers(), self.memory))
@@ -233,18 +278,271 @@ class ConsoleChat:
         return {"reset": self.command_reset, "help": self.command_help, "memory": self.command_memory,
                 "forget": self.command_forget}
 
-    def handle(self, line):
-        """Play one user line; False when the user said goodbye."""
-        if line.lower() in EXIT_WORDS:
-            return False
+    def command(self, line):
+        """Run a line that is a command of the table this chat answers; False when it is not one."""
         command, _, argument = line.partition(" ")
         row = next((row for row in COMMANDS if "/" + row.name == command), None)
         handler = row and (row.handler or self.handlers().get(row.name))
         if handler:
             handler(argument.strip())
-        elif line:
+        return bool(handler)
+
+    def handle(self, line):
+        """Play one user line; False when the user said goodbye."""
+        if line.lower() in EXIT_WORDS:
+            return False
+        if not self.command(line) and line:
             self.say(line)
         return True
+
+
+class WebChat(ConsoleChat):
+    """One browser session's conversation: the console's turns, facts, commands and prompt, with
+    the bot's own words (a command's answer) kept for the page instead of printed."""
+
+    def __init__(self, chat, settings, show_prompt=False, stream=True, memory=True):
+        super().__init__(chat, settings, show_prompt=show_prompt, out=sys.stderr, stream=stream, memory=memory)
+        self.told = []
+        self.busy = threading.Lock()  # one message at a time: the next one's prompt holds this one's reply
+
+    def tell(self, text):
+        self.told.append(text)
+
+    def command_help(self, argument):
+        self.tell(help_text(WEB_HELP_INTRO, COMMANDS, self.handlers(), self.memory))
+
+    def answer_command(self, line):
+        """A command's answer for the page, or None when the line is no command."""
+        self.told = []
+        return "\n".join(self.told) if self.command(line) else None
+
+    def remembered(self):
+        """The memory panel: what /memory says."""
+        if not self.memory:
+            return MEMORY_OFF_REPLY
+        return render_facts_list(self.facts) if self.facts else NO_FACTS_ANSWER
+
+
+class WebChats:
+    """The page's conversations, one per browser session, and the one way to the model they share:
+    the batcher's model thread, or the inference server. Yields what the page shows of a reply."""
+
+    def __init__(self, chat, settings, args, replies):
+        self.chat, self.settings, self.replies = chat, settings, replies
+        self.show_prompt, self.stream, self.memory = args.show_prompt, not args.no_stream, not args.no_memory
+        self.max_queue, self.max_chars = args.max_queue, args.max_input_chars
+        self.tokenizers = TokenizerPool(chat["tokenizer"], TOKENIZER_COPIES)
+        self.sessions = {}
+        self.waiting = 0  # messages given to the model and not answered yet, all sessions together
+        self.lock = threading.Lock()
+
+    def session(self, key):
+        with self.lock:
+            if key not in self.sessions:
+                self.sessions[key] = WebChat(self.chat, self.settings, self.show_prompt, self.stream, self.memory)
+            return self.sessions[key]
+
+    def drop(self, key):
+        """A closed page: its conversation and facts go (the console keeps them for its session only too)."""
+        with self.lock:
+            self.sessions.pop(key, None)
+
+    def respond(self, key, message):
+        """(text of the reply so far, memory panel) pairs for a message of session `key`."""
+        session = self.session(key)
+        text = (message or "").strip()
+        if len(text) > self.max_chars:
+            yield TOO_LONG_TEXT.format(limit=self.max_chars), session.remembered()
+            return
+        if not text:
+            yield EMPTY_TEXT, session.remembered()
+            return
+        if not session.busy.acquire(blocking=False):
+            yield STILL_ANSWERING_TEXT, session.remembered()
+            return
+        try:
+            told = session.answer_command(text)
+            if told is not None:
+                yield told, session.remembered()
+            else:
+                yield from self.model_turn(session, text)
+        finally:
+            session.busy.release()
+
+    def model_turn(self, session, text):
+        with self.lock:
+            full = self.waiting >= self.max_queue
+            self.waiting += not full
+        if full:
+            yield BUSY_TEXT, session.remembered()
+            return
+        try:
+            self.replies.announce()  # a batch about to start waits a moment for this prompt
+            try:
+                with self.tokenizers.borrow() as tokenizer:
+                    prompt = session.prompt(text, tokenizer)
+                    prompt_text = tokenizer.decode(prompt) if self.chat.get("server") else None
+            except BaseException:
+                self.replies.withdraw()
+                raise
+            request = self.replies.submit(prompt, len(prompt), announced=True, stream=self.stream,
+                                          prompt_text=prompt_text)
+            shown = ""
+            while True:
+                with request.changed:
+                    request.changed.wait_for(lambda: request.done.is_set() or request.visible != shown)
+                    done, visible = request.done.is_set(), request.visible
+                if done:
+                    break
+                shown = visible
+                yield shown, session.remembered()
+            try:
+                answer = request.result()
+            except ServerError as error:
+                print(f"system_prompt.py: warning: {error}", file=sys.stderr, flush=True)
+                answer = SERVER_ERROR_NOTICE
+            except Exception as error:  # the session gets an apology; the page goes on
+                print(f"system_prompt.py: error: a reply failed: {error!r}", file=sys.stderr, flush=True)
+                answer = APOLOGY_TEXT
+            else:
+                session.keep(text, answer)
+            yield answer, session.remembered()
+        finally:
+            with self.lock:
+                self.waiting -= 1
+
+    def close(self):
+        self.replies.close()
+
+
+def model_replies(chat, settings, args):
+    """The batcher (the model here) or the server's pool, behind one interface."""
+    if chat.get("server"):
+        return ServerReplies(chat["server"], settings, args.max_batch)
+    return ReplyBatcher(model_thread_generate(chat, settings), args.max_batch, BATCH_WAIT_SECONDS, MAX_BATCH_TOKENS,
+                        int(settings["generation"]["max_new_tokens"]))
+
+
+def page_heading(args, chat, settings):
+    """The page's title and the lines under it: the model, the persona, the commands."""
+    title = f"Чат с моделью {html.escape(Path(args.model).name)}"
+    if chat.get("server"):
+        title += f" (сервер {chat['server']['url']})"
+    persona = settings["persona"]
+    lines = [f"Персона: «{html.escape(persona['answer'])}»" if persona else "Без персоны."]
+    session = WebChat(chat, settings, memory=not args.no_memory)
+    commands = offered_commands(COMMANDS, session.handlers(), session.memory)
+    names = [f"/{row.name}" for row in commands if row.name != "start"]
+    lines.append(f"Команды: {', '.join(names)} (что они делают — /help).")
+    return title, lines
+
+
+def build_page(chats, title, lines):
+    """The Gradio page: its chat interface (a reply streams as it is written), the memory panel."""
+    import gradio as gr
+
+    def respond(message, history, request: gr.Request):
+        yield from chats.respond(request.session_hash, message)
+
+    def cleared(request: gr.Request):  # the chat's bin button: as /reset
+        session = chats.session(request.session_hash)
+        session.reset()
+        return session.remembered()
+
+    def closed(request: gr.Request):
+        chats.drop(request.session_hash)
+
+    fresh = WebChat(chats.chat, chats.settings, memory=chats.memory).remembered()
+    with gr.Blocks(title=title, analytics_enabled=False) as page:
+        gr.Markdown("## " + title + "\n\n" + "\n\n".join(lines), elem_id="heading")
+        memory_panel = gr.Textbox(fresh, label=MEMORY_PANEL_LABEL, interactive=False, lines=8, render=False,
+                                  elem_id="memory-panel")
+        with gr.Row():
+            with gr.Column(scale=3):
+                interface = gr.ChatInterface(respond, additional_outputs=[memory_panel], concurrency_limit=None,
+                                             api_name="chat", analytics_enabled=False, fill_height=False)
+            with gr.Column(scale=1):
+                memory_panel.render()
+        interface.chatbot.clear(cleared, outputs=[memory_panel], api_visibility="undocumented")
+        page.unload(closed)
+    return page
+
+
+def read_auth(value):
+    """(user, password) from "user:password" or from a file holding it; None for no login."""
+    if value is None:
+        return None
+    text = value = os.fspath(value)
+    if os.path.isfile(value):
+        try:
+            text = Path(value).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserError(f"--auth: cannot read {value}: {error}") from None
+    user, colon, password = text.partition(":")
+    if not (colon and user.strip() and password) or "\n" in text:
+        # the value is never echoed: it may be a mistyped password
+        raise UserError("--auth: must be user:password, or a file holding that one line")
+    return user.strip(), password
+
+
+def in_notebook():
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and hasattr(shell, "kernel")
+
+
+def web_warnings(args, auth):
+    lines = []
+    if args.host not in LOCAL_HOSTS:
+        lines.append(f"--host {args.host}: the page is open to every machine that can reach this one"
+                     + ("" if auth else "; anyone can talk to the model (set --auth user:password)"))
+    if args.share:
+        lines.append("--share: the page has a public gradio.live address for 72 hours; anyone who has the link "
+                     + ("and the password " if auth else "") + "can talk to the model")
+    return lines
+
+
+def serve_page(args, chat, settings):
+    """Run the web chat until Ctrl+C, SIGTERM or a notebook's Stop button; close it cleanly."""
+    auth = read_auth(args.auth)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        import gradio  # noqa: F401  (the console needs no gradio)
+    except ImportError as error:
+        raise UserError(f"--web needs gradio ({error}); pip install -r requirements.txt") from None
+    for warning in web_warnings(args, auth):
+        print(f"system_prompt.py: warning: {warning}", file=sys.stderr)
+    title, lines = page_heading(args, chat, settings)
+    chats = WebChats(chat, settings, args, model_replies(chat, settings, args))
+    page = build_page(chats, title, lines)
+    stopping = threading.Event()
+    in_main = threading.current_thread() is threading.main_thread()
+    saved = signal.getsignal(signal.SIGTERM) if in_main else None
+    try:  # KeyboardInterrupt: Ctrl+C, or the notebook's Stop button, at any moment
+        try:
+            _, local_url, share_url = page.launch(server_name=args.host, server_port=args.port, share=args.share,
+                                                  auth=auth, prevent_thread_lock=True, quiet=True,
+                                                  max_threads=args.max_queue + 8, ssr_mode=False)
+        except (OSError, ValueError) as error:
+            raise UserError(f"cannot open the page on {args.host}:{args.port or 'a free port'}: {error}") from None
+        if in_main:
+            signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
+        print(f"system_prompt.py: web chat on {local_url}" + (f" and {share_url}" if share_url else "")
+              + (" (the notebook's Stop button ends it)" if in_notebook() else " (Ctrl+C stops it)"),
+              file=sys.stderr, flush=True)
+        while not stopping.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, saved)
+        page.close()
+        chats.close()
+    print("system_prompt.py: web chat stopped cleanly", file=sys.stderr, flush=True)
 
 
 def play_script(session, lines):
@@ -310,6 +608,23 @@ def parse_args(argv):
                         help="play this file of user lines (UTF-8, one a line) and print the transcript")
     parser.add_argument("--show-prompt", action="store_true", default=SHOW_PROMPT,
                         help="print the prompt given to the model")
+    web = parser.add_argument_group("web chat")
+    web.add_argument("--web", action="store_true", default=WEB,
+                     help="a chat page in the browser (Gradio) instead of the console")
+    web.add_argument("--host", default=HOST,
+                     help="the page's address (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the "
+                          "network, set --auth then)")
+    web.add_argument("--port", type=int, default=PORT, help="the page's port (default: 7860, or the next free one)")
+    web.add_argument("--share", action="store_true", default=SHARE,
+                     help="also a public gradio.live link (a notebook's way to open it elsewhere)")
+    web.add_argument("--auth", default=AUTH,
+                     help="user:password, or a file holding it: the page asks for them (default: no login)")
+    web.add_argument("--max-batch", type=int, default=MAX_BATCH, help="replies generated together")
+    web.add_argument("--max-queue", type=int, default=MAX_QUEUE,
+                     help="messages waiting for the model, all sessions together; past it a session is told "
+                          "the bot is busy")
+    web.add_argument("--max-input-chars", type=int, default=MAX_INPUT_CHARS,
+                     help="a longer message gets one line instead of a reply")
     return parser.parse_args(argv)
 
 
@@ -336,6 +651,14 @@ BLOCK_VALUE_KINDS = (  # (dest, kinds, None allowed, what to call it)
     ("no_stream", SWITCH_KINDS, False, "True or False"),
     ("no_memory", SWITCH_KINDS, False, "True or False"),
     ("show_prompt", SWITCH_KINDS, False, "True or False"),
+    ("web", SWITCH_KINDS, False, "True or False"),
+    ("host", TEXT_KINDS, False, "an address (a string)"),
+    ("port", WHOLE_KINDS, True, "a whole number"),
+    ("share", SWITCH_KINDS, False, "True or False"),
+    ("auth", PATH_KINDS, True, "user:password or a file name (a string)"),
+    ("max_batch", WHOLE_KINDS, False, "a whole number"),
+    ("max_queue", WHOLE_KINDS, False, "a whole number"),
+    ("max_input_chars", WHOLE_KINDS, False, "a whole number"),
 )
 
 
@@ -368,6 +691,16 @@ def check_args(args):
         raise UserError("--threads must be 0 (physical cores) or more")
     if args.server_timeout is None or not args.server_timeout > 0:
         raise UserError("--server-timeout must be above 0 seconds")
+    for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue),
+                        ("--max-input-chars", args.max_input_chars)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1")
+    if args.port is not None and not 0 < args.port < 65536:
+        raise UserError(f"--port {args.port}: must be from 1 to 65535")
+    if args.web and args.script:
+        raise UserError("--web and --script: a page or a played file, not both")
+    if args.web:
+        read_auth(args.auth)  # a bad --auth stops before the model is loaded
 
 
 def check_memory(args):
@@ -419,6 +752,13 @@ def main(argv=None):
     for note in memory_notes(args, chat, settings):
         print(f"system_prompt.py: note: {note}", file=sys.stderr)
     set_seed(args.seed)
+    if args.web:
+        try:
+            serve_page(args, chat, settings)
+        except UserError as error:
+            print(f"system_prompt.py: error: {error}", file=sys.stderr)
+            return 1
+        return 0
     session = ConsoleChat(chat, settings, show_prompt=args.show_prompt, stream=not args.no_stream,
                           memory=not args.no_memory)
     if lines is None:
@@ -2571,6 +2911,204 @@ def add_prompt_flags(parser):
                              "chat_config.json, what the model was trained with)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
 # ==== end of block blocks/chat.py ====
+
+
+# ==== block blocks/batcher.py: generated, edit the source and run `make blocks` ====
+"""The batcher: one model thread that generates the replies of several conversations together
+(the Telegram bot's chats, the web chat's browser sessions), or the same interface over an
+inference server.
+
+A block: blocks/build.py writes this file into the scripts that list it (make blocks).
+It imports nothing itself; its host script imports what it uses."""
+
+
+class TokenizerPool:
+    """Copies of the tokenizer, lent to one thread at a time: a fast tokenizer is one
+    Rust object whose settings every call mutates, and sharing it across threads
+    can fail with "Already borrowed". A copy takes a fifth of a second and a few MB,
+    so a few are made at the start rather than one in every worker."""
+
+    def __init__(self, tokenizer, copies):
+        self.free = queue.SimpleQueue()
+        for _ in range(copies):
+            self.free.put(copy.deepcopy(tokenizer))
+
+    @contextlib.contextmanager
+    def borrow(self):
+        tokenizer = self.free.get()
+        try:
+            yield tokenizer
+        finally:
+            self.free.put(tokenizer)
+
+
+class ReplyRequest:
+    """A prompt waiting for the model (its ids, and its text for a server), then its reply or
+    the error instead; with stream, also the visible text of the reply while it is written."""
+
+    def __init__(self, prompt, tokens, stream=False, prompt_text=None):
+        self.prompt, self.tokens, self.stream, self.prompt_text = prompt, tokens, stream, prompt_text
+        self.arrived = time.monotonic()
+        self.visible = ""
+        self.reply = self.error = None
+        self.done = threading.Event()
+        self.changed = threading.Condition()
+
+    def show(self, text):
+        """The reply so far (from the thread that generates: it only stores the text)."""
+        with self.changed:
+            self.visible = text
+            self.changed.notify_all()
+
+    def finish(self, reply=None, error=None):
+        with self.changed:
+            self.reply, self.error = reply, error
+            self.done.set()
+            self.changed.notify_all()
+
+    def result(self):
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.reply
+
+
+class ReplyBatcher:
+    """The one thread that runs the model. A request that finds it idle starts at
+    once; requests that come while it is busy wait, then go together as one
+    batch: at most max_batch of them, and at most max_tokens tokens counting every
+    row at the longest prompt plus the reply (the key/value cache a batch holds).
+    A batch that is not full waits up to max_wait seconds, from its oldest
+    request, for messages announced as on their way, never for ones that may not
+    come: so a lone message never waits."""
+
+    def __init__(self, generate, max_batch, max_wait, max_tokens=None, reply_tokens=0):
+        self.generate, self.max_batch, self.max_wait = generate, max_batch, max_wait
+        self.max_tokens, self.reply_tokens = max_tokens, reply_tokens
+        self.pending = deque()
+        self.coming = 0           # announced and not yet submitted or withdrawn
+        self.closing = False
+        self.changed = threading.Condition()
+        self.thread = threading.Thread(target=self._run, name="model", daemon=True)
+        self.thread.start()
+
+    def announce(self):
+        """A message that may need the model is on its way to a worker."""
+        with self.changed:
+            self.coming += 1
+
+    def withdraw(self):
+        """...and it did not need it (a command, an error): nobody should wait for it."""
+        with self.changed:
+            self.coming -= 1
+            self.changed.notify_all()
+
+    def submit(self, prompt, tokens=0, announced=False, stream=False, prompt_text=None):
+        request = ReplyRequest(prompt, tokens, stream, prompt_text)
+        with self.changed:
+            self.coming -= bool(announced)
+            self.pending.append(request)
+            self.changed.notify_all()
+        return request
+
+    def reply(self, prompt, tokens=0):
+        return self.submit(prompt, tokens).result()
+
+    def _fitting(self):
+        """How many of the pending requests, oldest first, the next batch can take."""
+        count, longest = 0, 0
+        for request in self.pending:
+            longest = max(longest, request.tokens + self.reply_tokens)
+            if count == self.max_batch or (count and self.max_tokens and (count + 1) * longest > self.max_tokens):
+                break
+            count += 1
+        return count
+
+    def _next_batch(self):
+        with self.changed:
+            self.changed.wait_for(lambda: self.pending or self.closing)
+            if not self.pending:
+                return None
+            deadline = self.pending[0].arrived + self.max_wait
+            while self._fitting() == len(self.pending) < self.max_batch and self.coming > 0 and not self.closing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.changed.wait(left)
+            return [self.pending.popleft() for _ in range(self._fitting())]
+
+    def _run(self):
+        while (batch := self._next_batch()) is not None:
+            try:
+                # Each streamed row hands its text to its own request, so to its own chat.
+                replies = self.generate([request.prompt for request in batch],
+                                        [request.show if request.stream else None for request in batch])
+                replies = list(zip(batch, replies, strict=True))
+            except Exception as error:  # every waiting worker answers its chat with an apology
+                replies = [(request, error) for request in batch]
+            for request, reply in replies:
+                if isinstance(reply, Exception):
+                    request.finish(error=reply)
+                else:
+                    request.finish(reply)
+
+    def close(self):
+        """Finish what is queued, then stop the thread."""
+        with self.changed:
+            self.closing = True
+            self.changed.notify_all()
+        self.thread.join()
+
+
+class ServerReplies:
+    """The replies from an inference server instead of the model thread (--server): each
+    request is sent, streamed, from a pool of threads as large as the bot's workers, and the
+    server batches (vLLM) or queues (transformers serve) them. The same interface as
+    ReplyBatcher, so a worker does not know which one answers."""
+
+    def __init__(self, server, settings, threads):
+        self.server, self.settings = server, settings
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="server")
+
+    def announce(self):
+        pass  # nothing waits for company: the server does its own batching
+
+    def withdraw(self):
+        pass
+
+    def submit(self, prompt, tokens=0, announced=False, stream=False, prompt_text=None):
+        request = ReplyRequest(prompt, tokens, stream, prompt_text)
+        self.pool.submit(self._run, request)
+        return request
+
+    def _run(self, request):
+        try:
+            request.finish(server_reply(self.server, self.settings, request.prompt,
+                                        request.show if request.stream else None, request.prompt_text))
+        except Exception as error:  # ServerError: the worker apologises to its chat
+            request.finish(error=error)
+
+    def close(self):
+        self.pool.shutdown(wait=True)
+
+
+def model_thread_generate(chat, settings, note=None):
+    """generate(prompts, on_text) -> replies for the model thread, with its own tokenizer
+    (the workers' copies are busy building prompts); on_text, one callable or None a prompt,
+    gets that reply's visible text as it grows. note(format, *values), if given, hears of
+    each batch (the bot's debug log)."""
+    chat = dict(chat, tokenizer=copy.deepcopy(chat["tokenizer"]))
+
+    def generate(prompts, on_text=None):
+        start = time.monotonic()
+        rows = generate_ids(chat, settings, prompts, on_text)
+        if note is not None:
+            note("batch of %d: %s new tokens in %.2f s", len(rows), ",".join(str(len(row)) for row in rows),
+                 time.monotonic() - start)
+        return [decode_reply(chat["tokenizer"], row) for row in rows]
+
+    return generate
+# ==== end of block blocks/batcher.py ====
 
 
 if __name__ == "__main__":

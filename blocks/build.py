@@ -36,8 +36,8 @@ HOSTS = {
     "evaluate.py": ["prompt_rule", "decoding", "model_folders", "scoring", "metrics"],
     "pytorch_chatbot.py": ["lstm", "metrics"],
     "tensorflow_chatbot.py": ["lstm", "metrics"],
-    "system_prompt.py": ["prompt_rule", "decoding", "user_facts", "memory_commands", "chat"],
-    "tg_bot.py": ["prompt_rule", "decoding", "user_facts", "memory_commands", "chat", "ratings"],
+    "system_prompt.py": ["prompt_rule", "decoding", "user_facts", "memory_commands", "chat", "batcher"],
+    "tg_bot.py": ["prompt_rule", "decoding", "user_facts", "memory_commands", "chat", "batcher", "ratings"],
 }
 
 BANNER = [

@@ -577,6 +577,49 @@ def test_system_prompt_chat_in_a_cell(folder):
     assert kernel_state(before) == kernel_state(after)
 
 
+def test_system_prompt_web_chat_in_a_cell_shows_inline_and_stops_on_a_kernel_interrupt(folder):
+    """WEB = True in the pasted cell: the page shows in the cell's output, answers through its own API, and
+    the notebook's Stop button (a kernel interrupt) closes it cleanly and gives the kernel back."""
+    import socket
+    import time
+
+    import requests
+
+    gradio_client = pytest.importorskip("gradio_client")
+    script = "system_prompt.py"
+    produce(folder, script)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/"
+    page = cell(script, DEFAULT_MODEL="rugpt3_medium_CLEAN_model", DEFAULT_DEVICE="cpu", MAX_NEW_TOKENS=8,
+                THREADS=1, WEB=True, PORT=port)
+    answered = []
+
+    def talk_then_stop(client):
+        deadline = time.monotonic() + CELL_TIMEOUT
+        while time.monotonic() < deadline:  # the kernel loads torch, gradio and the model first
+            try:
+                if requests.get(url, timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(0.5)
+        answered.append(gradio_client.Client(url, verbose=False).predict("Привет! Меня зовут Илья.",
+                                                                          api_name="/chat"))
+        asyncio.run(client.km.interrupt_kernel())  # what the notebook's Stop button sends
+
+    cells = run_notebook(folder, [PROBE, page, PROBE], while_running=talk_then_stop)
+    assert_no_exception(cells[1])
+    assert answered and answered[0][0].strip() and answered[0][1] == "имя: Илья", describe(cells[1])
+    assert f"web chat on {url}" in stream(cells[1], "stderr"), describe(cells[1])
+    assert "web chat stopped cleanly" in stream(cells[1], "stderr"), describe(cells[1])
+    shown = [o for o in outputs_of(cells[1]) if o["output_type"] == "display_data" and "text/html" in o["data"]]
+    assert shown and f"{port}" in shown[0]["data"]["text/html"], describe(cells[1])  # the page, inline
+    assert kernel_state(cells[0]) == kernel_state(cells[-1])
+    with pytest.raises(requests.RequestException):
+        requests.get(url, timeout=5)  # the page is closed
+
+
 def test_tg_bot_in_a_cell_answers_and_stops_on_a_kernel_interrupt(folder):
     """The bot pasted into a cell serves a fake Bot API until the notebook's Stop button (a kernel interrupt,
     SIGINT): it then stops cleanly, the cell ends without an exception, and the kernel gets its handlers back.

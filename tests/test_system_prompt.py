@@ -275,7 +275,9 @@ FLAG_CONSTANTS = {"model": "DEFAULT_MODEL", "device": "DEFAULT_DEVICE", "persona
                   "max_turns": "MAX_TURNS", "seed": "DEFAULT_SEED", "quantize": "DEFAULT_QUANTIZE",
                   "threads": "THREADS", "server": "SERVER", "server_timeout": "SERVER_TIMEOUT", "server_key": "SERVER_KEY",
                   "no_stream": "NO_STREAM", "no_memory": "NO_MEMORY", "script": "CHAT_SCRIPT",
-                  "show_prompt": "SHOW_PROMPT"}
+                  "show_prompt": "SHOW_PROMPT", "web": "WEB", "host": "HOST", "port": "PORT", "share": "SHARE",
+                  "auth": "AUTH", "max_batch": "MAX_BATCH", "max_queue": "MAX_QUEUE",
+                  "max_input_chars": "MAX_INPUT_CHARS"}
 
 
 def test_every_flag_takes_its_default_from_the_defaults_block(monkeypatch):

@@ -34,6 +34,21 @@ together as one batch (--max-batch). On a CPU the model runs with int8 linear
 layers on one thread per physical core (--quantize, --threads).
 bench/generation.py and bench/bot_load.py measure both.
 
+Each reply in a private chat carries three buttons: 👍, 👎 and "🔄 другой ответ" (--feedback:
+auto, the default, in private chats only; on, in groups too; off, nowhere). The database keeps a
+row for each reply sent with them (the ratings table of blocks/ratings.py, which
+create_dataset.py --feedback reads): chat, user, the prompt exactly as the model was given it
+(the prompt rule's text and its token ids), the reply, the label (👍 or 👎; a second press
+changes it), the model folder's name and a hash of its weights, and when. 🔄 writes another
+reply to the same prompt ids (not a new prompt with the first reply in it): a new message and a
+new row naming the one it replaces, the pair the newer one preferred unless rated otherwise; the
+conversation goes on from the new reply (it takes the old one's place in the history while that
+is still the chat's last turn). A press on a message the bot no longer knows gets a short notice;
+in a group only the person a reply was for may rate it. /memory says how many ratings are kept;
+/forget deletes them all, /forget <слово> the ones whose prompt or reply holds the word; /reset
+leaves them (they are the user's feedback, not the conversation). A press is never kept in the
+inbox: one lost in a crash is simply pressed again.
+
 A reply is shown as it is written (--no-stream: sent once complete): in a private
 chat as a draft that grows about once a second (sendMessageDraft) and is then sent
 as the message, in a group (or where the Bot API server has no drafts) as a message
@@ -57,6 +72,8 @@ one reply at a time, plain fp32 weights (what the kit did before batching):
     python tg_bot.py --model rugpt3_50k --max-batch 1 --quantize none
 on a GPU:
     python tg_bot.py --model rugpt3_medium_CLEAN_model --device cuda --max-batch 16
+rating buttons in groups too (auto: private chats only; off: none):
+    python tg_bot.py --model rugpt3_50k --feedback on
 without long-term memory (nothing users say about themselves is kept; no yargy/pymorphy3 needed):
     python tg_bot.py --model rugpt3_50k --no-memory
 with the model in an inference server (the folder gives the tokenizer and chat settings):
@@ -86,12 +103,15 @@ The file, by job (each section's classes and functions do that job):
     triage                       Triage, RateLimit: which messages are taken, notices for the rest
     commands                     the command table's handlers (/start, /help, /reset...), setMyCommands
     memory commands              Memory: the facts kept, /memory, /forget
-    answering and streaming      Answerer, ReplyBatcher, ServerReplies, LiveReply: prompt, model, reply
+    answering and streaming      Answerer, LiveReply: prompt, model (the batcher block), reply
+    ratings                      Ratings, Press: the 👍 / 👎 / 🔄 buttons and what a press does
     one send path                send_reply (split, retried, reply-to), Notifier
     the store                    HistoryStore: SQLite, and memory while the disk fails
     settings and main            flags, TG_BOT_* variables, checks, run
 The shared blocks after main hold the prompt rule, decoding, the facts grammars, the command
-table with the /forget rule (blocks/memory_commands.py) and the chat's model code.
+table with the /forget rule (blocks/memory_commands.py), the chat's model code and the batcher
+(blocks/batcher.py: the model thread that generates chats' replies together) and the ratings
+table (blocks/ratings.py).
 """
 import argparse
 import contextlib
@@ -167,6 +187,7 @@ SERVER = None                   # base URL of an OpenAI-compatible inference ser
 SERVER_TIMEOUT = 60.0           # seconds a reply from the server may take, its wait in the server's queue included
 SERVER_KEY = None               # the server's API key (None: $OPENAI_API_KEY, else none; better: TG_BOT_SERVER_KEY)
 NO_STREAM = False               # True: a reply is sent once complete, not shown as it is written
+FEEDBACK = "auto"               # 👍 / 👎 / 🔄 under replies: auto (private chats), on (groups too), off
 STREAM_EVERY_SECONDS = 1.0      # a streamed reply is updated at most this often in a private chat...
 GROUP_STREAM_EVERY_SECONDS = 3.0  # ...and in a group (Telegram allows about 20 messages a minute there)
 ENV_PREFIX = "TG_BOT_"          # TG_BOT_PERSONA="..." is --persona "...", spaces and all
@@ -180,6 +201,8 @@ MAX_RETRY_AFTER_SECONDS = 300
 NOTICE_THREADS = 2              # notices may wait out a 429; they never hold the polling thread
 NOTICE_QUEUE = 200              # notices waiting to be sent; beyond this they are dropped
 NOTICE_INTERVAL_SECONDS = 60.0  # the same notice goes to a chat at most once in this time
+RATING_THREADS = 2              # button presses are looked up and answered here, never on the polling thread
+RATING_DATA = re.compile(r"rate:(\d+):(up|down|again)")  # a button's callback_data: rate:<row id>:<action>
 CONFLICT_LIMIT = 3              # this many 409s from getUpdates within CONFLICT_WINDOW_SECONDS: another copy polls
 CONFLICT_WINDOW_SECONDS = 60.0
 BACKLOG_LIMIT = 100_000         # database changes kept in memory while the disk is full
@@ -196,6 +219,7 @@ START_TEXT = ("Привет! Я бот-собеседник. Пишите мне
               "/reset — начать разговор заново, /help — подсказка.")
 HELP_INTRO = ("Просто напишите сообщение, и я отвечу. Я помню наш разговор, пока он помещается в мою память, "
               "а после долгой паузы начинаю заново.")  # /help: then a line for each command of the table
+HELP_RATINGS = "Под моими ответами есть кнопки: 👍 и 👎 — оценить ответ, 🔄 — попросить другой."
 RESET_TEXT = "Хорошо, начнём с чистого листа. О чём поговорим?"
 ADMINS_ONLY_TEXT = "В группе эту команду могут давать только её администраторы."
 UNKNOWN_COMMAND_TEXT = "Такой команды я не знаю. Список команд — /help."
@@ -212,6 +236,14 @@ UNSAVED_TEXT = ("На сервере сейчас не получается со
                 "но после перезапуска могу забыть.")
 SEND_FAILED_TEXT = "Не получилось отправить ответ: связь с Telegram сбоит. Спросите, пожалуйста, ещё раз чуть позже."
 APOLOGY_TEXT = "Простите, что-то пошло не так. Попробуйте ещё раз чуть позже."
+RATING_BUTTONS = (("👍", "up"), ("👎", "down"), ("🔄 другой ответ", "again"))
+RATED_TEXT = {"up": "Спасибо! Отметил, что ответ хороший.", "down": "Спасибо! Отметил, что ответ неудачный."}
+AGAIN_TEXT = "Пишу другой ответ…"
+RATING_GONE_TEXT = "Этот ответ уже нельзя оценить: я его больше не помню."
+NOT_YOURS_TEXT = "Оценить ответ может только тот, кому он написан."
+RATING_UNSAVED_TEXT = "Не получилось сохранить оценку. Попробуйте ещё раз чуть позже."
+RATINGS_KEPT_TEXT = "Оценок моих ответов сохранено: {count}."
+RATINGS_FORGOTTEN_TEXT = "Оценки моих ответов тоже удалены."
 # -----------------------------------------------------------------------------
 
 log = logging.getLogger("tg_bot")
@@ -293,7 +325,8 @@ class ChatBot:
         self.dispatcher = ChatDispatcher(args.workers or 2 * args.max_batch, self.handle,
                                          on_ready=lambda chat_id: batcher.announce())
         self.triage = Triage(me, args, self.notifier, self.dispatcher)
-        self.intake = Intake(store, self.dispatcher, self.triage, self.stopping)
+        self.ratings = Ratings(self, args)
+        self.intake = Intake(store, self.dispatcher, self.triage, self.stopping, on_press=self.ratings.take)
         self.memory = Memory(self, on=not args.no_memory)
         self.answerer = Answerer(self, chat, args)
         self.told_unsaved = {}   # chat id -> the spell of database trouble it was told about
@@ -306,6 +339,8 @@ class ChatBot:
         try:
             if self.stopping.is_set() and item.saved:
                 finished = False  # not started before SIGTERM: it waits in the database for the next start
+            elif isinstance(item, Press):
+                self.ratings.again(item)
             elif message.content_type != "text":
                 self.send(message, NON_TEXT_TEXT)
             else:
@@ -365,6 +400,7 @@ class ChatBot:
 
     def close(self):
         """Finish the messages in progress; the ones not started stay in the database."""
+        self.ratings.close()  # first: a press being looked up may still hand the dispatcher a 🔄
         self.dispatcher.close()
         self.notifier.close()
 
@@ -384,8 +420,9 @@ class Intake:
     inbox, hand them to the workers, and say which offset confirms them to Telegram; after a
     restart, hand the workers what the inbox still holds."""
 
-    def __init__(self, store, dispatcher, triage, stopping):
+    def __init__(self, store, dispatcher, triage, stopping, on_press=None):
         self.store, self.dispatcher, self.triage, self.stopping = store, dispatcher, triage, stopping
+        self.on_press = on_press  # on_press(update id, callback query): a button pressed; must not block
         # While the inbox cannot be written, the offset stays at the first update not on disk, so
         # Telegram keeps it (and sends it again with every getUpdates); the updates seen since are
         # not triaged twice, and they are confirmed once the disk takes them.
@@ -407,7 +444,9 @@ class Intake:
         for update in fresh:
             message = update.message
             try:
-                if message is not None and self.triage.takes(message, now, extra, len(taken)):
+                if update.callback_query is not None and self.on_press is not None:
+                    self.on_press(update.update_id, update.callback_query)
+                elif message is not None and self.triage.takes(message, now, extra, len(taken)):
                     taken.append(Taken(update.update_id, message))
                     extra[message.chat.id] += 1
             except Exception:
@@ -575,7 +614,7 @@ def poll(bot, take_updates, stopping, poll_seconds, offset=None):
     while not stopping.is_set():
         try:
             updates = bot.get_updates(offset=offset, timeout=poll_seconds + 10, long_polling_timeout=poll_seconds,
-                                      allowed_updates=["message"])
+                                      allowed_updates=["message", "callback_query"])
         except apihelper.ApiTelegramException as error:
             if error.error_code == 401:
                 raise UserError(f"getUpdates: Telegram refused the bot token (401 {error.description}): it was "
@@ -793,7 +832,7 @@ def start_command(chat_bot, item, argument):
 
 
 def help_command(chat_bot, item, argument):
-    chat_bot.send(item.message, bot_help_text(chat_bot.memory.on))
+    chat_bot.send(item.message, bot_help_text(chat_bot.memory.on, chat_bot.ratings.wanted(in_group(item.message))))
 
 
 def reset_command(chat_bot, item, argument):
@@ -822,8 +861,9 @@ def command_row(name):
     return next((row for row in offered_commands(COMMANDS, COMMAND_HANDLERS) if row.name == name), None)
 
 
-def bot_help_text(memory):
-    return help_text(HELP_INTRO, COMMANDS, COMMAND_HANDLERS, memory)
+def bot_help_text(memory, feedback=True):
+    text = help_text(HELP_INTRO, COMMANDS, COMMAND_HANDLERS, memory)
+    return text + "\n\n" + HELP_RATINGS if feedback else text
 
 
 def run_command(chat_bot, item, name, argument):
@@ -900,12 +940,14 @@ class Memory:
 
     def show(self, item):
         message = item.message
+        rated = self.store.rating_count(message.chat.id, speaker_id(message))
+        kept = "\n\n" + RATINGS_KEPT_TEXT.format(count=rated) if rated else ""
         if not self.on:
-            self.chat_bot.send(message, MEMORY_OFF_REPLY)
+            self.chat_bot.send(message, MEMORY_OFF_REPLY + kept)
             return
         with self.lock:
             facts = self.store.user_facts(message.chat.id, speaker_id(message)) or []
-        self.chat_bot.send(message, render_facts_list(facts) if facts else NO_FACTS_ANSWER)
+        self.chat_bot.send(message, (render_facts_list(facts) if facts else NO_FACTS_ANSWER) + kept)
 
     def forget(self, item, argument):
         """/forget: all the user's facts in this chat; /forget <слово>: the ones that hold the
@@ -913,8 +955,18 @@ class Memory:
         asked about) go too, both sides of their exchanges, and the command's own text; in a
         group, what other members said stays."""
         message, chat_id, user_id = item.message, item.chat_id, speaker_id(item.message)
+        everything = not argument.strip()
+        # Every row of the user's goes, rated or not (each holds their words); the reply speaks of
+        # the ones they rated.
+        rows = self.store.rating_count(chat_id, user_id, rated_only=False) if everything else 0
+        gone = "\n" + RATINGS_FORGOTTEN_TEXT if rows and self.store.rating_count(chat_id, user_id) else ""
         if not self.on:
-            self.chat_bot.send(message, MEMORY_OFF_REPLY)
+            if rows:  # with memory off, /forget still deletes the ratings (and any facts an earlier run kept)
+                saved = self.store.forget(chat_id, user_id, [], done=item.update_id, everything=True)
+                item.recorded = True
+            self.chat_bot.send(message, MEMORY_OFF_REPLY + gone)
+            if rows:
+                self.chat_bot.tell_if_unsaved(message, saved)
             return
         with self.lock:
             stored = self.store.user_facts(chat_id, user_id)
@@ -924,12 +976,12 @@ class Memory:
                 self.chat_bot.send(message, FACTS_UNREADABLE_TEXT)
                 return
             kept, removed, holds = forget_facts(stored or [], argument)
-            saved = self.store.forget(chat_id, user_id, kept, holds, done=item.update_id)
+            saved = self.store.forget(chat_id, user_id, kept, holds, done=item.update_id, everything=everything)
         item.recorded = True
         log.info("chat %s: user %s: /forget%s: %d facts forgotten, %d kept", chat_id, user_id,
                  " <word>" if argument.strip() else "", len(removed), len(kept))
-        if not argument.strip():
-            self.chat_bot.send(message, FORGOT_ALL_REPLY)
+        if everything:
+            self.chat_bot.send(message, FORGOT_ALL_REPLY + gone)
         elif removed:
             self.chat_bot.send(message, FORGOT_SOME_REPLY + "\n" + render_facts_list(removed))
         else:
@@ -964,8 +1016,6 @@ class Answerer:
         with self.tokenizers.borrow() as tokenizer:
             prompt = chat_prompt_ids(turns, chat_bot.settings, tokenizer, facts)
             prompt_text = tokenizer.decode(prompt)  # what a server is sent
-        if self.log_prompts:
-            log.info("prompt chat=%s: %s", chat_id, json.dumps(prompt_text, ensure_ascii=False))
         return prompt, prompt_text
 
     def answer(self, item, text):
@@ -974,23 +1024,7 @@ class Answerer:
             text = text[-self.max_input_chars:]  # the end usually holds the question
         speaker = speaker_name(message.from_user) if in_group(message) else None
         prompt, prompt_text = self.prompt(item, text, speaker)
-        live = None
-        if self.stream:
-            live = LiveReply(chat_bot.bot, chat_id, in_group(message), reply_to_of(message), chat_bot.stopping,
-                             self.drafts)
-        with keep_typing(lambda: chat_bot.bot.send_chat_action(chat_id, "typing")):
-            request = chat_bot.batcher.submit(prompt, len(prompt), announced=True, stream=live is not None,
-                                              prompt_text=prompt_text)
-            item.announced = False
-            reply = live.follow(request) if live else request.result()
-        if live:
-            if live.drafts_refused and self.drafts:
-                self.drafts = False
-                log.warning("the Bot API server has no sendMessageDraft (404): replies are shown by editing a "
-                            "message as they grow")
-            live.finish(reply)
-        else:
-            chat_bot.send(message, reply)
+        reply = self.deliver(item, speaker_id(message), in_group(message), reply_to_of(message), prompt, prompt_text)
         if reply == FALLBACK_REPLY:
             # The model said nothing usable: remembering the stock line would only teach the
             # prompt to repeat it, so the exchange is left out (the message is answered, though).
@@ -1001,6 +1035,44 @@ class Answerer:
                                                 user_id=speaker_id(message))
         item.recorded = True
         chat_bot.tell_if_unsaved(message, saved)
+
+    def deliver(self, item, user_id, group, reply_to, prompt, prompt_text, replaces=None):
+        """The model's reply to `prompt` (ids; its text for a server and the ratings), shown as it is
+        written or sent whole, with the rating buttons where the chat gets them: a message's answer,
+        or another one to a rated prompt (🔄, replacing the row `replaces`). The reply."""
+        chat_bot, chat_id, ratings = self.chat_bot, item.chat_id, self.chat_bot.ratings
+        if self.log_prompts:
+            log.info("prompt chat=%s: %s", chat_id, json.dumps(prompt_text, ensure_ascii=False))
+        live = None
+        if self.stream:
+            live = LiveReply(chat_bot.bot, chat_id, group, reply_to, chat_bot.stopping, self.drafts)
+        with keep_typing(lambda: chat_bot.bot.send_chat_action(chat_id, "typing")):
+            request = chat_bot.batcher.submit(prompt, len(prompt), announced=True, stream=live is not None,
+                                              prompt_text=prompt_text)
+            item.announced = False
+            reply = live.follow(request) if live else request.result()
+        if live and live.drafts_refused and self.drafts:
+            self.drafts = False
+            log.warning("the Bot API server has no sendMessageDraft (404): replies are shown by editing a "
+                        "message as they grow")
+        # The row comes before the message, so that its buttons can name it; the stock line of a
+        # model that said nothing usable is not the model's reply, and is not rated.
+        rating = None
+        if reply != FALLBACK_REPLY and ratings.wanted(group):
+            rating = ratings.record(chat_id, user_id, prompt, prompt_text, reply, replaces)
+        markup = ratings.keyboard(rating) if rating is not None else None
+        try:
+            if live:
+                message_id = live.finish(reply, markup)
+            else:
+                message_id = send_reply(chat_bot.bot, chat_id, reply, reply_to, chat_bot.stopping, markup)[-1].message_id
+        except BaseException:
+            if rating is not None:
+                chat_bot.store.drop_rating(rating)  # no buttons reached the chat: nothing to rate
+            raise
+        if rating is not None:
+            chat_bot.store.rating_sent(rating, message_id)
+        return reply
 
 
 @contextlib.contextmanager
@@ -1023,194 +1095,6 @@ def keep_typing(send_action, every=TYPING_EVERY_SECONDS):
         yield
     finally:
         done.set()
-
-
-class TokenizerPool:
-    """Copies of the tokenizer, lent to one thread at a time: a fast tokenizer is one
-    Rust object whose settings every call mutates, and sharing it across threads
-    can fail with "Already borrowed". A copy takes a fifth of a second and a few MB,
-    so a few are made at the start rather than one in every worker."""
-
-    def __init__(self, tokenizer, copies):
-        self.free = queue.SimpleQueue()
-        for _ in range(copies):
-            self.free.put(copy.deepcopy(tokenizer))
-
-    @contextlib.contextmanager
-    def borrow(self):
-        tokenizer = self.free.get()
-        try:
-            yield tokenizer
-        finally:
-            self.free.put(tokenizer)
-
-
-class ReplyRequest:
-    """A prompt waiting for the model (its ids, and its text for a server), then its reply or
-    the error instead; with stream, also the visible text of the reply while it is written."""
-
-    def __init__(self, prompt, tokens, stream=False, prompt_text=None):
-        self.prompt, self.tokens, self.stream, self.prompt_text = prompt, tokens, stream, prompt_text
-        self.arrived = time.monotonic()
-        self.visible = ""
-        self.reply = self.error = None
-        self.done = threading.Event()
-        self.changed = threading.Condition()
-
-    def show(self, text):
-        """The reply so far (from the thread that generates: it only stores the text)."""
-        with self.changed:
-            self.visible = text
-            self.changed.notify_all()
-
-    def finish(self, reply=None, error=None):
-        with self.changed:
-            self.reply, self.error = reply, error
-            self.done.set()
-            self.changed.notify_all()
-
-    def result(self):
-        self.done.wait()
-        if self.error is not None:
-            raise self.error
-        return self.reply
-
-
-class ReplyBatcher:
-    """The one thread that runs the model. A request that finds it idle starts at
-    once; requests that come while it is busy wait, then go together as one
-    batch: at most max_batch of them, and at most max_tokens tokens counting every
-    row at the longest prompt plus the reply (the key/value cache a batch holds).
-    A batch that is not full waits up to max_wait seconds, from its oldest
-    request, for messages announced as on their way, never for ones that may not
-    come: so a lone message never waits."""
-
-    def __init__(self, generate, max_batch, max_wait, max_tokens=None, reply_tokens=0):
-        self.generate, self.max_batch, self.max_wait = generate, max_batch, max_wait
-        self.max_tokens, self.reply_tokens = max_tokens, reply_tokens
-        self.pending = deque()
-        self.coming = 0           # announced and not yet submitted or withdrawn
-        self.closing = False
-        self.changed = threading.Condition()
-        self.thread = threading.Thread(target=self._run, name="model", daemon=True)
-        self.thread.start()
-
-    def announce(self):
-        """A message that may need the model is on its way to a worker."""
-        with self.changed:
-            self.coming += 1
-
-    def withdraw(self):
-        """...and it did not need it (a command, an error): nobody should wait for it."""
-        with self.changed:
-            self.coming -= 1
-            self.changed.notify_all()
-
-    def submit(self, prompt, tokens=0, announced=False, stream=False, prompt_text=None):
-        request = ReplyRequest(prompt, tokens, stream, prompt_text)
-        with self.changed:
-            self.coming -= bool(announced)
-            self.pending.append(request)
-            self.changed.notify_all()
-        return request
-
-    def reply(self, prompt, tokens=0):
-        return self.submit(prompt, tokens).result()
-
-    def _fitting(self):
-        """How many of the pending requests, oldest first, the next batch can take."""
-        count, longest = 0, 0
-        for request in self.pending:
-            longest = max(longest, request.tokens + self.reply_tokens)
-            if count == self.max_batch or (count and self.max_tokens and (count + 1) * longest > self.max_tokens):
-                break
-            count += 1
-        return count
-
-    def _next_batch(self):
-        with self.changed:
-            self.changed.wait_for(lambda: self.pending or self.closing)
-            if not self.pending:
-                return None
-            deadline = self.pending[0].arrived + self.max_wait
-            while self._fitting() == len(self.pending) < self.max_batch and self.coming > 0 and not self.closing:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self.changed.wait(left)
-            return [self.pending.popleft() for _ in range(self._fitting())]
-
-    def _run(self):
-        while (batch := self._next_batch()) is not None:
-            try:
-                # Each streamed row hands its text to its own request, so to its own chat.
-                replies = self.generate([request.prompt for request in batch],
-                                        [request.show if request.stream else None for request in batch])
-                replies = list(zip(batch, replies, strict=True))
-            except Exception as error:  # every waiting worker answers its chat with an apology
-                replies = [(request, error) for request in batch]
-            for request, reply in replies:
-                if isinstance(reply, Exception):
-                    request.finish(error=reply)
-                else:
-                    request.finish(reply)
-
-    def close(self):
-        """Finish what is queued, then stop the thread."""
-        with self.changed:
-            self.closing = True
-            self.changed.notify_all()
-        self.thread.join()
-
-
-class ServerReplies:
-    """The replies from an inference server instead of the model thread (--server): each
-    request is sent, streamed, from a pool of threads as large as the bot's workers, and the
-    server batches (vLLM) or queues (transformers serve) them. The same interface as
-    ReplyBatcher, so a worker does not know which one answers."""
-
-    def __init__(self, server, settings, threads):
-        self.server, self.settings = server, settings
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="server")
-
-    def announce(self):
-        pass  # nothing waits for company: the server does its own batching
-
-    def withdraw(self):
-        pass
-
-    def submit(self, prompt, tokens=0, announced=False, stream=False, prompt_text=None):
-        request = ReplyRequest(prompt, tokens, stream, prompt_text)
-        self.pool.submit(self._run, request)
-        return request
-
-    def _run(self, request):
-        try:
-            request.finish(server_reply(self.server, self.settings, request.prompt,
-                                        request.show if request.stream else None, request.prompt_text))
-        except Exception as error:  # ServerError: the worker apologises to its chat
-            request.finish(error=error)
-
-    def close(self):
-        self.pool.shutdown(wait=True)
-
-
-
-def model_thread_generate(chat, settings):
-    """generate(prompts, on_text) -> replies for the model thread, with its own tokenizer
-    (the workers' copies are busy building prompts); on_text, one callable or None a prompt,
-    gets that reply's visible text as it grows."""
-    chat = dict(chat, tokenizer=copy.deepcopy(chat["tokenizer"]))
-
-    def generate(prompts, on_text=None):
-        start = time.monotonic()
-        rows = generate_ids(chat, settings, prompts, on_text)
-        log.debug("batch of %d: %s new tokens in %.2f s", len(rows), ",".join(str(len(row)) for row in rows),
-                  time.monotonic() - start)
-        return [decode_reply(chat["tokenizer"], row) for row in rows]
-
-    return generate
-
 
 
 class LiveReply:
@@ -1307,25 +1191,36 @@ class LiveReply:
             return None
         return types.ReplyParameters(self.reply_to, allow_sending_without_reply=True)
 
-    def finish(self, reply):
+    def finish(self, reply, markup=None):
         """Deliver the finished reply, each call tried as send_reply tries one: the messages
-        sent so far edited where the text changed (paced), the rest sent. A draft is temporary,
-        so in a private chat the reply itself is always sent as a message."""
-        for number, part in enumerate(util.smart_split(reply, util.MAX_MESSAGE_LENGTH)):
+        sent so far edited where the text changed (paced), the rest sent; `markup` (the rating
+        buttons) goes on the last message, an edit adding it where the text is already whole. A
+        draft is temporary, so in a private chat the reply itself is always sent as a message.
+        The last message's id."""
+        parts = util.smart_split(reply, util.MAX_MESSAGE_LENGTH)
+        for number, part in enumerate(parts):
+            keyboard = markup if number == len(parts) - 1 else None
             if number < len(self.messages):
-                if self.messages[number][1] != part and not self._final_edit(number, part):
-                    self.messages[number] = [self._final_send(number, part), part]
+                if (self.messages[number][1] != part or keyboard is not None) and \
+                        not self._final_edit(number, part, keyboard):
+                    self.messages[number] = [self._final_send(number, part, keyboard), part]
             else:
-                self.messages.append([self._final_send(number, part), part])
+                self.messages.append([self._final_send(number, part, keyboard), part])
+        return self.messages[len(parts) - 1][0]
 
-    def _final_edit(self, number, part):
+    def _final_edit(self, number, part, markup=None):
         """False when the message cannot be edited (deleted): it is sent anew instead."""
         wait = self.next_at - self.clock()
         if wait > 0:
             self.pause(wait)  # the pace; stopping: the reply still goes
+        message_id = self.messages[number][0]
+        if self.messages[number][1] == part:  # the text is whole already: only the buttons go on
+            edit = lambda: self.bot.edit_message_reply_markup(self.chat_id, message_id, reply_markup=markup)  # noqa: E731
+        else:
+            edit = lambda: self.bot.edit_message_text(part, chat_id=self.chat_id, message_id=message_id,  # noqa: E731
+                                                      reply_markup=markup)
         try:
-            call_with_retry(lambda: self.bot.edit_message_text(part, chat_id=self.chat_id,
-                                                               message_id=self.messages[number][0]), self.stopping)
+            call_with_retry(edit, self.stopping)
         except apihelper.ApiTelegramException as error:
             if error.error_code != 400:
                 raise
@@ -1336,10 +1231,117 @@ class LiveReply:
         self.next_at = self.clock() + self.every
         return True
 
-    def _final_send(self, number, part):
+    def _final_send(self, number, part, markup=None):
         # The one send path: a part is at most 4096 characters, so it is one message.
         return send_reply(self.bot, self.chat_id, part, self.reply_to if number == 0 else None,
-                          self.stopping)[0].message_id
+                          self.stopping, markup)[0].message_id
+
+# --- ratings: 👍 / 👎 / 🔄 другой ответ under a reply, kept in the ratings table (blocks/ratings.py)
+class Press:
+    """A 🔄 press, handed to its chat's worker in line with the chat's messages. Never in the inbox
+    (a press lost in a crash is pressed again), so there is no inbox row to mark done."""
+
+    def __init__(self, update_id, query, rating_id):
+        self.update_id, self.query, self.rating_id = update_id, query, rating_id
+        self.message = query.message  # the bot's message carrying the buttons
+        self.chat_id = query.message.chat.id
+        self.saved, self.announced, self.recorded = False, False, True
+
+
+class Ratings:
+    """The buttons under a reply and what a press does. Which chats get them: --feedback auto
+    (private chats), on (groups too), off (none; a press on an older message is still answered).
+    A press is looked up, checked (the row of this very message, pressed by the person the reply
+    was for) and answered on a small pool of its own, never on the polling thread; 👍 and 👎 set
+    the row's label (a second press changes it), 🔄 goes to the chat's worker like a message."""
+
+    def __init__(self, chat_bot, args):
+        self.chat_bot, self.store = chat_bot, chat_bot.store
+        self.mode, self.allowed, self.max_queue = args.feedback, args.allowed_users, args.max_queue
+        self.pool = ThreadPoolExecutor(max_workers=RATING_THREADS, thread_name_prefix="rating")
+
+    def wanted(self, group):
+        return self.mode == "on" or (self.mode == "auto" and not group)
+
+    def record(self, chat_id, user_id, prompt, prompt_text, reply, replaces=None):
+        """The row of a reply about to be sent with the buttons; its id, or None (then no buttons)."""
+        settings = self.chat_bot.settings
+        return self.store.add_rating(chat_id, user_id, prompt_text, prompt, reply, settings.get("model") or "",
+                                     settings.get("model_hash") or "", replaces)
+
+    def keyboard(self, rating_id):
+        markup = types.InlineKeyboardMarkup()
+        markup.row(*[types.InlineKeyboardButton(text, callback_data=f"rate:{rating_id}:{action}")
+                     for text, action in RATING_BUTTONS])
+        return markup
+
+    def take(self, update_id, query):
+        """On the polling thread: the press is looked up and answered on the pool."""
+        self.pool.submit(self.press, update_id, query)
+
+    def press(self, update_id, query):
+        try:
+            self._press(update_id, query)
+        except Exception:
+            log.exception("a button press (update %s) failed", update_id)
+            self.answer(query, APOLOGY_TEXT)
+
+    def _press(self, update_id, query):
+        found = RATING_DATA.fullmatch(query.data or "")
+        message = query.message
+        row = None
+        if found and message is not None and message.date:  # date 0: a message deleted, or too old to show
+            row = self.store.rating(int(found.group(1)))
+        # The row of this very message: data naming another one's row is not taken at its word. A row
+        # whose message id is not recorded yet (the send has only just returned) is this chat's latest.
+        if row is None or row["chat_id"] != message.chat.id or row["message_id"] not in (None, message.message_id):
+            self.answer(query, RATING_GONE_TEXT)
+            return
+        user = query.from_user
+        if self.allowed is not None and user.id not in self.allowed:
+            self.answer(query, NOT_ALLOWED_TEXT)
+            return
+        if user.id != row["user_id"]:  # in a group, another member: the reply was not theirs
+            self.answer(query, NOT_YOURS_TEXT)
+            return
+        action = found.group(2)
+        if action != "again":
+            saved = self.store.set_label(row["id"], LIKED if action == "up" else DISLIKED)
+            log.info("chat %s: reply %s rated %s", row["chat_id"], row["id"], action)
+            self.answer(query, RATED_TEXT[action] if saved else RATING_UNSAVED_TEXT)
+            return
+        dispatcher = self.chat_bot.dispatcher
+        if dispatcher.total >= self.max_queue:
+            self.answer(query, OVERLOADED_TEXT)
+        elif not dispatcher.submit(row["chat_id"], Press(update_id, query, row["id"])):
+            self.answer(query, BUSY_TEXT)
+        else:
+            self.answer(query, AGAIN_TEXT)
+
+    def answer(self, query, text):
+        # Telegram shows a spinner on the button until the press is answered; a failed answer is cosmetic.
+        try:
+            self.chat_bot.bot.answer_callback_query(query.id, text)
+        except Exception as error:
+            log.warning("cannot answer a button press: %s", error)
+
+    def again(self, item):
+        """On the chat's worker: another reply to the rated prompt, its ids as they were; the
+        conversation goes on from it, as the user chose to see another answer."""
+        row = self.store.rating(item.rating_id)
+        if row is None:  # forgotten (/forget) since the press
+            return
+        group = in_group(item.message)
+        reply = self.chat_bot.answerer.deliver(item, row["user_id"], group, item.message.message_id if group else None,
+                                               json.loads(row["prompt_ids"]), row["prompt"], replaces=row["id"])
+        log.info("chat %s: another reply to the prompt of reply %s", row["chat_id"], row["id"])
+        if reply != FALLBACK_REPLY:
+            saved = self.store.replace_reply(row["chat_id"], self.store.replies_to(row["chat_id"], row["prompt_ids"]),
+                                             reply)
+            self.chat_bot.tell_if_unsaved(item.message, saved)
+
+    def close(self):
+        self.pool.shutdown(wait=True)
 
 # --- one send path: every message the bot sends, bar the updates of a reply being written
 class ShuttingDown(Exception):
@@ -1386,17 +1388,20 @@ def call_with_retry(call, stopping=None, attempts=SEND_ATTEMPTS):
                 raise ShuttingDown() from error
 
 
-def send_reply(bot, chat_id, text, reply_to=None, stopping=None):
+def send_reply(bot, chat_id, text, reply_to=None, stopping=None, markup=None):
     """The one way a message goes out (replies, commands' answers, notices, apologies, a streamed
     reply's final parts): split at Telegram's 4096-character limit, each part tried again on a
     429, a 5xx or a network error (call_with_retry); in groups the first part answers the message
-    it replies to. The messages sent, in order."""
+    it replies to, and `markup` (the rating buttons) goes on the last. The messages sent, in order."""
     sent = []
-    for number, part in enumerate(util.smart_split(text, util.MAX_MESSAGE_LENGTH)):
+    parts = util.smart_split(text, util.MAX_MESSAGE_LENGTH)
+    for number, part in enumerate(parts):
         reply = None
         if reply_to is not None and number == 0:
             reply = types.ReplyParameters(reply_to, allow_sending_without_reply=True)
-        sent.append(call_with_retry(lambda: bot.send_message(chat_id, part, reply_parameters=reply), stopping))
+        keyboard = markup if number == len(parts) - 1 else None
+        sent.append(call_with_retry(lambda: bot.send_message(chat_id, part, reply_parameters=reply,
+                                                             reply_markup=keyboard), stopping))
     return sent
 
 
@@ -1473,10 +1478,12 @@ class Notifier:
 class Change:
     """One write to the database, kept in memory until it is written."""
 
-    def __init__(self, kind, chat_id=None, rows=(), done=None, offset=None, user_id=None, holds=None):
+    def __init__(self, kind, chat_id=None, rows=(), done=None, offset=None, user_id=None, holds=None,
+                 everything=False):
         self.kind, self.chat_id, self.rows, self.done, self.offset = kind, chat_id, list(rows), done, offset
         self.user_id = user_id
         self.holds = holds  # "forget": holds(text) is True for a message to delete with the facts
+        self.everything = everything  # "forget": every rating of the user's in the chat goes too
 
 
 def inbox_message(raw):
@@ -1560,6 +1567,7 @@ class HistoryStore:
                 self.db.execute("CREATE TABLE IF NOT EXISTS user_facts (chat_id INTEGER NOT NULL, "
                                 "user_id INTEGER NOT NULL, position INTEGER NOT NULL, kind TEXT NOT NULL, "
                                 "value TEXT NOT NULL, PRIMARY KEY (chat_id, user_id, position))")
+                open_ratings(self.db)
                 self.db.commit()
             finally:
                 os.umask(previous)
@@ -1582,6 +1590,13 @@ class HistoryStore:
                                 "VALUES (?, ?, ?, ?, ?)",
                                 [(change.chat_id, change.user_id, position, kind, value)
                                  for position, (kind, value) in enumerate(change.rows)])
+            if change.kind == "forget":
+                # The ratings' prompts hold the user's words (and the facts' exchange) too.
+                rated = self.db.execute("SELECT id, prompt, reply FROM ratings WHERE chat_id = ? AND user_id = ?",
+                                        (change.chat_id, change.user_id)).fetchall()
+                self.db.executemany("DELETE FROM ratings WHERE id = ?",
+                                    [(row_id,) for row_id, prompt, reply in rated if change.everything or (
+                                        change.holds is not None and (change.holds(prompt) or change.holds(reply)))])
             if change.kind == "forget" and change.holds is not None:
                 # Only the asker's exchanges: in a group, what other members said is theirs.
                 rows = self.db.execute("SELECT id, role, text, user_id FROM messages WHERE chat_id = ? ORDER BY id",
@@ -1596,6 +1611,12 @@ class HistoryStore:
                                      if (change.done is None or update_id < change.done)
                                      and owned_by(inbox_message(raw)[1], change.user_id)
                                      and change.holds(inbox_message(raw)[0])])
+        elif change.kind == "replace":
+            olds, new = change.rows[0]
+            last = self.db.execute("SELECT id, role, text FROM messages WHERE chat_id = ? ORDER BY id DESC LIMIT 1",
+                                   (change.chat_id,)).fetchone()
+            if last is not None and last[1] == "bot" and last[2] in olds:
+                self.db.execute("UPDATE messages SET text = ? WHERE id = ?", (new, last[0]))
         elif change.kind == "take":
             self.db.executemany("INSERT OR REPLACE INTO inbox (update_id, chat_id, message, taken) VALUES (?, ?, ?, ?)",
                                 change.rows)
@@ -1668,11 +1689,51 @@ class HistoryStore:
         """What the user has said about themselves in this chat, (kind, value) pairs oldest first."""
         return self._write(Change("facts", chat_id, facts, user_id=user_id))
 
-    def forget(self, chat_id, user_id, kept, holds=None, done=None):
+    def forget(self, chat_id, user_id, kept, holds=None, done=None, everything=False):
         """Keep only `kept` of the user's facts in this chat, and delete for good every stored
-        message of the user's in the chat (both sides of its exchange, the inbox too) for which
-        holds(text) is True; `done` is the /forget's own update, whose inbox row goes in the same write."""
-        return self._write(Change("forget", chat_id, kept, done=done, user_id=user_id, holds=holds))
+        message of the user's in the chat (both sides of its exchange, the inbox too) and every rating
+        whose prompt or reply holds(text) is True for, or every rating of theirs in the chat
+        (everything); `done` is the /forget's own update, whose inbox row goes in the same write."""
+        return self._write(Change("forget", chat_id, kept, done=done, user_id=user_id, holds=holds,
+                                  everything=everything))
+
+    def replace_reply(self, chat_id, olds, new):
+        """The chat's last turn, when it is the bot's and one of `olds`, becomes `new` (🔄: the
+        conversation goes on from the reply the user chose to see); an earlier turn stays, as later
+        turns were answered after it."""
+        return self._write(Change("replace", chat_id, [(tuple(olds), new)]))
+
+    # --- ratings (blocks/ratings.py): written at once, never kept in memory while the disk fails,
+    # as a reply's buttons need its row's id: a reply the disk cannot take goes out without them
+    def _rating_write(self, sql, parameters):
+        with self.lock:
+            try:
+                with self.db:
+                    return self.db.execute(sql, parameters)
+            except sqlite3.Error as error:
+                log.error("history database %s: cannot write a rating (%s)", self.path, error)
+                return None
+
+    def add_rating(self, chat_id, user_id, prompt_text, prompt, reply, model, model_hash, replaces=None):
+        """A reply's row, not rated yet (its message id comes once it is sent); its id, or None."""
+        cursor = self._rating_write(
+            "INSERT INTO ratings (chat_id, user_id, prompt, prompt_ids, prompt_tokens, reply, replaces, model, "
+            "model_hash, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (chat_id, user_id, prompt_text, json.dumps([int(i) for i in prompt]), len(prompt), reply, replaces,
+             model, model_hash, time.time()))
+        return None if cursor is None else cursor.lastrowid
+
+    def rating_sent(self, rating_id, message_id):
+        return self._rating_write("UPDATE ratings SET message_id = ? WHERE id = ?", (message_id, rating_id)) is not None
+
+    def drop_rating(self, rating_id):
+        self._rating_write("DELETE FROM ratings WHERE id = ?", (rating_id,))
+
+    def set_label(self, rating_id, label):
+        """LIKED or DISLIKED; a second press overwrites the first. False when it was not written."""
+        cursor = self._rating_write("UPDATE ratings SET label = ?, rated = ? WHERE id = ?",
+                                    (label, time.time(), rating_id))
+        return cursor is not None and cursor.rowcount == 1
 
     # --- reading: the database, then what is still in memory
     def _read(self, sql, parameters):
@@ -1698,6 +1759,10 @@ class HistoryStore:
                 elif change.chat_id == chat_id and change.kind == "exchange":
                     rows += [(None, role, speaker, text, created, owner)
                              for role, text, created, speaker, owner in change.rows]
+                elif change.chat_id == chat_id and change.kind == "replace":
+                    olds, new = change.rows[0]
+                    if rows and rows[-1][1] == "bot" and rows[-1][3] in olds:
+                        rows[-1] = tuple(rows[-1][:3]) + (new,) + tuple(rows[-1][4:])
                 elif change.chat_id == chat_id and change.kind == "forget" and change.holds is not None:
                     numbered = [(i, row[1], row[3]) for i, row in enumerate(rows) if owned_by(row[5], change.user_id)]
                     doomed = exchanges_holding(numbered, change.holds)
@@ -1705,6 +1770,28 @@ class HistoryStore:
         last = rows[-1][4] if rows else None
         turns = [(row[2], row[3]) for row in rows]
         return (turns[1:] if len(turns) % 2 else turns), last
+
+    def rating(self, rating_id):
+        """A ratings row as a dict, or None (no such row, or the database cannot be read)."""
+        columns = ("id", "chat_id", "user_id", "message_id", "prompt", "prompt_ids", "reply", "label")
+        with self.lock:
+            rows = self._read(f"SELECT {', '.join(columns)} FROM ratings WHERE id = ?", (rating_id,))
+        return dict(zip(columns, rows[0])) if rows else None
+
+    def replies_to(self, chat_id, prompt_ids):
+        """Every reply the chat was given to this very prompt (a first one and its 🔄s)."""
+        with self.lock:
+            return [row[0] for row in self._read("SELECT reply FROM ratings WHERE chat_id = ? AND prompt_ids = ?",
+                                                 (chat_id, prompt_ids))]
+
+    def rating_count(self, chat_id, user_id, rated_only=True):
+        """The user's ratings in the chat: rows they rated or asked another reply for (rated_only),
+        or every row of theirs (each reply sent with buttons)."""
+        where = " AND (label IS NOT NULL OR replaces IS NOT NULL)" if rated_only else ""
+        with self.lock:
+            rows = self._read(f"SELECT COUNT(*) FROM ratings WHERE chat_id = ? AND user_id = ?{where}",
+                              (chat_id, user_id))
+        return rows[0][0] if rows else 0
 
     def pending(self):
         """The messages taken and not answered, (update id, message JSON), oldest first."""
@@ -1863,6 +1950,10 @@ def build_parser():
     parser.add_argument("--server-key", default=SERVER_KEY,
                         help="the inference server's API key, sent as \"Authorization: Bearer KEY\" (default: "
                              "$OPENAI_API_KEY, else none)")
+    parser.add_argument("--feedback", default=FEEDBACK, choices=("auto", "on", "off"),
+                        help="👍 / 👎 / 🔄 другой ответ buttons under each reply, the ratings kept in --db with the "
+                             "prompt the model was given (create_dataset.py --feedback reads them): auto = in "
+                             "private chats, on = in groups too, off = none")
     parser.add_argument("--no-stream", action="store_true", default=NO_STREAM,
                         help="send a reply once it is complete instead of showing it as it is written")
     parser.add_argument("--max-input-chars", type=int, default=DEFAULT_MAX_INPUT_CHARS,
@@ -1981,10 +2072,24 @@ def connect(token, api_url):
     return bot, me
 
 
+def model_identity(model_dir, weights, feedback):
+    """(name, weights hash) of the model folder, for each ratings row: hashed once at the start
+    (a few seconds for a large model), and not at all with --feedback off."""
+    folder, weights = Path(model_dir), Path(weights)
+    name = folder.resolve().name + ("" if weights.resolve() == folder.resolve() else "/" + weights.name)
+    if feedback == "off":
+        return name, ""
+    try:
+        return name, model_fingerprint(weights)
+    except OSError as error:
+        raise UserError(f"{weights}: cannot read the weights to hash them for the ratings ({error})") from None
+
+
 def run(args, token):
     bot, me = connect(token, args.api_url)
     chat = open_model_folder(args.model, args.device, need_weights=not args.server)
     settings = resolve_settings(args, chat)
+    settings["model"], settings["model_hash"] = model_identity(args.model, chat["weights"], args.feedback)
     for warning in settings["warnings"]:
         log.warning("%s", warning)
     if not args.no_memory and not settings["facts_exchange"]:
@@ -2010,8 +2115,9 @@ def run(args, token):
         log.warning("--workers %d: at most %d replies can be generated together, not --max-batch %d",
                     args.workers, args.workers, args.max_batch)
     if server is None:
-        batcher = ReplyBatcher(model_thread_generate(chat, settings), args.max_batch, args.batch_wait_ms / 1000,
-                               args.max_batch_tokens, int(settings["generation"]["max_new_tokens"]))
+        batcher = ReplyBatcher(model_thread_generate(chat, settings, log.debug), args.max_batch,
+                               args.batch_wait_ms / 1000, args.max_batch_tokens,
+                               int(settings["generation"]["max_new_tokens"]))
     else:
         batcher = ServerReplies(server, settings, args.workers or 2 * args.max_batch)
     stopping = threading.Event()
@@ -2037,6 +2143,9 @@ def run(args, token):
     if voice:
         log.info("voice: %s", voice)
     log.info("access: %s", describe_access(args.allowed_users))
+    log.info("ratings: %s", "off (--feedback off)" if args.feedback == "off" else
+             f"👍 / 👎 / 🔄 under replies in {'private chats' if args.feedback == 'auto' else 'every chat'}, kept in "
+             f"{args.db} as written by {settings['model']} (weights {settings['model_hash']})")
     log.info("memory: %s", "off (--no-memory)" if args.no_memory else
              f"what users say about themselves is kept in {args.db} (/memory, /forget)")
     register_commands(bot, not args.no_memory)
@@ -4222,6 +4331,204 @@ def add_prompt_flags(parser):
                              "chat_config.json, what the model was trained with)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
 # ==== end of block blocks/chat.py ====
+
+
+# ==== block blocks/batcher.py: generated, edit the source and run `make blocks` ====
+"""The batcher: one model thread that generates the replies of several conversations together
+(the Telegram bot's chats, the web chat's browser sessions), or the same interface over an
+inference server.
+
+A block: blocks/build.py writes this file into the scripts that list it (make blocks).
+It imports nothing itself; its host script imports what it uses."""
+
+
+class TokenizerPool:
+    """Copies of the tokenizer, lent to one thread at a time: a fast tokenizer is one
+    Rust object whose settings every call mutates, and sharing it across threads
+    can fail with "Already borrowed". A copy takes a fifth of a second and a few MB,
+    so a few are made at the start rather than one in every worker."""
+
+    def __init__(self, tokenizer, copies):
+        self.free = queue.SimpleQueue()
+        for _ in range(copies):
+            self.free.put(copy.deepcopy(tokenizer))
+
+    @contextlib.contextmanager
+    def borrow(self):
+        tokenizer = self.free.get()
+        try:
+            yield tokenizer
+        finally:
+            self.free.put(tokenizer)
+
+
+class ReplyRequest:
+    """A prompt waiting for the model (its ids, and its text for a server), then its reply or
+    the error instead; with stream, also the visible text of the reply while it is written."""
+
+    def __init__(self, prompt, tokens, stream=False, prompt_text=None):
+        self.prompt, self.tokens, self.stream, self.prompt_text = prompt, tokens, stream, prompt_text
+        self.arrived = time.monotonic()
+        self.visible = ""
+        self.reply = self.error = None
+        self.done = threading.Event()
+        self.changed = threading.Condition()
+
+    def show(self, text):
+        """The reply so far (from the thread that generates: it only stores the text)."""
+        with self.changed:
+            self.visible = text
+            self.changed.notify_all()
+
+    def finish(self, reply=None, error=None):
+        with self.changed:
+            self.reply, self.error = reply, error
+            self.done.set()
+            self.changed.notify_all()
+
+    def result(self):
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.reply
+
+
+class ReplyBatcher:
+    """The one thread that runs the model. A request that finds it idle starts at
+    once; requests that come while it is busy wait, then go together as one
+    batch: at most max_batch of them, and at most max_tokens tokens counting every
+    row at the longest prompt plus the reply (the key/value cache a batch holds).
+    A batch that is not full waits up to max_wait seconds, from its oldest
+    request, for messages announced as on their way, never for ones that may not
+    come: so a lone message never waits."""
+
+    def __init__(self, generate, max_batch, max_wait, max_tokens=None, reply_tokens=0):
+        self.generate, self.max_batch, self.max_wait = generate, max_batch, max_wait
+        self.max_tokens, self.reply_tokens = max_tokens, reply_tokens
+        self.pending = deque()
+        self.coming = 0           # announced and not yet submitted or withdrawn
+        self.closing = False
+        self.changed = threading.Condition()
+        self.thread = threading.Thread(target=self._run, name="model", daemon=True)
+        self.thread.start()
+
+    def announce(self):
+        """A message that may need the model is on its way to a worker."""
+        with self.changed:
+            self.coming += 1
+
+    def withdraw(self):
+        """...and it did not need it (a command, an error): nobody should wait for it."""
+        with self.changed:
+            self.coming -= 1
+            self.changed.notify_all()
+
+    def submit(self, prompt, tokens=0, announced=False, stream=False, prompt_text=None):
+        request = ReplyRequest(prompt, tokens, stream, prompt_text)
+        with self.changed:
+            self.coming -= bool(announced)
+            self.pending.append(request)
+            self.changed.notify_all()
+        return request
+
+    def reply(self, prompt, tokens=0):
+        return self.submit(prompt, tokens).result()
+
+    def _fitting(self):
+        """How many of the pending requests, oldest first, the next batch can take."""
+        count, longest = 0, 0
+        for request in self.pending:
+            longest = max(longest, request.tokens + self.reply_tokens)
+            if count == self.max_batch or (count and self.max_tokens and (count + 1) * longest > self.max_tokens):
+                break
+            count += 1
+        return count
+
+    def _next_batch(self):
+        with self.changed:
+            self.changed.wait_for(lambda: self.pending or self.closing)
+            if not self.pending:
+                return None
+            deadline = self.pending[0].arrived + self.max_wait
+            while self._fitting() == len(self.pending) < self.max_batch and self.coming > 0 and not self.closing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.changed.wait(left)
+            return [self.pending.popleft() for _ in range(self._fitting())]
+
+    def _run(self):
+        while (batch := self._next_batch()) is not None:
+            try:
+                # Each streamed row hands its text to its own request, so to its own chat.
+                replies = self.generate([request.prompt for request in batch],
+                                        [request.show if request.stream else None for request in batch])
+                replies = list(zip(batch, replies, strict=True))
+            except Exception as error:  # every waiting worker answers its chat with an apology
+                replies = [(request, error) for request in batch]
+            for request, reply in replies:
+                if isinstance(reply, Exception):
+                    request.finish(error=reply)
+                else:
+                    request.finish(reply)
+
+    def close(self):
+        """Finish what is queued, then stop the thread."""
+        with self.changed:
+            self.closing = True
+            self.changed.notify_all()
+        self.thread.join()
+
+
+class ServerReplies:
+    """The replies from an inference server instead of the model thread (--server): each
+    request is sent, streamed, from a pool of threads as large as the bot's workers, and the
+    server batches (vLLM) or queues (transformers serve) them. The same interface as
+    ReplyBatcher, so a worker does not know which one answers."""
+
+    def __init__(self, server, settings, threads):
+        self.server, self.settings = server, settings
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="server")
+
+    def announce(self):
+        pass  # nothing waits for company: the server does its own batching
+
+    def withdraw(self):
+        pass
+
+    def submit(self, prompt, tokens=0, announced=False, stream=False, prompt_text=None):
+        request = ReplyRequest(prompt, tokens, stream, prompt_text)
+        self.pool.submit(self._run, request)
+        return request
+
+    def _run(self, request):
+        try:
+            request.finish(server_reply(self.server, self.settings, request.prompt,
+                                        request.show if request.stream else None, request.prompt_text))
+        except Exception as error:  # ServerError: the worker apologises to its chat
+            request.finish(error=error)
+
+    def close(self):
+        self.pool.shutdown(wait=True)
+
+
+def model_thread_generate(chat, settings, note=None):
+    """generate(prompts, on_text) -> replies for the model thread, with its own tokenizer
+    (the workers' copies are busy building prompts); on_text, one callable or None a prompt,
+    gets that reply's visible text as it grows. note(format, *values), if given, hears of
+    each batch (the bot's debug log)."""
+    chat = dict(chat, tokenizer=copy.deepcopy(chat["tokenizer"]))
+
+    def generate(prompts, on_text=None):
+        start = time.monotonic()
+        rows = generate_ids(chat, settings, prompts, on_text)
+        if note is not None:
+            note("batch of %d: %s new tokens in %.2f s", len(rows), ",".join(str(len(row)) for row in rows),
+                 time.monotonic() - start)
+        return [decode_reply(chat["tokenizer"], row) for row in rows]
+
+    return generate
+# ==== end of block blocks/batcher.py ====
 
 
 # ==== block blocks/ratings.py: generated, edit the source and run `make blocks` ====

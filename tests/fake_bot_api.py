@@ -2,11 +2,12 @@
 and LiveBot, the real bot process talking to it (tests and bench/bot_load.py).
 
 It speaks the few methods the bot uses (getMe, getUpdates with long polling and
-offsets, sendMessage, sendMessageDraft, editMessageText, sendChatAction,
-getChatMember, getWebhookInfo and deleteWebhook, plus a plain "ok" for anything
-else), hands out the updates a test
-queues (with the entities Telegram would mark: mentions, commands, emails), and
-records what the bot sent. A test can make the next call of a method fail (a 429
+offsets, sendMessage, sendMessageDraft, editMessageText, editMessageReplyMarkup,
+answerCallbackQuery, sendChatAction, getChatMember, getWebhookInfo and deleteWebhook,
+plus a plain "ok" for anything else), hands out the updates a test queues (messages
+with the entities Telegram would mark: mentions, commands, emails; presses of inline
+buttons: callback queries), and records what the bot sent, with the inline keyboard
+each message carries now (an edit without one removes it, as Telegram does). A test can make the next call of a method fail (a 429
 with retry_after, a 5xx, a dropped connection, a 400), possibly for one chat
 only, or slow; throttle a chat (every send to it 429 for a while), or answer
 with a 429 every send that comes sooner than chat_send_interval after the last
@@ -20,6 +21,8 @@ modified". visible(chat_id) lists every text a user could have seen, in order.
         start the bot with --api-url api.url
         api.push_text(chat_id=1, text="Привет")
         [reply] = api.wait_for_messages(1, count=1)
+        api.push_callback(chat_id=1, message=reply, data=reply["reply_markup"]["inline_keyboard"][0][0]["callback_data"])
+        [answer] = api.wait_for(lambda: api.callback_answers)
 """
 import json
 import math
@@ -61,6 +64,12 @@ def entities_of(text):
     return sorted(found, key=lambda entity: entity["offset"])
 
 
+def markup_of(params):
+    """The reply_markup a call carries, as a dict (None when it has none)."""
+    markup = params.get("reply_markup")
+    return json.loads(markup) if isinstance(markup, str) else markup
+
+
 class FakeBotApi:
     def __init__(self, token, drafts=True):
         self.token = token
@@ -70,9 +79,11 @@ class FakeBotApi:
         self.next_update_id = 1000
         self.next_message_id = 1
         self.chats = {}               # chat id -> chat object of the updates pushed
-        self.sent = []                # sendMessage calls answered with success; "text" follows later edits
+        self.sent = []                # sendMessage calls answered with success; "text", "reply_markup" follow edits
         self.drafts = []              # sendMessageDraft calls answered with success
         self.edits = []               # editMessageText calls answered with success
+        self.callback_answers = []    # answerCallbackQuery calls: {"callback_query_id", "text", "show_alert", "time"}
+        self.next_callback_id = 1
         self.actions = []             # sendChatAction calls
         self.calls = []               # (method, time, HTTP status) of every call
         self.requests = []            # every call answered: {"method", "chat_id", "text", "offset", "status", "time"}
@@ -122,12 +133,15 @@ class FakeBotApi:
 
     # --- what a test does
     def _push(self, message):
+        self._push_update("message", message, message["chat"])
+        return message["message_id"]
+
+    def _push_update(self, kind, content, chat):
         with self.lock:
-            self.chats[message["chat"]["id"]] = message["chat"]
-            self.updates.append({"update_id": self.next_update_id, "message": message})
+            self.chats[chat["id"]] = chat
+            self.updates.append({"update_id": self.next_update_id, kind: content})
             self.next_update_id += 1
             self.lock.notify_all()
-        return message["message_id"]
 
     def _message(self, chat_id, user_id, chat_type="private", date=None, first_name=None, **content):
         with self.lock:
@@ -155,6 +169,28 @@ class FakeBotApi:
             message["reply_to_message"] = {"message_id": reply_to["message_id"], "date": int(time.time()),
                                            "chat": message["chat"], "from": BOT_USER, "text": reply_to["text"]}
         return self._push(message)
+
+    def push_callback(self, chat_id, message, data, user_id=None, chat_type=None, first_name=None):
+        """Queue a press of an inline button: `message` is the bot's message carrying it (a dict from
+        `sent`, or any {"message_id", "text"} for a message the bot never sent; "date": 0 for one Telegram
+        no longer shows the bot: deleted, or too old), `data` the button's
+        callback_data, user_id who pressed (default: the chat's own user). The query's id."""
+        with self.lock:
+            query_id = str(self.next_callback_id)
+            self.next_callback_id += 1
+            chat = self.chats.get(chat_id) or {"id": chat_id, "type": chat_type or "private",
+                                               "first_name": f"user{chat_id}"}
+        user_id = user_id or chat_id
+        user = {"id": user_id, "is_bot": False, "first_name": first_name or f"user{user_id}"}
+        shown = {"message_id": message["message_id"], "date": int(time.time()), "chat": chat, "from": BOT_USER,
+                 "text": message.get("text") or ""}
+        if message.get("date") == 0:  # deleted, or too old: Telegram sends an InaccessibleMessage
+            shown = {"message_id": message["message_id"], "date": 0, "chat": chat}
+        elif message.get("reply_markup"):
+            shown["reply_markup"] = message["reply_markup"]
+        self._push_update("callback_query", {"id": query_id, "from": user, "message": shown,
+                                             "chat_instance": f"instance-{chat_id}", "data": data}, chat)
+        return query_id
 
     def push_sticker(self, chat_id, user_id=None):
         sticker = {"file_id": "sticker-1", "file_unique_id": "s1", "type": "regular", "width": 512,
@@ -342,12 +378,13 @@ class FakeBotApi:
                     return bad("draft_id must be non-zero")
                 if not params.get("text"):
                     return bad("message text is empty")
-            if method == "editMessageText":
+            if method in ("editMessageText", "editMessageReplyMarkup"):
                 target = [m for m in self.sent if m["chat_id"] == chat_id
                           and m["message_id"] == int(params.get("message_id") or 0)]
                 if not target:
                     return bad("message to edit not found")
-                if target[0]["text"] == params.get("text"):
+                text = params.get("text") if method == "editMessageText" else target[0]["text"]
+                if target[0]["text"] == text and target[0]["reply_markup"] == markup_of(params):
                     return bad("message is not modified: specified new message content and reply markup are "
                                "exactly the same as a current content and reply markup of the message")
         return None
@@ -405,21 +442,31 @@ class FakeBotApi:
                 self.drafts.append({"chat_id": chat_id, "draft_id": int(params["draft_id"]), "text": params["text"],
                                     "time": self.clock()})
             return True
-        if method == "editMessageText":
+        if method in ("editMessageText", "editMessageReplyMarkup"):
             with self.lock:
                 [message] = [m for m in self.sent if m["chat_id"] == chat_id
                              and m["message_id"] == int(params["message_id"])]
-                message["text"] = params["text"]
-                self.edits.append({"chat_id": chat_id, "message_id": message["message_id"], "text": params["text"],
-                                   "time": self.clock()})
+                message["text"] = params.get("text", message["text"])
+                message["reply_markup"] = markup_of(params)  # Telegram drops a keyboard an edit does not repeat
+                if method == "editMessageText":
+                    self.edits.append({"chat_id": chat_id, "message_id": message["message_id"],
+                                       "text": params["text"], "time": self.clock()})
                 chat = self.chats.get(chat_id, {"id": chat_id, "type": "private", "first_name": "user"})
             return {"message_id": message["message_id"], "date": int(time.time()), "edit_date": int(time.time()),
-                    "chat": chat, "from": BOT_USER, "text": params["text"]}
+                    "chat": chat, "from": BOT_USER, "text": message["text"]}
+        if method == "answerCallbackQuery":
+            with self.lock:
+                self.callback_answers.append({"callback_query_id": params.get("callback_query_id"),
+                                              "text": params.get("text"),
+                                              "show_alert": str(params.get("show_alert")).lower() == "true",
+                                              "time": self.clock()})
+            return True
         if method == "sendMessage":
             reply = json.loads(params["reply_parameters"]) if params.get("reply_parameters") else {}
             with self.lock:
                 message = {"message_id": self.next_message_id, "chat_id": chat_id, "text": params["text"],
-                           "reply_to": reply.get("message_id"), "time": self.clock()}
+                           "reply_to": reply.get("message_id"), "reply_markup": markup_of(params),
+                           "time": self.clock()}
                 self.next_message_id += 1
                 self.sent.append(message)
                 self.last_send[chat_id] = message["time"]

@@ -69,7 +69,8 @@ BLOCK_SETTINGS = [  # (defaults-block name, flag's dest, a value other than the 
     ("THREADS", "threads", 1), ("WORKERS", "workers", 2), ("SERVER", "server", "http://127.0.0.1:2"),
     ("SERVER_TIMEOUT", "server_timeout", 9.0), ("SERVER_KEY", "server_key", "k3y"), ("NO_STREAM", "no_stream", True),
     ("DEFAULT_MAX_INPUT_CHARS", "max_input_chars", 50), ("DEFAULT_POLL_SECONDS", "poll_seconds", 2),
-    ("NO_MEMORY", "no_memory", True), ("LOG_PROMPTS", "log_prompts", True), ("LOG_LEVEL", "log_level", "DEBUG"),
+    ("NO_MEMORY", "no_memory", True), ("FEEDBACK", "feedback", "on"), ("LOG_PROMPTS", "log_prompts", True),
+    ("LOG_LEVEL", "log_level", "DEBUG"),
 ]
 
 

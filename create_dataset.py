@@ -55,6 +55,13 @@ Run it:
     python create_dataset.py --no-facts        # no facts column: the old speed
     python create_dataset.py --as me           # a Telegram account export's owner's voice
     python create_dataset.py --as "Вадим Петров" --as user222
+    python create_dataset.py --feedback bot.sqlite3   # the bot's 👍/👎: feedback_{train,val}.parquet
+
+--feedback BOT.sqlite3 reads the ratings table of tg_bot.py's database instead
+(read-only) and writes data/feedback_{train,val}.parquet for train_*.py
+--feedback: a row per rated reply (prompt, completion, label) and per 🔄 pair
+(prompt, chosen, rejected), one model's ratings (--feedback-model), split by
+(chat, user) and shuffled with --seed; preference_pairs says the pair rule.
 
 In a notebook (Jupyter, Colab): paste this whole file into one cell, set the
 defaults block below, and run the cell. `%run create_dataset.py --rows 50000`
@@ -99,6 +106,11 @@ MAX_SPEAKER_CHARS = 32  # a first name in a group turn is cut as tg_bot.py cuts 
 NO_SPEAKER_NAME = "Участник"  # tg_bot.py's label for a group member without a first name
 SPEAKERS_LISTED = 20    # an unknown --as lists this many speakers, the most talkative first
 VOICE_FILE = "voice.json"
+# --feedback BOT.sqlite3: the bot's 👍/👎 as data/feedback_{train,val}.parquet instead of the dialogue splits
+FEEDBACK = None         # the bot's database (tg_bot.py --db); None: the dialogue splits as above
+FEEDBACK_MODEL = None   # whose ratings: None: the model of the newest rating; a folder name or model_hash; "any"
+FEEDBACK_SPLITS = ("train", "val")
+LITERAL_SPECIAL_TOKENS = ("<|endoftext|>", "</s>", "<s>", "<pad>", "<unk>")  # never trained on as text
 VOICE_METADATA_KEY = b"voice"
 OWNER_METADATA_KEY = b"owner"
 
@@ -612,6 +624,150 @@ def create_dataset(input_path, output_dir, max_turns=MAX_TURNS, rows=None, seed=
     return counts, moved, voice
 
 
+# ---------------------------------------------------------------- --feedback: the bot's ratings
+FEEDBACK_SCHEMA = pa.schema([
+    ("prompt", pa.string()), ("completion", pa.string()), ("label", pa.bool_()),
+    ("chosen", pa.string()), ("rejected", pa.string()), ("prompt_ids", pa.list_(pa.int32())),
+    ("rating_id", pa.int64()), ("model", pa.string()), ("model_hash", pa.string()),
+])
+
+
+def read_ratings(path):
+    """The ratings table of the bot's database as dicts, read-only (the bot may be running)."""
+    if not Path(path).is_file():
+        raise UserError(f"{path}: database not found (tg_bot.py writes its ratings into --db)")
+    try:
+        db = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise UserError(f"{path}: cannot open it as an SQLite database ({exc})")
+    try:
+        db.row_factory = sqlite3.Row
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if RATINGS_TABLE not in tables:
+            raise UserError(f"{path}: no {RATINGS_TABLE} table: the bot has not sent a reply with rating buttons yet")
+        rows = [dict(row) for row in db.execute(f"SELECT * FROM {RATINGS_TABLE} ORDER BY id")]
+    except sqlite3.DatabaseError as exc:
+        raise UserError(f"{path}: not an SQLite database ({exc})")
+    finally:
+        db.close()
+    return rows
+
+
+def strip_special_tokens(text):
+    """A reply without literal special tokens ("</s>" written out by a model with another tokenizer, or
+    typed), as one line: a reply trained on with them would teach the model to write them."""
+    for token in LITERAL_SPECIAL_TOKENS:
+        text = text.replace(token, " ")
+    return " ".join(text.split())
+
+
+def pick_feedback_model(rows, wanted):
+    """(rows of the one model whose ratings train, a line saying whose): by default the model of the
+    newest rating (its folder name and weights hash: a retrained folder of the same name is another
+    model); wanted: a folder name or a model_hash, or "any"."""
+    if not rows:
+        return rows, "no ratings"
+    if wanted == "any":
+        return rows, f"all models ({len({r['model_hash'] for r in rows})})"
+    if wanted is None:
+        newest = max(rows, key=lambda r: (r["rated"] or r["created"] or 0, r["id"]))
+        kept = [r for r in rows if r["model_hash"] == newest["model_hash"]]
+        how = f"{newest['model']} ({newest['model_hash']}), the model of the newest rating"
+    else:
+        kept = [r for r in rows if wanted in (r["model"], r["model_hash"])]
+        how = f"{wanted}"
+        if not kept:
+            known = sorted({f"{r['model']} ({r['model_hash']})" for r in rows})
+            raise UserError(f"--feedback-model {wanted}: no ratings of that model; the database has {', '.join(known)} "
+                            f"(or --feedback-model any)")
+    return kept, f"{how}: {len(kept)} of {len(rows)} rows; --feedback-model any takes every model's"
+
+
+def preference_pairs(rows):
+    """(chosen, rejected) rows from the replies 🔄 replaced. The rule: 👍 counts +1, no rating 0, 👎 -1,
+    and the newer reply gets +0.5 for the 🔄 press itself (the person asked for another); the higher
+    score is chosen. So the newer wins unless the ratings say otherwise (newer 👎 and older not 👎, or
+    older 👍 and newer unrated: the older wins); two replies rated alike (both 👍, both 👎) say nothing
+    of which is better and make no pair."""
+    by_id = {row["id"]: row for row in rows}
+    score = {LIKED: 1.0, DISLIKED: -1.0, None: 0.0}
+    pairs = []
+    for newer in rows:
+        older = by_id.get(newer["replaces"])
+        if older is None or older["prompt"] != newer["prompt"]:
+            continue
+        if newer["label"] is not None and newer["label"] == older["label"]:
+            continue
+        newer_wins = score[newer["label"]] + 0.5 > score[older["label"]]
+        pairs.append((newer, older) if newer_wins else (older, newer))
+    return pairs
+
+
+def feedback_record(row, **fields):
+    record = {name: None for name in FEEDBACK_SCHEMA.names}
+    try:
+        prompt_ids = json.loads(row["prompt_ids"])
+    except (TypeError, ValueError):
+        prompt_ids = None
+    record.update(prompt=row["prompt"], prompt_ids=prompt_ids, rating_id=row["id"], model=row["model"],
+                  model_hash=row["model_hash"], **fields)
+    return record
+
+
+def export_feedback(db_path, output_dir, model=FEEDBACK_MODEL, seed=SEED, val_fraction=VAL_FRACTION):
+    """Write feedback_{train,val}.parquet: a row per rated reply (prompt, completion, label) and a row
+    per pair (prompt, chosen, rejected), split by (chat, user), so that no conversation is in both,
+    and shuffled with the seed (KTO reads its rows in order: unshuffled, a batch would hold one label).
+    Returns the counts per split and the lines that say what was kept."""
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise UserError(f"{output_dir}: is a file; --output names the folder of the feedback files")
+    every = read_ratings(db_path)
+    rows, whose = pick_feedback_model(every, model)
+    for row in rows:
+        row["reply"] = strip_special_tokens(row["reply"] or "")
+    usable = [row for row in rows if row["reply"]]
+    rated = [row for row in usable if row["label"] in (LIKED, DISLIKED)]
+    pairs = preference_pairs(usable)
+    if not rated and not pairs:
+        raise UserError(f"{db_path}: no rated replies{' of ' + whose.split(':')[0] if model != 'any' else ''} "
+                        f"({len(every)} replies in the table, none with 👍 or 👎)")
+    records = {split: [] for split in FEEDBACK_SPLITS}
+    counts = {split: {"liked": 0, "disliked": 0, "pairs": 0} for split in FEEDBACK_SPLITS}
+
+    def split_for(row):
+        return "val" if split_of(f"{row['chat_id']}:{row['user_id']}", seed, val_fraction, 0.0) == "val" else "train"
+
+    for row in rated:
+        split = split_for(row)
+        records[split].append(feedback_record(row, completion=" " + row["reply"], label=row["label"] == LIKED))
+        counts[split]["liked" if row["label"] == LIKED else "disliked"] += 1
+    for chosen, rejected in pairs:
+        split = split_for(chosen)
+        records[split].append(feedback_record(chosen, chosen=" " + chosen["reply"], rejected=" " + rejected["reply"]))
+        counts[split]["pairs"] += 1
+    rng = np.random.default_rng(seed)
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    try:
+        for split in FEEDBACK_SPLITS:
+            ordered = [records[split][i] for i in rng.permutation(len(records[split]))]
+            final = folder / f"feedback_{split}.parquet"
+            tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+            pq.write_table(pa.Table.from_pylist(ordered, schema=FEEDBACK_SCHEMA), tmp)
+            written.append((tmp, final))
+        for tmp, final in written:
+            os.replace(tmp, final)
+    except OSError as exc:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+        raise UserError(f"{output_dir}: cannot write the feedback files ({exc.strerror or exc})")
+    notes = [f"ratings of {whose}",
+             f"left out: {len(rows) - len(usable)} replies empty without special tokens, "
+             f"{sum(r['label'] is None for r in usable)} not rated (in pairs only)"]
+    return counts, notes
+
+
 def parse_args(argv):
     # prog: in a notebook cell argparse would name the kernel (ipykernel_launcher.py) in its messages.
     parser = argparse.ArgumentParser(prog="create_dataset.py", description=__doc__.split("\n\n")[0],
@@ -629,6 +785,12 @@ def parse_args(argv):
     parser.add_argument("--facts", action=argparse.BooleanOptionalAction, default=FACTS,
                         help="write the facts column: what the user said about themselves earlier "
                              "(--no-facts: leave it out, several times faster)")
+    parser.add_argument("--feedback", default=FEEDBACK, metavar="BOT_DB",
+                        help="the bot's SQLite database: write feedback_{train,val}.parquet from its 👍/👎 "
+                             "(for train_*.py --feedback) instead of the dialogue splits")
+    parser.add_argument("--feedback-model", default=FEEDBACK_MODEL, metavar="MODEL",
+                        help="whose ratings: a model folder name or its hash (default: the model of the newest "
+                             "rating), or 'any'")
     args = parser.parse_args(argv)
     if args.as_who is None and AS is not None:
         args.as_who = [AS] if isinstance(AS, str) else list(AS)
@@ -646,6 +808,8 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.feedback:
+        return feedback_main(args)
     try:
         counts, moved, voice = create_dataset(args.input, args.output, args.max_turns, args.rows, args.seed,
                                               args.val_fraction, args.test_fraction, args.facts, args.as_who)
@@ -665,6 +829,23 @@ def main(argv=None):
         print(f"voice: {', '.join(f'{n} ({k})' for k, n in zip(voice['keys'], voice['names']))}: "
               f"{voice['answers']} answers are theirs; recorded in {Path(args.output) / VOICE_FILE}")
     print(f"wrote pairs_*.csv and context_*.parquet to {args.output}/")
+    return 0
+
+
+def feedback_main(args):
+    try:
+        counts, notes = export_feedback(args.feedback, args.output, args.feedback_model, args.seed, args.val_fraction)
+    except UserError as exc:
+        print(f"create_dataset.py: error: {exc}", file=sys.stderr)
+        return 1
+    for note in notes:
+        print(note)
+    print(f"{'split':6s} {'👍':>8s} {'👎':>8s} {'pairs':>8s}")
+    for split in FEEDBACK_SPLITS:
+        print(f"{split:6s} {counts[split]['liked']:>8d} {counts[split]['disliked']:>8d} {counts[split]['pairs']:>8d}")
+        if not any(counts[split].values()):
+            print(f"warning: the {split} split is empty; more ratings or another --val-fraction", file=sys.stderr)
+    print(f"wrote feedback_train.parquet and feedback_val.parquet to {args.output}/")
     return 0
 
 
@@ -1779,6 +1960,32 @@ def open_ratings(db):
     """Make sure the ratings table exists in an open sqlite3 connection."""
     db.execute(RATINGS_SCHEMA)
     db.execute(RATINGS_INDEX)
+    return db
+
+
+def open_ratings_file(path):
+    """An SQLite file holding the ratings table (made if new), for a script that keeps no other table
+    (system_prompt.py --web --db): readable by its owner only, the file and its -wal and -shm files
+    (regular files only: os.chmod follows a link), and deleted rows overwritten (secure_delete), so
+    that a /forget leaves no words behind. One connection, shared by the caller's threads under its lock."""
+    path = os.fspath(path)
+
+    def owner_only():
+        for name in (path, path + "-wal", path + "-shm"):
+            if os.path.isfile(name) and not os.path.islink(name):
+                os.chmod(name, 0o600)
+
+    owner_only()
+    previous = os.umask(0o077)  # new files (the database, -wal, -shm) come out 0600
+    try:
+        db = sqlite3.connect(path, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA secure_delete=ON")
+        open_ratings(db)
+        db.commit()
+    finally:
+        os.umask(previous)
+    owner_only()
     return db
 # ==== end of block blocks/ratings.py ====
 

@@ -58,12 +58,14 @@ import argparse
 import contextlib
 import copy
 import functools
+import hashlib
 import html
 import json
 import os
 import queue
 import re
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -92,6 +94,7 @@ AUTH = None                     # "user:password", or a file holding it: the pag
 MAX_BATCH = 8                   # web: replies generated together
 MAX_QUEUE = 32                  # web: messages waiting for the model, all sessions together; more: "busy"
 MAX_INPUT_CHARS = 1000          # web: a longer message gets one line instead of a reply
+DB = None                       # web: SQLite file for the 👍/👎 under the replies (None: no buttons, nothing kept)
 DEFAULT_MODEL = "rugpt3_50k"
 DEFAULT_DEVICE = "auto"
 DEFAULT_SEED = 42
@@ -135,6 +138,9 @@ STILL_ANSWERING_TEXT = "Я ещё отвечаю на предыдущее со�
 BUSY_TEXT = "Сейчас мне пишут очень многие, и я не успеваю. Напишите, пожалуйста, через минуту."
 APOLOGY_TEXT = "Простите, что-то пошло не так. Попробуйте ещё раз чуть позже."
 MEMORY_PANEL_LABEL = "Что я о вас помню"
+RATINGS_KEPT_TEXT = "Оценок моих ответов сохранено: {count}."  # tg_bot.py's words
+RATINGS_FORGOTTEN_TEXT = "Оценки моих ответов тоже удалены."
+WEB_CHAT_IDS = 1 << 62          # a web session's chat id is -(WEB_CHAT_IDS + its hash): far from any Telegram id
 # -----------------------------------------------------------------------------
 
 
@@ -209,7 +215,11 @@ class ConsoleChat:
             rows = [(i, "user" if i % 2 == 0 else "bot", turn) for i, turn in enumerate(self.history)]
             doomed = exchanges_holding(rows, holds)
             self.history = [turn for i, turn in enumerate(self.history) if i not in doomed]
+        self.forgot(not argument.strip(), holds)
         return removed
+
+    def forgot(self, everything, holds):
+        """What else a /forget takes: nothing the console keeps (the web chat's ratings, WebChat)."""
 
     def prompt(self, text, tokenizer=None):
         """The prompt's token ids for a new line (its facts remembered first), by the one prompt rule."""
@@ -300,10 +310,50 @@ class WebChat(ConsoleChat):
     """One browser session's conversation: the console's turns, facts, commands and prompt, with
     the bot's own words (a command's answer) kept for the page instead of printed."""
 
-    def __init__(self, chat, settings, show_prompt=False, stream=True, memory=True):
+    def __init__(self, chat, settings, show_prompt=False, stream=True, memory=True, ratings=None, key=""):
         super().__init__(chat, settings, show_prompt=show_prompt, out=sys.stderr, stream=stream, memory=memory)
         self.told = []
         self.busy = threading.Lock()  # one message at a time: the next one's prompt holds this one's reply
+        self.ratings, self.chat_id = ratings, WebRatings.chat_id(key)
+        self.rateable = {}  # the page's index of each model reply -> what its row holds (WebRatings)
+
+    def offer(self, position, prompt, prompt_text, answer):
+        """A model reply the page shows at `position` (its index in the chat), for its buttons."""
+        if self.ratings is not None and position is not None and answer != FALLBACK_REPLY:
+            self.rateable[position] = {"prompt": prompt_text, "prompt_ids": [int(i) for i in prompt], "reply": answer,
+                                       "created": time.time(), "row": None}
+
+    def rate(self, position, shown, liked):
+        """A press of 👍 (liked True), 👎 (False) or the pressed one again (""): the reply's row; False
+        for a press on no reply of the model's (a command's answer, a reply forgotten since)."""
+        reply = self.rateable.get(position)
+        if self.ratings is None or reply is None or reply["reply"] not in shown:
+            return False
+        label = LIKED if liked is True else DISLIKED if liked is False else None
+        return self.ratings.rate(self.chat_id, reply, label)
+
+    def forgot(self, everything, holds):
+        if self.ratings is None or not (everything or holds):
+            return
+        self.rateable = {} if everything else {
+            position: reply for position, reply in self.rateable.items()
+            if not (holds(reply["prompt"]) or holds(reply["reply"]))}
+        self.ratings.forget(self.chat_id, None if everything else holds)
+
+    def command_forget(self, argument):
+        everything = not argument.strip()
+        rated = self.ratings.count(self.chat_id) if self.ratings is not None and everything else 0
+        super().command_forget(argument)
+        if everything and not self.memory:  # with memory off, /forget still deletes the ratings, as the bot's
+            self.forgot(True, None)
+        if rated:
+            self.told[-1] += "\n" + RATINGS_FORGOTTEN_TEXT
+
+    def command_memory(self, argument):
+        super().command_memory(argument)
+        rated = self.ratings.count(self.chat_id) if self.ratings is not None else 0
+        if rated:
+            self.told[-1] += "\n\n" + RATINGS_KEPT_TEXT.format(count=rated)
 
     def tell(self, text):
         self.told.append(text)
@@ -323,12 +373,84 @@ class WebChat(ConsoleChat):
         return render_facts_list(self.facts) if self.facts else NO_FACTS_ANSWER
 
 
+class WebRatings:
+    """The 👍/👎 under the page's replies (--db): rows of the bot's ratings table (blocks/ratings.py),
+    the columns tg_bot.py writes and create_dataset.py --feedback reads, the prompt's text and its very
+    token ids among them. A row is written at a reply's first press (a reply nobody rated leaves
+    nothing behind), a second press changes its label, and taking the press back (the pressed thumb
+    again) deletes the row. A browser session is a chat of one person: its chat_id and user_id are
+    both -(WEB_CHAT_IDS + 61 bits of the sha256 of Gradio's session hash), below -2**62 where no
+    Telegram id reaches, so one database can hold the bot's rows and the page's; a reloaded page is
+    a new session."""
+
+    def __init__(self, path, model, model_hash):
+        self.path, self.model, self.model_hash = str(path), model, model_hash
+        self.lock = threading.Lock()
+        try:
+            self.db = open_ratings_file(self.path)
+        except (sqlite3.Error, OSError) as error:
+            raise UserError(f"--db {self.path}: cannot open the ratings database ({error})") from None
+
+    @staticmethod
+    def chat_id(key):
+        digest = hashlib.sha256(str(key).encode("utf-8")).digest()
+        return -(WEB_CHAT_IDS + (int.from_bytes(digest[:8], "big") >> 3))
+
+    def _write(self, sql, parameters):
+        try:
+            with self.lock, self.db:
+                return self.db.execute(sql, parameters)
+        except sqlite3.Error as error:  # a full disk: the page goes on, the press is not kept
+            print(f"system_prompt.py: warning: --db {self.path}: cannot write a rating ({error})",
+                  file=sys.stderr, flush=True)
+            return None
+
+    def rate(self, chat_id, reply, label):
+        """Write, relabel or (label None) delete a reply's row; False when the database refused."""
+        if label is None:
+            done = reply["row"] is None or self._write("DELETE FROM ratings WHERE id = ?", (reply["row"],))
+            reply["row"] = None
+        elif reply["row"] is None:
+            done = self._write(
+                "INSERT INTO ratings (chat_id, user_id, prompt, prompt_ids, prompt_tokens, reply, label, model, "
+                "model_hash, created, rated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (chat_id, chat_id, reply["prompt"], json.dumps(reply["prompt_ids"]), len(reply["prompt_ids"]),
+                 reply["reply"], label, self.model, self.model_hash, reply["created"], time.time()))
+            reply["row"] = done.lastrowid if done else None
+        else:
+            done = self._write("UPDATE ratings SET label = ?, rated = ? WHERE id = ?", (label, time.time(), reply["row"]))
+        return bool(done)
+
+    def forget(self, chat_id, holds=None):
+        """The session's rows (holds: only those whose prompt or reply holds a forgotten word)."""
+        with self.lock:
+            rows = self.db.execute("SELECT id, prompt, reply FROM ratings WHERE chat_id = ?", (chat_id,)).fetchall()
+        doomed = [(row_id,) for row_id, prompt, reply in rows if holds is None or holds(prompt) or holds(reply)]
+        try:
+            with self.lock:
+                with self.db:
+                    self.db.executemany("DELETE FROM ratings WHERE id = ?", doomed)
+                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the words out of the -wal file too
+        except sqlite3.Error as error:
+            print(f"system_prompt.py: warning: --db {self.path}: cannot delete ratings ({error})", file=sys.stderr,
+                  flush=True)
+
+    def count(self, chat_id):
+        with self.lock:
+            return self.db.execute("SELECT COUNT(*) FROM ratings WHERE chat_id = ? AND label IS NOT NULL",
+                                   (chat_id,)).fetchone()[0]
+
+    def close(self):
+        with self.lock:
+            self.db.close()
+
+
 class WebChats:
     """The page's conversations, one per browser session, and the one way to the model they share:
     the batcher's model thread, or the inference server. Yields what the page shows of a reply."""
 
-    def __init__(self, chat, settings, args, replies):
-        self.chat, self.settings, self.replies = chat, settings, replies
+    def __init__(self, chat, settings, args, replies, ratings=None):
+        self.chat, self.settings, self.replies, self.ratings = chat, settings, replies, ratings
         self.show_prompt, self.stream, self.memory = args.show_prompt, not args.no_stream, not args.no_memory
         self.max_queue, self.max_chars = args.max_queue, args.max_input_chars
         self.tokenizers = TokenizerPool(chat["tokenizer"], TOKENIZER_COPIES)
@@ -339,7 +461,8 @@ class WebChats:
     def session(self, key):
         with self.lock:
             if key not in self.sessions:
-                self.sessions[key] = WebChat(self.chat, self.settings, self.show_prompt, self.stream, self.memory)
+                self.sessions[key] = WebChat(self.chat, self.settings, self.show_prompt, self.stream, self.memory,
+                                             self.ratings, key)
             return self.sessions[key]
 
     def drop(self, key):
@@ -347,8 +470,9 @@ class WebChats:
         with self.lock:
             self.sessions.pop(key, None)
 
-    def respond(self, key, message):
-        """(text of the reply so far, memory panel) pairs for a message of session `key`."""
+    def respond(self, key, message, position=None):
+        """(text of the reply so far, memory panel) pairs for a message of session `key`; `position`:
+        the reply's index in the page's chat, where its 👍/👎 find it."""
         session = self.session(key)
         text = (message or "").strip()
         if len(text) > self.max_chars:
@@ -365,11 +489,11 @@ class WebChats:
             if told is not None:
                 yield told, session.remembered()
             else:
-                yield from self.model_turn(session, text)
+                yield from self.model_turn(session, text, position)
         finally:
             session.busy.release()
 
-    def model_turn(self, session, text):
+    def model_turn(self, session, text, position=None):
         with self.lock:
             full = self.waiting >= self.max_queue
             self.waiting += not full
@@ -381,7 +505,7 @@ class WebChats:
             try:
                 with self.tokenizers.borrow() as tokenizer:
                     prompt = session.prompt(text, tokenizer)
-                    prompt_text = tokenizer.decode(prompt) if self.chat.get("server") else None
+                    prompt_text = tokenizer.decode(prompt) if self.chat.get("server") or self.ratings else None
             except BaseException:
                 self.replies.withdraw()
                 raise
@@ -406,13 +530,19 @@ class WebChats:
                 answer = APOLOGY_TEXT
             else:
                 session.keep(text, answer)
+                session.offer(position, prompt, prompt_text, answer)
             yield answer, session.remembered()
         finally:
             with self.lock:
                 self.waiting -= 1
 
+    def rate(self, key, position, shown, liked):
+        return self.session(key).rate(position, shown, liked)
+
     def close(self):
         self.replies.close()
+        if self.ratings is not None:
+            self.ratings.close()
 
 
 def model_replies(chat, settings, args):
@@ -442,7 +572,11 @@ def build_page(chats, title, lines):
     import gradio as gr
 
     def respond(message, history, request: gr.Request):
-        yield from chats.respond(request.session_hash, message)
+        # The reply follows the message the page adds after `history`: its index, for its buttons.
+        yield from chats.respond(request.session_hash, message, len(history) + 1)
+
+    def rated(press: gr.LikeData, request: gr.Request):
+        chats.rate(request.session_hash, press.index, shown_text(press.value), press.liked)
 
     def cleared(request: gr.Request):  # the chat's bin button: as /reset
         session = chats.session(request.session_hash)
@@ -464,8 +598,19 @@ def build_page(chats, title, lines):
             with gr.Column(scale=1):
                 memory_panel.render()
         interface.chatbot.clear(cleared, outputs=[memory_panel], api_visibility="undocumented")
+        if chats.ratings is not None:  # the buttons show where a like listener is; no --db, no buttons
+            interface.chatbot.like(rated, api_name="rate", api_visibility="undocumented", queue=False)
         page.unload(closed)
     return page
+
+
+def shown_text(value):
+    """The text of a pressed message as the page sends it: a string, or its contents' parts."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return shown_text(value.get("text") or value.get("content") or "")
+    return "\n".join(shown_text(part) for part in value or ())
 
 
 def read_auth(value):
@@ -505,6 +650,20 @@ def web_warnings(args, auth):
     return lines
 
 
+def web_ratings(args, chat):
+    """The ratings database of --db (None without it): the rows name the model folder (and its
+    checkpoint, where the weights are one) and a hash of the weights, so that they never train another."""
+    if args.db is None:
+        return None
+    folder, weights = Path(args.model).resolve(), Path(chat["weights"]).resolve()
+    name = folder.name + ("" if weights == folder else "/" + weights.name)
+    try:
+        model_hash = model_fingerprint(weights)
+    except OSError as error:
+        raise UserError(f"{weights}: cannot read the weights to hash them for the ratings ({error})") from None
+    return WebRatings(args.db, name, model_hash)
+
+
 def serve_page(args, chat, settings):
     """Run the web chat until Ctrl+C, SIGTERM or a notebook's Stop button; close it cleanly."""
     auth = read_auth(args.auth)
@@ -516,7 +675,7 @@ def serve_page(args, chat, settings):
     for warning in web_warnings(args, auth):
         print(f"system_prompt.py: warning: {warning}", file=sys.stderr)
     title, lines = page_heading(args, chat, settings)
-    chats = WebChats(chat, settings, args, model_replies(chat, settings, args))
+    chats = WebChats(chat, settings, args, model_replies(chat, settings, args), web_ratings(args, chat))
     page = build_page(chats, title, lines)
     stopping = threading.Event()
     in_main = threading.current_thread() is threading.main_thread()
@@ -625,6 +784,10 @@ def parse_args(argv):
                           "the bot is busy")
     web.add_argument("--max-input-chars", type=int, default=MAX_INPUT_CHARS,
                      help="a longer message gets one line instead of a reply")
+    web.add_argument("--db", default=DB,
+                     help="SQLite file for the 👍/👎 under each reply: a press writes that reply's row of the "
+                          "bot's ratings table (create_dataset.py --feedback reads it); made readable by its "
+                          "owner only (default: no buttons, nothing kept)")
     return parser.parse_args(argv)
 
 
@@ -659,6 +822,7 @@ BLOCK_VALUE_KINDS = (  # (dest, kinds, None allowed, what to call it)
     ("max_batch", WHOLE_KINDS, False, "a whole number"),
     ("max_queue", WHOLE_KINDS, False, "a whole number"),
     ("max_input_chars", WHOLE_KINDS, False, "a whole number"),
+    ("db", PATH_KINDS, True, "a file name (a string)"),
 )
 
 
@@ -699,6 +863,10 @@ def check_args(args):
         raise UserError(f"--port {args.port}: must be from 1 to 65535")
     if args.web and args.script:
         raise UserError("--web and --script: a page or a played file, not both")
+    if args.db is not None and not args.web:
+        raise UserError("--db: the ratings are the web chat's buttons; add --web (the console keeps nothing)")
+    if args.db is not None and os.path.isdir(args.db):
+        raise UserError(f"--db {args.db}: is a folder; give the database file, e.g. {os.path.join(args.db, 'ratings.db')}")
     if args.web:
         read_auth(args.auth)  # a bad --auth stops before the model is loaded
 
@@ -3109,6 +3277,98 @@ def model_thread_generate(chat, settings, note=None):
 
     return generate
 # ==== end of block blocks/batcher.py ====
+
+
+# ==== block blocks/ratings.py: generated, edit the source and run `make blocks` ====
+"""Ratings of the bot's replies (👍 / 👎 / 🔄 другой ответ): the table tg_bot.py writes into its
+SQLite database and create_dataset.py --feedback reads back, defined once for both.
+
+A block: blocks/build.py writes this file into the scripts that list it (make blocks).
+It imports nothing itself; its host script imports what it uses (sqlite3, json, hashlib, os).
+
+One row per reply the bot sent with rating buttons. `prompt` is the prompt rule's text exactly as
+the model was given it, and `prompt_ids` its token ids (a JSON list), so a training run can check
+that it trains on what was served. `label` is LIKED, DISLIKED or NULL (not rated yet; a second
+press overwrites the first). A reply written by 🔄 names the reply it replaces in `replaces`: the
+two are a pair, the newer one preferred unless the ratings say otherwise. `model` is the model
+folder's name and `model_hash` a hash of its weights (model_fingerprint), so that ratings of one
+model never silently train another.
+"""
+LIKED = 1
+DISLIKED = 0
+RATINGS_TABLE = "ratings"
+RATINGS_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS ratings ("
+    "id INTEGER PRIMARY KEY AUTOINCREMENT, "
+    "chat_id INTEGER NOT NULL, "
+    "user_id INTEGER NOT NULL, "
+    "message_id INTEGER, "          # the bot's message carrying the reply and its buttons
+    "prompt TEXT NOT NULL, "
+    "prompt_ids TEXT NOT NULL, "    # JSON list of token ids
+    "prompt_tokens INTEGER NOT NULL, "
+    "reply TEXT NOT NULL, "
+    "label INTEGER, "               # LIKED, DISLIKED or NULL
+    "replaces INTEGER, "            # id of the reply 🔄 replaced, or NULL
+    "model TEXT NOT NULL, "
+    "model_hash TEXT NOT NULL, "
+    "created REAL NOT NULL, "
+    "rated REAL)"
+)
+RATINGS_INDEX = "CREATE INDEX IF NOT EXISTS ratings_message ON ratings (chat_id, message_id)"
+FINGERPRINT_FILES = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors")
+FINGERPRINT_CHUNK = 1 << 20
+
+
+def model_fingerprint(folder):
+    """A short hash of a model folder's weights (sha256 over the weight files, in name order,
+    first 16 hex digits); of config.json where the folder has no weights (a --server bot), so a
+    ratings row always says which model wrote the reply."""
+    folder = os.fspath(folder)
+    names = sorted(name for name in os.listdir(folder)
+                   if name in FINGERPRINT_FILES or (name.startswith("model-") and name.endswith(".safetensors")))
+    if not names:
+        names = [name for name in ("config.json",) if os.path.isfile(os.path.join(folder, name))]
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(name.encode("utf-8"))
+        with open(os.path.join(folder, name), "rb") as handle:
+            for chunk in iter(lambda: handle.read(FINGERPRINT_CHUNK), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def open_ratings(db):
+    """Make sure the ratings table exists in an open sqlite3 connection."""
+    db.execute(RATINGS_SCHEMA)
+    db.execute(RATINGS_INDEX)
+    return db
+
+
+def open_ratings_file(path):
+    """An SQLite file holding the ratings table (made if new), for a script that keeps no other table
+    (system_prompt.py --web --db): readable by its owner only, the file and its -wal and -shm files
+    (regular files only: os.chmod follows a link), and deleted rows overwritten (secure_delete), so
+    that a /forget leaves no words behind. One connection, shared by the caller's threads under its lock."""
+    path = os.fspath(path)
+
+    def owner_only():
+        for name in (path, path + "-wal", path + "-shm"):
+            if os.path.isfile(name) and not os.path.islink(name):
+                os.chmod(name, 0o600)
+
+    owner_only()
+    previous = os.umask(0o077)  # new files (the database, -wal, -shm) come out 0600
+    try:
+        db = sqlite3.connect(path, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA secure_delete=ON")
+        open_ratings(db)
+        db.commit()
+    finally:
+        os.umask(previous)
+    owner_only()
+    return db
+# ==== end of block blocks/ratings.py ====
 
 
 if __name__ == "__main__":

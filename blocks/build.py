@@ -30,13 +30,13 @@ BLOCK_DIR = "blocks"
 # The blocks each script holds, in the order they are written into it.
 HOSTS = {
     "create_dataset.py": ["user_facts", "ratings"],
-    "train_transformer.py": ["prompt_rule", "trainer"],
-    "train_medium_context.py": ["prompt_rule", "trainer"],
+    "train_transformer.py": ["prompt_rule", "trainer", "feedback"],
+    "train_medium_context.py": ["prompt_rule", "trainer", "feedback"],
     "perplexity.py": ["prompt_rule", "model_folders", "scoring"],
     "evaluate.py": ["prompt_rule", "decoding", "model_folders", "scoring", "metrics"],
     "pytorch_chatbot.py": ["lstm", "metrics"],
     "tensorflow_chatbot.py": ["lstm", "metrics"],
-    "system_prompt.py": ["prompt_rule", "decoding", "user_facts", "memory_commands", "chat", "batcher"],
+    "system_prompt.py": ["prompt_rule", "decoding", "user_facts", "memory_commands", "chat", "batcher", "ratings"],
     "tg_bot.py": ["prompt_rule", "decoding", "user_facts", "memory_commands", "chat", "batcher", "ratings"],
 }
 

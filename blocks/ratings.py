@@ -60,3 +60,29 @@ def open_ratings(db):
     db.execute(RATINGS_SCHEMA)
     db.execute(RATINGS_INDEX)
     return db
+
+
+def open_ratings_file(path):
+    """An SQLite file holding the ratings table (made if new), for a script that keeps no other table
+    (system_prompt.py --web --db): readable by its owner only, the file and its -wal and -shm files
+    (regular files only: os.chmod follows a link), and deleted rows overwritten (secure_delete), so
+    that a /forget leaves no words behind. One connection, shared by the caller's threads under its lock."""
+    path = os.fspath(path)
+
+    def owner_only():
+        for name in (path, path + "-wal", path + "-shm"):
+            if os.path.isfile(name) and not os.path.islink(name):
+                os.chmod(name, 0o600)
+
+    owner_only()
+    previous = os.umask(0o077)  # new files (the database, -wal, -shm) come out 0600
+    try:
+        db = sqlite3.connect(path, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA secure_delete=ON")
+        open_ratings(db)
+        db.commit()
+    finally:
+        os.umask(previous)
+    owner_only()
+    return db

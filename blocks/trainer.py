@@ -1041,5 +1041,17 @@ def add_common_arguments(parser, output, model, max_length=MAX_LENGTH):
     parser.add_argument("--deepspeed", default=DEEPSPEED, metavar="CONFIG",
                         help="DeepSpeed config (deepspeed/zero2.json, deepspeed/zero3_offload.json); launch with "
                              "accelerate launch, torchrun or deepspeed")
+    # learning from the bot's ratings (the feedback block)
+    parser.add_argument("--feedback", default=FEEDBACK, metavar="PARQUET",
+                        help="train --model further on the ratings in this file (create_dataset.py --feedback writes "
+                             "data/feedback_train.parquet) instead of on the data splits; the new model goes to --output, by default <model>_feedback")
+    parser.add_argument("--feedback-val", default=FEEDBACK_VAL, metavar="PARQUET",
+                        help="ratings for the figures before and after (default: feedback_val.parquet beside --feedback)")
+    parser.add_argument("--feedback-loss", choices=FEEDBACK_LOSSES, default=FEEDBACK_LOSS,
+                        help="kto: every rated reply (default); dpo: the pairs of a reply and the one 🔄 replaced")
+    parser.add_argument("--feedback-beta", type=float, default=FEEDBACK_BETA,
+                        help="how far the model may move from --model (higher: less; default %(default)s)")
+    parser.add_argument("--feedback-epochs", type=float, default=FEEDBACK_EPOCHS,
+                        help=f"epochs over the ratings (default %(default)s; learning rate {FEEDBACK_LR} unless --lr)")
     # the deepspeed launcher passes --local_rank=N; torch.distributed's LOCAL_RANK says the same
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)

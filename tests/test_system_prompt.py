@@ -277,7 +277,7 @@ FLAG_CONSTANTS = {"model": "DEFAULT_MODEL", "device": "DEFAULT_DEVICE", "persona
                   "no_stream": "NO_STREAM", "no_memory": "NO_MEMORY", "script": "CHAT_SCRIPT",
                   "show_prompt": "SHOW_PROMPT", "web": "WEB", "host": "HOST", "port": "PORT", "share": "SHARE",
                   "auth": "AUTH", "max_batch": "MAX_BATCH", "max_queue": "MAX_QUEUE",
-                  "max_input_chars": "MAX_INPUT_CHARS"}
+                  "max_input_chars": "MAX_INPUT_CHARS", "db": "DB"}
 
 
 def test_every_flag_takes_its_default_from_the_defaults_block(monkeypatch):

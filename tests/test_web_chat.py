@@ -16,7 +16,6 @@ import io
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ import pytest
 
 import system_prompt
 from tiny_model import CHAT_CONFIG, build_parrot_model, build_tiny_model
+from web_page import Page, free_port, loaded
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "system_prompt.py"
@@ -36,12 +36,6 @@ WAIT = 120            # seconds for the page to show what it must
 FACT_LINE = "Меня зовут Маша, я живу в Казани."
 LINES = ["Привет!", FACT_LINE, "Как дела?", "/memory", "/forget Казань", "Что нового?", "/reset", "/help",
          "Пока!", "/forget", "Ещё раз привет"]
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def env():
@@ -235,33 +229,6 @@ class Recorder:
 
     def prompts(self):
         return [prompt for batch in self.batches for prompt in batch]
-
-
-def loaded(folder, *flags):
-    args = system_prompt.parse_args(["--model", str(folder), "--device", "cpu", "--web", *flags])
-    system_prompt.check_args(args)
-    chat = system_prompt.open_model_folder(args.model, args.device, need_weights=False)
-    return args, chat, system_prompt.resolve_settings(args, chat)
-
-
-class Page:
-    """The page built by the script's own build_page, served in this process on a free port."""
-
-    def __init__(self, args, chat, settings, generate, max_batch=8):
-        self.chats = system_prompt.WebChats(chat, settings, args, system_prompt.ReplyBatcher(generate, max_batch, 0.0))
-        title, lines = system_prompt.page_heading(args, chat, settings)
-        self.page = system_prompt.build_page(self.chats, title, lines)
-        _, self.url, _ = self.page.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
-                                          quiet=True, ssr_mode=False)
-
-    def client(self):
-        from gradio_client import Client
-
-        return Client(self.url, verbose=False)
-
-    def close(self):
-        self.page.close()
-        self.chats.close()
 
 
 def say(client, line):

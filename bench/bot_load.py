@@ -5,8 +5,12 @@ reply at a time (--max-batch 1) against batched (the bot's default --max-batch).
 
 serving: the same twenty chats, three bots: the model in the bot's process with
 replies sent whole (--no-stream), the same streamed (the default: drafts growing
-about once a second), and the bot asking an inference server (--server: a
-`transformers serve` started here on the same model folder, on the same CPU).
+about once a second), and the bot asking an inference server (--server) started here on
+the same model folder, on the same CPU: `transformers serve` (--backend transformers, the
+default) or llama.cpp's llama-server (--backend llama-server: the folder exported to a Q8_0
+GGUF by export_gguf.py, served by .llama/bin/llama-server (deploy/build_llama_server.sh) with
+as many slots as the bot's --max-batch, the same threads, and --ignore-eos so that its replies
+have the fixed length too; each reply's length is read from its log).
 Time to the first visible text (the first draft, message or edit a chat gets
 after its message), streamed against sent whole, as a ratio; replies per second
 and p95 latency of the whole reply, server against in-process, as ratios.
@@ -38,6 +42,7 @@ the bot's fast path (int8 on a CPU) and its default threads.
 
     python bench/bot_load.py                           # all three scenarios, about 12 minutes on 2 cores
     python bench/bot_load.py --scenario serving        # streamed against whole, server against in-process
+    python bench/bot_load.py --scenario serving --backend llama-server --rounds 1   # llama-server Q8_0 instead
     python bench/bot_load.py --scenario batching --chats 20 --rounds 3 --new-tokens 32 --batch 16
     python bench/bot_load.py --scenario flood --flood-rounds 20 --flood-rate 5
     git show 2292eb2:tg_bot.py > /tmp/tg_bot_old.py   # the bot before issue 12, for comparison:
@@ -50,6 +55,7 @@ import os
 import random
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -85,6 +91,14 @@ BATCH_LINE = re.compile(r"batch of \d+: ([\d,]+) new tokens in ([\d.]+) s")
 SERVE = Path(sys.executable).with_name("transformers")  # `transformers serve`, beside this Python
 SERVER_START_SECONDS = 600
 SERVER_TIMEOUT = 900        # the bot's --server-timeout: transformers serve queues the twenty chats' requests
+BACKEND = "transformers"    # the serving scenario's server: "transformers" (transformers serve) or "llama-server"
+LLAMA_SERVER = REPO / ".llama" / "bin" / "llama-server"  # deploy/build_llama_server.sh builds it
+GGUF_TYPE = "q8_0"          # the GGUF llama-server serves (export_gguf.py --type)
+SLOT_TOKENS = 512           # llama-server's context per slot: persona, four turns and a reply fit
+LLAMA_DEFAULT_MAX_BATCH = 16  # tg_bot.py's DEFAULT_MAX_BATCH: llama-server's slots where --batch is not given
+# a request's generation line (not its "prompt eval time" line): ms, new tokens
+LLAMA_EVAL_LINE = re.compile(r"(?<!prompt )\beval time =\s*([\d.]+) ms /\s*(\d+) tokens")
+LLAMA_PROMPT_LINE = re.compile(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens")
 VISIBLE = ("sendMessage", "sendMessageDraft", "editMessageText")
 # ----------------------------------------------------------------------------
 
@@ -297,37 +311,115 @@ def model_server(model_dir, workdir, threads):
             process.kill()
 
 
-def run_serving(model_dir, workdir, common, chats, rounds, new_tokens, threads):
-    """In-process sent whole, in-process streamed, and through transformers serve (streamed)."""
+@contextlib.contextmanager
+def llama_server(model_dir, workdir, threads, slots, binary, gguf_type):
+    """llama.cpp's llama-server on 127.0.0.1 serving the folder exported by export_gguf.py: `slots`
+    requests generated together (-np), the threads of the in-process bot, --ignore-eos (the in-process
+    bot's min_new_tokens: fixed-length replies; the stop strings still cut both). Yields (base URL,
+    a function that reads its log so far: each request's (prompt ms, prompt tokens, generation ms,
+    new tokens))."""
+    import io
+
+    import export_gguf
+    import requests
+
+    gguf_path = workdir / f"model.{gguf_type}.gguf"
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        export_gguf.export(model_dir, gguf_path, gguf_type)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    threads = threads or physical_cores()
+    log_path = workdir / "llama-server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([str(binary), "-m", str(gguf_path), "--host", "127.0.0.1", "--port", str(port),
+                                    "-t", str(threads), "-tb", str(threads), "-np", str(slots), "-c",
+                                    str(slots * SLOT_TOKENS), "--ignore-eos", "--no-webui"],
+                                   stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVER_START_SECONDS
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{binary} did not start; its log is {log_path}")
+            try:
+                if requests.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.3)
+        def timings():
+            text = log_path.read_text(errors="replace")
+            return [(float(p_ms), int(p_n), float(e_ms), int(e_n)) for (p_ms, p_n), (e_ms, e_n) in
+                    zip(LLAMA_PROMPT_LINE.findall(text), LLAMA_EVAL_LINE.findall(text))]
+
+        yield url, timings
+    finally:
+        process.terminate()
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def physical_cores():
+    """Cores this process may run on, SMT siblings counted once (the bot's default threads)."""
+    import system_prompt
+
+    return system_prompt.physical_cores()
+
+
+def run_serving(model_dir, workdir, common, chats, rounds, new_tokens, threads, backend=BACKEND,
+                binary=LLAMA_SERVER, slots=LLAMA_DEFAULT_MAX_BATCH, gguf_type=GGUF_TYPE):
+    """In-process sent whole, in-process streamed, and through the server (streamed): transformers
+    serve, or llama-server on a GGUF of the folder."""
     results = []
     for name, flags in (("in-process, whole", ["--no-stream"]), ("in-process, streamed", [])):
         results.append(run_bot(model_dir, workdir, name.replace(", ", "-"), flags + common, chats, rounds,
                                new_tokens))
-        results[-1].update(name=name, flags=" ".join(flags) or "(defaults)")
+        results[-1].update(name=name, flags=" ".join(flags) or "(defaults)", load=os.getloadavg()[0])
         print(f"  {name}: done in {results[-1]['seconds']:.0f} s", flush=True)
     (workdir / "serve").mkdir()
-    with model_server(model_dir, workdir / "serve", threads) as url:
-        flags = ["--server", url, "--server-timeout", str(SERVER_TIMEOUT)]
-        results.append(run_bot(model_dir, workdir, "server-streamed", flags, chats, rounds, new_tokens))
-    results[-1].update(name="server, streamed", flags="--server URL")
-    print(f"  server, streamed: done in {results[-1]['seconds']:.0f} s", flush=True)
+    if backend == "llama-server":
+        with llama_server(model_dir, workdir / "serve", threads, slots, binary, gguf_type) as (url, lengths):
+            flags = ["--server", url, "--server-timeout", str(SERVER_TIMEOUT)]
+            results.append(run_bot(model_dir, workdir, "server-streamed", flags, chats, rounds, new_tokens))
+            requests_seen = lengths()[2:]  # [2:]: the bot's one-token probe at its start, the warm-up reply
+        results[-1].update(name=f"llama-server {gguf_type.upper()}", requests=requests_seen,
+                           short=sum(n < new_tokens for *_, n in requests_seen),
+                           flags=f"--server URL (-np {slots})")
+    else:
+        with model_server(model_dir, workdir / "serve", threads) as url:
+            flags = ["--server", url, "--server-timeout", str(SERVER_TIMEOUT)]
+            results.append(run_bot(model_dir, workdir, "server-streamed", flags, chats, rounds, new_tokens))
+        results[-1].update(name="transformers serve", flags="--server URL")
+    results[-1]["load"] = os.getloadavg()[0]
+    print(f"  {results[-1]['name']}, streamed: done in {results[-1]['seconds']:.0f} s", flush=True)
     return results
 
 
 def report_serving(results, chats, rounds, new_tokens):
     print(f"\nserving: {chats} chats at once, {rounds} messages each, replies of exactly {new_tokens} tokens; latency "
           f"from a message to the first text of its reply the chat sees, and to the whole reply")
-    print(f"{'run':22} {'bot flags':14} {'replies':>7} {'replies/s':>10} {'first p50 s':>12} {'first p95 s':>12} "
-          f"{'reply p50 s':>12} {'reply p95 s':>12}")
+    print(f"{'run':22} {'bot flags':24} {'replies':>7} {'replies/s':>10} {'first p50 s':>12} {'first p95 s':>12} "
+          f"{'reply p50 s':>12} {'reply p95 s':>12} {'load after':>11}")
     for r in results:
-        print(f"{r['name']:22} {r['flags']:14} {r['replies']:7d} {r['rate']:10.2f} {r['first_p50']:12.2f} "
-              f"{r['first_p95']:12.2f} {r['p50']:12.2f} {r['p95']:12.2f}")
+        print(f"{r['name']:22} {r['flags']:24} {r['replies']:7d} {r['rate']:10.2f} {r['first_p50']:12.2f} "
+              f"{r['first_p95']:12.2f} {r['p50']:12.2f} {r['p95']:12.2f} {r.get('load', 0):11.1f}")
     whole, streamed, server = results
+    if "requests" in server:
+        seen = server["requests"]
+        print(f"{server['name']}: {len(seen)} replies in its log, new tokens {sorted(set(n for *_, n in seen))} "
+              f"({server['short']} shorter than {new_tokens}: cut at a label the random model wrote); its own "
+              f"timings, medians: prompt {statistics.median(p for p, *_ in seen):.0f} ms for "
+              f"{statistics.median(n for _, n, *_ in seen):.0f} tokens, generation "
+              f"{statistics.median(e / max(1, n) for *_, e, n in seen):.0f} ms per new token of a request "
+              f"(the requests in its slots share each step)")
     print(f"time to the first visible text, streamed / sent whole: p50 "
           f"{streamed['first_p50'] / whole['first_p50']:.2f}x, p95 {streamed['first_p95'] / whole['first_p95']:.2f}x "
           f"(whole replies: p95 "
           f"{streamed['p95'] / whole['p95']:.2f}x)")
-    print(f"server / in-process (both streamed): replies per second {server['rate'] / streamed['rate']:.2f}x, "
+    print(f"{server['name']} / in-process (both streamed): replies per second {server['rate'] / streamed['rate']:.2f}x, "
           f"p95 of the whole reply {server['p95'] / streamed['p95']:.2f}x, p95 of the first text "
           f"{server['first_p95'] / streamed['first_p95']:.2f}x")
 
@@ -362,6 +454,12 @@ def parse_args(argv):
     parser.add_argument("--flood-seconds", type=float, default=FLOOD_SECONDS,
                         help="the longest the flood goes on (it also stops when the normal chat is done)")
     parser.add_argument("--bot-script", help="the tg_bot.py of the flood scenario (default: this checkout's)")
+    parser.add_argument("--backend", default=BACKEND, choices=("transformers", "llama-server"),
+                        help="the serving scenario's inference server (default %(default)s)")
+    parser.add_argument("--llama-server", type=Path, default=LLAMA_SERVER,
+                        help="the llama-server binary of --backend llama-server (default %(default)s)")
+    parser.add_argument("--gguf-type", default=GGUF_TYPE, choices=("f16", "q8_0"),
+                        help="the GGUF llama-server serves (default %(default)s)")
     parser.add_argument("--seed", type=int, default=SEED)
     return parser.parse_args(argv)
 
@@ -375,6 +473,11 @@ def main(argv=None):
         return 1
     if args.bot_script and not Path(args.bot_script).is_file():
         print(f"bench/bot_load.py: error: --bot-script {args.bot_script}: no such file", file=sys.stderr)
+        return 1
+    if args.scenario in ("all", "serving") and args.backend == "llama-server" \
+            and not os.access(args.llama_server, os.X_OK):
+        print(f"bench/bot_load.py: error: --llama-server {args.llama_server}: no llama-server there "
+              f"(deploy/build_llama_server.sh builds one)", file=sys.stderr)
         return 1
     common = ["--threads", str(args.threads)] if args.threads else []
     batched = ["--max-batch", str(args.batch)] if args.batch else []
@@ -397,12 +500,14 @@ def main(argv=None):
                 results.append(result)
                 print(f"  {name}: done in {result['seconds']:.0f} s", flush=True)
         if args.scenario in ("all", "serving"):
-            if not SERVE.is_file():
+            if args.backend == "transformers" and not SERVE.is_file():
                 print(f"serving: {SERVE} is missing (pip install 'transformers[serving]'); scenario skipped")
             else:
-                print(f"serving: {args.chats} chats at once, {args.rounds} messages each", flush=True)
+                print(f"serving: {args.chats} chats at once, {args.rounds} messages each, server: {args.backend}",
+                      flush=True)
                 serving = run_serving(tmp / "model", tmp, batched + common, chats, args.rounds, args.new_tokens,
-                                      args.threads)
+                                      args.threads, args.backend, args.llama_server,
+                                      args.batch or LLAMA_DEFAULT_MAX_BATCH, args.gguf_type)
         if args.scenario in ("all", "flood"):
             phases = run_flood(tmp / "model", tmp, batched + common, args.flood_rounds, args.flood_rate,
                                args.flood_seconds, args.bot_script)

@@ -424,3 +424,39 @@ def test_llama_cpp_continues_as_torch(parrot, kind):
         if len(produced) == len(greedy):
             break
     assert produced == greedy
+
+
+@pytest.mark.parametrize("kind", ["f16", "q8_0"])
+def test_llama_cpp_parts_from_torch_only_at_a_near_tie(parrot, kind):
+    """Along a whole greedy reply (the parrot's answer, then the next turn it goes on to write) llama.cpp's
+    logits stay within a small share of torch's, and its greedy reply equals torch's wherever torch's
+    top-1/top-2 margin exceeds that error: a reply may part from fp32's only where the two best tokens
+    nearly tie (issue 23: a model trained 24 steps has margins of 0.0003-0.007 against Q8_0's error of
+    0.02-0.03, and matched 1 reply of 8 for that reason alone, not through the export)."""
+    llama_cpp, folder, paths = parrot
+    tokenizer, model = hf_tokenizer(folder), hf_model(folder)
+    ids = kit_ids(tokenizer, parrot_prompt())
+    with torch.no_grad():
+        reply = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+        want = model(torch.tensor([ids + reply[:-1]])).logits[0, len(ids) - 1:].numpy()  # a row for each token
+    assert len(reply) > 20  # the answer and the next turn: positions well past the prompt
+    llm = llama_cpp.Llama(model_path=str(paths[kind]), n_ctx=256, logits_all=True, verbose=False, n_threads=1)
+    llm.eval(ids + reply[:-1])
+    got = np.asarray(llm.scores[len(ids) - 1:len(ids) + len(reply) - 1], dtype=np.float32)
+    error = np.abs(got - want).max(axis=-1)
+    spread = want.max(axis=-1) - want.min(axis=-1)
+    assert (error < (0.002 if kind == "f16" else 0.02) * spread).all(), error.max()  # a tensor out of place: ~1
+    top = np.sort(want, axis=-1)
+    margin = top[:, -1] - top[:, -2]
+    decided = margin > 2 * error.max()
+    assert decided.sum() >= len(reply) // 2  # the parrot's reply is mostly decided, so the check has teeth
+    assert (got.argmax(-1)[decided] == want.argmax(-1)[decided]).all()
+    llm.reset()
+    produced = []
+    for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+        produced.append(token)
+        if len(produced) == len(reply):
+            break
+    step = next((k for k, (a, b) in enumerate(zip(produced, reply)) if a != b), None)
+    assert step is None or not decided[step], (step, margin[step], error.max())

@@ -367,5 +367,5 @@ def run_feedback(args):
         print(f"done: step {trainer.state.global_step}; model in {args.output}/ (tokenizer files and "
               f"chat_config.json as in {args.model}, with a \"feedback\" record); compare the two with "
               f"evaluate.py --model {args.model} {args.output} before switching the bot", flush=True)
-    trainer.accelerator.wait_for_everyone()
+    leave_process_group(trainer)
     return trainer

@@ -975,8 +975,20 @@ def run(args, train_rows, val_rows, max_turns, persona):
             f"perplexity {math.exp(min(loss, 50)):.2f})"
         print(f"done: step {trainer.state.global_step}, {summary}, from "
               f"{trainer.state.best_model_checkpoint}; model in {args.output}/", flush=True)
-    trainer.accelerator.wait_for_everyone()
+    leave_process_group(trainer)
     return trainer
+
+
+def leave_process_group(trainer):
+    """Wait for every process, then take the process group down before the interpreter exits: a
+    torchrun process that exits with gloo's threads still running can abort (SIGABRT, "terminate
+    called without an active exception") after its work is saved, and torchrun then fails the run.
+    One process alone keeps its group, so that a caller in the same process may train again."""
+    import torch.distributed as dist
+
+    trainer.accelerator.wait_for_everyone()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------

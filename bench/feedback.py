@@ -20,7 +20,7 @@ the replies are; real ratings are noisier than a rule.
 
     python bench/feedback.py                       # small sizes: about 15 minutes on 2 shared cores
     python bench/feedback.py --pairs 5000 --n-layer 4 --n-embd 256 --steps 1500 --rate-questions 1000 \\
-        --eval-questions 300 --device cuda          # the issue's sizes, on a GPU
+        --eval-questions 1000                       # the issue's sizes: about 40 minutes on 2 cores
 """
 import argparse
 import json
